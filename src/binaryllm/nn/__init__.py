@@ -1,0 +1,5 @@
+"""Modules: the training-time BinaryLinear and the generic replace_linear."""
+from .binary_linear import BinaryLinear
+from .replace import binary_linear_names, find_blocks, replace_linear
+
+__all__ = ["BinaryLinear", "binary_linear_names", "find_blocks", "replace_linear"]

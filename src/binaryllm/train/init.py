@@ -1,0 +1,199 @@
+"""Binary-aware initialization (stage 1 of the method).
+
+Every binarized layer gets a per-input-channel scale S_t = exp(u) (u = 0, so S_t = 1 at first).  With
+the pre-trained weights W frozen, the layer computes ``binarize(W diag(S_t)^-1) (S_t * x)``: with no
+binarization this is exactly ``W x``, so the full-precision function is unchanged.  Stage 1 trains only u,
+a few dozen steps of next-token loss *of the hard-sign binarized model*: since sign(W/S_t) = sign(W),
+S_t acts through the row scale S_a = mean|W/S_t| and through the input, and its gradient is exact.
+
+Choices where the paper is silent (documented in docs/METHOD.md):
+* Linear layers that read the very same input tensor (q/k/v; gate/up) share one S_t, so that it can be
+  folded into the norm that produced that input.
+* Afterwards the latent weight becomes ``W~ = W / S_t``.  Where the group's input comes straight from a
+  norm layer that feeds nothing else, S_t is folded into that norm's weight (and bias); the fold rule is
+  found numerically (``w*S`` for LayerNorm/RMSNorm, ``(1+w)*S - 1`` for Gemma-style norms) and the whole
+  model is checked to compute the same logits after folding, else every fold is undone.  Elsewhere (o_proj,
+  down_proj) S_t stays on the layer as a fixed input-scale vector.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from ..api import binary_modules
+from ..nn import BinaryLinear
+
+
+@dataclass
+class InputGroup:
+    members: list[str]
+    norm: str | None = None          # producing norm module, if foldable
+    norm_input: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    folded: bool = False
+    consumers: list[str] = field(default_factory=list)
+
+
+def _norm_like(m: nn.Module, width: int) -> bool:
+    w = getattr(m, "weight", None)
+    return (isinstance(w, torch.Tensor) and w.dim() == 1 and w.numel() == width
+            and len(list(m.children())) == 0 and not isinstance(m, (nn.Linear, nn.Embedding, BinaryLinear)))
+
+
+@torch.no_grad()
+def find_input_groups(model: nn.Module, input_ids: torch.Tensor) -> list[InputGroup]:
+    """Run one forward pass with hooks; group binarized layers by the exact input tensor they read."""
+    names = {m: n for n, m in model.named_modules()}
+    keep: list[torch.Tensor] = []          # hold every seen tensor so ids stay unique during the pass
+    produced: dict[int, str] = {}
+    consumers: dict[int, list[str]] = {}
+    linear_in: dict[str, int] = {}
+    inputs_of: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def pre(mod, args):
+        if args and isinstance(args[0], torch.Tensor):
+            x = args[0]
+            keep.append(x)
+            consumers.setdefault(id(x), []).append(names[mod])
+            if isinstance(mod, BinaryLinear):
+                linear_in[names[mod]] = id(x)
+            inputs_of.setdefault(names[mod], x)
+
+    def post(mod, args, out):
+        if isinstance(out, torch.Tensor):
+            keep.append(out)
+            produced[id(out)] = names[mod]
+
+    for m in model.modules():
+        if len(list(m.children())) == 0:
+            handles.append(m.register_forward_pre_hook(pre))
+            handles.append(m.register_forward_hook(post))
+    try:
+        model(input_ids=input_ids)
+    finally:
+        for h in handles:
+            h.remove()
+    by_input: dict[int, list[str]] = {}
+    for n, i in linear_in.items():
+        by_input.setdefault(i, []).append(n)
+    modules = dict(model.named_modules())
+    groups = []
+    for i, members in by_input.items():
+        g = InputGroup(members=sorted(members), consumers=sorted(consumers.get(i, [])))
+        src = produced.get(i)
+        width = modules[members[0]].in_features
+        if src is not None and _norm_like(modules[src], width) and set(g.consumers) == set(members):
+            g.norm, g.norm_input = src, inputs_of.get(src)
+        groups.append(g)
+    # layers that never ran (unused branches) still get their own group
+    seen = {n for g in groups for n in g.members}
+    groups += [InputGroup(members=[n]) for n in binary_modules(model) if n not in seen]
+    return groups
+
+
+def _try_fold(norm: nn.Module, x: torch.Tensor, s: torch.Tensor) -> bool:
+    """Fold S into the norm so that norm'(x) == norm(x) * S; try the known parametrisations in turn."""
+    w0 = norm.weight.detach().clone()
+    b = getattr(norm, "bias", None)
+    b0 = b.detach().clone() if isinstance(b, torch.Tensor) else None
+    ref = norm(x) * s.to(x.dtype)
+    tol = 1e-4 * ref.abs().max().item() + 1e-6
+    for rule in ("scale", "one_plus"):
+        with torch.no_grad():
+            if rule == "scale":
+                norm.weight.copy_(w0 * s)
+            else:
+                norm.weight.copy_((1 + w0) * s - 1)
+            if b0 is not None:
+                b.copy_(b0 * s)
+        if (norm(x) - ref).abs().max().item() <= tol:
+            return True
+    with torch.no_grad():
+        norm.weight.copy_(w0)
+        if b0 is not None:
+            b.copy_(b0)
+    return False
+
+
+def binary_aware_init(model: nn.Module, batches, steps: int, lr: float, probe_ids: torch.Tensor,
+                      fold: bool = True, autocast=None, log=None) -> dict:
+    """Stage 1.  ``batches(k)`` gives micro-batch k (input ids).  Returns a summary dict."""
+    import contextlib
+    autocast = autocast or contextlib.nullcontext
+    mods = binary_modules(model)
+    groups = find_input_groups(model, probe_ids)
+    device = next(iter(mods.values())).weight.device
+    logs = {}
+    for g in groups:
+        u = nn.Parameter(torch.zeros(mods[g.members[0]].in_features, device=device))
+        for n in g.members:
+            mods[n].init_log_scale = u
+    params = list({id(m.init_log_scale): m.init_log_scale for m in mods.values()}.values())
+    req = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    losses = []
+    model.train()
+    for k in range(steps):
+        ids = batches(k)
+        with autocast():
+            out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(out.loss.item())
+        if log:
+            log(k, losses[-1])
+    scales = {}
+    for g in groups:
+        g.scale = mods[g.members[0]].init_log_scale.detach().exp().float()
+        for n in g.members:
+            m = mods[n]
+            m.init_log_scale = None
+            with torch.no_grad():
+                m.weight.div_(g.scale.to(m.weight.dtype))
+            m.set_input_scale(g.scale)
+            scales[n] = g.scale
+    for p, r in req.items():
+        p.requires_grad_(r)
+    folded = []
+    if fold:
+        with torch.no_grad():
+            ref = model(input_ids=probe_ids).logits.float()
+        modules = dict(model.named_modules())
+        saved = {}
+        for g in groups:
+            if g.norm is None or g.norm_input is None:
+                continue
+            norm = modules[g.norm]
+            saved[g.norm] = {k: v.detach().clone() for k, v in norm.named_parameters()}
+            if _try_fold(norm, g.norm_input, g.scale.to(g.norm_input.dtype)):
+                g.folded = True
+                for n in g.members:
+                    mods[n].set_input_scale(None)
+                folded.append(g.norm)
+        with torch.no_grad():
+            new = model(input_ids=probe_ids).logits.float()
+        tol = 1e-3 * ref.abs().max().item() + 1e-4
+        if (new - ref).abs().max().item() > tol:  # some input was used outside the layers: undo all
+            with torch.no_grad():
+                for g in groups:
+                    if g.folded:
+                        for k, v in saved[g.norm].items():
+                            dict(modules[g.norm].named_parameters())[k].copy_(v)
+                        for n in g.members:
+                            mods[n].set_input_scale(g.scale)
+                        g.folded = False
+            folded = []
+    info = getattr(model, "binaryllm_info", None)
+    if info is not None:
+        info["input_scales"] = sorted(n for n, m in mods.items() if m.input_scale is not None)
+        info["folded_norms"] = sorted(folded)
+    return {"init_losses": losses, "groups": len(groups), "folded_norms": len(folded),
+            "vector_scales": sum(1 for m in mods.values() if m.input_scale is not None)}

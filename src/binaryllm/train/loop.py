@@ -1,0 +1,362 @@
+"""The training loop: stage 1 (binary-aware init), then CPT (or a baseline), then freeze.
+
+Everything that decides a step -- batch, learning rate, binarizer kind and t -- is a pure function of the
+step number, so a resumed run repeats an uninterrupted one exactly (same data order, optimizer state, RNG
+and schedule position, all restored from the checkpoint).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..api import binary_modules, set_binarizer
+from ..config import RunConfig, parse_tokens
+from ..data import BlockOrder
+from ..errors import BinaryLLMError
+from ..io import atomic_write_text
+from ..quant import cosine_lr, irnet_t, phase_of
+from .checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
+from .init import binary_aware_init
+
+
+@dataclass
+class TrainData:
+    train: torch.Tensor  # (N, seq_len) int64 blocks
+    val: torch.Tensor    # (M, seq_len)
+
+
+@dataclass
+class StepPlan:
+    kind: str
+    t: float
+    phase: int
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BinaryLLMError(f"--device {name} asked for a GPU but none is available; use --device cpu")
+    return dev
+
+
+def autocast_for(device: torch.device, amp: str):
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "none"
+    if amp == "none":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def causal_lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    v = logits.shape[-1]
+    return F.cross_entropy(logits[:, :-1].reshape(-1, v).float(), ids[:, 1:].reshape(-1))
+
+
+def distill_kl(student: torch.Tensor, teacher: torch.Tensor, temp: float) -> torch.Tensor:
+    """KL(teacher || student) per token, averaged, times temp^2 (Hinton et al.)."""
+    v = student.shape[-1]
+    s = F.log_softmax(student[:, :-1].reshape(-1, v).float() / temp, dim=-1)
+    t = F.log_softmax(teacher[:, :-1].reshape(-1, v).float() / temp, dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temp * temp
+
+
+class Trainer:
+    def __init__(self, model, cfg: RunConfig, data: TrainData, out_dir: str | Path | None = None,
+                 teacher=None, progress: bool = True):
+        self.model, self.cfg, self.data, self.teacher = model, cfg, data, teacher
+        self.out = Path(out_dir) if out_dir else None
+        if self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.progress = progress
+        t, b = cfg.train, cfg.binary
+        self.device = resolve_device(t.device)
+        self.autocast = autocast_for(self.device, t.amp)
+        self.tokens_per_step = t.batch_size * t.grad_accum * t.seq_len
+        self.total_steps = 0 if b.method == "sign" else max(1, math.ceil(parse_tokens(t.tokens) / self.tokens_per_step))
+        use_hard = b.method == "cpt" and b.hard_fraction > 0
+        self.hard_start = (self.total_steps - max(1, round(self.total_steps * b.hard_fraction))) if use_hard \
+            else self.total_steps
+        self.schedule = b.schedule()
+        self.order = BlockOrder(data.train.shape[0], t.batch_size, t.seed)
+        self.optimizer = None
+        self.summary: dict = {}
+
+    # ---- the schedule: a pure function of the step ---------------------------------------------
+    def plan(self, step: int) -> StepPlan:
+        b = self.cfg.binary
+        if b.method == "cpt":
+            c = phase_of(min(step, self.hard_start - 1) if self.hard_start > 0 else 0,
+                         max(self.hard_start, 1), self.schedule.phases)
+            t = self.schedule.t(c)
+            if step >= self.hard_start:
+                return StepPlan("ste" if b.hard_backward == "ste" else "hard", t, self.schedule.phases + 1)
+            return StepPlan("cpt", t, c)
+        if b.method == "irnet":
+            return StepPlan("irnet", irnet_t(step, self.total_steps, b.irnet_t_min, b.irnet_t_max), 1)
+        if b.method == "ste":
+            return StepPlan("ste", 1.0, 1)
+        if b.method == "fp":
+            return StepPlan("identity", 1.0, 1)
+        return StepPlan("sign", 1.0, 1)
+
+    def lr(self, step: int) -> float:
+        t = self.cfg.train
+        return cosine_lr(step, self.total_steps, t.lr, t.lr_min, t.warmup_steps)
+
+    def batch(self, k: int, order: BlockOrder | None = None) -> torch.Tensor:
+        idx = (order or self.order).indices(k)
+        return self.data.train[idx].to(self.device, non_blocking=True)
+
+    # ---- parameters and optimizer ------------------------------------------------------------
+    def _param_groups(self):
+        model, t = self.model, self.cfg.train
+        emb = set()
+        for getter in ("get_input_embeddings", "get_output_embeddings"):
+            m = getattr(model, getter, lambda: None)()
+            if m is not None and getattr(m, "weight", None) is not None:
+                emb.add(id(m.weight))
+        latent = {id(m.weight) for m in binary_modules(model).values()}
+        decay, no_decay, seen = [], [], set()
+        for p in model.parameters():
+            if id(p) in seen or not p.requires_grad:
+                continue
+            seen.add(id(p))
+            if id(p) in emb and not t.train_embeddings:
+                p.requires_grad_(False)
+                continue
+            (decay if id(p) in latent else no_decay).append(p)
+        if self.cfg.binary.method == "fp":
+            # full-precision fine-tuning: decay every matrix
+            decay += [p for p in no_decay if p.dim() >= 2]
+            no_decay = [p for p in no_decay if p.dim() < 2]
+        return [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def _make_optimizer(self):
+        t = self.cfg.train
+        groups = self._param_groups()
+        if not any(g["params"] for g in groups):
+            raise BinaryLLMError("nothing to train: every parameter is frozen")
+        kw = {"fused": True} if self.device.type == "cuda" else {}
+        return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), **kw)
+
+    # ---- evaluation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, kind: str | None = None, t: float | None = None, max_batches: int | None = None) -> float:
+        """Mean next-token loss on the validation blocks with the given binarizer (default: current)."""
+        model = self.model
+        mods = list(binary_modules(model).values())
+        saved = [(m.kind, m.t) for m in mods]
+        if kind is not None:
+            set_binarizer(model, kind, t if t is not None else (mods[0].t if mods else 1.0))
+        was_training = model.training
+        model.eval()
+        bs = self.cfg.train.batch_size
+        n = self.data.val.shape[0]
+        nb = math.ceil(n / bs)
+        limit = self.cfg.train.eval_batches if max_batches is None else max_batches
+        if limit:
+            nb = min(nb, limit)
+        total, count = 0.0, 0
+        for i in range(nb):
+            ids = self.data.val[i * bs:(i + 1) * bs].to(self.device)
+            with self.autocast():
+                logits = model(input_ids=ids).logits
+            loss = causal_lm_loss(logits, ids)
+            total += float(loss) * ids.shape[0]
+            count += ids.shape[0]
+        for m, (k, tt) in zip(mods, saved):
+            m.kind, m.t = k, tt
+        model.train(was_training)
+        return total / max(count, 1)
+
+    # ---- outputs -------------------------------------------------------------------------------
+    def _log(self, rec: dict) -> None:
+        if self.out is None:
+            return
+        with open(self.out / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+
+    def _truncate_metrics(self, step: int) -> None:
+        p = self.out / "metrics.jsonl" if self.out else None
+        if p is None or not p.is_file():
+            return
+        keep = [ln for ln in p.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) < step]
+        atomic_write_text(p, "".join(ln + "\n" for ln in keep))
+
+    def _save(self, step: int, stage: str) -> None:
+        if self.out is None:
+            return
+        info = getattr(self.model, "binaryllm_info", {})
+        state = {"step": step, "stage": stage, "tokens": step * self.tokens_per_step,
+                 "total_steps": self.total_steps, "input_scales": info.get("input_scales", []),
+                 "folded_norms": info.get("folded_norms", []), "summary": self.summary}
+        self.last_ckpt = save_checkpoint(self.out / "checkpoints", step, self.model, self.optimizer, state,
+                                         keep=self.cfg.train.keep_checkpoints)
+
+    def _restore_structure(self, state: dict) -> None:
+        """Give the fresh model the buffers stage 1 created, so the checkpoint's tensors fit."""
+        mods = binary_modules(self.model)
+        for n in state.get("input_scales", []):
+            m = mods[n]
+            m.set_input_scale(torch.ones(m.in_features, device=m.weight.device))
+        info = getattr(self.model, "binaryllm_info", None)
+        if info is not None:
+            info["input_scales"] = list(state.get("input_scales", []))
+            info["folded_norms"] = list(state.get("folded_norms", []))
+
+    # ---- the run -------------------------------------------------------------------------------
+    def run(self, resume: bool = False, callback=None) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        model = self.model.to(self.device)
+        if self.teacher is not None:
+            self.teacher.to(self.device).eval()
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
+        model.train()
+        torch.manual_seed(t.seed)
+        start = 0
+        self.last_ckpt = None
+        ckpt = latest_checkpoint(self.out / "checkpoints") if (resume and self.out) else None
+        if ckpt is not None:
+            state = read_state(ckpt)
+            self._restore_structure(state)
+            if cfg.binary.method != "sign":
+                self.optimizer = self._make_optimizer()
+            load_checkpoint(ckpt, model, self.optimizer)
+            start = state["step"]
+            self.summary = dict(state.get("summary", {}))
+            self.last_ckpt = ckpt
+            self._truncate_metrics(start)
+        else:
+            if self.out is not None:
+                self._truncate_metrics(0)
+            trains = cfg.binary.method in ("cpt", "ste", "irnet")
+            if trains and cfg.binary.init and cfg.binary.init_steps > 0:
+                self._stage1()
+            if cfg.binary.method != "sign":
+                self.optimizer = self._make_optimizer()
+            self._save(0, "train")
+        if start >= self.total_steps:
+            return self._finish()
+        self._train(start, callback)
+        return self._finish()
+
+    def _stage1(self) -> None:
+        b, t = self.cfg.binary, self.cfg.train
+        order = BlockOrder(self.data.train.shape[0], t.batch_size, t.seed + 7919)
+        set_binarizer(self.model, "sign", 1.0)
+        probe = self.data.train[:1, : min(64, self.data.train.shape[1])].to(self.device)
+        t0 = time.time()
+        bar = self._bar(b.init_steps, "stage 1: init")
+        res = binary_aware_init(self.model, lambda k: self.batch(k, order), b.init_steps, b.init_lr, probe,
+                                fold=b.fold_input_scales, autocast=self.autocast,
+                                log=lambda k, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")))
+        bar.close()
+        p0 = self.plan(0)
+        set_binarizer(self.model, p0.kind, p0.t)
+        self.summary["init"] = {**res, "seconds": round(time.time() - t0, 2),
+                                "tokens": b.init_steps * t.batch_size * t.seq_len}
+        for k, loss in enumerate(res["init_losses"]):
+            self._log({"type": "init", "step": -b.init_steps + k, "loss": loss})
+
+    def _bar(self, total: int, desc: str, initial: int = 0):
+        from tqdm.auto import tqdm
+        return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not self.progress,
+                    dynamic_ncols=True)
+
+    def _train(self, start: int, callback) -> None:
+        cfg, t = self.cfg, self.cfg.train
+        model, opt = self.model, self.optimizer
+        params = [p for g in opt.param_groups for p in g["params"]]
+        end = self.total_steps if not t.max_steps else min(self.total_steps, start + t.max_steps)
+        bar = self._bar(self.total_steps, f"{cfg.binary.method}", initial=start)
+        win_t, win_tok, win_loss = time.time(), 0, []
+        for step in range(start, end):
+            plan = self.plan(step)
+            if step == self.hard_start and step > 0 and cfg.binary.method == "cpt":
+                f_loss = self.evaluate("cpt", plan.t)
+                s_loss = self.evaluate("sign")
+                self.summary["before_hard_phase"] = {"step": step, "val_loss_F": f_loss, "val_loss_sign": s_loss,
+                                                     "gap": s_loss - f_loss}
+                self._log({"type": "eval", "step": step, "val_loss_F": f_loss, "val_loss_sign": s_loss})
+            set_binarizer(model, plan.kind, plan.t)
+            lr = self.lr(step)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            try:
+                loss_sum = 0.0
+                for micro in range(t.grad_accum):
+                    ids = self.batch(step * t.grad_accum + micro)
+                    with self.autocast():
+                        logits = model(input_ids=ids).logits
+                        loss = causal_lm_loss(logits, ids)
+                        if self.teacher is not None and t.distill:
+                            with torch.no_grad():
+                                tl = self.teacher(input_ids=ids).logits
+                            loss = loss + t.distill_weight * distill_kl(logits, tl, t.distill_temp)
+                    (loss / t.grad_accum).backward()
+                    loss_sum += loss.item()
+                    del logits, loss
+                loss_val = loss_sum / t.grad_accum
+                if not math.isfinite(loss_val):
+                    where = f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "no checkpoint was saved"
+                    raise BinaryLLMError(f"loss became {loss_val} at step {step}; stopped, {where}: lower --lr "
+                                         "(or raise --grad-clip protection) and continue with --resume")
+                gnorm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            except torch.OutOfMemoryError:
+                raise BinaryLLMError(f"out of memory at step {step} (batch-size {t.batch_size}, seq-len "
+                                     f"{t.seq_len}): lower --batch-size (raise --grad-accum to keep the batch) "
+                                     "or --seq-len") from None
+            win_tok += self.tokens_per_step
+            win_loss.append(loss_val)
+            done = step + 1
+            if done % t.log_every == 0 or done == end:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = max(time.time() - win_t, 1e-9)
+                rec = {"type": "train", "step": step, "tokens": done * self.tokens_per_step, "phase": plan.phase,
+                       "t": plan.t, "kind": plan.kind, "lr": lr, "loss": loss_val,
+                       "loss_avg": sum(win_loss) / len(win_loss), "grad_norm": float(gnorm),
+                       "tokens_per_s": win_tok / dt}
+                self._log(rec)
+                bar.set_postfix(phase=plan.phase, t=f"{plan.t:.3g}", loss=f"{rec['loss_avg']:.3f}",
+                                tok_s=f"{rec['tokens_per_s']:.0f}")
+                win_t, win_tok, win_loss = time.time(), 0, []
+            bar.update(1)
+            if t.eval_every and done % t.eval_every == 0 and done < self.total_steps:
+                self._log({"type": "eval", "step": step, "val_loss": self.evaluate()})
+            if done % t.save_every == 0 or done == end:
+                self._save(done, "train")
+            if callback is not None:
+                callback(step, loss_val)
+        bar.close()
+
+    def _finish(self) -> dict:
+        last = self.cfg.binary.method
+        step = self.total_steps
+        if self.out and self.last_ckpt is not None and read_state(self.last_ckpt)["step"] < step:
+            return {"finished": False, "step": read_state(self.last_ckpt)["step"], "total_steps": step}
+        plan = self.plan(max(step - 1, 0))
+        res = {"finished": True, "method": last, "total_steps": step, "tokens": step * self.tokens_per_step}
+        res["val_loss_sign"] = self.evaluate("sign") if last != "fp" else None
+        if last == "cpt":
+            res["t_final"] = plan.t
+            res["val_loss_F"] = self.evaluate("cpt", plan.t)
+            res["sign_gap"] = res["val_loss_sign"] - res["val_loss_F"]
+        if last == "fp":
+            res["val_loss_fp"] = self.evaluate("identity")
+        set_binarizer(self.model, "sign" if last != "fp" else "identity", plan.t)
+        self.summary.update(res)
+        return self.summary
