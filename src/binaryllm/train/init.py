@@ -71,9 +71,12 @@ def find_input_groups(model: nn.Module, input_ids: torch.Tensor) -> list[InputGr
         if len(list(m.children())) == 0:
             handles.append(m.register_forward_pre_hook(pre))
             handles.append(m.register_forward_hook(post))
+    was_training = model.training
+    model.eval()
     try:
         model(input_ids=input_ids)
     finally:
+        model.train(was_training)
         for h in handles:
             h.remove()
     by_input: dict[int, list[str]] = {}
@@ -139,6 +142,7 @@ def binary_aware_init(model: nn.Module, batches, steps: int, lr: float, probe_id
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
     losses = []
+    was_training = model.training
     model.train()
     for k in range(steps):
         ids = batches(k)
@@ -164,6 +168,7 @@ def binary_aware_init(model: nn.Module, batches, steps: int, lr: float, probe_id
         p.requires_grad_(r)
     folded = []
     if fold:
+        model.eval()  # the checks compare two forward passes: no dropout
         with torch.no_grad():
             ref = model(input_ids=probe_ids).logits.float()
         modules = dict(model.named_modules())
@@ -191,6 +196,7 @@ def binary_aware_init(model: nn.Module, batches, steps: int, lr: float, probe_id
                             mods[n].set_input_scale(g.scale)
                         g.folded = False
             folded = []
+    model.train(was_training)
     info = getattr(model, "binaryllm_info", None)
     if info is not None:
         info["input_scales"] = sorted(n for n, m in mods.items() if m.input_scale is not None)

@@ -1,0 +1,114 @@
+"""replace_linear on several architectures, freeze, and the function-preserving binary-aware init."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import binaryllm as bl
+from binaryllm.errors import BinaryLLMError
+from binaryllm.nn import BinaryLinear, find_blocks
+from binaryllm.train.init import binary_aware_init, find_input_groups
+from conftest import pattern_blocks, tiny_model
+
+ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gemma", "gpt2"]
+EXPECTED_PER_BLOCK = {"llama": 7, "qwen2": 7, "qwen3": 7, "mistral": 7, "gemma": 7, "gpt2": 4}
+
+
+def logits(model, ids):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_binarize_replaces_block_linears_only_and_fp_path_is_exact(arch):
+    ref = tiny_model(arch)
+    model = copy.deepcopy(ref)
+    ids = pattern_blocks(2, 16)
+    bl.binarize(model, bl.BinaryConfig(method="fp"))
+    mods = bl.binary_modules(model)
+    _, blocks = find_blocks(model)
+    assert len(mods) == EXPECTED_PER_BLOCK[arch] * len(blocks)
+    # embeddings and lm_head stay full precision
+    assert not isinstance(model.get_output_embeddings(), BinaryLinear)
+    assert isinstance(model.get_input_embeddings(), nn.Embedding)
+    # with no binarization the function is unchanged (Conv1D transposed correctly too)
+    assert torch.allclose(logits(model, ids), logits(ref, ids), atol=1e-5)
+
+
+def test_skip_patterns_and_errors():
+    model = tiny_model("llama")
+    bl.binarize(model, bl.BinaryConfig(skip=["*.mlp.*"]))
+    assert all("mlp" not in n for n in bl.binary_modules(model))
+    with pytest.raises(BinaryLLMError, match="no linear layers"):
+        bl.binarize(tiny_model("llama"), bl.BinaryConfig(skip=["*"]))
+
+    class NoBlocks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+    with pytest.raises(BinaryLLMError, match="cannot be binarized"):
+        bl.binarize(NoBlocks(), bl.BinaryConfig())
+    with pytest.raises(BinaryLLMError, match="unknown method"):
+        bl.binarize(tiny_model("llama"), bl.BinaryConfig(method="xnor"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_freeze_materializes_exact_1bit_weights(arch):
+    model = bl.binarize(tiny_model(arch), bl.BinaryConfig())
+    with torch.no_grad():
+        for m in bl.binary_modules(model).values():
+            m.scale_l.uniform_(0.5, 1.5)
+    ids = pattern_blocks(2, 16)
+    bl.set_binarizer(model, "sign", 1.0)
+    expected = logits(model, ids)
+    bl.freeze(model)
+    for m in bl.binary_modules(model).values():
+        assert set(m.weight.unique().tolist()) <= {-1.0, 1.0}
+        assert m.kind == "sign"
+    assert torch.allclose(logits(model, ids), expected, atol=1e-5)
+
+
+def test_input_groups_follow_shared_inputs_and_norms():
+    model = bl.binarize(tiny_model("llama"), bl.BinaryConfig())
+    groups = {tuple(g.members): g for g in find_input_groups(model, pattern_blocks(1, 8))}
+    p = "model.layers.0."
+    qkv = tuple(sorted(p + f"self_attn.{x}_proj" for x in "qkv"))
+    assert groups[qkv].norm == p + "input_layernorm"
+    gu = tuple(sorted(p + f"mlp.{x}_proj" for x in ("gate", "up")))
+    assert groups[gu].norm == p + "post_attention_layernorm"
+    assert groups[(p + "self_attn.o_proj",)].norm is None
+    assert groups[(p + "mlp.down_proj",)].norm is None
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_binary_aware_init_preserves_the_full_precision_function(arch):
+    ref = tiny_model(arch)
+    model = bl.binarize(copy.deepcopy(ref), bl.BinaryConfig())
+    data = pattern_blocks(16, 16)
+    bl.set_binarizer(model, "sign", 1.0)
+    res = binary_aware_init(model, lambda k: data[2 * k: 2 * k + 2], steps=4, lr=0.2, probe_ids=data[:1])
+    assert len(res["init_losses"]) == 4
+    mods = bl.binary_modules(model)
+    # the scales moved away from 1 ...
+    moved = [m.input_scale for m in mods.values() if m.input_scale is not None]
+    assert moved and all((s - 1).abs().max() > 1e-3 for s in moved)
+    if arch != "gpt2":
+        assert res["folded_norms"] == 2 * 2  # two norm-fed groups per block, two blocks
+    else:
+        assert res["folded_norms"] >= 2      # ln_1 -> c_attn, ln_2 -> c_fc (LayerNorm with bias)
+    # ... yet with binarization off the model computes what the pre-trained one did
+    bl.set_binarizer(model, "identity", 1.0)
+    ids = pattern_blocks(2, 16, seed=3)
+    assert torch.allclose(logits(model, ids), logits(ref, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_init_lowers_the_binarized_loss():
+    model = bl.binarize(tiny_model("llama"), bl.BinaryConfig())
+    data = pattern_blocks(64, 32)
+    bl.set_binarizer(model, "sign", 1.0)
+    res = binary_aware_init(model, lambda k: data[4 * (k % 16): 4 * (k % 16) + 4], steps=40, lr=0.05,
+                            probe_ids=data[:1])
+    first, last = res["init_losses"][:4], res["init_losses"][-4:]
+    assert sum(last) / 4 < sum(first) / 4

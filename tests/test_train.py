@@ -1,0 +1,166 @@
+"""Training: every method lowers the loss; exact resume; NaN stop; atomic checkpoints."""
+import json
+import math
+
+import pytest
+import torch
+
+import binaryllm as bl
+from binaryllm.errors import BinaryLLMError
+from binaryllm.train import TrainData, Trainer
+from binaryllm.train import checkpoint as ckpt_mod
+from conftest import pattern_blocks, tiny_model
+
+METHODS = {
+    "sign": dict(method="sign"),
+    "ste": dict(method="ste"),
+    "irnet": dict(method="irnet"),
+    "cpt": dict(method="cpt"),
+    "cpt-noinit": dict(method="cpt", init=False),
+    "cpt-nodual": dict(method="cpt", dual_scale=False),
+    "cpt-nohard": dict(method="cpt", hard_fraction=0.0),
+    "fp": dict(method="fp"),
+}
+
+
+def run_cfg(steps=40, **binary):
+    cfg = bl.RunConfig()
+    t = cfg.train
+    t.seq_len, t.batch_size, t.tokens = 32, 8, str(steps * 8 * 32)
+    t.lr, t.lr_min, t.log_every, t.save_every, t.eval_batches = 3e-3, 1e-4, 1, 1000, 2
+    cfg.binary.init_steps = 5
+    cfg.binary.init_lr = 0.02
+    cfg.binary.phases = 8
+    for k, v in binary.items():
+        setattr(cfg.binary, k, v)
+    return cfg.validate()
+
+
+def data():
+    blocks = pattern_blocks(136, 32)  # validation: other blocks of the same (learnable) stream
+    return TrainData(train=blocks[:128], val=blocks[128:])
+
+
+def losses(path):
+    return [json.loads(ln) for ln in open(path / "metrics.jsonl") if '"train"' in ln]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_trains_and_loss_falls(tmp_path, arch, name):
+    cfg = run_cfg(**METHODS[name])
+    model = bl.binarize(tiny_model(arch), cfg.binary)
+    tr = Trainer(model, cfg, data(), tmp_path, progress=False)
+    summary = tr.run()
+    assert summary["finished"]
+    if name == "sign":
+        assert summary["total_steps"] == 0 and math.isfinite(summary["val_loss_sign"])
+        return
+    rec = losses(tmp_path)
+    assert len(rec) == tr.total_steps == 40
+    first = sum(r["loss"] for r in rec[:5]) / 5
+    last = sum(r["loss"] for r in rec[-5:]) / 5
+    assert last < first - 0.3, (first, last)
+    if name != "fp":
+        assert summary["val_loss_sign"] < 4.2  # the frozen 1-bit model learned too (ln 96 = 4.56)
+    kinds = {r["kind"] for r in rec}
+    if name.startswith("cpt"):
+        ts = [r["t"] for r in rec if r["kind"] == "cpt"]
+        assert ts == sorted(ts) and ts[0] == pytest.approx(1.3 * math.exp(0.22) - 1.3)
+        assert "sign_gap" in summary
+        assert kinds == ({"cpt"} if name == "cpt-nohard" else {"cpt", "ste"})
+    if name == "irnet":
+        assert rec[0]["t"] == pytest.approx(1e-3) and rec[-1]["t"] == pytest.approx(10.0)
+
+
+def test_dual_scale_off_keeps_row_scale_at_one(tmp_path):
+    cfg = run_cfg(steps=5, dual_scale=False)
+    model = bl.binarize(tiny_model(), cfg.binary)
+    Trainer(model, cfg, data(), None, progress=False).run()
+    for m in bl.binary_modules(model).values():
+        assert torch.equal(m.scale_l, torch.ones_like(m.scale_l))
+
+
+def _train_losses(path, cfg, stop_at=None, resume=False, distill=False):
+    model = bl.binarize(tiny_model(), cfg.binary)
+    teacher = tiny_model() if distill else None
+
+    def cb(step, loss):
+        if stop_at is not None and step == stop_at:
+            raise KeyboardInterrupt  # as if the process died right after this step
+    tr = Trainer(model, cfg, data(), path, teacher=teacher, progress=False)
+    try:
+        tr.run(resume=resume, callback=cb)
+    except KeyboardInterrupt:
+        pass
+    return model
+
+
+@pytest.mark.parametrize("distill", [False, True])
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, distill):
+    cfg = run_cfg(steps=16)
+    cfg.train.save_every = 4
+    cfg.train.distill = distill
+    a = _train_losses(tmp_path / "a", cfg, distill=distill)
+    _train_losses(tmp_path / "b", cfg, stop_at=9, distill=distill)  # dies at step 9; checkpoint at 8
+    assert ckpt_mod.latest_checkpoint(tmp_path / "b" / "checkpoints").name == "step-00000008"
+    b = _train_losses(tmp_path / "b", cfg, resume=True, distill=distill)
+    la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert [r["step"] for r in lb] == list(range(16))
+    assert [r["loss"] for r in la] == [r["loss"] for r in lb]
+    assert [(r["t"], r["lr"], r["phase"]) for r in la] == [(r["t"], r["lr"], r["phase"]) for r in lb]
+    for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert na == nb and torch.equal(pa, pb), na
+
+
+def test_max_steps_stops_resumably(tmp_path):
+    cfg = run_cfg(steps=10)
+    cfg.train.max_steps = 4
+    model = bl.binarize(tiny_model(), cfg.binary)
+    s = Trainer(model, cfg, data(), tmp_path, progress=False).run()
+    assert not s["finished"] and s["step"] == 4
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = run_cfg(steps=12)
+    cfg.train.save_every = 3
+    model = bl.binarize(tiny_model(), cfg.binary)
+
+    def poison(step, loss):
+        if step == 4:
+            with torch.no_grad():
+                model.model.norm.weight.fill_(float("nan"))
+    tr = Trainer(model, cfg, data(), tmp_path, progress=False)
+    with pytest.raises(BinaryLLMError, match=r"loss became nan at step 5.*step-00000003"):
+        tr.run(callback=poison)
+    last = ckpt_mod.latest_checkpoint(tmp_path / "checkpoints")
+    assert last.name == "step-00000003"
+    from safetensors.torch import load_file
+    assert all(torch.isfinite(v).all() for v in load_file(last / "model.safetensors").values())
+
+
+def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    cfg = run_cfg(steps=4)
+    model = bl.binarize(tiny_model(), cfg.binary)
+    tr = Trainer(model, cfg, data(), tmp_path, progress=False)
+    tr.run()
+    ck = tmp_path / "checkpoints"
+    before = sorted(p.name for p in ck.iterdir())
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(ckpt_mod, "save_file", boom)
+    with pytest.raises(OSError):
+        ckpt_mod.save_checkpoint(ck, 99, model, tr.optimizer, {"step": 99})
+    assert sorted(p.name for p in ck.iterdir()) == before  # no half-written folder, pointer unchanged
+    assert ckpt_mod.latest_checkpoint(ck).name == "step-00000004"
+
+
+def test_damaged_checkpoint_is_a_clear_error(tmp_path):
+    cfg = run_cfg(steps=2)
+    model = bl.binarize(tiny_model(), cfg.binary)
+    Trainer(model, cfg, data(), tmp_path, progress=False).run()
+    last = ckpt_mod.latest_checkpoint(tmp_path / "checkpoints")
+    (last / "model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(BinaryLLMError, match="damaged"):
+        Trainer(bl.binarize(tiny_model(), cfg.binary), cfg, data(), tmp_path, progress=False).run(resume=True)
