@@ -162,3 +162,19 @@ def test_cli_run_folder_and_sigkill_resume(tmp_path, tiny_model_dir, text_file):
     r = subprocess.run(_cli(tmp_path, tiny_model_dir, text_file, b) + ["--resume", "--lr", "1e-2"], env=env,
                        capture_output=True, text=True)
     assert r.returncode == 2 and "train.lr" in r.stderr
+
+
+def test_unreachable_hub_id_and_bad_folder_are_clear_errors(tmp_path):
+    code = ("from binaryllm.models import load_model\n"
+            "from binaryllm.errors import BinaryLLMError\n"
+            "try:\n    load_model('no-such-org/no-such-model')\n"
+            "except BinaryLLMError as e:\n    print('ERR', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert "ERR cannot load model no-such-org/no-such-model" in r.stdout
+    (tmp_path / "empty").mkdir()
+    from binaryllm.models import resolve
+    with pytest.raises(BinaryLLMError, match="no config.json"):
+        resolve(str(tmp_path / "empty"))
+    with pytest.raises(BinaryLLMError, match="does not exist"):
+        resolve(str(tmp_path / "x.gguf"))

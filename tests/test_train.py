@@ -164,3 +164,19 @@ def test_damaged_checkpoint_is_a_clear_error(tmp_path):
     (last / "model.safetensors").write_bytes(b"\x00" * 10)
     with pytest.raises(BinaryLLMError, match="damaged"):
         Trainer(bl.binarize(tiny_model(), cfg.binary), cfg, data(), tmp_path, progress=False).run(resume=True)
+
+
+def test_out_of_memory_names_the_option_to_lower(tmp_path, monkeypatch):
+    cfg = run_cfg(steps=3)
+    model = bl.binarize(tiny_model(), cfg.binary)
+    tr = Trainer(model, cfg, data(), tmp_path, progress=False)
+    real = type(model).forward
+
+    def oom(self, *a, **k):
+        if self.training and torch.is_grad_enabled():
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(self, *a, **k)
+    monkeypatch.setattr(type(model), "forward", oom)
+    cfg.binary.init = False
+    with pytest.raises(BinaryLLMError, match=r"out of memory at step 0 .*lower --batch-size"):
+        tr.run()

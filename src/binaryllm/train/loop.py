@@ -87,6 +87,10 @@ class Trainer:
         self.hard_start = (self.total_steps - max(1, round(self.total_steps * b.hard_fraction))) if use_hard \
             else self.total_steps
         self.schedule = b.schedule()
+        if b.method == "cpt" and 0 < self.hard_start < self.schedule.phases:
+            import warnings
+            warnings.warn(f"only {self.hard_start} CPT steps for {self.schedule.phases} phases: some phases "
+                          "are skipped; raise --tokens or lower --phases", stacklevel=2)
         self.order = BlockOrder(data.train.shape[0], t.batch_size, t.seed)
         self.optimizer = None
         self.summary: dict = {}
