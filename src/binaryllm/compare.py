@@ -77,7 +77,8 @@ def run_method(method: str, base: C.RunConfig, out: Path, ecfg, progress: bool) 
                                                 "wall_seconds_this_invocation")})
         from .runs import load_run
         model, tok = load_run(run, frozen=cfg.binary.method != "fp")
-        rec["metrics"] = [json.loads(x) for x in open(run / "metrics.jsonl") if '"train"' in x]
+        mfile = run / "metrics.jsonl"  # absent for methods without training steps (sign)
+        rec["metrics"] = [json.loads(x) for x in open(mfile) if '"train"' in x] if mfile.is_file() else []
     rec["bits_per_weight"] = bits_per_weight(model)
     rec["eval"] = evaluate(model, tok, ecfg, progress)
     res_file.parent.mkdir(parents=True, exist_ok=True)
