@@ -82,12 +82,13 @@ def test_encode_pair_moves_trailing_space():
 
 def test_our_scorer_agrees_with_lm_eval(tokenizer):
     from lm_eval.api.instance import Instance
-    from lm_eval.models.huggingface import HFLM
+
+    from binaryllm.eval.lm_eval_adapter import hflm
     model = tiny_model("llama", vocab=len(tokenizer))
     items = load_task("piqa", limit=30) + load_task("winogrande", limit=20)
     pairs = [(c, x) for it in items for c, x in zip(it.contexts, it.continuations)]
     ours = loglikelihoods(model, tokenizer, pairs, batch_size=8)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=8, device="cpu", max_length=2048)
+    lm = hflm(model, tokenizer, batch_size=8)
     reqs = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]
     theirs = [r[0] for r in lm.loglikelihood(reqs, disable_tqdm=True)]
     assert max(abs(a - b) for a, b in zip(ours, theirs)) < 1e-3
