@@ -1,6 +1,7 @@
 """Benchmark: what CPT, its final hard-sign phase and the baselines give on SmolLM2-135M at a fixed budget.
 
-For each variant it runs ``binaryllm convert`` (resuming a run folder that is already there), then measures
+Variants are the methods of ``binaryllm compare`` (``binaryllm.compare.METHODS``) plus ``fp-ref``, the
+pre-trained model evaluated as it is.  For each variant it runs ``binaryllm convert`` (resuming a run folder that is already there), then measures
 held-out perplexity (the default corpus' ``test`` split, never trained or tuned on) of the frozen 1-bit
 model, the validation losses with F at the final t and with hard sign (the sign-substitution gap), and the
 training throughput.  Usage (GPU):
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -23,24 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import binaryllm as bl  # noqa: E402
 from binaryllm import config as C  # noqa: E402
+from binaryllm.compare import method_config  # noqa: E402
 from binaryllm.data import default_corpus, to_blocks, tokenize_sources  # noqa: E402
 from binaryllm.eval import perplexity  # noqa: E402
 from binaryllm.models import load_model  # noqa: E402
 from binaryllm.train.loop import autocast_for, resolve_device  # noqa: E402
 
-VARIANTS = {
-    "cpt": {},
-    "cpt-nohard": {"binary": {"hard_fraction": 0.0}},
-    "cpt-hardcpt": {"binary": {"hard_backward": "cpt"}},
-    "cpt-noinit": {"binary": {"init": False}},
-    "cpt-nodual": {"binary": {"dual_scale": False}},
-    "cpt+distill": {"train": {"distill": True}},
-    "ste": {"binary": {"method": "ste"}},
-    "ste+distill": {"binary": {"method": "ste"}, "train": {"distill": True}},
-    "irnet": {"binary": {"method": "irnet"}},
-    "sign": {"binary": {"method": "sign"}},
-    "fp": {"binary": {"method": "fp"}},
-}
 
 
 def main() -> None:
@@ -68,11 +56,11 @@ def main() -> None:
     ev = dict(batch_size=base.train.batch_size, device=device, autocast=amp)
     for name in args.variants.split(","):
         t0 = time.time()
-        if name == "fp-ref":
+        if name in ("fp", "fp-ref"):  # the pre-trained model as it is
             model, _, _ = load_model("")
             results[name] = {"test_ppl": perplexity(model.to(device), test, **ev), "tokens": 0}
         else:
-            cfg = C.from_dict(VARIANTS[name], C.from_dict(base.to_dict()))
+            cfg = method_config(base, name)
             out = runs / name
             s = bl.convert(cfg, out, resume=(out / "run.yaml").is_file(), progress=False, explicit={})
             if not s.get("finished"):

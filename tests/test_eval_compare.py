@@ -10,7 +10,7 @@ from binaryllm import config as C
 from binaryllm.errors import BinaryLLMError
 from binaryllm.eval.harness import encode_pair, loglikelihoods, score_items
 from binaryllm.eval.ppl import text_perplexity
-from binaryllm.eval.run import EvalConfig, check_tokenizer, evaluate
+from binaryllm.eval.run import EvalConfig, check_tokenizer
 from binaryllm.eval.tasks import PAPER_TASKS, load_task, read_jsonl_task
 from conftest import tiny_model
 

@@ -32,6 +32,18 @@ def binarize(model: nn.Module, config: BinaryConfig | None = None) -> nn.Module:
     return model
 
 
+def restore_input_scales(model: nn.Module, names: list[str], folded_norms: list[str] = ()) -> None:
+    """Give a freshly binarized model the input-scale buffers binary-aware init created (values are
+    placeholders until a state dict is loaded), and record them on ``binaryllm_info``."""
+    mods = binary_modules(model)
+    for n in names:
+        mods[n].set_input_scale(torch.ones(mods[n].in_features, device=mods[n].weight.device))
+    info = getattr(model, "binaryllm_info", None)
+    if info is not None:
+        info["input_scales"] = list(names)
+        info["folded_norms"] = list(folded_norms)
+
+
 def set_binarizer(model: nn.Module, kind: str, t: float) -> None:
     for m in binary_modules(model).values():
         m.kind, m.t = kind, float(t)

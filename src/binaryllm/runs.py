@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .api import binarize, binary_modules, freeze
+from .api import binarize, binary_modules, freeze, restore_input_scales
 from .config import load_yaml
 from .errors import BinaryLLMError
 
@@ -27,10 +27,7 @@ def load_run(path: str | Path, frozen: bool = True, device: str = "cpu"):
     hf_cfg = AutoConfig.from_pretrained(p)
     model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
     binarize(model, cfg.binary)
-    mods = binary_modules(model)
-    for n in info.get("input_scales", []):
-        mods[n].set_input_scale(torch.ones(mods[n].in_features))
-    model.binaryllm_info.update({k: info[k] for k in ("input_scales", "folded_norms") if k in info})
+    restore_input_scales(model, info.get("input_scales", []), info.get("folded_norms", []))
     missing, unexpected = load_model(model, str(p / "model.safetensors"), strict=False)
     if missing or unexpected:
         raise BinaryLLMError(f"{p / 'model.safetensors'} does not match the model: {(missing + unexpected)[0]}")
@@ -38,6 +35,6 @@ def load_run(path: str | Path, frozen: bool = True, device: str = "cpu"):
     if frozen:
         freeze(model)
     elif info.get("t_final"):
-        for m in mods.values():
+        for m in binary_modules(model).values():
             m.t = info["t_final"]
     return model.to(device).eval(), tok

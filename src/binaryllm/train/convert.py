@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +25,7 @@ from .. import config as C
 from ..api import binarize
 from ..data import default_corpus, split_blocks, to_blocks, tokenize_sources
 from ..errors import BinaryLLMError
-from ..io import atomic_write_text
+from ..io import atomic_file, atomic_write_text
 from ..models import load_model
 from .loop import TrainData, Trainer
 
@@ -53,14 +51,8 @@ def prepare_data(cfg: C.RunConfig, tokenizer, progress: bool = True) -> TrainDat
 
 
 def _atomic_save_model(model, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_model(model, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        save_model(model, str(tmp))
 
 
 def _check_resume(out: Path, cfg: C.RunConfig, explicit: dict) -> C.RunConfig:

@@ -129,7 +129,6 @@ def binary_aware_init(model: nn.Module, batches, steps: int, lr: float, probe_id
     mods = binary_modules(model)
     groups = find_input_groups(model, probe_ids)
     device = next(iter(mods.values())).weight.device
-    logs = {}
     for g in groups:
         u = nn.Parameter(torch.zeros(mods[g.members[0]].in_features, device=device))
         for n in g.members:

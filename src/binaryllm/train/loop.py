@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..api import binary_modules, set_binarizer
+from ..api import binary_modules, restore_input_scales, set_binarizer
 from ..config import RunConfig, parse_tokens
 from ..data import BlockOrder
 from ..errors import BinaryLLMError
+from ..eval.ppl import window_nll
 from ..io import atomic_write_text
 from ..quant import cosine_lr, irnet_t, phase_of
 from .checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
@@ -163,21 +164,10 @@ class Trainer:
         if kind is not None:
             set_binarizer(model, kind, t if t is not None else (mods[0].t if mods else 1.0))
         was_training = model.training
-        model.eval()
         bs = self.cfg.train.batch_size
-        n = self.data.val.shape[0]
-        nb = math.ceil(n / bs)
         limit = self.cfg.train.eval_batches if max_batches is None else max_batches
-        if limit:
-            nb = min(nb, limit)
-        total, count = 0.0, 0
-        for i in range(nb):
-            ids = self.data.val[i * bs:(i + 1) * bs].to(self.device)
-            with self.autocast():
-                logits = model(input_ids=ids).logits
-            loss = causal_lm_loss(logits, ids)
-            total += float(loss) * ids.shape[0]
-            count += ids.shape[0]
+        blocks = self.data.val[: limit * bs] if limit else self.data.val
+        total, count = window_nll(model, blocks, bs, self.device, self.autocast)
         for m, (k, tt) in zip(mods, saved):
             m.kind, m.t = k, tt
         model.train(was_training)
@@ -207,17 +197,6 @@ class Trainer:
         self.last_ckpt = save_checkpoint(self.out / "checkpoints", step, self.model, self.optimizer, state,
                                          keep=self.cfg.train.keep_checkpoints)
 
-    def _restore_structure(self, state: dict) -> None:
-        """Give the fresh model the buffers stage 1 created, so the checkpoint's tensors fit."""
-        mods = binary_modules(self.model)
-        for n in state.get("input_scales", []):
-            m = mods[n]
-            m.set_input_scale(torch.ones(m.in_features, device=m.weight.device))
-        info = getattr(self.model, "binaryllm_info", None)
-        if info is not None:
-            info["input_scales"] = list(state.get("input_scales", []))
-            info["folded_norms"] = list(state.get("folded_norms", []))
-
     # ---- the run -------------------------------------------------------------------------------
     def run(self, resume: bool = False, callback=None) -> dict:
         cfg, t = self.cfg, self.cfg.train
@@ -233,7 +212,7 @@ class Trainer:
         ckpt = latest_checkpoint(self.out / "checkpoints") if (resume and self.out) else None
         if ckpt is not None:
             state = read_state(ckpt)
-            self._restore_structure(state)
+            restore_input_scales(self.model, state.get("input_scales", []), state.get("folded_norms", []))
             if cfg.binary.method != "sign":
                 self.optimizer = self._make_optimizer()
             load_checkpoint(ckpt, model, self.optimizer)
