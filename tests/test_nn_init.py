@@ -96,8 +96,11 @@ def test_binary_aware_init_preserves_the_full_precision_function(arch):
     assert moved and all((s - 1).abs().max() > 1e-3 for s in moved)
     if arch != "gpt2":
         assert res["folded_norms"] == 2 * 2  # two norm-fed groups per block, two blocks
+        assert res["folded_into_rows"] == 2  # down_proj's scale into up_proj (act(gate) * up), per block
+        assert res["vector_scales"] == 2     # o_proj under grouped-query attention keeps its vector
     else:
-        assert res["folded_norms"] >= 2      # ln_1 -> c_attn, ln_2 -> c_fc (LayerNorm with bias)
+        assert res["folded_norms"] == 2 * 2  # ln_1 -> c_attn, ln_2 -> c_fc (LayerNorm with bias)
+        assert res["folded_into_rows"] == 0  # GELU between c_fc and mlp.c_proj: nothing exact to fold into
     # ... yet with binarization off the model computes what the pre-trained one did
     bl.set_binarizer(model, "identity", 1.0)
     ids = pattern_blocks(2, 16, seed=3)
@@ -112,3 +115,22 @@ def test_init_lowers_the_binarized_loss():
                             probe_ids=data[:1])
     first, last = res["init_losses"][:4], res["init_losses"][-4:]
     assert sum(last) / 4 < sum(first) / 4
+
+
+def test_multi_head_attention_folds_o_proj_scale_into_v_proj():
+    from conftest import tiny_config
+    from transformers import LlamaForCausalLM
+    cfg = tiny_config("llama")
+    cfg.num_key_value_heads = cfg.num_attention_heads  # plain multi-head attention
+    torch.manual_seed(0)
+    ref = LlamaForCausalLM(cfg).eval()
+    model = bl.binarize(copy.deepcopy(ref), bl.BinaryConfig())
+    data = pattern_blocks(16, 16)
+    bl.set_binarizer(model, "sign", 1.0)
+    res = binary_aware_init(model, lambda k: data[2 * k: 2 * k + 2], steps=4, lr=0.2, probe_ids=data[:1])
+    assert res["folded_into_rows"] == 4 and res["vector_scales"] == 0
+    assert sorted(model.binaryllm_info["folded_into_rows"]) == sorted(
+        f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.v_proj", "mlp.up_proj"))
+    bl.set_binarizer(model, "identity", 1.0)
+    ids = pattern_blocks(2, 16, seed=3)
+    assert torch.allclose(logits(model, ids), logits(ref, ids), atol=1e-5, rtol=1e-5)

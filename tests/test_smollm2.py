@@ -38,4 +38,7 @@ def test_smollm2_converts_for_a_few_steps(tmp_path, capsys):
     assert summary["finished"] and math.isfinite(summary["val_loss_sign"]) and "sign_gap" in summary
     info = json.loads((out / "binary.json").read_text())
     assert len(info["modules"]) == 30 * 7
-    assert len(info["folded_norms"]) == 60 and len(info["input_scales"]) == 60  # o_proj + down_proj keep vectors
+    assert len(info["folded_norms"]) == 60                       # q/k/v and gate/up share their norm's scale
+    assert len(info["folded_into_rows"]) == 30                   # down_proj's scale into up_proj's rows
+    assert all(n.endswith("up_proj") for n in info["folded_into_rows"])
+    assert len(info["input_scales"]) == 30                       # o_proj (grouped-query attention) keeps one

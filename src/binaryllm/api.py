@@ -28,11 +28,13 @@ def binarize(model: nn.Module, config: BinaryConfig | None = None) -> nn.Module:
         m.kind, m.t = kind, t0
         m.scale_l.requires_grad_(cfg.dual_scale and cfg.method != "fp")
     model.binaryllm_info = {"format_version": FORMAT_VERSION, "method": cfg.method, "modules": names,
-                            "input_scales": [], "folded_norms": [], "frozen": False}
+                            "input_scales": [], "folded_norms": [], "folded_into_rows": [],
+                            "frozen": False}
     return model
 
 
-def restore_input_scales(model: nn.Module, names: list[str], folded_norms: list[str] = ()) -> None:
+def restore_input_scales(model: nn.Module, names: list[str], folded_norms: list[str] = (),
+                         folded_into_rows: list[str] = ()) -> None:
     """Give a freshly binarized model the input-scale buffers binary-aware init created (values are
     placeholders until a state dict is loaded), and record them on ``binaryllm_info``."""
     mods = binary_modules(model)
@@ -42,6 +44,7 @@ def restore_input_scales(model: nn.Module, names: list[str], folded_norms: list[
     if info is not None:
         info["input_scales"] = list(names)
         info["folded_norms"] = list(folded_norms)
+        info["folded_into_rows"] = list(folded_into_rows)
 
 
 def set_binarizer(model: nn.Module, kind: str, t: float) -> None:

@@ -27,7 +27,8 @@ def load_run(path: str | Path, frozen: bool = True, device: str = "cpu"):
     hf_cfg = AutoConfig.from_pretrained(p)
     model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
     binarize(model, cfg.binary)
-    restore_input_scales(model, info.get("input_scales", []), info.get("folded_norms", []))
+    restore_input_scales(model, info.get("input_scales", []), info.get("folded_norms", []),
+                         info.get("folded_into_rows", []))
     missing, unexpected = load_model(model, str(p / "model.safetensors"), strict=False)
     if missing or unexpected:
         raise BinaryLLMError(f"{p / 'model.safetensors'} does not match the model: {(missing + unexpected)[0]}")

@@ -36,6 +36,8 @@ class BinaryLinear(nn.Module):
         self.ste_clip = ste_clip
         # stage 1 (binary-aware init): a shared log-scale parameter, set by train.init
         self.init_log_scale: nn.Parameter | None = None
+        # a fixed W_q used instead of recomputing it (only inside weight_cache(), for inference-only checks)
+        self.wq_cache: torch.Tensor | None = None
 
     @classmethod
     def from_linear(cls, lin: nn.Module, transposed: bool = False, **kw) -> "BinaryLinear":
@@ -69,7 +71,7 @@ class BinaryLinear(nn.Module):
             x = x * self.init_log_scale.exp().to(x.dtype)
         elif self.input_scale is not None:
             x = x * self.input_scale.to(x.dtype)
-        w = self.quantized_weight()
+        w = self.wq_cache if self.wq_cache is not None else self.quantized_weight()
         if not torch.is_autocast_enabled(x.device.type):
             w = w.to(x.dtype)
         return F.linear(x, w, self.bias)
@@ -85,3 +87,27 @@ class BinaryLinear(nn.Module):
         if self.input_scale is not None:
             s += ", input_scale"
         return s
+
+
+class weight_cache:
+    """Context manager for no-grad passes that leave the weights alone: each layer's W_q is computed once
+    on entry (``refresh(m)`` after changing a layer's weight) instead of at every forward pass."""
+
+    def __init__(self, modules):
+        self.mods = list(modules)
+
+    @staticmethod
+    @torch.no_grad()
+    def refresh(m: BinaryLinear) -> None:
+        m.wq_cache = None
+        m.wq_cache = m.quantized_weight().detach()
+
+    def __enter__(self):
+        for m in self.mods:
+            self.refresh(m)
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.mods:
+            m.wq_cache = None
+        return False

@@ -11,9 +11,15 @@ Choices where the paper is silent (documented in docs/METHOD.md):
   folded into the norm that produced that input.
 * Afterwards the latent weight becomes ``W~ = W / S_t``.  Where the group's input comes straight from a
   norm layer that feeds nothing else, S_t is folded into that norm's weight (and bias); the fold rule is
-  found numerically (``w*S`` for LayerNorm/RMSNorm, ``(1+w)*S - 1`` for Gemma-style norms) and the whole
-  model is checked to compute the same logits after folding, else every fold is undone.  Elsewhere (o_proj,
-  down_proj) S_t stays on the layer as a fixed input-scale vector.
+  found numerically (``w*S`` for LayerNorm/RMSNorm, ``(1+w)*S - 1`` for Gemma-style norms).
+* Elsewhere S_t is folded, where that is exact, into the rows of a binarized layer of the same block that
+  produces this input linearly (down_proj's input = act(gate) * up: into up_proj; o_proj's input in
+  multi-head attention without grouped KV: into v_proj).  Scaling a latent row by s scales its S_a by s and
+  leaves W~/S_a unchanged, so the binarized row scales by exactly s.  Candidates are tried by structure
+  (output width = input width), each checked on the model with a random scale first.
+* The whole model is checked to compute the same logits after all folds, else every fold is undone.
+  What cannot be folded stays on the layer as a fixed input-scale vector (o_proj under grouped-query
+  attention, as in SmolLM2).
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from ..api import binary_modules
-from ..nn import BinaryLinear
+from ..nn import BinaryLinear, weight_cache
 
 
 @dataclass
@@ -121,6 +127,56 @@ def _try_fold(norm: nn.Module, x: torch.Tensor, s: torch.Tensor) -> bool:
     return False
 
 
+def _block_of(name: str, blocks_name: str) -> str:
+    rest = name[len(blocks_name) + 1:] if blocks_name else name
+    return f"{blocks_name}.{rest.split('.')[0]}"
+
+
+@torch.no_grad()
+def _fold_upstream(model, mods: dict, g: InputGroup, probe_ids: torch.Tensor):
+    """Fold g's input scale into the rows of a binarized layer of the same block that feeds it linearly;
+    returns (that layer's name, its weight and bias before the fold), or None.  A candidate is accepted only if, with a random scale R, scaling its
+    rows by R computes what multiplying the group's input by R does."""
+    from ..nn import find_blocks
+    blocks_name, _ = find_blocks(model)
+    block = _block_of(g.members[0], blocks_name)
+    width = mods[g.members[0]].in_features
+    gen = torch.Generator().manual_seed(0)
+    for name, cand in mods.items():
+        if name in g.members or not name.startswith(block + ".") or cand.out_features != width:
+            continue
+        r = torch.exp(0.5 * torch.randn(width, generator=gen)).to(cand.weight.device)
+        w0 = cand.weight.detach().clone()
+        b0 = cand.bias.detach().clone() if cand.bias is not None else None
+        for n in g.members:
+            mods[n].set_input_scale(g.scale * r)
+        ref = model(input_ids=probe_ids).logits.float()
+        for n in g.members:
+            mods[n].set_input_scale(g.scale)
+        cand.weight.mul_(r.view(-1, 1))
+        if b0 is not None:
+            cand.bias.mul_(r)
+        weight_cache.refresh(cand)
+        got = model(input_ids=probe_ids).logits.float()
+        cand.weight.copy_(w0)
+        if b0 is not None:
+            cand.bias.copy_(b0)
+        weight_cache.refresh(cand)
+        if (got - ref).abs().max().item() > 1e-4 * ref.abs().max().item() + 1e-5:
+            continue
+        s = g.scale.to(cand.weight.device)
+        cand.weight.mul_(s.view(-1, 1))
+        if b0 is not None:
+            cand.bias.mul_(s)
+        if cand.wq_cache is not None:
+            weight_cache.refresh(cand)
+        for n in g.members:
+            mods[n].set_input_scale(None)
+        g.folded = True
+        return name, w0, b0
+    return None
+
+
 def binary_aware_init(model: nn.Module, batches, steps: int, lr: float, probe_ids: torch.Tensor,
                       fold: bool = True, autocast=None, log=None) -> dict:
     """Stage 1.  ``batches(k)`` gives micro-batch k (input ids).  Returns a summary dict."""
@@ -172,6 +228,7 @@ def binary_aware_init(model: nn.Module, batches, steps: int, lr: float, probe_id
             ref = model(input_ids=probe_ids).logits.float()
         modules = dict(model.named_modules())
         saved = {}
+        saved_rows: dict[str, tuple] = {}
         for g in groups:
             if g.norm is None or g.norm_input is None:
                 continue
@@ -182,6 +239,13 @@ def binary_aware_init(model: nn.Module, batches, steps: int, lr: float, probe_id
                 for n in g.members:
                     mods[n].set_input_scale(None)
                 folded.append(g.norm)
+        with weight_cache(mods.values()):  # the checks change only the candidate's weight: refresh that one
+            for g in groups:
+                if not g.folded:
+                    up = _fold_upstream(model, mods, g, probe_ids)
+                    if up is not None:
+                        saved_rows[up[0]] = up[1:]
+                        folded.append(up[0])
         with torch.no_grad():
             new = model(input_ids=probe_ids).logits.float()
         tol = 1e-3 * ref.abs().max().item() + 1e-4
@@ -189,16 +253,23 @@ def binary_aware_init(model: nn.Module, batches, steps: int, lr: float, probe_id
             with torch.no_grad():
                 for g in groups:
                     if g.folded:
-                        for k, v in saved[g.norm].items():
-                            dict(modules[g.norm].named_parameters())[k].copy_(v)
+                        if g.norm in saved:
+                            for k, v in saved[g.norm].items():
+                                dict(modules[g.norm].named_parameters())[k].copy_(v)
                         for n in g.members:
                             mods[n].set_input_scale(g.scale)
                         g.folded = False
+                for name, (w0, b0) in saved_rows.items():
+                    mods[name].weight.copy_(w0)
+                    if b0 is not None:
+                        mods[name].bias.copy_(b0)
             folded = []
     model.train(was_training)
     info = getattr(model, "binaryllm_info", None)
     if info is not None:
         info["input_scales"] = sorted(n for n, m in mods.items() if m.input_scale is not None)
-        info["folded_norms"] = sorted(folded)
-    return {"init_losses": losses, "groups": len(groups), "folded_norms": len(folded),
+        info["folded_norms"] = sorted(f for f in folded if f not in mods)
+        info["folded_into_rows"] = sorted(f for f in folded if f in mods)
+    return {"init_losses": losses, "groups": len(groups), "folded_norms": sum(1 for f in folded if f not in mods),
+            "folded_into_rows": sum(1 for f in folded if f in mods),
             "vector_scales": sum(1 for m in mods.values() if m.input_scale is not None)}

@@ -193,7 +193,8 @@ class Trainer:
         info = getattr(self.model, "binaryllm_info", {})
         state = {"step": step, "stage": stage, "tokens": step * self.tokens_per_step,
                  "total_steps": self.total_steps, "input_scales": info.get("input_scales", []),
-                 "folded_norms": info.get("folded_norms", []), "summary": self.summary}
+                 "folded_norms": info.get("folded_norms", []),
+                 "folded_into_rows": info.get("folded_into_rows", []), "summary": self.summary}
         self.last_ckpt = save_checkpoint(self.out / "checkpoints", step, self.model, self.optimizer, state,
                                          keep=self.cfg.train.keep_checkpoints)
 
@@ -212,7 +213,8 @@ class Trainer:
         ckpt = latest_checkpoint(self.out / "checkpoints") if (resume and self.out) else None
         if ckpt is not None:
             state = read_state(ckpt)
-            restore_input_scales(self.model, state.get("input_scales", []), state.get("folded_norms", []))
+            restore_input_scales(self.model, state.get("input_scales", []), state.get("folded_norms", []),
+                                 state.get("folded_into_rows", []))
             if cfg.binary.method != "sign":
                 self.optimizer = self._make_optimizer()
             load_checkpoint(ckpt, model, self.optimizer)
@@ -238,7 +240,7 @@ class Trainer:
         b, t = self.cfg.binary, self.cfg.train
         order = BlockOrder(self.data.train.shape[0], t.batch_size, t.seed + 7919)
         set_binarizer(self.model, "sign", 1.0)
-        probe = self.data.train[:1, : min(64, self.data.train.shape[1])].to(self.device)
+        probe = self.data.train[:1, : min(16, self.data.train.shape[1])].to(self.device)
         t0 = time.time()
         bar = self._bar(b.init_steps, "stage 1: init")
         res = binary_aware_init(self.model, lambda k: self.batch(k, order), b.init_steps, b.init_lr, probe,
