@@ -8,6 +8,8 @@
 from .api import binarize, binary_modules, freeze, set_binarizer
 from .config import BinaryConfig, DataConfig, ModelConfig, RunConfig, TrainConfig
 from .errors import BinaryLLMError
+from .export import load_packed as load
+from .export import pack, save_packed
 from .runs import load_run
 from .train import Trainer, TrainData, convert, train
 
@@ -15,4 +17,4 @@ __version__ = "0.1.0"
 
 __all__ = ["binarize", "binary_modules", "freeze", "set_binarizer", "BinaryConfig", "DataConfig",
            "ModelConfig", "RunConfig", "TrainConfig", "BinaryLLMError", "load_run", "Trainer",
-           "TrainData", "convert", "train"]
+           "TrainData", "convert", "train", "pack", "save_packed", "load"]

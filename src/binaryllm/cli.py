@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     co._binaryllm_groups = {s: co.add_argument_group(f"{s} options (shared by every method)") for s in C.SECTIONS}
     _add_config_options(co)
 
+    pk = sub.add_parser("pack", help="write a finished run as a really 1-bit (bit-packed) Hugging Face folder")
+    pk.add_argument("run", help="run folder written by binaryllm convert")
+    pk.add_argument("--out", required=True, help="packed folder to write")
+
     cp = sub.add_parser("corpus", help="build or describe the embedded default corpus")
     cp.add_argument("action", choices=["build", "info"])
     cp.add_argument("--force", action="store_true", help="rebuild even if it exists")
@@ -154,6 +158,22 @@ def cmd_compare(args) -> int:
     return 1 if failed and len(failed) == len(results) else 0
 
 
+def cmd_pack(args) -> int:
+    from .export import pack, save_packed
+    from .runs import load_run
+    model, tok = load_run(args.run, frozen=True)
+    rep = save_packed(pack(model), tok, args.out)
+    mb = 1 / 2**20
+    print(f"packed sign bits  {rep['packed_bits'] * mb:9.2f} MiB\n"
+          f"row scales (fp16) {rep['row_scales'] * mb:9.2f} MiB\n"
+          f"input scales      {rep['input_scales'] * mb:9.2f} MiB\n"
+          f"other (bf16)      {rep['other'] * mb:9.2f} MiB\n"
+          f"total             {rep['total'] * mb:9.2f} MiB   (bf16 model: {rep['bf16_equivalent'] * mb:.2f} MiB, "
+          f"{rep['bf16_equivalent'] / rep['total']:.1f}x larger)")
+    print(f"written to {args.out} (load with binaryllm.load)")
+    return 0
+
+
 def cmd_corpus(args) -> int:
     from .data.default import build_default_corpus
     d = build_default_corpus(args.cache_dir, force=args.force) if args.action == "build" else \
@@ -167,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"convert": cmd_convert, "eval": cmd_eval, "compare": cmd_compare,
-                "corpus": cmd_corpus}[args.cmd](args)
+                "pack": cmd_pack, "corpus": cmd_corpus}[args.cmd](args)
     except BinaryLLMError as e:
         print(f"binaryllm: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,157 @@
+"""``pack``: the frozen 1-bit model as a Hugging Face folder with really packed weights.
+
+Folder::
+
+    config.json         the model config + quantization_config (quant_method "binaryllm", format_version,
+                        bit_order, the binarized modules with their shapes and which have input scales)
+    model.safetensors   per binarized module: <name>.weight_packed (uint8, 8 weights a byte, see bits.py),
+                        <name>.scale (fp16, per row), <name>.input_scale (fp16, where kept), <name>.bias;
+                        every other tensor in bf16
+    tokenizer files
+
+The binarized layers cost 1 bit a weight + 16 bits a row (+ 16 bits an input channel where kept).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..api import binary_modules
+from ..errors import BinaryLLMError
+from ..io import atomic_dir
+from ..nn.packed import PackedBinaryLinear
+from .bits import BIT_ORDER
+
+QUANT_METHOD = "binaryllm"
+FORMAT_VERSION = 1
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def pack(model: nn.Module) -> nn.Module:
+    """Replace every BinaryLinear by a PackedBinaryLinear holding its frozen form (in place)."""
+    mods = binary_modules(model)
+    if not mods:
+        raise BinaryLLMError("the model has no binarized layers to pack; binarize and train it first")
+    for name, m in mods.items():
+        _set_module(model, name, PackedBinaryLinear.from_binary(m))
+    return model
+
+
+def packed_modules(model: nn.Module) -> dict[str, PackedBinaryLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, PackedBinaryLinear)}
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    packed = {f"{n}.": m for n, m in packed_modules(model).items()}
+    out, seen = {}, {}
+    for k, v in model.state_dict().items():
+        key = (v.data_ptr(), v.shape, v.dtype)
+        if v.numel() and key in seen:  # tied (e.g. lm_head = embeddings): stored once
+            continue
+        seen[key] = k
+        if not any(k.startswith(p) for p in packed) and v.is_floating_point():
+            v = v.to(torch.bfloat16)
+        out[k] = v.detach().contiguous().cpu()
+    return out
+
+
+def size_report(state: dict[str, torch.Tensor], packed_names: list[str]) -> dict[str, int]:
+    rep = {"packed_bits": 0, "row_scales": 0, "input_scales": 0, "other": 0}
+    for k, v in state.items():
+        b = v.numel() * v.element_size()
+        if k.endswith(".weight_packed"):
+            rep["packed_bits"] += b
+        elif any(k == f"{n}.scale" for n in packed_names):
+            rep["row_scales"] += b
+        elif any(k == f"{n}.input_scale" for n in packed_names):
+            rep["input_scales"] += b
+        else:
+            rep["other"] += b
+    rep["total"] = sum(rep.values())
+    return rep
+
+
+def save_packed(model: nn.Module, tokenizer, out: str | Path) -> dict:
+    """Write the packed folder atomically; returns the size report (bytes) and the bf16 size."""
+    from safetensors.torch import save_file
+    mods = packed_modules(model)
+    if not mods:
+        raise BinaryLLMError("save_packed needs a packed model: call binaryllm.pack(model) first")
+    state = _state(model)
+    qc = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "bit_order": BIT_ORDER,
+          "modules": {n: {"in_features": m.in_features, "out_features": m.out_features,
+                          "input_scale": m.input_scale is not None, "bias": m.bias is not None}
+                      for n, m in mods.items()}}
+    cfg = model.config.to_dict()
+    cfg["quantization_config"] = qc
+    with atomic_dir(Path(out)) as tmp:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "quant_method": QUANT_METHOD,
+                                                                    "format_version": str(FORMAT_VERSION)})
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=1, default=str))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    rep = size_report(state, list(mods))
+    rep["bf16_equivalent"] = sum(p.numel() for p in _unique_params(model)) * 2 + sum(
+        m.in_features * m.out_features * 2 + (m.out_features * 2 if m.bias is not None else 0) for m in mods.values())
+    return rep
+
+
+def _unique_params(model):
+    seen = set()
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            yield p
+
+
+def load_packed(path: str | Path, device: str = "cpu"):
+    """(model, tokenizer) from a packed folder, the binarized layers as PackedBinaryLinear."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    p = Path(path)
+    cfg_file, st_file = p / "config.json", p / "model.safetensors"
+    if not cfg_file.is_file() or not st_file.is_file():
+        raise BinaryLLMError(f"{p} is not a packed binaryllm folder (needs config.json and model.safetensors)")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise BinaryLLMError(f"{cfg_file} is not valid JSON ({e.msg}); re-export with binaryllm pack") from None
+    qc = raw.get("quantization_config") or {}
+    if qc.get("quant_method") != QUANT_METHOD:
+        raise BinaryLLMError(f"{cfg_file} has no binaryllm quantization_config; it is not a packed folder")
+    if qc.get("format_version") != FORMAT_VERSION:
+        raise BinaryLLMError(f"{cfg_file} has format_version {qc.get('format_version')}; this binaryllm reads "
+                             f"{FORMAT_VERSION}: upgrade binaryllm or re-export the model")
+    try:
+        state = load_file(str(st_file))
+    except (SafetensorError, OSError) as e:
+        raise BinaryLLMError(f"{st_file} is damaged or truncated ({e}); re-export with binaryllm pack") from None
+    raw.pop("quantization_config")
+    hf_cfg = AutoConfig.for_model(**raw)
+    model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16)
+    for name, spec in qc["modules"].items():
+        for part in ("weight_packed", "scale") + (("input_scale",) if spec["input_scale"] else ()):
+            if f"{name}.{part}" not in state:
+                raise BinaryLLMError(f"{st_file} lacks {name}.{part}; the file is incomplete: re-export it")
+        w = state[f"{name}.weight_packed"]
+        if tuple(w.shape) != (spec["out_features"], (spec["in_features"] + 7) // 8):
+            raise BinaryLLMError(f"{st_file}: {name}.weight_packed has shape {tuple(w.shape)}, the config says "
+                                 f"{spec['out_features']}x{spec['in_features']} weights")
+        _set_module(model, name, PackedBinaryLinear(spec["in_features"], spec["out_features"], spec["bias"],
+                                                    spec["input_scale"]))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(hf_cfg, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        bad = sorted(set(missing) - tied) + sorted(unexpected)
+        raise BinaryLLMError(f"{st_file} does not match the model in {cfg_file}: {bad[0]}; re-export it")
+    model.tie_weights()
+    tok = AutoTokenizer.from_pretrained(p) if (p / "tokenizer_config.json").is_file() else None
+    return model.to(device).eval(), tok

@@ -1,0 +1,111 @@
+"""Bit packing, the packed inference module, and the packed folder round trip."""
+import json
+
+import pytest
+import torch
+
+import binaryllm as bl
+from binaryllm.errors import BinaryLLMError
+from binaryllm.export import load_packed, pack, pack_signs, packed_modules, save_packed, unpack_signs
+from conftest import pattern_blocks, tiny_model
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (4, 8), (5, 9), (7, 127), (2, 128), (6, 129), (16, 576), (3, 1000)])
+def test_pack_unpack_is_bit_exact(shape):
+    w = torch.randn(*shape)
+    w[0, 0] = 0.0  # sign(0) = +1
+    p = pack_signs(w)
+    assert p.dtype == torch.uint8 and p.shape == (shape[0], (shape[1] + 7) // 8)
+    assert torch.equal(unpack_signs(p, shape[1]), torch.where(w >= 0, 1.0, -1.0))
+    if shape[1] % 8:
+        assert (p[:, -1] >> (shape[1] % 8)).eq(0).all()  # padding bits are zero
+
+
+def test_documented_bit_order():
+    w = torch.tensor([[1.0, -1, 1, 1, -1, -1, -1, -1, 1]])
+    assert pack_signs(w).tolist() == [[0b00001101, 0b00000001]]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_packed_model_computes_the_frozen_model(arch, tmp_path):
+    model = bl.binarize(tiny_model(arch), bl.BinaryConfig())
+    with torch.no_grad():
+        for m in bl.binary_modules(model).values():
+            m.scale_l.uniform_(0.5, 1.5)
+        first = next(iter(bl.binary_modules(model).values()))
+        first.set_input_scale(torch.rand(first.in_features) + 0.5)
+    bl.freeze(model)
+    ids = pattern_blocks(2, 16)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    pack(model)
+    assert not bl.binary_modules(model) and len(packed_modules(model)) > 0
+    for m in packed_modules(model).values():  # no dense copy of the weights is kept
+        assert {n for n, _ in m.named_buffers()} <= {"weight_packed", "scale", "input_scale", "bias"}
+        assert m.weight_packed.dtype == torch.uint8
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    # fp16 row/input scales are the only rounding: relative error ~1e-3
+    assert torch.allclose(got, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.95
+
+
+def test_packed_folder_round_trip_and_sizes(tmp_path, tokenizer):
+    model = bl.freeze(bl.binarize(tiny_model("llama", vocab=len(tokenizer)), bl.BinaryConfig()))
+    pack(model)
+    rep = save_packed(model, tokenizer, tmp_path / "p")
+    n_w = sum(m.in_features * m.out_features for m in packed_modules(model).values())
+    n_rows = sum(m.out_features for m in packed_modules(model).values())
+    assert rep["packed_bits"] == sum(m.out_features * ((m.in_features + 7) // 8) for m in packed_modules(model).values())
+    assert rep["packed_bits"] == n_w // 8 and rep["row_scales"] == 2 * n_rows  # 1 bit/weight, 16 bits/row
+    qc = json.loads((tmp_path / "p" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "binaryllm" and qc["format_version"] == 1 and qc["bit_order"] == "lsb-first"
+    loaded, tok = load_packed(tmp_path / "p")
+    ids = pattern_blocks(2, 16, vocab=len(tokenizer))
+    with torch.no_grad():
+        a = model.to(torch.bfloat16)(input_ids=ids).logits.float()
+        b = loaded(input_ids=ids).logits.float()
+    assert torch.allclose(a, b, atol=1e-2) and tok is not None
+    for n, m in packed_modules(model).items():
+        assert torch.equal(loaded.get_submodule(n).weight_packed, m.weight_packed)
+
+
+def test_packed_folder_bad_input(tmp_path, tokenizer):
+    model = pack(bl.freeze(bl.binarize(tiny_model("llama", vocab=len(tokenizer)), bl.BinaryConfig())))
+    d = tmp_path / "p"
+    save_packed(model, tokenizer, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"]["format_version"] = 99
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BinaryLLMError, match="format_version 99"):
+        load_packed(d)
+    cfg["quantization_config"]["format_version"] = 1
+    (d / "config.json").write_text(json.dumps(cfg))
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(BinaryLLMError, match="damaged or truncated"):
+        load_packed(d)
+    with pytest.raises(BinaryLLMError, match="not a packed binaryllm folder"):
+        load_packed(tmp_path / "nothing")
+    with pytest.raises(BinaryLLMError, match="no binarized layers"):
+        pack(tiny_model("llama"))
+
+
+def test_pack_cli_on_a_run_and_eval_of_the_packed_folder(tmp_path, tiny_model_dir, text_file, capsys):
+    from binaryllm.cli import main
+    run = tmp_path / "run"
+    assert main(["convert", str(tiny_model_dir), "--data", str(text_file), "--out", str(run), "--no-progress",
+                 "--cache-dir", str(tmp_path), "--seq-len", "64", "--batch-size", "2", "--tokens", "640",
+                 "--init-steps", "1", "--phases", "2"]) == 0
+    assert main(["pack", str(run), "--out", str(tmp_path / "packed")]) == 0
+    out = capsys.readouterr().out
+    assert "packed sign bits" in out and "bf16 model" in out
+    frozen, tok = bl.load_run(run)
+    packed, _ = bl.load(tmp_path / "packed")
+    ids = torch.tensor([tok("the freedom to run the program")["input_ids"]])
+    with torch.no_grad():
+        a = frozen(input_ids=ids).logits.float()
+        b = packed(input_ids=ids).logits.float()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+    assert main(["eval", str(tmp_path / "packed"), "--ppl", str(text_file), "--seq-len", "64", "--no-progress"]) == 0
+    assert "packed" in capsys.readouterr().out
