@@ -41,8 +41,8 @@ def test_packed_model_computes_the_frozen_model(arch, tmp_path):
     pack(model)
     assert not bl.binary_modules(model) and len(packed_modules(model)) > 0
     for m in packed_modules(model).values():  # no dense copy of the weights is kept
-        assert {n for n, _ in m.named_buffers()} <= {"weight_packed", "scale", "input_scale", "bias"}
-        assert m.weight_packed.dtype == torch.uint8
+        assert {n for n, _ in m.named_buffers()} <= {"weight", "weight_scale", "input_scale", "bias"}
+        assert m.weight.dtype == torch.uint8 and not list(m.parameters())
     with torch.no_grad():
         got = model(input_ids=ids).logits
     # fp16 row/input scales are the only rounding: relative error ~1e-3
@@ -57,6 +57,7 @@ def test_packed_folder_round_trip_and_sizes(tmp_path, tokenizer):
     n_w = sum(m.in_features * m.out_features for m in packed_modules(model).values())
     n_rows = sum(m.out_features for m in packed_modules(model).values())
     assert rep["packed_bits"] == sum(m.out_features * ((m.in_features + 7) // 8) for m in packed_modules(model).values())
+    assert rep["input_scales"] == 0
     assert rep["packed_bits"] == n_w // 8 and rep["row_scales"] == 2 * n_rows  # 1 bit/weight, 16 bits/row
     qc = json.loads((tmp_path / "p" / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "binaryllm" and qc["format_version"] == 1 and qc["bit_order"] == "lsb-first"
@@ -67,7 +68,7 @@ def test_packed_folder_round_trip_and_sizes(tmp_path, tokenizer):
         b = loaded(input_ids=ids).logits.float()
     assert torch.allclose(a, b, atol=1e-2) and tok is not None
     for n, m in packed_modules(model).items():
-        assert torch.equal(loaded.get_submodule(n).weight_packed, m.weight_packed)
+        assert torch.equal(loaded.get_submodule(n).weight, m.weight)
 
 
 def test_packed_folder_bad_input(tmp_path, tokenizer):
@@ -109,3 +110,12 @@ def test_pack_cli_on_a_run_and_eval_of_the_packed_folder(tmp_path, tiny_model_di
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
     assert main(["eval", str(tmp_path / "packed"), "--ppl", str(text_file), "--seq-len", "64", "--no-progress"]) == 0
     assert "packed" in capsys.readouterr().out
+
+
+def test_plain_transformers_refuses_a_packed_folder(tmp_path, tokenizer):
+    """Without binaryllm, loading must fail loudly, never give a model with random binarized layers."""
+    from transformers import AutoModelForCausalLM
+    model = pack(bl.freeze(bl.binarize(tiny_model("llama", vocab=len(tokenizer)), bl.BinaryConfig())))
+    save_packed(model, tokenizer, tmp_path / "p")
+    with pytest.raises(Exception, match="mismatched|size mismatch|shape"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "p")

@@ -4,9 +4,13 @@ Folder::
 
     config.json         the model config + quantization_config (quant_method "binaryllm", format_version,
                         bit_order, the binarized modules with their shapes and which have input scales)
-    model.safetensors   per binarized module: <name>.weight_packed (uint8, 8 weights a byte, see bits.py),
-                        <name>.scale (fp16, per row), <name>.input_scale (fp16, where kept), <name>.bias;
-                        every other tensor in bf16
+    model.safetensors   per binarized module: <name>.weight (uint8 sign bits, 8 weights a byte, shape
+                        (out, ceil(in/8)), see bits.py), <name>.weight_scale (fp16, per row),
+                        <name>.input_scale (fp16, where kept), <name>.bias; every other tensor in bf16
+
+The packed bits sit under the layer's own ``weight`` name on purpose: transformers without binaryllm
+then meets a uint8 (out, in/8) tensor where it expects an (out, in) weight and refuses to load, instead of
+silently building a model with random binarized layers (which it does for tensors it does not know).
     tokenizer files
 
 The binarized layers cost 1 bit a weight + 16 bits a row (+ 16 bits an input channel where kept).
@@ -66,9 +70,9 @@ def size_report(state: dict[str, torch.Tensor], packed_names: list[str]) -> dict
     rep = {"packed_bits": 0, "row_scales": 0, "input_scales": 0, "other": 0}
     for k, v in state.items():
         b = v.numel() * v.element_size()
-        if k.endswith(".weight_packed"):
+        if any(k == f"{n}.weight" for n in packed_names):
             rep["packed_bits"] += b
-        elif any(k == f"{n}.scale" for n in packed_names):
+        elif any(k == f"{n}.weight_scale" for n in packed_names):
             rep["row_scales"] += b
         elif any(k == f"{n}.input_scale" for n in packed_names):
             rep["input_scales"] += b
@@ -138,12 +142,12 @@ def load_packed(path: str | Path, device: str = "cpu"):
     hf_cfg = AutoConfig.for_model(**raw)
     model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16)
     for name, spec in qc["modules"].items():
-        for part in ("weight_packed", "scale") + (("input_scale",) if spec["input_scale"] else ()):
+        for part in ("weight", "weight_scale") + (("input_scale",) if spec["input_scale"] else ()):
             if f"{name}.{part}" not in state:
                 raise BinaryLLMError(f"{st_file} lacks {name}.{part}; the file is incomplete: re-export it")
-        w = state[f"{name}.weight_packed"]
+        w = state[f"{name}.weight"]
         if tuple(w.shape) != (spec["out_features"], (spec["in_features"] + 7) // 8):
-            raise BinaryLLMError(f"{st_file}: {name}.weight_packed has shape {tuple(w.shape)}, the config says "
+            raise BinaryLLMError(f"{st_file}: {name}.weight has shape {tuple(w.shape)}, the config says "
                                  f"{spec['out_features']}x{spec['in_features']} weights")
         _set_module(model, name, PackedBinaryLinear(spec["in_features"], spec["out_features"], spec["bias"],
                                                     spec["input_scale"]))

@@ -1,5 +1,5 @@
-"""PackedBinaryLinear: the *inference* 1-bit linear layer.  It holds only packed sign bits (uint8, 8 weights
-a byte), an fp16 per-row scale, an optional fp16 input scale and an optional bias; each call unpacks the
+"""PackedBinaryLinear: the *inference* 1-bit linear layer.  It holds only packed sign bits (``weight``: uint8,
+8 weights a byte, shape (out, ceil(in/8))), an fp16 per-row scale (``weight_scale``), an optional fp16 input scale and an optional bias; each call unpacks the
 bits (a temporary, never stored) and computes ``scale * (sign(W) @ (x * input_scale)) + bias``."""
 from __future__ import annotations
 
@@ -14,9 +14,8 @@ class PackedBinaryLinear(nn.Module):
                  device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight_packed", torch.zeros(out_features, (in_features + 7) // 8, dtype=torch.uint8,
-                                                          device=device))
-        self.register_buffer("scale", torch.ones(out_features, dtype=torch.float16, device=device))
+        self.register_buffer("weight", torch.zeros(out_features, (in_features + 7) // 8, dtype=torch.uint8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float16, device=device))
         self.register_buffer("input_scale", torch.ones(in_features, dtype=torch.float16, device=device)
                              if input_scale else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.bfloat16, device=device) if bias else None)
@@ -28,8 +27,8 @@ class PackedBinaryLinear(nn.Module):
         signs, scale = m.freeze()
         p = cls(m.in_features, m.out_features, bias=m.bias is not None, input_scale=m.input_scale is not None,
                 device=m.weight.device)
-        p.weight_packed.copy_(pack_signs(signs))
-        p.scale.copy_(scale.to(torch.float16))
+        p.weight.copy_(pack_signs(signs))
+        p.weight_scale.copy_(scale.to(torch.float16))
         if m.input_scale is not None:
             p.input_scale.copy_(m.input_scale.to(torch.float16))
         if m.bias is not None:
@@ -43,8 +42,8 @@ class PackedBinaryLinear(nn.Module):
         x = x.to(dt)
         if self.input_scale is not None:
             x = x * self.input_scale.to(dt)
-        w = unpack_signs(self.weight_packed, self.in_features, dt)
-        y = torch.nn.functional.linear(x, w) * self.scale.to(dt)
+        w = unpack_signs(self.weight, self.in_features, dt)
+        y = torch.nn.functional.linear(x, w) * self.weight_scale.to(dt)
         if self.bias is not None:
             y = y + self.bias.to(dt)
         return y
