@@ -119,3 +119,13 @@ def test_plain_transformers_refuses_a_packed_folder(tmp_path, tokenizer):
     save_packed(model, tokenizer, tmp_path / "p")
     with pytest.raises(Exception, match="mismatched|size mismatch|shape"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "p")
+
+
+def test_generate_streams_from_a_packed_folder(tmp_path, tokenizer, capsys):
+    from binaryllm.cli import main
+    model = pack(bl.freeze(bl.binarize(tiny_model("llama", vocab=len(tokenizer)), bl.BinaryConfig())))
+    save_packed(model, tokenizer, tmp_path / "p")
+    assert main(["generate", str(tmp_path / "p"), "--prompt", "the program", "--max-new-tokens", "8",
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("the program") and len(out) > len("the program")

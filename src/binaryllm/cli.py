@@ -67,6 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("run", help="run folder written by binaryllm convert")
     pk.add_argument("--out", required=True, help="packed folder to write")
 
+    ge = sub.add_parser("generate", help="stream text from a packed folder, run folder or model")
+    ge.add_argument("model", help="packed folder, run folder, HF folder, hub id or .gguf")
+    ge.add_argument("--prompt", required=True, help="text to continue")
+    ge.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
+    ge.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
+    ge.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    ge.add_argument("--seed", type=int, default=0, help="sampling seed")
+    ge.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
     cp = sub.add_parser("corpus", help="build or describe the embedded default corpus")
     cp.add_argument("action", choices=["build", "info"])
     cp.add_argument("--force", action="store_true", help="rebuild even if it exists")
@@ -174,6 +183,32 @@ def cmd_pack(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    import torch
+    from transformers import TextStreamer
+    from transformers.utils import logging as hf_logging
+
+    from .eval.run import open_model
+    from .train.loop import resolve_device
+    hf_logging.disable_progress_bar()
+    device = resolve_device(args.device)
+    model, tok, _ = open_model(args.model, str(device))
+    if tok is None:
+        raise BinaryLLMError(f"{args.model} has no tokenizer files; pack it from a run folder (which has them)")
+    text = args.prompt
+    if args.chat:
+        if not getattr(tok, "chat_template", None):
+            raise BinaryLLMError("--chat: this tokenizer has no chat template; drop --chat")
+        text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    ids = tok(text, return_tensors="pt").input_ids.to(device)
+    torch.manual_seed(args.seed)
+    kw = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
+    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                   streamer=TextStreamer(tok, skip_prompt=args.chat), pad_token_id=tok.pad_token_id or tok.eos_token_id,
+                   **kw)
+    return 0
+
+
 def cmd_corpus(args) -> int:
     from .data.default import build_default_corpus
     d = build_default_corpus(args.cache_dir, force=args.force) if args.action == "build" else \
@@ -187,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"convert": cmd_convert, "eval": cmd_eval, "compare": cmd_compare,
-                "pack": cmd_pack, "corpus": cmd_corpus}[args.cmd](args)
+                "pack": cmd_pack, "generate": cmd_generate,
+                "corpus": cmd_corpus}[args.cmd](args)
     except BinaryLLMError as e:
         print(f"binaryllm: error: {e}", file=sys.stderr)
         return 2
