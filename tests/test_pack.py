@@ -113,11 +113,39 @@ def test_pack_cli_on_a_run_and_eval_of_the_packed_folder(tmp_path, tiny_model_di
 
 
 def test_plain_transformers_refuses_a_packed_folder(tmp_path, tokenizer):
-    """Without binaryllm, loading must fail loudly, never give a model with random binarized layers."""
-    from transformers import AutoModelForCausalLM
+    """Without binaryllm imported, loading must fail loudly, never give a model with random binarized layers."""
+    import subprocess
+    import sys
     model = pack(bl.freeze(bl.binarize(tiny_model("llama", vocab=len(tokenizer)), bl.BinaryConfig())))
     save_packed(model, tokenizer, tmp_path / "p")
-    with pytest.raises(Exception, match="mismatched|size mismatch|shape"):
+    code = ("import sys\nfrom transformers import AutoModelForCausalLM\n"
+            f"AutoModelForCausalLM.from_pretrained({str(tmp_path / 'p')!r})\n"
+            "assert 'binaryllm' not in sys.modules\nprint('LOADED')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "LOADED" not in r.stdout
+    assert "mismatch" in r.stderr or "binaryllm" in r.stderr
+
+
+def test_from_pretrained_after_import_gives_the_packed_model(tmp_path, tokenizer):
+    from transformers import AutoModelForCausalLM
+    model = bl.binarize(tiny_model("llama", vocab=len(tokenizer)), bl.BinaryConfig())
+    first = next(iter(bl.binary_modules(model).values()))
+    first.set_input_scale(torch.rand(first.in_features) + 0.5)
+    model = pack(bl.freeze(model))
+    save_packed(model, tokenizer, tmp_path / "p")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "p", dtype=torch.float32)
+    ours, _ = load_packed(tmp_path / "p")
+    assert len(packed_modules(hf)) == len(packed_modules(ours))
+    for n, m in packed_modules(hf).items():
+        assert m.weight.dtype == torch.uint8 and torch.equal(m.weight, packed_modules(ours)[n].weight)
+        assert m.weight_scale.dtype == torch.float16
+    ids = pattern_blocks(2, 16, vocab=len(tokenizer))
+    with torch.no_grad():
+        assert torch.equal(hf(input_ids=ids).logits, ours.float()(input_ids=ids).logits)
+    cfg = json.loads((tmp_path / "p" / "config.json").read_text())
+    cfg["quantization_config"]["format_version"] = 2
+    (tmp_path / "p" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BinaryLLMError, match="format_version 2"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "p")
 
 
