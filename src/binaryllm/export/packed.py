@@ -115,11 +115,14 @@ def _unique_params(model):
             yield p
 
 
-def load_packed(path: str | Path, device: str = "cpu"):
-    """(model, tokenizer) from a packed folder, the binarized layers as PackedBinaryLinear."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def load_packed(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.bfloat16):
+    """(model, tokenizer) from a packed folder, the binarized layers as PackedBinaryLinear.
+
+    The folder is checked from its config and the safetensors header first (clear one-line errors), then
+    loaded by transformers' ``from_pretrained`` through binaryllm's registered quantizer: the model is built on
+    the meta device and only the packed tensors are materialised, never a dense copy of the weights."""
+    from safetensors import SafetensorError, safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     p = Path(path)
     cfg_file, st_file = p / "config.json", p / "model.safetensors"
     if not cfg_file.is_file() or not st_file.is_file():
@@ -135,27 +138,35 @@ def load_packed(path: str | Path, device: str = "cpu"):
         raise BinaryLLMError(f"{cfg_file} has format_version {qc.get('format_version')}; this binaryllm reads "
                              f"{FORMAT_VERSION}: upgrade binaryllm or re-export the model")
     try:
-        state = load_file(str(st_file))
+        with safe_open(str(st_file), framework="pt") as fh:
+            shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
     except (SafetensorError, OSError) as e:
         raise BinaryLLMError(f"{st_file} is damaged or truncated ({e}); re-export with binaryllm pack") from None
-    raw.pop("quantization_config")
-    hf_cfg = AutoConfig.for_model(**raw)
-    model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16)
+    if st_file.stat().st_size < 8 + max(0, _data_end(st_file)):
+        raise BinaryLLMError(f"{st_file} is damaged or truncated (shorter than its header says); re-export it")
     for name, spec in qc["modules"].items():
         for part in ("weight", "weight_scale") + (("input_scale",) if spec["input_scale"] else ()):
-            if f"{name}.{part}" not in state:
+            if f"{name}.{part}" not in shapes:
                 raise BinaryLLMError(f"{st_file} lacks {name}.{part}; the file is incomplete: re-export it")
-        w = state[f"{name}.weight"]
-        if tuple(w.shape) != (spec["out_features"], (spec["in_features"] + 7) // 8):
-            raise BinaryLLMError(f"{st_file}: {name}.weight has shape {tuple(w.shape)}, the config says "
+        want = (spec["out_features"], (spec["in_features"] + 7) // 8)
+        if shapes[f"{name}.weight"] != want:
+            raise BinaryLLMError(f"{st_file}: {name}.weight has shape {shapes[f'{name}.weight']}, the config says "
                                  f"{spec['out_features']}x{spec['in_features']} weights")
-        _set_module(model, name, PackedBinaryLinear(spec["in_features"], spec["out_features"], spec["bias"],
-                                                    spec["input_scale"]))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(hf_cfg, "tie_word_embeddings", False) else set()
-    if set(missing) - tied or unexpected:
-        bad = sorted(set(missing) - tied) + sorted(unexpected)
-        raise BinaryLLMError(f"{st_file} does not match the model in {cfg_file}: {bad[0]}; re-export it")
-    model.tie_weights()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype)
+    except BinaryLLMError:
+        raise
+    except Exception as e:
+        raise BinaryLLMError(f"{st_file} does not match the model in {cfg_file} ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]}); re-export it") from None
     tok = AutoTokenizer.from_pretrained(p) if (p / "tokenizer_config.json").is_file() else None
     return model.to(device).eval(), tok
+
+
+def _data_end(st_file: Path) -> int:
+    """End offset of the tensor data according to the safetensors header (header length + data)."""
+    with open(st_file, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    return n + (max(ends) if ends else 0)
