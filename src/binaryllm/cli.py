@@ -4,8 +4,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from . import config as C
+from .compare import METHODS
 from .errors import BinaryLLMError
 
 DESCRIPTION = "Turn a pre-trained causal LM into a 1-bit model (BinaryLLM: consistent progressive training)."
@@ -54,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("model", nargs="?", default=None, help="base model (as for convert)")
     co.add_argument("--out", required=True, help="report folder (runs/, results/, report.md, results.json/csv, PNGs)")
     co.add_argument("--methods", default="fp,sign,ste,irnet,cpt",
-                    help="comma separated: " + ", ".join(__import__("binaryllm.compare", fromlist=["x"]).METHODS))
+                    help="comma separated: " + ", ".join(METHODS))
     co.add_argument("--eval", nargs="+", default=["default-test"], dest="eval_ppl",
                     help="held-out texts for perplexity (files, default-test, wikitext2, ...)")
     co.add_argument("--config", default=None, help="YAML file with sections model/data/binary/train")
@@ -152,7 +154,7 @@ def cmd_eval(args) -> int:
     res["model"] = desc
     print(f"{desc}\n" + format_table(res))
     if args.json:
-        atomic_write_text(__import__("pathlib").Path(args.json), json.dumps(res, indent=1))
+        atomic_write_text(Path(args.json), json.dumps(res, indent=1))
     return 0
 
 
@@ -162,7 +164,7 @@ def cmd_compare(args) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     ecfg = _eval_config(args, args.eval_ppl, cfg.train.device, cfg.train.amp, cfg.train.seq_len)
     results = compare(cfg, methods, args.out, ecfg, progress=not args.no_progress)
-    print((__import__("pathlib").Path(args.out) / "report.md").read_text())
+    print((Path(args.out) / "report.md").read_text())
     failed = [m for m, r in results.items() if "error" in r]
     return 1 if failed and len(failed) == len(results) else 0
 
