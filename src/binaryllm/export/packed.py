@@ -67,17 +67,11 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def size_report(state: dict[str, torch.Tensor], packed_names: list[str]) -> dict[str, int]:
+    part = {f"{n}.{suffix}": key for n in packed_names for suffix, key in
+            (("weight", "packed_bits"), ("weight_scale", "row_scales"), ("input_scale", "input_scales"))}
     rep = {"packed_bits": 0, "row_scales": 0, "input_scales": 0, "other": 0}
     for k, v in state.items():
-        b = v.numel() * v.element_size()
-        if any(k == f"{n}.weight" for n in packed_names):
-            rep["packed_bits"] += b
-        elif any(k == f"{n}.weight_scale" for n in packed_names):
-            rep["row_scales"] += b
-        elif any(k == f"{n}.input_scale" for n in packed_names):
-            rep["input_scales"] += b
-        else:
-            rep["other"] += b
+        rep[part.get(k, "other")] += v.numel() * v.element_size()
     rep["total"] = sum(rep.values())
     return rep
 
@@ -142,8 +136,6 @@ def load_packed(path: str | Path, device: str = "cpu", dtype: torch.dtype = torc
             shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
     except (SafetensorError, OSError) as e:
         raise BinaryLLMError(f"{st_file} is damaged or truncated ({e}); re-export with binaryllm pack") from None
-    if st_file.stat().st_size < 8 + max(0, _data_end(st_file)):
-        raise BinaryLLMError(f"{st_file} is damaged or truncated (shorter than its header says); re-export it")
     for name, spec in qc["modules"].items():
         for part in ("weight", "weight_scale") + (("input_scale",) if spec["input_scale"] else ()):
             if f"{name}.{part}" not in shapes:
@@ -162,11 +154,3 @@ def load_packed(path: str | Path, device: str = "cpu", dtype: torch.dtype = torc
     tok = AutoTokenizer.from_pretrained(p) if (p / "tokenizer_config.json").is_file() else None
     return model.to(device).eval(), tok
 
-
-def _data_end(st_file: Path) -> int:
-    """End offset of the tensor data according to the safetensors header (header length + data)."""
-    with open(st_file, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(n))
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-    return n + (max(ends) if ends else 0)

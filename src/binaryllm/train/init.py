@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from ..api import binary_modules
-from ..nn import BinaryLinear, weight_cache
+from ..nn import BinaryLinear, find_blocks, weight_cache
 
 
 @dataclass
@@ -133,12 +133,10 @@ def _block_of(name: str, blocks_name: str) -> str:
 
 
 @torch.no_grad()
-def _fold_upstream(model, mods: dict, g: InputGroup, probe_ids: torch.Tensor):
+def _fold_upstream(model, mods: dict, g: InputGroup, probe_ids: torch.Tensor, blocks_name: str):
     """Fold g's input scale into the rows of a binarized layer of the same block that feeds it linearly;
-    returns (that layer's name, its weight and bias before the fold), or None.  A candidate is accepted only if, with a random scale R, scaling its
-    rows by R computes what multiplying the group's input by R does."""
-    from ..nn import find_blocks
-    blocks_name, _ = find_blocks(model)
+    returns (that layer's name, its weight and bias before the fold), or None.  A candidate is accepted
+    only if, with a random scale R, scaling its rows by R computes what multiplying the input by R does."""
     block = _block_of(g.members[0], blocks_name)
     width = mods[g.members[0]].in_features
     gen = torch.Generator().manual_seed(0)
@@ -221,7 +219,8 @@ def binary_aware_init(model: nn.Module, batches, steps: int, lr: float, probe_id
             scales[n] = g.scale
     for p, r in req.items():
         p.requires_grad_(r)
-    folded = []
+    folded_norms: list[str] = []
+    folded_rows: list[str] = []
     if fold:
         model.eval()  # the checks compare two forward passes: no dropout
         with torch.no_grad():
@@ -238,14 +237,15 @@ def binary_aware_init(model: nn.Module, batches, steps: int, lr: float, probe_id
                 g.folded = True
                 for n in g.members:
                     mods[n].set_input_scale(None)
-                folded.append(g.norm)
+                folded_norms.append(g.norm)
+        blocks_name, _ = find_blocks(model)
         with weight_cache(mods.values()):  # the checks change only the candidate's weight: refresh that one
             for g in groups:
                 if not g.folded:
-                    up = _fold_upstream(model, mods, g, probe_ids)
+                    up = _fold_upstream(model, mods, g, probe_ids, blocks_name)
                     if up is not None:
                         saved_rows[up[0]] = up[1:]
-                        folded.append(up[0])
+                        folded_rows.append(up[0])
         with torch.no_grad():
             new = model(input_ids=probe_ids).logits.float()
         tol = 1e-3 * ref.abs().max().item() + 1e-4
@@ -263,13 +263,13 @@ def binary_aware_init(model: nn.Module, batches, steps: int, lr: float, probe_id
                     mods[name].weight.copy_(w0)
                     if b0 is not None:
                         mods[name].bias.copy_(b0)
-            folded = []
+            folded_norms, folded_rows = [], []
     model.train(was_training)
     info = getattr(model, "binaryllm_info", None)
     if info is not None:
         info["input_scales"] = sorted(n for n, m in mods.items() if m.input_scale is not None)
-        info["folded_norms"] = sorted(f for f in folded if f not in mods)
-        info["folded_into_rows"] = sorted(f for f in folded if f in mods)
-    return {"init_losses": losses, "groups": len(groups), "folded_norms": sum(1 for f in folded if f not in mods),
-            "folded_into_rows": sum(1 for f in folded if f in mods),
+        info["folded_norms"] = sorted(folded_norms)
+        info["folded_into_rows"] = sorted(folded_rows)
+    return {"init_losses": losses, "groups": len(groups), "folded_norms": len(folded_norms),
+            "folded_into_rows": len(folded_rows),
             "vector_scales": sum(1 for m in mods.values() if m.input_scale is not None)}
