@@ -92,12 +92,16 @@ def test_binary_aware_init_preserves_the_full_precision_function(arch):
     assert len(res["init_losses"]) == 4
     mods = bl.binary_modules(model)
     # the scales moved away from 1 ...
-    moved = [m.input_scale for m in mods.values() if m.input_scale is not None]
-    assert moved and all((s - 1).abs().max() > 1e-3 for s in moved)
+    assert set(res["scales"]) == set(mods)
+    assert all((s - 1).abs().max() > 1e-3 for s in res["scales"].values())
     if arch != "gpt2":
         assert res["folded_norms"] == 2 * 2  # two norm-fed groups per block, two blocks
-        assert res["folded_into_rows"] == 2  # down_proj's scale into up_proj (act(gate) * up), per block
-        assert res["vector_scales"] == 2     # o_proj under grouped-query attention keeps its vector
+        # down_proj's scale into up_proj (act(gate) * up); o_proj's, tied per KV group, into v_proj
+        assert res["folded_into_rows"] == 2 * 2
+        assert res["vector_scales"] == 0
+        assert all(m.input_scale is None for m in mods.values())
+        o = res["scales"]["model.layers.0.self_attn.o_proj"].view(4, -1)   # 4 query heads, 2 KV heads
+        assert torch.equal(o[0], o[1]) and torch.equal(o[2], o[3]) and not torch.equal(o[0], o[2])
     else:
         assert res["folded_norms"] == 2 * 2  # ln_1 -> c_attn, ln_2 -> c_fc (LayerNorm with bias)
         assert res["folded_into_rows"] == 0  # GELU between c_fc and mlp.c_proj: nothing exact to fold into

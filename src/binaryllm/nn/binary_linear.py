@@ -36,6 +36,8 @@ class BinaryLinear(nn.Module):
         self.ste_clip = ste_clip
         # stage 1 (binary-aware init): a shared log-scale parameter, set by train.init
         self.init_log_scale: nn.Parameter | None = None
+        # optional index map: S_t = exp(init_log_scale[init_scale_index]) (a scale tied across channels)
+        self.init_scale_index: torch.Tensor | None = None
         # a fixed W_q used instead of recomputing it (only inside weight_cache(), for inference-only checks)
         self.wq_cache: torch.Tensor | None = None
 
@@ -62,13 +64,18 @@ class BinaryLinear(nn.Module):
         if self.init_log_scale is not None:
             # stage 1: W frozen, W / S_t binarized with hard sign; only S_t (through S_a and the input
             # path) receives gradient.  sign(W/S_t) = sign(W), so the gradient is exact: no estimator.
-            s_t = self.init_log_scale.exp()
+            s_t = self.init_scale()
             return scaled_binarize(w.detach() / s_t, s_l.detach(), "sign", self.t, sa_grad=True)
         return scaled_binarize(w, s_l, self.kind, self.t, self.sa_grad, self.ste_clip)
 
+    def init_scale(self) -> torch.Tensor:
+        """Stage 1's input scale S_t (differentiable)."""
+        u = self.init_log_scale
+        return (u if self.init_scale_index is None else u[self.init_scale_index]).exp()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.init_log_scale is not None:
-            x = x * self.init_log_scale.exp().to(x.dtype)
+            x = x * self.init_scale().to(x.dtype)
         elif self.input_scale is not None:
             x = x * self.input_scale.to(x.dtype)
         w = self.wq_cache if self.wq_cache is not None else self.quantized_weight()

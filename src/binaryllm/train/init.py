@@ -13,13 +13,15 @@ Choices where the paper is silent (documented in docs/METHOD.md):
   norm layer that feeds nothing else, S_t is folded into that norm's weight (and bias); the fold rule is
   found numerically (``w*S`` for LayerNorm/RMSNorm, ``(1+w)*S - 1`` for Gemma-style norms).
 * Elsewhere S_t is folded, where that is exact, into the rows of a binarized layer of the same block that
-  produces this input linearly (down_proj's input = act(gate) * up: into up_proj; o_proj's input in
-  multi-head attention without grouped KV: into v_proj).  Scaling a latent row by s scales its S_a by s and
-  leaves W~/S_a unchanged, so the binarized row scales by exactly s.  Candidates are tried by structure
-  (output width = input width), each checked on the model with a random scale first.
+  produces this input linearly (down_proj's input = act(gate) * up: into up_proj; o_proj's input: into
+  v_proj).  Scaling a latent row by s scales its S_a by s and leaves W~/S_a unchanged, so the binarized row
+  scales by exactly s.  Such folds are planned *before* stage 1, each checked on the model with a random
+  scale, and S_t is then tied to one value per upstream row.  Under grouped-query attention each value row
+  feeds several query heads, so o_proj's S_t is shared across the heads of a KV group (head size from the
+  model config): that keeps it foldable, so an exported model is a plain graph with no extra multiply
+  (llama.cpp has none to offer).
 * The whole model is checked to compute the same logits after all folds, else every fold is undone.
-  What cannot be folded stays on the layer as a fixed input-scale vector (o_proj under grouped-query
-  attention, as in SmolLM2).
+  What cannot be folded stays on the layer as a fixed input-scale vector.
 """
 from __future__ import annotations
 
@@ -132,47 +134,67 @@ def _block_of(name: str, blocks_name: str) -> str:
     return f"{blocks_name}.{rest.split('.')[0]}"
 
 
+def _channel_maps(model, width: int, rows: int) -> list[torch.Tensor]:
+    """Ways an upstream layer with ``rows`` outputs can feed an input of ``width`` channels: channel j
+    reads row map[j].  Equal widths: the identity.  Grouped-query attention (o_proj reads the attention
+    output; each KV head's value rows serve ``width / rows`` query heads): the head-repeat map, which needs
+    the head size from the model config; a plain tiling as another candidate.  Each is checked numerically."""
+    j = torch.arange(width)
+    if rows == width:
+        return [j]
+    if width % rows:
+        return []
+    cfg = getattr(model, "config", None)
+    hd = getattr(cfg, "head_dim", None) or (
+        getattr(cfg, "hidden_size", 0) // max(getattr(cfg, "num_attention_heads", 1) or 1, 1))
+    maps = []
+    if hd and rows % hd == 0 and width % hd == 0:
+        rep = width // rows
+        maps.append((j // hd // rep) * hd + j % hd)
+    maps.append(j % rows)
+    return maps
+
+
 @torch.no_grad()
-def _fold_upstream(model, mods: dict, g: InputGroup, probe_ids: torch.Tensor, blocks_name: str):
-    """Fold g's input scale into the rows of a binarized layer of the same block that feeds it linearly;
-    returns (that layer's name, its weight and bias before the fold), or None.  A candidate is accepted
-    only if, with a random scale R, scaling its rows by R computes what multiplying the input by R does."""
+def _plan_upstream(model, mods: dict, g: InputGroup, probe_ids: torch.Tensor, blocks_name: str):
+    """Find a binarized layer of the same block whose rows feed g's input linearly: (its name, map) with
+    input channel j = row map[j] of that layer, or None.  Accepted only if, with a random scale R, scaling the
+    candidate's rows by R computes what multiplying g's input by R[map] does.  Then g's init scale is tied
+    through the map (one value a row) and can be folded into those rows exactly."""
     block = _block_of(g.members[0], blocks_name)
     width = mods[g.members[0]].in_features
     gen = torch.Generator().manual_seed(0)
     for name, cand in mods.items():
-        if name in g.members or not name.startswith(block + ".") or cand.out_features != width:
+        if name in g.members or not name.startswith(block + "."):
             continue
-        r = torch.exp(0.5 * torch.randn(width, generator=gen)).to(cand.weight.device)
-        w0 = cand.weight.detach().clone()
-        b0 = cand.bias.detach().clone() if cand.bias is not None else None
-        for n in g.members:
-            mods[n].set_input_scale(g.scale * r)
-        ref = model(input_ids=probe_ids).logits.float()
-        for n in g.members:
-            mods[n].set_input_scale(g.scale)
-        cand.weight.mul_(r.view(-1, 1))
-        if b0 is not None:
-            cand.bias.mul_(r)
-        weight_cache.refresh(cand)
-        got = model(input_ids=probe_ids).logits.float()
-        cand.weight.copy_(w0)
-        if b0 is not None:
-            cand.bias.copy_(b0)
-        weight_cache.refresh(cand)
-        if (got - ref).abs().max().item() > 1e-4 * ref.abs().max().item() + 1e-5:
-            continue
-        s = g.scale.to(cand.weight.device)
-        cand.weight.mul_(s.view(-1, 1))
-        if b0 is not None:
-            cand.bias.mul_(s)
-        if cand.wq_cache is not None:
+        for idx in _channel_maps(model, width, cand.out_features):
+            r = torch.exp(0.5 * torch.randn(cand.out_features, generator=gen)).to(cand.weight.device)
+            idx = idx.to(cand.weight.device)
+            for n in g.members:
+                mods[n].set_input_scale(r[idx])
+            ref = model(input_ids=probe_ids).logits.float()
+            for n in g.members:
+                mods[n].set_input_scale(None)
+            w0 = cand.weight.detach().clone()
+            b0 = cand.bias.detach().clone() if cand.bias is not None else None
+            _scale_rows(cand, r)
+            got = model(input_ids=probe_ids).logits.float()
+            cand.weight.copy_(w0)
+            if b0 is not None:
+                cand.bias.copy_(b0)
             weight_cache.refresh(cand)
-        for n in g.members:
-            mods[n].set_input_scale(None)
-        g.folded = True
-        return name, w0, b0
+            if (got - ref).abs().max().item() <= 1e-4 * ref.abs().max().item() + 1e-5:
+                return name, idx
     return None
+
+
+@torch.no_grad()
+def _scale_rows(m: BinaryLinear, s: torch.Tensor) -> None:
+    m.weight.mul_(s.to(m.weight.dtype).view(-1, 1))
+    if m.bias is not None:
+        m.bias.mul_(s.to(m.bias.dtype))
+    if m.wq_cache is not None:
+        weight_cache.refresh(m)
 
 
 def binary_aware_init(model: nn.Module, batches, steps: int, lr: float, probe_ids: torch.Tensor,
@@ -183,10 +205,25 @@ def binary_aware_init(model: nn.Module, batches, steps: int, lr: float, probe_id
     mods = binary_modules(model)
     groups = find_input_groups(model, probe_ids)
     device = next(iter(mods.values())).weight.device
-    for g in groups:
-        u = nn.Parameter(torch.zeros(mods[g.members[0]].in_features, device=device))
+    plans: dict[int, tuple[str, torch.Tensor]] = {}
+    if fold:  # where no norm can take a group's scale, look for upstream rows before training (ties S_t)
+        blocks_name, _ = find_blocks(model)
+        was_training = model.training
+        model.eval()
+        with weight_cache(mods.values()):
+            for k, g in enumerate(groups):
+                if g.norm is None:
+                    plan = _plan_upstream(model, mods, g, probe_ids, blocks_name)
+                    if plan is not None:
+                        plans[k] = plan
+        model.train(was_training)
+    for k, g in enumerate(groups):
+        width = mods[g.members[0]].in_features
+        idx = plans[k][1] if k in plans else None
+        u = nn.Parameter(torch.zeros(width if idx is None else mods[plans[k][0]].out_features, device=device))
         for n in g.members:
             mods[n].init_log_scale = u
+            mods[n].init_scale_index = idx
     params = list({id(m.init_log_scale): m.init_log_scale for m in mods.values()}.values())
     req = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
@@ -208,11 +245,16 @@ def binary_aware_init(model: nn.Module, batches, steps: int, lr: float, probe_id
         if log:
             log(k, losses[-1])
     scales = {}
-    for g in groups:
-        g.scale = mods[g.members[0]].init_log_scale.detach().exp().float()
+    row_scales: dict[int, torch.Tensor] = {}
+    for k, g in enumerate(groups):
+        first = mods[g.members[0]]
+        g.scale = first.init_scale().detach().float()
+        if k in plans:
+            row_scales[k] = first.init_log_scale.detach().exp().float()
         for n in g.members:
             m = mods[n]
             m.init_log_scale = None
+            m.init_scale_index = None
             with torch.no_grad():
                 m.weight.div_(g.scale.to(m.weight.dtype))
             m.set_input_scale(g.scale)
@@ -238,14 +280,17 @@ def binary_aware_init(model: nn.Module, batches, steps: int, lr: float, probe_id
                 for n in g.members:
                     mods[n].set_input_scale(None)
                 folded_norms.append(g.norm)
-        blocks_name, _ = find_blocks(model)
-        with weight_cache(mods.values()):  # the checks change only the candidate's weight: refresh that one
-            for g in groups:
-                if not g.folded:
-                    up = _fold_upstream(model, mods, g, probe_ids, blocks_name)
-                    if up is not None:
-                        saved_rows[up[0]] = up[1:]
-                        folded_rows.append(up[0])
+        for k, (name, _) in plans.items():
+            g = groups[k]
+            if g.folded:
+                continue
+            saved_rows[name] = (mods[name].weight.detach().clone(),
+                                mods[name].bias.detach().clone() if mods[name].bias is not None else None)
+            _scale_rows(mods[name], row_scales[k])
+            for n in g.members:
+                mods[n].set_input_scale(None)
+            g.folded = True
+            folded_rows.append(name)
         with torch.no_grad():
             new = model(input_ids=probe_ids).logits.float()
         tol = 1e-3 * ref.abs().max().item() + 1e-4
@@ -272,4 +317,4 @@ def binary_aware_init(model: nn.Module, batches, steps: int, lr: float, probe_id
         info["folded_into_rows"] = sorted(folded_rows)
     return {"init_losses": losses, "groups": len(groups), "folded_norms": len(folded_norms),
             "folded_into_rows": len(folded_rows),
-            "vector_scales": sum(1 for m in mods.values() if m.input_scale is not None)}
+            "vector_scales": sum(1 for m in mods.values() if m.input_scale is not None), "scales": scales}

@@ -249,7 +249,10 @@ class Trainer:
         bar.close()
         p0 = self.plan(0)
         set_binarizer(self.model, p0.kind, p0.t)
-        self.summary["init"] = {**res, "seconds": round(time.time() - t0, 2),
+        scales = res.pop("scales")
+        self.summary["init"] = {**res, "scale_range": [round(min(v.min().item() for v in scales.values()), 4),
+                                                       round(max(v.max().item() for v in scales.values()), 4)],
+                                "seconds": round(time.time() - t0, 2),
                                 "tokens": b.init_steps * t.batch_size * t.seq_len}
         for k, loss in enumerate(res["init_losses"]):
             self._log({"type": "init", "step": -b.init_steps + k, "loss": loss})
