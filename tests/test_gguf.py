@@ -154,3 +154,23 @@ def test_export_bad_input(tmp_path, tokenizer):
         export_gguf(folder, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".x.gguf")]
+
+
+def test_damaged_gguf_inputs_give_one_line_errors(tmp_path, tokenizer, capsys):
+    from binaryllm.cli import main
+    from binaryllm.models import check_gguf
+    folder = _packed_tiny(tmp_path, tokenizer, 256, 512)
+    good = tmp_path / "x.gguf"
+    assert main(["export-gguf", str(folder), "--out", str(good)]) == 0
+    assert "1.125 bits/weight" in capsys.readouterr().out
+    check_gguf(good)
+    data = good.read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) - 1000])
+    (tmp_path / "junk.gguf").write_bytes(b"PK\x03\x04" + data[4:200])
+    with pytest.raises(BinaryLLMError, match="cut.gguf is .*truncated"):
+        check_gguf(tmp_path / "cut.gguf")
+    with pytest.raises(BinaryLLMError, match="junk.gguf is not a GGUF file"):
+        check_gguf(tmp_path / "junk.gguf")
+    assert main(["eval", str(tmp_path / "cut.gguf"), "--ppl", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "truncated" in err[0]

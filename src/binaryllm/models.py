@@ -60,6 +60,27 @@ def resolve(spec: str) -> ModelSource:
     return ModelSource(spec, None, spec)
 
 
+def check_gguf(path: str | Path) -> None:
+    """A one-line error for a GGUF file that is not whole: bad magic, unreadable header, or tensor data that
+    runs past the end of the file (a truncated download)."""
+    from gguf import GGUFReader
+    p = Path(path)
+    with open(p, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise BinaryLLMError(f"{p} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); check the path")
+    try:
+        r = GGUFReader(str(p))
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in r.tensors), default=0)
+    except Exception as e:
+        raise BinaryLLMError(f"{p} is a damaged or truncated GGUF file ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:160] if str(e) else ''}); download or export it again") from None
+    size = p.stat().st_size
+    if end > size:
+        raise BinaryLLMError(f"{p} is truncated: its tensors need {end} bytes, the file has {size}; "
+                             f"download or export it again")
+
+
 def load_tokenizer(src: ModelSource, trust_remote_code: bool = False, revision: str = ""):
     from transformers import AutoTokenizer
     kw = {"trust_remote_code": trust_remote_code}
@@ -84,6 +105,7 @@ def load_model(spec: str = "", trust_remote_code: bool = False, revision: str = 
     src = resolve(spec)
     kw = {"trust_remote_code": trust_remote_code, "dtype": dtype}
     if src.gguf_file:
+        check_gguf(Path(src.path) / src.gguf_file)
         kw["gguf_file"] = src.gguf_file
     if revision:
         kw["revision"] = revision
