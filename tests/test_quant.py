@@ -76,7 +76,7 @@ def test_fused_equals_plain_autograd(kind, sa_grad):
 
 
 def test_fused_saves_only_weight_and_row_scale():
-    """The backward keeps W and S_l (leaves) and nothing of weight size besides."""
+    """The backward keeps W and S_l (leaves) and t (a 0-d tensor), nothing of weight size besides."""
     w = torch.randn(64, 128, requires_grad=True)
     s = torch.ones(64, requires_grad=True)
     saved = []
@@ -86,8 +86,8 @@ def test_fused_saves_only_weight_and_row_scale():
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = scaled_binarize(w, s, "cpt", 5.0)
-    assert len(saved) == 2
-    assert saved[0] is w and saved[1] is s
+    assert len(saved) == 3
+    assert saved[0] is w and saved[1] is s and saved[2].dim() == 0
     y.sum().backward()
     assert w.grad.shape == w.shape and s.grad.shape == s.shape
 

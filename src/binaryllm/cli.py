@@ -88,6 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--seed", type=int, default=0, help="sampling seed")
     ge.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
+    bn = sub.add_parser("bench", help="speed benchmarks against bf16 / fp32 in the same run (see binaryllm.bench)")
+    bn.add_argument("what", choices=["kernels", "kernels-cpu", "train"])
+    bn.add_argument("--model", default="", help="train: the model (default SmolLM2)")
+    bn.add_argument("--seq-len", type=int, default=2048)
+    bn.add_argument("--batch-size", type=int, default=16)
+    bn.add_argument("--steps", type=int, default=20)
+    bn.add_argument("--variants", default="fp/eager,cpt/eager,fp/compile,cpt/compile",
+                    help="train: method/mode pairs (fp or cpt; eager or compile)")
+    bn.add_argument("--json", default=None, help="also write the rows to this JSON file")
+
     cp = sub.add_parser("corpus", help="build or describe the embedded default corpus")
     cp.add_argument("action", choices=["build", "info"])
     cp.add_argument("--force", action="store_true", help="rebuild even if it exists")
@@ -236,6 +246,29 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import json
+
+    import torch
+
+    from . import bench
+    if args.what in ("kernels", "train") and not torch.cuda.is_available():
+        raise BinaryLLMError(f"bench {args.what} needs a CUDA GPU; on the CPU run: binaryllm bench kernels-cpu")
+    if args.what == "kernels":
+        rows = bench.bench_kernels_gpu()
+    elif args.what == "kernels-cpu":
+        rows = bench.bench_kernels_cpu()
+    else:
+        rows = bench.bench_train(args.model, args.seq_len, args.batch_size, args.steps,
+                                 variants=[v for v in args.variants.split(",") if v])
+    if args.json:
+        from .io import atomic_write_text
+        atomic_write_text(args.json, json.dumps({"what": args.what, "device": torch.cuda.get_device_name()
+                                                  if torch.cuda.is_available() else "cpu",
+                                                  "torch": torch.__version__, "rows": rows}, indent=1))
+    return 0
+
+
 def cmd_corpus(args) -> int:
     from .data.default import build_default_corpus
     d = build_default_corpus(args.cache_dir, force=args.force) if args.action == "build" else \
@@ -249,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"convert": cmd_convert, "eval": cmd_eval, "compare": cmd_compare,
-                "pack": cmd_pack, "export-gguf": cmd_export_gguf, "generate": cmd_generate,
+                "pack": cmd_pack, "export-gguf": cmd_export_gguf, "bench": cmd_bench, "generate": cmd_generate,
                 "corpus": cmd_corpus}[args.cmd](args)
     except BinaryLLMError as e:
         print(f"binaryllm: error: {e}", file=sys.stderr)

@@ -118,6 +118,8 @@ class TrainConfig:
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
     amp: str = _f("auto", "autocast dtype: auto (bf16 on GPU, off on CPU), bf16, fp16 or none")
     max_steps: int = _f(0, "stop this invocation after N steps (the run stays resumable); 0 = no limit")
+    compile: bool = _f(False, "torch.compile each decoder block (GPU speed; the first steps compile)")
+    fused_loss: bool = _f(True, "chunked linear + cross-entropy loss: never holds the full logits")
 
 
 @dataclass

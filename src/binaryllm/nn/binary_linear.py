@@ -31,7 +31,10 @@ class BinaryLinear(nn.Module):
         self.scale_l = nn.Parameter(torch.ones(out_features, device=device, dtype=dtype))
         self.register_buffer("input_scale", None)
         self.kind = "cpt"
-        self.t = 1.0
+        # t lives in a 0-d buffer as well as a Python float: a compiled step reads the buffer, so a new t is
+        # new data for the same graph (set it through ``m.t = value``)
+        self.register_buffer("t_buf", torch.ones((), device=device, dtype=torch.float32), persistent=False)
+        self._t = 1.0
         self.sa_grad = sa_grad
         self.ste_clip = ste_clip
         # stage 1 (binary-aware init): a shared log-scale parameter, set by train.init
@@ -40,6 +43,16 @@ class BinaryLinear(nn.Module):
         self.init_scale_index: torch.Tensor | None = None
         # a fixed W_q used instead of recomputing it (only inside weight_cache(), for inference-only checks)
         self.wq_cache: torch.Tensor | None = None
+
+    @property
+    def t(self) -> float:
+        return self._t
+
+    @t.setter
+    def t(self, value: float) -> None:
+        self._t = float(value)
+        with torch.no_grad():
+            self.t_buf.fill_(self._t)
 
     @classmethod
     def from_linear(cls, lin: nn.Module, transposed: bool = False, **kw) -> "BinaryLinear":
@@ -65,8 +78,8 @@ class BinaryLinear(nn.Module):
             # stage 1: W frozen, W / S_t binarized with hard sign; only S_t (through S_a and the input
             # path) receives gradient.  sign(W/S_t) = sign(W), so the gradient is exact: no estimator.
             s_t = self.init_scale()
-            return scaled_binarize(w.detach() / s_t, s_l.detach(), "sign", self.t, sa_grad=True)
-        return scaled_binarize(w, s_l, self.kind, self.t, self.sa_grad, self.ste_clip)
+            return scaled_binarize(w.detach() / s_t, s_l.detach(), "sign", self.t_buf, sa_grad=True)
+        return scaled_binarize(w, s_l, self.kind, self.t_buf, self.sa_grad, self.ste_clip)
 
     def init_scale(self) -> torch.Tensor:
         """Stage 1's input scale S_t (differentiable)."""

@@ -1,12 +1,22 @@
 """PackedBinaryLinear: the *inference* 1-bit linear layer.  It holds only packed sign bits (``weight``: uint8,
-8 weights a byte, shape (out, ceil(in/8))), an fp16 per-row scale (``weight_scale``), an optional fp16 input scale and an optional bias; each call unpacks the
-bits (a temporary, never stored) and computes ``scale * (sign(W) @ (x * input_scale)) + bias``."""
+8 weights a byte, shape (out, ceil(in/8))), an fp16 per-row scale (``weight_scale``), an optional fp16 input
+scale and an optional bias, and computes ``scale * (sign(W) @ (x * input_scale)) + bias``:
+
+* CUDA, bf16/fp16 activations: the Triton W1A16 kernel (``binaryllm.kernels.triton_w1a16``), straight from
+  the bits (its int32 word layout is a view of the stored bytes when in_features % 32 == 0);
+* CPU, up to 8 rows of activations (decode): the C lookup-table kernel (``binaryllm.kernels.cpu``);
+* otherwise (fp32 on the GPU, long CPU inputs, or where a kernel is unavailable: one warning): the PyTorch
+  reference path, which unpacks the bits to a dense temporary per call (never stored).
+
+``use_kernels = False`` on a module (or ``binaryllm.nn.packed.USE_KERNELS = False``) forces the reference path."""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
 from ..export.bits import pack_signs, unpack_signs
+
+USE_KERNELS = True
 
 
 class PackedBinaryLinear(nn.Module):
@@ -19,6 +29,8 @@ class PackedBinaryLinear(nn.Module):
         self.register_buffer("input_scale", torch.ones(in_features, dtype=torch.float16, device=device)
                              if input_scale else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.bfloat16, device=device) if bias else None)
+        self.use_kernels = True
+        self._words = None   # (key, int32 word view) for the Triton kernel
 
     @classmethod
     @torch.no_grad()
@@ -35,10 +47,42 @@ class PackedBinaryLinear(nn.Module):
             p.bias.copy_(m.bias.to(torch.bfloat16))
         return p
 
+    def words(self) -> torch.Tensor:
+        from ..kernels.triton_w1a16 import prepare_weight
+        key = (self.weight.data_ptr(), self.weight._version)
+        if self._words is None or self._words[0] != key:
+            self._words = (key, prepare_weight(self.weight, self.in_features))
+        return self._words[1]
+
+    def _fast(self, x: torch.Tensor, dt: torch.dtype):
+        if not (USE_KERNELS and self.use_kernels):
+            return None
+        if x.is_cuda and dt in (torch.bfloat16, torch.float16):
+            from ..kernels import triton_usable
+            if triton_usable(x.device):
+                from ..kernels.triton_w1a16 import w1a16_matmul
+                s_in = self.input_scale.to(dt) if self.input_scale is not None else None
+                b = self.bias.to(dt) if self.bias is not None else None
+                return w1a16_matmul(x.to(dt), self.words(), self.weight_scale, self.in_features, s_in, b)
+        elif x.device.type == "cpu" and x.numel() // self.in_features <= 8:
+            from ..kernels import cpu, warn_once
+            if cpu.available():
+                if self.input_scale is not None:
+                    x = x.to(dt) * self.input_scale.to(dt)
+                y = cpu.w1_matmul_cpu(x, self.weight, self.weight_scale, self.in_features)
+                if self.bias is not None:
+                    y = y + self.bias.float()
+                return y.to(dt)
+            warn_once("no-cpu-kernel", "the CPU 1-bit kernel is unavailable: using the PyTorch path")
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dt = x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
         if torch.is_autocast_enabled(x.device.type):
             dt = torch.get_autocast_dtype(x.device.type)
+        y = self._fast(x, dt)
+        if y is not None:
+            return y
         x = x.to(dt)
         if self.input_scale is not None:
             x = x * self.input_scale.to(dt)

@@ -33,15 +33,24 @@ def sign(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
 
 
-def progressive(x: torch.Tensor, t: float) -> torch.Tensor:
-    """F(x, t) = tanh(t x) / tanh(t) (no autograd function: plain torch ops)."""
+def progressive(x: torch.Tensor, t) -> torch.Tensor:
+    """F(x, t) = tanh(t x) / tanh(t) (no autograd function: plain torch ops).  ``t``: a float, or a 0-d tensor
+    (what a compiled training step uses, so that a new t is data, not a new graph); for a tensor t below
+    T_IDENTITY, t is clamped to it (F then equals x to ~1e-8 relative, times x^2)."""
+    if isinstance(t, torch.Tensor):
+        t = t.to(x.dtype).clamp_min(T_IDENTITY)
+        return torch.tanh(t * x) / torch.tanh(t)
     if t < T_IDENTITY:
         return x
     return torch.tanh(t * x) / math.tanh(t)
 
 
-def progressive_grad(x: torch.Tensor, t: float) -> torch.Tensor:
+def progressive_grad(x: torch.Tensor, t) -> torch.Tensor:
     """dF/dx = t (1 - tanh(t x)^2) / tanh(t); written as (1-y)(1+y) to stay accurate near |y| = 1."""
+    if isinstance(t, torch.Tensor):
+        t = t.to(x.dtype).clamp_min(T_IDENTITY)
+        y = torch.tanh(t * x)
+        return (t / torch.tanh(t)) * (1.0 - y) * (1.0 + y)
     if t < T_IDENTITY:
         return torch.ones_like(x)
     y = torch.tanh(t * x)
@@ -64,7 +73,9 @@ def _backward_fn(kind: str, x: torch.Tensor, t: float, clip: float) -> torch.Ten
     if kind == "ste":
         return (x.abs() <= clip).to(x.dtype)
     if kind == "irnet":
-        k = max(1.0 / t, 1.0)
+        if isinstance(t, torch.Tensor):
+            t = t.to(x.dtype)
+        k = (1.0 / t).clamp_min(1.0) if isinstance(t, torch.Tensor) else max(1.0 / t, 1.0)
         y = torch.tanh(t * x)
         return (k * t) * (1.0 - y) * (1.0 + y)
     if kind == "identity":
@@ -83,18 +94,19 @@ class ScaledBinarize(torch.autograd.Function):
     """W_q = S_l * S_a * f(W / S_a); saves only W and S_l for backward."""
 
     @staticmethod
-    def forward(ctx, w, s_l, kind: str, t: float, sa_grad: bool, clip: float):
+    def forward(ctx, w, s_l, t, kind: str, sa_grad: bool, clip: float):
+        # t: a 0-d tensor (no gradient)
         sa = row_scale(w)
         x = w / sa
         out = (s_l.view(-1, 1) * sa) * _forward_fn(kind, x, t)
-        ctx.save_for_backward(w, s_l)
-        ctx.cfg = (kind, t, sa_grad, clip)
+        ctx.save_for_backward(w, s_l, t)
+        ctx.cfg = (kind, sa_grad, clip)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        w, s_l = ctx.saved_tensors
-        kind, t, sa_grad, clip = ctx.cfg
+        w, s_l, t = ctx.saved_tensors
+        kind, sa_grad, clip = ctx.cfg
         sa = row_scale(w)
         x = w / sa
         y = _forward_fn(kind, x, t)
@@ -114,12 +126,15 @@ class ScaledBinarize(torch.autograd.Function):
         return grad_w, grad_sl, None, None, None, None
 
 
-def scaled_binarize(w: torch.Tensor, s_l: torch.Tensor, kind: str = "cpt", t: float = 1.0,
+def scaled_binarize(w: torch.Tensor, s_l: torch.Tensor, kind: str = "cpt", t=1.0,
                     sa_grad: bool = False, clip: float = 1.0) -> torch.Tensor:
-    """Fused dual-scaled binarizer (see module docstring). ``w``: (out, in); ``s_l``: (out,)."""
+    """Fused dual-scaled binarizer (see module docstring). ``w``: (out, in); ``s_l``: (out,); ``t``: float or
+    0-d tensor."""
     if kind not in KINDS:
         raise ValueError(f"unknown binarizer kind {kind!r}; known: {', '.join(KINDS)}")
-    return ScaledBinarize.apply(w, s_l, kind, float(t), bool(sa_grad), float(clip))
+    if not isinstance(t, torch.Tensor):
+        t = torch.tensor(float(t), dtype=w.dtype if w.is_floating_point() else torch.float32, device=w.device)
+    return ScaledBinarize.apply(w, s_l, t.detach(), kind, bool(sa_grad), float(clip))
 
 
 def scaled_binarize_reference(w, s_l, kind="cpt", t=1.0, sa_grad=False, clip=1.0):

@@ -24,6 +24,7 @@ from ..eval.ppl import window_nll
 from ..io import atomic_write_text
 from ..quant import cosine_lr, irnet_t, phase_of
 from .checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
+from .fast import compile_blocks, lm_loss
 from .init import binary_aware_init
 
 
@@ -266,6 +267,9 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         model, opt = self.model, self.optimizer
         params = [p for g in opt.param_groups for p in g["params"]]
+        if t.compile and not getattr(model, "_binaryllm_compiled", False):
+            compile_blocks(model)
+            model._binaryllm_compiled = True
         end = self.total_steps if not t.max_steps else min(self.total_steps, start + t.max_steps)
         bar = self._bar(self.total_steps, f"{cfg.binary.method}", initial=start)
         win_t, win_tok, win_loss = time.time(), 0, []
@@ -286,16 +290,21 @@ class Trainer:
                 for micro in range(t.grad_accum):
                     ids = self.batch(step * t.grad_accum + micro)
                     with self.autocast():
-                        logits = model(input_ids=ids).logits
-                        loss = causal_lm_loss(logits, ids)
                         if self.teacher is not None and t.distill:
+                            logits = model(input_ids=ids).logits
+                            loss = causal_lm_loss(logits, ids)
                             with torch.no_grad():
                                 tl = self.teacher(input_ids=ids).logits
                             loss = loss + t.distill_weight * distill_kl(logits, tl, t.distill_temp)
+                            del logits, tl
+                        elif t.fused_loss:
+                            loss = lm_loss(model, ids)
+                        else:
+                            loss = causal_lm_loss(model(input_ids=ids).logits, ids)
                     (loss / t.grad_accum).backward()
-                    loss_sum += loss.item()
-                    del logits, loss
-                loss_val = loss_sum / t.grad_accum
+                    loss_sum += loss.detach()
+                    del loss
+                loss_val = float(loss_sum) / t.grad_accum
                 if not math.isfinite(loss_val):
                     where = f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "no checkpoint was saved"
                     raise BinaryLLMError(f"loss became {loss_val} at step {step}; stopped, {where}: lower --lr "

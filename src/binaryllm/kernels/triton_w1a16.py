@@ -1,0 +1,119 @@
+"""W1A16 matmul in Triton: ``y = ((x * input_scale) @ sign(W)^T) * row_scale + bias``, bf16/fp16 activations,
+weights as packed sign bits.
+
+Weight layout for the kernel: int32 words, shape (N, ceil(K/32)), bit k % 32 of word k // 32 of row n is
+weight (n, k), 1 = +1.  That is exactly binaryllm's on-disk layout (uint8, least significant bit first) read
+as little-endian int32 when K % 32 == 0 (a free view); other K are padded with zero bits at load
+(``prepare_weight``) and the padded inputs are masked to 0.
+
+One kernel serves decode and prefill: a tile of BLOCK_K packed words is expanded to ±1 in registers
+(shift + and), converted to the activation dtype and multiplied on the tensor cores (``tl.dot``, fp32
+accumulation).  Small M (decode) uses 16-row tiles and splits K over several programs (fp32 atomics) so that a
+narrow layer still fills the GPU.  Rounding: the products x·(±1) are exact, sums are fp32 (order differs from
+a dense reference by fp32 rounding), the row scale is applied in fp32 and the result rounded once to the
+activation dtype.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _w1a16_kernel(x_ptr, w_ptr, s_ptr, is_ptr, b_ptr, y_ptr, M, N, K, KW,
+                  stride_xm, stride_wn, stride_ym, K_PER_SPLIT: tl.constexpr,
+                  HAS_IS: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    WORDS: tl.constexpr = BLOCK_K // 32
+    shifts = tl.arange(0, 32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_start = pid_k * K_PER_SPLIT
+    for kk in range(0, K_PER_SPLIT, BLOCK_K):
+        k0 = k_start + kk
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        if HAS_IS:
+            s_in = tl.load(is_ptr + offs_k, mask=offs_k < K, other=0.0)
+            x = (x.to(tl.float32) * s_in.to(tl.float32)[None, :]).to(x.dtype)
+        offs_w = k0 // 32 + tl.arange(0, WORDS)
+        words = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_w[:, None],
+                        mask=(offs_n[None, :] < N) & (offs_w[:, None] < KW), other=0)       # (WORDS, BLOCK_N)
+        bits = (words[:, None, :] >> shifts[None, :, None]) & 1                            # (WORDS, 32, BLOCK_N)
+        w = tl.reshape(bits, (BLOCK_K, BLOCK_N)).to(tl.float32) * 2.0 - 1.0
+        acc += tl.dot(x, w.to(x.dtype))
+    scale = tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+    acc = acc * scale[None, :]
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    if ATOMIC:
+        tl.atomic_add(y_ptrs, acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def prepare_weight(packed_u8: torch.Tensor, in_features: int) -> torch.Tensor:
+    """(N, ceil(K/8)) uint8 sign bits -> (N, ceil(K/32)) int32 words (a view when K % 32 == 0)."""
+    n, nb = packed_u8.shape
+    kw = (in_features + 31) // 32
+    if nb * 8 == kw * 32 and packed_u8.is_contiguous():
+        return packed_u8.view(torch.int32)
+    out = torch.zeros(n, kw * 4, dtype=torch.uint8, device=packed_u8.device)
+    out[:, :nb] = packed_u8
+    return out.view(torch.int32)
+
+
+def _config(M: int, N: int, K: int, sm_count: int):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, split_k, num_warps, num_stages) by problem size."""
+    if M <= 16:   # decode: memory bound; wide K tiles, enough programs to cover the SMs
+        bm, bn, bk = 16, 64, 256
+        tiles = triton.cdiv(N, bn)
+        split = 1
+        while tiles * split < 2 * sm_count and K // (split * 2) >= bk:
+            split *= 2
+        return bm, bn, bk, split, 4, 3
+    if M <= 64:
+        return 64, 64, 128, 1, 4, 3
+    return 128, 128, 64, 1, 8, 3
+
+
+_SM: dict[int, int] = {}
+
+
+def w1a16_matmul(x: torch.Tensor, words: torch.Tensor, row_scale: torch.Tensor, in_features: int,
+                 input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                 config: tuple | None = None) -> torch.Tensor:
+    """x (..., K) bf16/fp16 on CUDA; words from ``prepare_weight``; returns (..., N) in x's dtype."""
+    K = in_features
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M, N = x2.shape[0], words.shape[0]
+    dev = x.device.index or 0
+    if dev not in _SM:
+        _SM[dev] = torch.cuda.get_device_properties(dev).multi_processor_count if x.is_cuda else 4
+    bm, bn, bk, split, warps, stages = config or _config(M, N, K, _SM[dev])
+    k_per = triton.cdiv(triton.cdiv(K, split), bk) * bk
+    split = triton.cdiv(K, k_per)
+    atomic = split > 1
+    y = (torch.zeros if atomic else torch.empty)(M, N, device=x.device, dtype=torch.float32 if atomic else x.dtype)
+    grid = (triton.cdiv(N, bn), triton.cdiv(M, bm), split)
+    _w1a16_kernel[grid](x2, words, row_scale, input_scale if input_scale is not None else row_scale,
+                        bias if bias is not None else row_scale, y, M, N, K, words.shape[1],
+                        x2.stride(0), words.stride(0), y.stride(0), k_per,
+                        HAS_IS=input_scale is not None, HAS_BIAS=bias is not None, ATOMIC=atomic,
+                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    if atomic:
+        if bias is not None:
+            y += bias.float()
+        y = y.to(x.dtype)
+    return y.reshape(*lead, N)

@@ -1,0 +1,55 @@
+"""The fused linear + cross-entropy loss against the plain one (value and gradients), and lm_loss on models."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import binaryllm as bl
+from binaryllm.train.fast import _plain_head, linear_cross_entropy, lm_loss
+from conftest import pattern_blocks, tiny_model
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_fused_linear_ce_equals_plain(chunk):
+    g = torch.Generator().manual_seed(chunk)
+    h = torch.randn(50, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(30, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    t = torch.randint(0, 30, (50,), generator=g)
+    t[::7] = -100                                               # ignored positions
+    loss = linear_cross_entropy(h, w, t, chunk)
+    gh, gw = torch.autograd.grad(3.0 * loss, (h, w))
+    ref = F.cross_entropy(h @ w.t(), t, ignore_index=-100)
+    rh, rw = torch.autograd.grad(3.0 * ref, (h, w))
+    assert torch.allclose(loss, ref, rtol=1e-12)
+    assert torch.allclose(gh, rh, rtol=1e-10, atol=1e-12) and torch.allclose(gw, rw, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_linear_ce_frozen_head_and_bf16_autocast():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(40, 32, generator=g, requires_grad=True)
+    w = torch.randn(50, 32, generator=g)                        # frozen: no gradient computed for it
+    t = torch.randint(0, 50, (40,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h, w, t, 16)
+    loss.backward()
+    ref = F.cross_entropy(h.detach() @ w.t(), t)
+    assert loss.dtype == torch.float32 and abs(loss.item() - ref.item()) < 0.02 * ref.item()
+    assert h.grad is not None and h.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_lm_loss_matches_logits_loss_on_binarized_models(arch):
+    model = bl.binarize(tiny_model(arch), bl.BinaryConfig())
+    twin = copy.deepcopy(model)
+    ids = pattern_blocks(2, 16)
+    fast = lm_loss(model, ids, chunk=5)
+    fast.backward()
+    logits = twin(input_ids=ids).logits
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    ref.backward()
+    assert torch.allclose(fast, ref, rtol=1e-5)
+    for (n, a), (_, b) in zip(model.named_parameters(), twin.named_parameters()):
+        if a.grad is not None or b.grad is not None:
+            assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), n
+    assert _plain_head(model)

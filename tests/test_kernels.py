@@ -1,0 +1,120 @@
+"""The 1-bit kernels against the dense reference: the C lookup-table kernel (CPU) directly, and the Triton
+W1A16 kernel through Triton's interpreter (TRITON_INTERPRET=1, CPU tensors).  The interpreter of Triton 3.6
+computes tl.dot wrongly for bf16 inputs (a two-line bf16 dot already fails there), so these CPU tests use
+fp16; bf16 is checked on the GPU by bench/kernels.py, which also compares every output with the reference."""
+import os
+
+import pytest
+import torch
+
+import binaryllm as bl
+from binaryllm.export import pack, pack_signs, unpack_signs
+from binaryllm.kernels import cpu
+from binaryllm.nn import packed as packed_mod
+from conftest import pattern_blocks, tiny_model
+
+
+def _ref(x, bits, scale, K, input_scale=None, bias=None, dt=torch.float32):
+    """Dense reference: (x [* input_scale, rounded to dt]) @ sign^T in fp32, * row scale, + bias."""
+    xs = x if input_scale is None else (x.to(dt) * input_scale.to(dt))
+    y = xs.float() @ unpack_signs(bits, K).t() * scale.float()
+    return y if bias is None else y + bias.float()
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (1, 5, 13), (3, 70, 100), (8, 33, 256), (2, 129, 1000), (1, 64, 4096)])
+def test_cpu_lut_kernel_matches_dense(M, N, K):
+    assert cpu.available()
+    g = torch.Generator().manual_seed(M * 1000 + K)
+    x = torch.randn(M, K, generator=g)
+    bits = pack_signs(torch.randn(N, K, generator=g))
+    scale = torch.rand(N, generator=g) + 0.5
+    got = cpu.w1_matmul_cpu(x, bits, scale, K)
+    ref = _ref(x, bits, scale, K)
+    # fp32 sums in another order: error ~ eps * sqrt(K) * |x|
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6 * K ** 0.5 * x.abs().max().item())
+
+
+def test_packed_layer_uses_the_cpu_kernel_for_decode_and_agrees(monkeypatch):
+    model = bl.binarize(tiny_model("llama"), bl.BinaryConfig())
+    with torch.no_grad():
+        first = next(iter(bl.binary_modules(model).values()))
+        first.set_input_scale(torch.rand(first.in_features) + 0.5)
+    pack(bl.freeze(model))
+    ids = pattern_blocks(1, 6)
+    calls = []
+    real = cpu.w1_matmul_cpu
+    monkeypatch.setattr(cpu, "w1_matmul_cpu", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        logits = []
+        for t in range(1, 7):   # one row of activations per layer call: the kernel's case
+            logits.append(model(input_ids=ids[:, :t]).logits[:, -1])
+        assert calls
+        monkeypatch.setattr(packed_mod, "USE_KERNELS", False)
+        n = len(calls)
+        ref = model(input_ids=ids).logits[0]
+        assert len(calls) == n                               # reference path: kernel not called
+    got = torch.cat(logits)
+    assert torch.allclose(got, ref, atol=1e-4 * ref.abs().max().item())
+
+
+CASES = [
+    (1, 40, 96, None), (3, 70, 100, None), (16, 64, 256, None),          # decode tiles, K not a multiple of 32
+    (20, 33, 64, None), (130, 129, 72, (128, 128, 64, 1, 8, 3)),         # prefill tiles, ragged edges
+    (2, 64, 600, (16, 64, 64, 4, 4, 3)),                                 # split-K with fp32 atomics
+]
+
+_CHILD = r"""
+import json, sys, torch
+from binaryllm.kernels.triton_w1a16 import prepare_weight, w1a16_matmul
+cases = torch.load(sys.argv[1])
+out = []
+for c in cases:
+    out.append(w1a16_matmul(c["x"], prepare_weight(c["bits"], c["K"]), c["scale"], c["K"], input_scale=c["s_in"],
+                            bias=c["bias"], config=c["cfg"]))
+    if c["K"] == 64:
+        w = prepare_weight(c["bits"], 64)
+        assert w.data_ptr() == c["bits"].data_ptr() and w.dtype == torch.int32   # aligned: a free view
+torch.save(out, sys.argv[2])
+"""
+
+
+def _case(M, N, K, cfg, extras):
+    g = torch.Generator().manual_seed(M + N + K)
+    dt = torch.float16
+    return {"x": torch.randn(M, K, generator=g).to(dt), "bits": pack_signs(torch.randn(N, K, generator=g)),
+            "scale": (torch.rand(N, generator=g) + 0.5).half(), "K": K, "cfg": cfg,
+            "s_in": (torch.rand(K, generator=g) + 0.5).half() if extras else None,
+            "bias": torch.randn(N, generator=g).to(dt) if extras else None}
+
+
+@pytest.fixture(scope="module")
+def interpreted_results(tmp_path_factory):
+    """Every case run by the Triton kernel under TRITON_INTERPRET=1, in a fresh process: the interpreter must be
+    on before triton decorates anything, and this test process may have imported triton already."""
+    import subprocess
+    import sys
+    d = tmp_path_factory.mktemp("triton")
+    cases = [_case(*c, extras) for c in CASES for extras in (False, True)]
+    torch.save(cases, d / "in.pt")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", _CHILD, str(d / "in.pt"), str(d / "out.pt")], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return cases, torch.load(d / "out.pt")
+
+
+@pytest.mark.parametrize("i", range(2 * len(CASES)))
+def test_triton_kernel_matches_dense(interpreted_results, i):
+    cases, outs = interpreted_results
+    c, y = cases[i], outs[i]
+    M, N = c["x"].shape[0], c["bits"].shape[0]
+    assert y.dtype == torch.float16 and y.shape == (M, N)
+    ref = _ref(c["x"], c["bits"], c["scale"], c["K"], c["s_in"], c["bias"], torch.float16)
+    # one rounding of the fp32 result to fp16 (half an ulp: 2^-11 relative), plus fp32 summation order
+    assert torch.allclose(y.float(), ref, rtol=2 ** -10, atol=1e-5 * c["K"] ** 0.5 * ref.abs().max().item())
+
+
+def test_prepare_weight_pads_unaligned_rows():
+    from binaryllm.kernels.triton_w1a16 import prepare_weight
+    w2 = prepare_weight(pack_signs(torch.randn(4, 40)), 40)
+    assert w2.dtype == torch.int32 and w2.shape == (4, 2) and (w2[:, 1] >> 8).eq(0).all()   # zero padding bits
