@@ -171,6 +171,6 @@ def bench_train(model_spec: str = "", seq_len: int = 2048, batch_size: int = 16,
                "warmup_s": round(warm_s, 1), "loss": round(float(loss), 3)}
         rows.append(row)
         log(row)
-        del model, opt, params
+        model = opt = params = None
         torch.cuda.empty_cache()
     return rows
