@@ -57,10 +57,11 @@ def test_packed_layer_uses_the_cpu_kernel_for_decode_and_agrees(monkeypatch):
     assert torch.allclose(got, ref, atol=1e-4 * ref.abs().max().item())
 
 
-CASES = [
-    (1, 40, 96, None), (3, 70, 100, None), (16, 64, 256, None),          # decode tiles, K not a multiple of 32
-    (20, 33, 64, None), (130, 129, 72, (128, 128, 64, 1, 8, 3)),         # prefill tiles, ragged edges
-    (2, 64, 600, (16, 64, 64, 4, 4, 3)),                                 # split-K with fp32 atomics
+CASES = [  # (M, N, K, tile config or None, mode)
+    (1, 40, 96, None, "gemv"), (3, 70, 100, None, "gemv"), (16, 64, 300, None, "gemv"),    # decode, ragged K
+    (20, 33, 64, None, "fused"), (130, 129, 72, (128, 128, 64, 1, 8, 3), "fused"),     # tensor-core tiles
+    (2, 64, 600, (16, 64, 64, 4, 4, 3), "fused"),                                         # split-K, fp32 atomics
+    (70, 65, 200, None, "unpack"),                                                         # dense temp + matmul
 ]
 
 _CHILD = r"""
@@ -70,7 +71,7 @@ cases = torch.load(sys.argv[1])
 out = []
 for c in cases:
     out.append(w1a16_matmul(c["x"], prepare_weight(c["bits"], c["K"]), c["scale"], c["K"], input_scale=c["s_in"],
-                            bias=c["bias"], config=c["cfg"]))
+                            bias=c["bias"], config=c["cfg"], mode=c["mode"]))
     if c["K"] == 64:
         w = prepare_weight(c["bits"], 64)
         assert w.data_ptr() == c["bits"].data_ptr() and w.dtype == torch.int32   # aligned: a free view
@@ -78,11 +79,11 @@ torch.save(out, sys.argv[2])
 """
 
 
-def _case(M, N, K, cfg, extras):
+def _case(M, N, K, cfg, mode, extras):
     g = torch.Generator().manual_seed(M + N + K)
     dt = torch.float16
     return {"x": torch.randn(M, K, generator=g).to(dt), "bits": pack_signs(torch.randn(N, K, generator=g)),
-            "scale": (torch.rand(N, generator=g) + 0.5).half(), "K": K, "cfg": cfg,
+            "scale": (torch.rand(N, generator=g) + 0.5).half(), "K": K, "cfg": cfg, "mode": mode,
             "s_in": (torch.rand(K, generator=g) + 0.5).half() if extras else None,
             "bias": torch.randn(N, generator=g).to(dt) if extras else None}
 

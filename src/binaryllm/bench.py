@@ -18,17 +18,36 @@ import torch.nn.functional as F
 SHAPES = [(8192, 8192), (16384, 16384), (4096, 4096), (11008, 4096), (4096, 11008), (1536, 576), (576, 1536)]
 
 
-def _gpu_time(fn_list, iters: int = 50, reps: int = 5) -> float:
-    """Median seconds per call over ``reps`` runs of ``iters`` calls cycling through fn_list."""
+def _gpu_time(fn_list, iters: int = 50, reps: int = 5, graph: bool = True) -> float:
+    """Median seconds per call over ``reps`` runs of ``iters`` calls cycling through fn_list.  graph=True:
+    the calls are captured in one CUDA graph and replayed (GPU time, as in a graph-captured decode step);
+    graph=False: launched from Python (includes launch overhead where it exceeds the GPU time)."""
     for f in fn_list[:3]:
         f()
+    torch.cuda.synchronize()
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for f in fn_list[:3]:
+                f()
+        torch.cuda.current_stream().wait_stream(s)
+        with torch.cuda.graph(g):
+            for i in range(iters):
+                fn_list[i % len(fn_list)]()
+        run = g.replay
+    else:
+        def run():
+            for i in range(iters):
+                fn_list[i % len(fn_list)]()
+    run()
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        for i in range(iters):
-            fn_list[i % len(fn_list)]()
+        run()
         b.record()
         torch.cuda.synchronize()
         times.append(a.elapsed_time(b) / 1e3 / iters)
@@ -37,7 +56,7 @@ def _gpu_time(fn_list, iters: int = 50, reps: int = 5) -> float:
 
 def bench_kernels_gpu(shapes=SHAPES, batches=(1, 4, 16, 2048), log=print) -> list[dict]:
     from .export.bits import pack_signs, unpack_signs
-    from .kernels.triton_w1a16 import prepare_weight, w1a16_matmul
+    from .kernels.triton_w1a16 import prepare_weight, w1a16_matmul, w1_gemv
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
     l2 = getattr(props, "L2_cache_size", 50 * 2**20)
@@ -52,16 +71,28 @@ def bench_kernels_gpu(shapes=SHAPES, batches=(1, 4, 16, 2048), log=print) -> lis
         scale = (torch.rand(N, device=dev, generator=g) + 0.5).half()
         for M in batches:
             x = torch.randn(M, K, device=dev, dtype=torch.bfloat16, generator=g)
-            y = w1a16_matmul(x, words[0], scale, K)
             ref = (x.float() @ unpack_signs(bits[0], K, torch.float32).t()) * scale.float()
-            err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
             t_bf = _gpu_time([lambda w=w: F.linear(x, w) for w in dense])
-            t_1b = _gpu_time([lambda w=w: w1a16_matmul(x, w, scale, K) for w in words])
-            row = {"N": N, "K": K, "M": M, "bf16_us": round(t_bf * 1e6, 2), "w1a16_us": round(t_1b * 1e6, 2),
-                   "speedup": round(t_bf / t_1b, 2),
-                   "w1a16_weight_GBps": round(N * K / 8 / t_1b / 1e9, 1),
-                   "bf16_weight_GBps": round(N * K * 2 / t_bf / 1e9, 1),
-                   "max_rel_err": float(f"{err:.2e}")}
+            row = {"N": N, "K": K, "M": M, "bf16_us": round(t_bf * 1e6, 2)}
+            modes = ("gemv", "fused") if M <= 16 else ("fused", "unpack")
+            for mode in modes:
+                y = w1a16_matmul(x, words[0], scale, K, mode=mode)
+                err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+                t = _gpu_time([lambda w=w: w1a16_matmul(x, w, scale, K, mode=mode) for w in words])
+                row[f"{mode}_us"] = round(t * 1e6, 2)
+                row[f"{mode}_speedup"] = round(t_bf / t, 2)
+                row[f"{mode}_weight_GBps"] = round(N * K / 8 / t / 1e9, 1)
+                row[f"{mode}_max_rel_err"] = float(f"{err:.2e}")
+            if M == 1 and N * K >= 4096 * 4096:   # the decode kernel's tile shape, swept
+                sweep = {}
+                for bn, wpi in ((8, 4), (16, 4), (16, 8), (32, 2), (32, 4), (64, 2)):
+                    t = _gpu_time([lambda w=w: w1_gemv(x, w, scale, K, block_n=bn, words_per_iter=wpi) for w in words])
+                    sweep[f"{bn}x{wpi}"] = round(t * 1e6, 2)
+                row["gemv_sweep_us"] = sweep
+            row["eager_bf16_us"] = round(_gpu_time([lambda w=w: F.linear(x, w) for w in dense], graph=False) * 1e6, 2)
+            row["eager_auto_us"] = round(_gpu_time([lambda w=w: w1a16_matmul(x, w, scale, K) for w in words],
+                                                   graph=False) * 1e6, 2)
+            row["bf16_weight_GBps"] = round(N * K * 2 / t_bf / 1e9, 1)
             rows.append(row)
             log(row)
         del dense, bits, words
