@@ -57,11 +57,11 @@ def test_packed_layer_uses_the_cpu_kernel_for_decode_and_agrees(monkeypatch):
     assert torch.allclose(got, ref, atol=1e-4 * ref.abs().max().item())
 
 
-CASES = [  # (M, N, K, tile config or None, mode)
-    (1, 40, 96, None, "gemv"), (3, 70, 100, None, "gemv"), (16, 64, 300, None, "gemv"),    # decode, ragged K
-    (20, 33, 64, None, "fused"), (130, 129, 72, (128, 128, 64, 1, 8, 3), "fused"),     # tensor-core tiles
-    (2, 64, 600, (16, 64, 64, 4, 4, 3), "fused"),                                         # split-K, fp32 atomics
-    (70, 65, 200, None, "unpack"),                                                         # dense temp + matmul
+CASES = [  # (M, N, K, config or None, mode)
+    (1, 40, 96, None, "gemv"), (3, 70, 100, None, "gemv"), (16, 64, 300, (8, 4), "gemv"),      # decode, ragged K
+    (20, 33, 64, (16, 16, 16, 4, 1), "fused"), (130, 129, 72, (64, 64, 16, 4, 1), "fused"),  # tensor-core tiles
+    (40, 64, 1100, (32, 32, 16, 4, 1), "fused"),                                              # several word tiles
+    (70, 65, 200, None, "unpack"),                                                             # dense temp + matmul
 ]
 
 _CHILD = r"""

@@ -56,7 +56,7 @@ def _gpu_time(fn_list, iters: int = 50, reps: int = 5, graph: bool = True) -> fl
 
 def bench_kernels_gpu(shapes=SHAPES, batches=(1, 4, 16, 2048), log=print) -> list[dict]:
     from .export.bits import pack_signs, unpack_signs
-    from .kernels.triton_w1a16 import prepare_weight, w1a16_matmul, w1_gemv
+    from .kernels.triton_w1a16 import prepare_weight, w1a16_matmul
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
     l2 = getattr(props, "L2_cache_size", 50 * 2**20)
@@ -74,7 +74,7 @@ def bench_kernels_gpu(shapes=SHAPES, batches=(1, 4, 16, 2048), log=print) -> lis
             ref = (x.float() @ unpack_signs(bits[0], K, torch.float32).t()) * scale.float()
             t_bf = _gpu_time([lambda w=w: F.linear(x, w) for w in dense])
             row = {"N": N, "K": K, "M": M, "bf16_us": round(t_bf * 1e6, 2)}
-            modes = ("gemv", "fused") if M <= 16 else ("fused", "unpack")
+            modes = ("gemv",) if M <= 16 else ("fused", "unpack")
             for mode in modes:
                 y = w1a16_matmul(x, words[0], scale, K, mode=mode)
                 err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
@@ -85,10 +85,23 @@ def bench_kernels_gpu(shapes=SHAPES, batches=(1, 4, 16, 2048), log=print) -> lis
                 row[f"{mode}_max_rel_err"] = float(f"{err:.2e}")
             if M == 1 and N * K >= 4096 * 4096:   # the decode kernel's tile shape, swept
                 sweep = {}
-                for bn, wpi in ((8, 4), (16, 4), (16, 8), (32, 2), (32, 4), (64, 2)):
-                    t = _gpu_time([lambda w=w: w1_gemv(x, w, scale, K, block_n=bn, words_per_iter=wpi) for w in words])
-                    sweep[f"{bn}x{wpi}"] = round(t * 1e6, 2)
+                for cfg in ((8, 16, 4), (4, 16, 4), (4, 32, 4), (8, 32, 4), (8, 8, 4), (8, 16, 2), (4, 32, 2),
+                            (2, 32, 2), (8, 32, 8)):
+                    t = _gpu_time([lambda w=w: w1a16_matmul(x, w, scale, K, mode="gemv", config=cfg)
+                                   for w in words])
+                    sweep["x".join(map(str, cfg))] = round(t * 1e6, 2)
                 row["gemv_sweep_us"] = sweep
+            if M == 2048 and N * K >= 4096 * 4096:
+                sweep = {}
+                for cfg in ((128, 128, 32, 8, 1), (128, 64, 32, 4, 1), (64, 128, 16, 4, 1), (128, 128, 16, 8, 1),
+                            (128, 256, 16, 8, 1)):
+                    try:
+                        t = _gpu_time([lambda w=w: w1a16_matmul(x, w, scale, K, mode="fused", config=cfg)
+                                       for w in words])
+                        sweep["x".join(map(str, cfg))] = round(t * 1e6, 2)
+                    except Exception as e:  # a tile that does not fit: say so, keep going
+                        sweep["x".join(map(str, cfg))] = type(e).__name__
+                row["fused_sweep_us"] = sweep
             row["eager_bf16_us"] = round(_gpu_time([lambda w=w: F.linear(x, w) for w in dense], graph=False) * 1e6, 2)
             row["eager_auto_us"] = round(_gpu_time([lambda w=w: w1a16_matmul(x, w, scale, K) for w in words],
                                                    graph=False) * 1e6, 2)

@@ -1,128 +1,30 @@
 """W1A16 matmul in Triton: ``y = ((x * input_scale) @ sign(W)^T) * row_scale + bias``, bf16/fp16 activations,
 weights as packed sign bits.
 
-Weight layout for the kernel: int32 words, shape (N, ceil(K/32)), bit k % 32 of word k // 32 of row n is
-weight (n, k), 1 = +1.  That is exactly binaryllm's on-disk layout (uint8, least significant bit first) read
-as little-endian int32 when K % 32 == 0 (a free view); other K are padded with zero bits at load
-(``prepare_weight``) and the padded inputs are masked to 0.
+Weight layout: int32 words, shape (N, KW = ceil(K/32)); bit j of word w of row n is weight (n, 32 w + j),
+1 = +1.  That is binaryllm's on-disk layout (uint8, least significant bit first) read as little-endian int32
+when K % 32 == 0 (a free view); other K are padded with zero bits (``prepare_weight``).
 
-One kernel serves decode and prefill: a tile of BLOCK_K packed words is expanded to ±1 in registers
-(shift + and), converted to the activation dtype and multiplied on the tensor cores (``tl.dot``, fp32
-accumulation).  Small M (decode) uses 16-row tiles and splits K over several programs (fp32 atomics) so that a
-narrow layer still fills the GPU.  Rounding: the products x·(±1) are exact, sums are fp32 (order differs from
-a dense reference by fp32 rounding), the row scale is applied in fp32 and the result rounded once to the
-activation dtype.
+The trick that keeps every tile 2-D (no reshapes, no layout shuffles): the *activations* are permuted once per
+call into bit-major order, ``xp[m, j, w] = x[m, 32 w + j]`` (a cheap pass over M x K values; the inputs past K
+are 0).  A sum over k is a sum over (j, w) in any order, so a loaded tile of words serves all 32 bit positions:
+for bit j the weights are ``((words >> j) & 1) * 2 - 1`` -- a plain elementwise op on the loaded tile -- and the
+matching activations ``xp[:, j, w0:w0+WORDS]`` are contiguous.
+
+* ``gemv`` (decode, M <= 16): CUDA cores; a program owns BLOCK_N rows, accumulates ``where(bit, x, -x)`` into
+  an (M, BLOCK_N, WORDS) fp32 tile, reduces once at the end.
+* ``fused`` (prefill): tensor cores; per tile of WORDS words, 32 ``tl.dot``s of (BM x WORDS) x (WORDS x BN).
+* ``unpack``: bits -> a dense ``sign * scale`` temporary, then cuBLAS (kept as a reference point in the bench).
+
+Rounding: x·(±1) products are exact; sums in fp32 (order differs from a dense reference by fp32 rounding); the
+row scale is applied in fp32 and the result rounded once to the activation dtype.  An input scale is applied
+to x first and rounded to the activation dtype, as the PyTorch path does.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
-
-
-@triton.jit
-def _w1a16_kernel(x_ptr, w_ptr, s_ptr, is_ptr, b_ptr, y_ptr, M, N, K, KW,
-                  stride_xm, stride_wn, stride_ym, K_PER_SPLIT: tl.constexpr,
-                  HAS_IS: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_start = pid_k * K_PER_SPLIT
-    for kk in range(0, K_PER_SPLIT, BLOCK_K):
-        k0 = k_start + kk
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        if HAS_IS:
-            s_in = tl.load(is_ptr + offs_k, mask=offs_k < K, other=0.0)
-            x = (x.to(tl.float32) * s_in.to(tl.float32)[None, :]).to(x.dtype)
-        # each (k, n) loads its word (32 neighbours share it: L1 hits) and picks its bit: no reshapes, so no
-        # layout shuffles before the tensor-core dot
-        words = tl.load(w_ptr + offs_n[None, :] * stride_wn + (offs_k[:, None] // 32),
-                        mask=(offs_n[None, :] < N) & (offs_k[:, None] < K), other=0)       # (BLOCK_K, BLOCK_N)
-        bits = (words >> (offs_k[:, None] % 32)) & 1
-        w = (bits * 2 - 1).to(x.dtype)
-        acc += tl.dot(x, w)
-    scale = tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-    acc = acc * scale[None, :]
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    if ATOMIC:
-        tl.atomic_add(y_ptrs, acc, mask=mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _w1_gemv_kernel(x_ptr, w_ptr, s_ptr, is_ptr, b_ptr, y_ptr, N, K, KW, stride_xm, stride_wn, stride_ym,
-                    M: tl.constexpr, HAS_IS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    BLOCK_N: tl.constexpr, WORDS: tl.constexpr, K_ITERS: tl.constexpr):
-    """Decode (M <= 16 rows of activations): CUDA cores, no tensor-core padding.  A program owns BLOCK_N rows
-    and walks K in chunks of WORDS packed words: bits -> ±x selected per element, summed over the chunk."""
-    pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_w = tl.arange(0, WORDS)
-    shifts = tl.arange(0, 32)
-    n_ok = offs_n < N
-    for m in tl.static_range(M):
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for it in range(K_ITERS):
-            w0 = it * WORDS
-            words = tl.load(w_ptr + offs_n[:, None] * stride_wn + (w0 + offs_w)[None, :],
-                            mask=n_ok[:, None] & ((w0 + offs_w)[None, :] < KW), other=0)      # (BLOCK_N, WORDS)
-            offs_k = (w0 + offs_w)[:, None] * 32 + shifts[None, :]                              # (WORDS, 32)
-            x = tl.load(x_ptr + m * stride_xm + offs_k, mask=offs_k < K, other=0.0)
-            if HAS_IS:   # x * input_scale rounded to the activation dtype, as the other paths do
-                s_in = tl.load(is_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-                x = (x.to(tl.float32) * s_in).to(x.dtype)
-            x = x.to(tl.float32)
-            bit = (words[:, :, None] >> shifts[None, None, :]) & 1                             # (BLOCK_N, WORDS, 32)
-            acc += tl.sum(tl.sum(tl.where(bit != 0, x[None, :, :], -x[None, :, :]), axis=2), axis=1)
-        y = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
-
-
-@triton.jit
-def _unpack_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_on, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Packed bits -> dense sign(W) * row scale (for prefill through cuBLAS)."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-    words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] // 32, mask=mask, other=0)
-    bit = (words >> (offs_k[None, :] % 32)) & 1
-    s = tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-    v = tl.where(bit != 0, s[:, None], -s[:, None])
-    tl.store(out_ptr + offs_n[:, None] * stride_on + offs_k[None, :], v.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def unpack_dense(words: torch.Tensor, row_scale: torch.Tensor, in_features: int, dtype) -> torch.Tensor:
-    """(N, K) dense ``sign(W) * row_scale`` in ``dtype`` (a temporary for the prefill path)."""
-    N, K = words.shape[0], in_features
-    out = torch.empty(N, K, device=words.device, dtype=dtype)
-    _unpack_kernel[(triton.cdiv(N, 64), triton.cdiv(K, 128))](words, row_scale, out, N, K, words.stride(0),
-                                                                out.stride(0), BLOCK_N=64, BLOCK_K=128)
-    return out
-
-
-def w1_gemv(x2: torch.Tensor, words: torch.Tensor, row_scale, K: int, input_scale=None, bias=None,
-            block_n: int = 16, words_per_iter: int = 4) -> torch.Tensor:
-    M, N = x2.shape[0], words.shape[0]
-    y = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
-    kw = words.shape[1]
-    _w1_gemv_kernel[(triton.cdiv(N, block_n),)](
-        x2, words, row_scale, input_scale if input_scale is not None else row_scale,
-        bias if bias is not None else row_scale, y, N, K, kw, x2.stride(0), words.stride(0), y.stride(0),
-        M=M, HAS_IS=input_scale is not None, HAS_BIAS=bias is not None, BLOCK_N=block_n, WORDS=words_per_iter,
-        K_ITERS=triton.cdiv(kw, words_per_iter), num_warps=4)
-    return y
 
 
 def prepare_weight(packed_u8: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -136,66 +38,141 @@ def prepare_weight(packed_u8: torch.Tensor, in_features: int) -> torch.Tensor:
     return out.view(torch.int32)
 
 
-def _config(M: int, N: int, K: int, sm_count: int):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, split_k, num_warps, num_stages) by problem size."""
-    if M <= 16:   # decode: memory bound; wide K tiles, enough programs to cover the SMs
-        bm, bn, bk = 16, 64, 256
-        tiles = triton.cdiv(N, bn)
-        split = 1
-        while tiles * split < 2 * sm_count and K // (split * 2) >= bk:
-            split *= 2
-        return bm, bn, bk, split, 4, 3
-    if M <= 64:
-        return 64, 64, 128, 1, 4, 3
-    return 128, 128, 64, 1, 8, 3
+def bit_major(x2: torch.Tensor, K: int, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """(M, K) -> (M, 32, KW) with xp[m, j, w] = x[m, 32 w + j] (0 past K), after the input scale if any."""
+    if input_scale is not None:
+        x2 = x2 * input_scale.to(x2.dtype)
+    M = x2.shape[0]
+    kw = (K + 31) // 32
+    if kw * 32 != K:
+        x2 = torch.nn.functional.pad(x2, (0, kw * 32 - K))
+    return x2.view(M, kw, 32).transpose(1, 2).contiguous()
 
 
-_SM: dict[int, int] = {}
+@triton.jit
+def _gemv_kernel(xp_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, KW: tl.constexpr, stride_xm, stride_wn, stride_ym,
+                 HAS_BIAS: tl.constexpr, MP: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, MP)
+    offs_w = tl.arange(0, WORDS)
+    n_ok = offs_n < N
+    acc = tl.zeros((MP, BLOCK_N, WORDS), dtype=tl.float32)
+    for w0 in range(0, KW, WORDS):
+        w_ok = (w0 + offs_w) < KW
+        words = tl.load(w_ptr + offs_n[:, None] * stride_wn + (w0 + offs_w)[None, :],
+                        mask=n_ok[:, None] & w_ok[None, :], other=0)                     # (BLOCK_N, WORDS)
+        for j in tl.static_range(32):
+            xv = tl.load(xp_ptr + offs_m[:, None] * stride_xm + j * KW + (w0 + offs_w)[None, :],
+                         mask=(offs_m[:, None] < M) & w_ok[None, :], other=0.0).to(tl.float32)   # (MP, WORDS)
+            bit = ((words >> j) & 1) != 0
+            acc += tl.where(bit[None, :, :], xv[:, None, :], -xv[:, None, :])
+    out = tl.sum(acc, axis=2) * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        out += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], out.to(y_ptr.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & n_ok[None, :])
+
+
+@triton.jit
+def _gemm_kernel(xp_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, KW: tl.constexpr, stride_xm, stride_wn, stride_ym,
+                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
+                 GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n                       # grouped ordering: neighbouring programs share weight tiles
+    first_m = (pid // group) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, WORDS)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for w0 in range(0, KW, WORDS):
+        w_ok = (w0 + offs_w) < KW
+        words = tl.load(w_ptr + offs_n[None, :] * stride_wn + (w0 + offs_w)[:, None],
+                        mask=n_ok[None, :] & w_ok[:, None], other=0)                     # (WORDS, BLOCK_N)
+        for j in tl.static_range(32):
+            a = tl.load(xp_ptr + offs_m[:, None] * stride_xm + j * KW + (w0 + offs_w)[None, :],
+                        mask=m_ok[:, None] & w_ok[None, :], other=0.0)                    # (BLOCK_M, WORDS)
+            b = (((words >> j) & 1) * 2 - 1).to(a.dtype)
+            acc += tl.dot(a, b)
+    acc = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _unpack_kernel(w_ptr, s_ptr, out_ptr, N, K, KW, stride_wn, stride_on, BLOCK_N: tl.constexpr,
+                   WORDS: tl.constexpr):
+    """Packed bits -> dense sign(W) * row scale; 3-D pointers (row, word, bit) so stores stay contiguous."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.program_id(1) * WORDS + tl.arange(0, WORDS)
+    bits_j = tl.arange(0, 32)
+    words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
+                    mask=(offs_n[:, None] < N) & (offs_w[None, :] < KW), other=0)
+    bit = (words[:, :, None] >> bits_j[None, None, :]) & 1
+    s = tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None, None]
+    k = offs_w[None, :, None] * 32 + bits_j[None, None, :]
+    tl.store(out_ptr + offs_n[:, None, None] * stride_on + k, tl.where(bit != 0, s, -s).to(out_ptr.dtype.element_ty),
+             mask=(offs_n[:, None, None] < N) & (k < K))
+
+
+def unpack_dense(words: torch.Tensor, row_scale: torch.Tensor, in_features: int, dtype) -> torch.Tensor:
+    """(N, K) dense ``sign(W) * row_scale`` in ``dtype`` (a temporary for the ``unpack`` path)."""
+    N, K = words.shape[0], in_features
+    out = torch.empty(N, K, device=words.device, dtype=dtype)
+    _unpack_kernel[(triton.cdiv(N, 32), triton.cdiv(words.shape[1], 8))](
+        words, row_scale, out, N, K, words.shape[1], words.stride(0), out.stride(0), BLOCK_N=32, WORDS=8)
+    return out
+
+
+GEMV_CONFIG = (4, 32, 4)        # BLOCK_N, WORDS, warps: fastest or within 3% of it in the H100 sweep (RESULTS)
+GEMM_CONFIG = (128, 128, 32, 8, 1)   # BLOCK_M, BLOCK_N, WORDS, num_warps, num_stages (32 dots a tile: 1 stage)
+PREFILL_M = 17                  # from this many rows on: unpack + cuBLAS (faster than "fused" on the H100)
 
 
 def w1a16_matmul(x: torch.Tensor, words: torch.Tensor, row_scale: torch.Tensor, in_features: int,
                  input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                 config: tuple | None = None, mode: str = "auto") -> torch.Tensor:
+                 mode: str = "auto", config: tuple | None = None) -> torch.Tensor:
     """x (..., K) bf16/fp16 on CUDA; words from ``prepare_weight``; returns (..., N) in x's dtype.
-
-    mode: ``gemv`` (CUDA cores, M <= 16), ``fused`` (tensor cores, bits unpacked in registers), ``unpack``
-    (bits -> a dense temporary, then cuBLAS: prefill of many tokens), ``auto`` (gemv for M <= 16, fused up to
-    M < PREFILL_M, unpack above; see bench kernels)."""
+    mode: ``gemv``, ``fused``, ``unpack`` or ``auto`` (gemv below PREFILL_M rows, else unpack: on the H100 the
+    tensor-core kernel ran at 0.2-0.5x cuBLAS, unpack + cuBLAS at 0.82-0.95x; docs/RESULTS.md)."""
     K = in_features
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
     M, N = x2.shape[0], words.shape[0]
     if mode == "auto":
-        mode = "gemv" if M <= 16 else ("fused" if M < PREFILL_M else "unpack")
-    if mode == "gemv":
-        return w1_gemv(x2, words, row_scale, K, input_scale, bias).reshape(*lead, N)
+        mode = "gemv" if M < PREFILL_M else "unpack"
     if mode == "unpack":
         if input_scale is not None:
             x2 = x2 * input_scale.to(x2.dtype)
         y = torch.nn.functional.linear(x2, unpack_dense(words, row_scale, K, x2.dtype),
                                        bias.to(x2.dtype) if bias is not None else None)
         return y.reshape(*lead, N)
-    dev = x.device.index or 0
-    if dev not in _SM:
-        _SM[dev] = torch.cuda.get_device_properties(dev).multi_processor_count if x.is_cuda else 4
-    bm, bn, bk, split, warps, stages = config or _config(M, N, K, _SM[dev])
-    k_per = triton.cdiv(triton.cdiv(K, split), bk) * bk
-    split = triton.cdiv(K, k_per)
-    atomic = split > 1
-    y = (torch.zeros if atomic else torch.empty)(M, N, device=x.device, dtype=torch.float32 if atomic else x.dtype)
-    grid = (triton.cdiv(N, bn), triton.cdiv(M, bm), split)
-    _w1a16_kernel[grid](x2, words, row_scale, input_scale if input_scale is not None else row_scale,
-                        bias if bias is not None else row_scale, y, M, N, K, words.shape[1],
-                        x2.stride(0), words.stride(0), y.stride(0), k_per,
-                        HAS_IS=input_scale is not None, HAS_BIAS=bias is not None, ATOMIC=atomic,
-                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
-    if atomic:
-        if bias is not None:
-            y += bias.float()
-        y = y.to(x.dtype)
+    xp = bit_major(x2, K, input_scale)
+    kw = words.shape[1]
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    b = bias.to(x.dtype) if bias is not None else row_scale
+    if mode == "gemv":
+        if M > 16:
+            raise ValueError("gemv takes at most 16 rows of activations")
+        bn, wds, *rest = config or GEMV_CONFIG
+        warps = rest[0] if rest else 4
+        mp = max(1, triton.next_power_of_2(M))
+        _gemv_kernel[(triton.cdiv(N, bn),)](xp, words, row_scale, b, y, M, N, kw, xp.stride(0), words.stride(0),
+                                            y.stride(0), HAS_BIAS=bias is not None, MP=mp, BLOCK_N=bn, WORDS=wds,
+                                            num_warps=warps)
+    else:
+        bm, bn, wds, warps, stages = config or GEMM_CONFIG
+        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+        _gemm_kernel[grid](xp, words, row_scale, b, y, M, N, kw, xp.stride(0), words.stride(0), y.stride(0),
+                           HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, WORDS=wds, GROUP_M=8,
+                           num_warps=warps, num_stages=stages)
     return y.reshape(*lead, N)
-
-
-PREFILL_M = 256

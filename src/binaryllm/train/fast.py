@@ -84,11 +84,11 @@ def _plain_head(model) -> bool:
 def lm_loss(model, ids: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     """Next-token loss of a causal LM on ``ids`` (batch, seq): the fused path where the model allows it."""
     if _plain_head(model):
-        h = model.base_model(input_ids=ids).last_hidden_state
+        h = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
         d = h.shape[-1]
         return linear_cross_entropy(h[:, :-1].reshape(-1, d), model.get_output_embeddings().weight,
                                     ids[:, 1:].reshape(-1), chunk)
-    logits = model(input_ids=ids).logits
+    logits = model(input_ids=ids, use_cache=False).logits
     v = logits.shape[-1]
     return F.cross_entropy(logits[:, :-1].reshape(-1, v).float(), ids[:, 1:].reshape(-1))
 

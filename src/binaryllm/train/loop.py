@@ -291,7 +291,7 @@ class Trainer:
                     ids = self.batch(step * t.grad_accum + micro)
                     with self.autocast():
                         if self.teacher is not None and t.distill:
-                            logits = model(input_ids=ids).logits
+                            logits = model(input_ids=ids, use_cache=False).logits
                             loss = causal_lm_loss(logits, ids)
                             with torch.no_grad():
                                 tl = self.teacher(input_ids=ids).logits
@@ -300,7 +300,7 @@ class Trainer:
                         elif t.fused_loss:
                             loss = lm_loss(model, ids)
                         else:
-                            loss = causal_lm_loss(model(input_ids=ids).logits, ids)
+                            loss = causal_lm_loss(model(input_ids=ids, use_cache=False).logits, ids)
                     (loss / t.grad_accum).backward()
                     loss_sum += loss.detach()
                     del loss
