@@ -201,6 +201,19 @@ class Trainer:
 
     # ---- the run -------------------------------------------------------------------------------
     def run(self, resume: bool = False, callback=None) -> dict:
+        # no KV cache during training and its evaluations: it is never reused, and a compiled block would
+        # guard on each layer's cache state (recompiling per layer)
+        hf_cfg = getattr(self.model, "config", None)
+        use_cache = getattr(hf_cfg, "use_cache", None)
+        if use_cache is not None:
+            hf_cfg.use_cache = False
+        try:
+            return self._run(resume, callback)
+        finally:
+            if use_cache is not None:
+                hf_cfg.use_cache = use_cache
+
+    def _run(self, resume: bool, callback) -> dict:
         cfg, t = self.cfg, self.cfg.train
         model = self.model.to(self.device)
         if self.teacher is not None:
