@@ -157,3 +157,32 @@ def test_generate_streams_from_a_packed_folder(tmp_path, tokenizer, capsys):
                  "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("the program") and len(out) > len("the program")
+
+
+def test_packed_folder_missing_scale_shape_mismatch_and_unfinished_run(tmp_path, tokenizer, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from binaryllm.cli import main
+    model = pack(bl.freeze(bl.binarize(tiny_model("llama", vocab=len(tokenizer)), bl.BinaryConfig())))
+    d = tmp_path / "p"
+    save_packed(model, tokenizer, d)
+    st = d / "model.safetensors"
+    good = load_file(str(st))
+    name = next(iter(packed_modules(model)))
+    missing = {k: v for k, v in good.items() if k != f"{name}.weight_scale"}
+    save_file(missing, str(st), metadata={"format": "pt"})
+    with pytest.raises(BinaryLLMError, match=rf"lacks {name}.weight_scale"):
+        load_packed(d)
+    wrong = dict(good)
+    wrong[f"{name}.weight"] = wrong[f"{name}.weight"][:, :-1].contiguous()
+    save_file(wrong, str(st), metadata={"format": "pt"})
+    with pytest.raises(BinaryLLMError, match=rf"{name}.weight has shape"):
+        load_packed(d)
+    # a run folder whose training never finished (no summary / final weights): pack refuses in one line
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.yaml").write_text("binary:\n  method: cpt\n")
+    assert main(["pack", str(run), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no finished run" in err[0] and "--resume" in err[0]
+    assert not (tmp_path / "out").exists()
