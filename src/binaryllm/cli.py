@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--config", default=None, help="YAML file with sections model/data/binary/train")
     cv.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     cv.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cv.add_argument("--gpus", type=int, default=1, help="train on N processes with FSDP2: relaunches itself under "
+                    "torchrun (N GPUs; with --device cpu, N gloo processes); --batch-size is the global batch")
     cv._binaryllm_groups = {s: cv.add_argument_group(f"{s} options") for s in C.SECTIONS}
     _add_config_options(cv)
 
@@ -146,10 +148,47 @@ def config_from_args(args: argparse.Namespace) -> tuple[C.RunConfig, dict]:
     return cfg, explicit
 
 
+def launch_torchrun(n: int, argv: list[str]) -> int:
+    """``binaryllm convert --gpus N ...`` = ``torchrun --standalone --nproc-per-node N -m binaryllm convert ...``,
+    with NVLink multicast off in the environment it builds (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1)."""
+    import os
+    import subprocess
+
+    from .train.dist import NCCL_ENV
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--gpus":
+            skip = True
+            continue
+        if a.startswith("--gpus="):
+            continue
+        rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+           "-m", "binaryllm", *rest]
+    return subprocess.run(cmd, env={**os.environ, **NCCL_ENV}).returncode
+
+
 def cmd_convert(args) -> int:
+    import os
+
     from .train import convert
+    from .train.dist import launched
+    if args.gpus > 1 and not launched():
+        return launch_torchrun(args.gpus, args._argv)
+    if args.gpus < 1:
+        raise BinaryLLMError(f"--gpus must be >= 1, got {args.gpus}")
     cfg, explicit = config_from_args(args)
-    summary = convert(cfg, args.out, resume=args.resume, progress=not args.no_progress, explicit=explicit)
+    try:
+        summary = convert(cfg, args.out, resume=args.resume, progress=not args.no_progress, explicit=explicit)
+    finally:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     if not summary.get("finished"):
         print(f"stopped at step {summary['step']} of {summary['total_steps']}; continue with: binaryllm convert "
               f"--resume --out {args.out}")
@@ -280,6 +319,7 @@ def cmd_corpus(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args._argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return {"convert": cmd_convert, "eval": cmd_eval, "compare": cmd_compare,
                 "pack": cmd_pack, "export-gguf": cmd_export_gguf, "bench": cmd_bench, "generate": cmd_generate,
@@ -290,6 +330,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("binaryllm: interrupted; the last checkpoint is kept: continue with --resume", file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        import os
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            raise
+        # a collective failed: another rank died, or nothing arrived within BINARYLLM_DIST_TIMEOUT
+        print(f"binaryllm: error: rank {os.environ.get('RANK')}: lost contact with the other ranks (a process died "
+              f"or timed out: {str(e).splitlines()[0][:160]}); the last complete checkpoint is kept: continue with "
+              f"--resume", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

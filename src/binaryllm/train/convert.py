@@ -70,7 +70,12 @@ def _check_resume(out: Path, cfg: C.RunConfig, explicit: dict) -> C.RunConfig:
 def convert(cfg: C.RunConfig, out: str | Path | None, resume: bool = False, progress: bool = True,
             explicit: dict | None = None, callback=None) -> dict:
     """The whole pipeline; returns the summary.  ``explicit``: options the user set (checked on resume)."""
+    from . import dist as D
     cfg.validate()
+    info = D.setup(cfg.train.device)           # several processes under torchrun, else None
+    main = info is None or info.main
+    if info is not None and outp_is_missing(out):
+        raise BinaryLLMError("a multi-GPU run needs --out (its checkpoints are sharded across the ranks)")
     outp = Path(out) if out else None
     if outp is not None:
         if resume:
@@ -79,36 +84,57 @@ def convert(cfg: C.RunConfig, out: str | Path | None, resume: bool = False, prog
             cfg = _check_resume(outp, cfg, explicit or {})
         elif (outp / "run.yaml").is_file():
             raise BinaryLLMError(f"{outp} already holds a run; pass --resume to continue it or choose another --out")
-        outp.mkdir(parents=True, exist_ok=True)
-        C.dump_yaml(cfg, outp / "run.yaml")
+        if info is not None:
+            D.barrier(info)                    # every rank has checked before rank 0 writes
+        if main:
+            outp.mkdir(parents=True, exist_ok=True)
+            C.dump_yaml(cfg, outp / "run.yaml")
     t0 = time.time()
     if not progress:
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
     model, tok, src = load_model(cfg.model.model, cfg.model.trust_remote_code, cfg.model.revision)
-    data = prepare_data(cfg, tok, progress)
+    if info is not None and not main:
+        D.barrier(info)                        # rank 0 tokenizes (and caches) first
+    data = prepare_data(cfg, tok, progress and main)
+    if info is not None and main:
+        D.barrier(info)
     teacher = None
     if cfg.train.distill:
         teacher = copy.deepcopy(model)
         if resolve_is_cuda(cfg):
             teacher = teacher.to(torch.bfloat16)
     binarize(model, cfg.binary)
-    if outp is not None:
+    if outp is not None and main:
         model.config.save_pretrained(outp)
         tok.save_pretrained(outp)
-    trainer = Trainer(model, cfg, data, outp, teacher=teacher, progress=progress)
+    trainer = Trainer(model, cfg, data, outp, teacher=teacher, progress=progress, dist=info)
     summary = dict(trainer.run(resume=resume, callback=callback))
     summary["model"] = src.description
     summary["train_blocks"], summary["val_blocks"] = data.train.shape[0], data.val.shape[0]
+    if info is not None:
+        summary["world_size"] = info.world
+        full = D.full_state_dict(model, trainer.keep_names) if summary.get("finished") else None
+        if not main:
+            return summary
     if summary.get("finished") and outp is not None:
         summary["wall_seconds_this_invocation"] = round(time.time() - t0, 1)
-        _atomic_save_model(model, outp / "model.safetensors")
+        if info is not None:
+            from safetensors.torch import save_file
+            with atomic_file(outp / "model.safetensors") as tmp:
+                save_file(full, str(tmp), metadata={"format": "pt"})
+        else:
+            _atomic_save_model(model, outp / "model.safetensors")
         info = dict(getattr(model, "binaryllm_info", {}))
         info.update({"t_final": summary.get("t_final"), "frozen_form": "sign(W~) * S_l * mean|W~| per row",
                      "base_model": src.description})
         atomic_write_text(outp / "binary.json", json.dumps(info, indent=1))
         atomic_write_text(outp / "summary.json", json.dumps(summary, indent=1))
     return summary
+
+
+def outp_is_missing(out) -> bool:
+    return not out
 
 
 def resolve_is_cuda(cfg: C.RunConfig) -> bool:

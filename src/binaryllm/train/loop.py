@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,11 @@ from ..io import atomic_write_text
 from ..quant import cosine_lr, irnet_t, phase_of
 from .checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from .fast import compile_blocks, lm_loss
+
+
+def D_mean(x, info) -> float:
+    from .dist import mean
+    return mean(x, info)
 from .init import binary_aware_init
 
 
@@ -74,14 +80,22 @@ def distill_kl(student: torch.Tensor, teacher: torch.Tensor, temp: float) -> tor
 
 class Trainer:
     def __init__(self, model, cfg: RunConfig, data: TrainData, out_dir: str | Path | None = None,
-                 teacher=None, progress: bool = True):
+                 teacher=None, progress: bool = True, dist=None):
         self.model, self.cfg, self.data, self.teacher = model, cfg, data, teacher
+        self.dist = dist            # train.dist.DistInfo when launched by torchrun, else None
+        self.main = dist is None or dist.main
         self.out = Path(out_dir) if out_dir else None
-        if self.out is not None:
+        if self.out is not None and self.main:
             self.out.mkdir(parents=True, exist_ok=True)
-        self.progress = progress
+        self.progress = progress and self.main
         t, b = cfg.train, cfg.binary
-        self.device = resolve_device(t.device)
+        self.device = dist.device if dist is not None else resolve_device(t.device)
+        if dist is not None:
+            if t.batch_size % dist.world:
+                raise BinaryLLMError(f"--batch-size {t.batch_size} is the global batch and must be a multiple of the "
+                                     f"{dist.world} ranks")
+            if teacher is not None:
+                raise BinaryLLMError("--distill is not supported with several GPUs yet; drop --distill or --gpus")
         self.autocast = autocast_for(self.device, t.amp)
         self.tokens_per_step = t.batch_size * t.grad_accum * t.seq_len
         self.total_steps = 0 if b.method == "sign" else max(1, math.ceil(parse_tokens(t.tokens) / self.tokens_per_step))
@@ -119,8 +133,13 @@ class Trainer:
         t = self.cfg.train
         return cosine_lr(step, self.total_steps, t.lr, t.lr_min, t.warmup_steps)
 
-    def batch(self, k: int, order: BlockOrder | None = None) -> torch.Tensor:
+    def batch(self, k: int, order: BlockOrder | None = None, full: bool = False) -> torch.Tensor:
+        """Micro-batch k of the global order; with several ranks, this rank's contiguous slice of it
+        (``full``: the whole global batch, for the identical-on-every-rank stage 1)."""
         idx = (order or self.order).indices(k)
+        if self.dist is not None and not full:
+            per = len(idx) // self.dist.world
+            idx = idx[self.dist.rank * per: (self.dist.rank + 1) * per]
         return self.data.train[idx].to(self.device, non_blocking=True)
 
     # ---- parameters and optimizer ------------------------------------------------------------
@@ -176,13 +195,13 @@ class Trainer:
 
     # ---- outputs -------------------------------------------------------------------------------
     def _log(self, rec: dict) -> None:
-        if self.out is None:
+        if self.out is None or not self.main:
             return
         with open(self.out / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(rec) + "\n")
 
     def _truncate_metrics(self, step: int) -> None:
-        p = self.out / "metrics.jsonl" if self.out else None
+        p = self.out / "metrics.jsonl" if (self.out and self.main) else None
         if p is None or not p.is_file():
             return
         keep = [ln for ln in p.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) < step]
@@ -196,6 +215,11 @@ class Trainer:
                  "total_steps": self.total_steps, "input_scales": info.get("input_scales", []),
                  "folded_norms": info.get("folded_norms", []),
                  "folded_into_rows": info.get("folded_into_rows", []), "summary": self.summary}
+        if self.dist is not None:
+            from . import dist as D
+            self.last_ckpt = D.save(self.out / "checkpoints", step, self.model, self.optimizer, state, self.dist,
+                                    keep=self.cfg.train.keep_checkpoints)
+            return
         self.last_ckpt = save_checkpoint(self.out / "checkpoints", step, self.model, self.optimizer, state,
                                          keep=self.cfg.train.keep_checkpoints)
 
@@ -229,9 +253,17 @@ class Trainer:
             state = read_state(ckpt)
             restore_input_scales(self.model, state.get("input_scales", []), state.get("folded_norms", []),
                                  state.get("folded_into_rows", []))
+            self._shard()
             if cfg.binary.method != "sign":
                 self.optimizer = self._make_optimizer()
-            load_checkpoint(ckpt, model, self.optimizer)
+            if self.dist is not None:
+                from . import dist as D
+                D.load(ckpt, model, self.optimizer, self.dist)
+            elif state.get("format") == "dcp":
+                raise BinaryLLMError(f"{ckpt} is a sharded checkpoint of a {state.get('world_size')}-process run; "
+                                     f"resume it with --gpus N (N >= 2; torch.distributed.checkpoint re-shards)")
+            else:
+                load_checkpoint(ckpt, model, self.optimizer)
             start = state["step"]
             self.summary = dict(state.get("summary", {}))
             self.last_ckpt = ckpt
@@ -242,6 +274,7 @@ class Trainer:
             trains = cfg.binary.method in ("cpt", "ste", "irnet")
             if trains and cfg.binary.init and cfg.binary.init_steps > 0:
                 self._stage1()
+            self._shard()
             if cfg.binary.method != "sign":
                 self.optimizer = self._make_optimizer()
             self._save(0, "train")
@@ -250,6 +283,15 @@ class Trainer:
         self._train(start, callback)
         return self._finish()
 
+    def _shard(self) -> None:
+        """Several ranks: FSDP2 over the decoder blocks and the root (after stage 1, which every rank runs
+        identically on the whole model, as one GPU would)."""
+        if self.dist is None:
+            return
+        from . import dist as D
+        self.keep_names = D.untied_names(self.model)
+        D.shard(self.model, bf16=self.cfg.train.amp in ("auto", "bf16") and self.device.type == "cuda")
+
     def _stage1(self) -> None:
         b, t = self.cfg.binary, self.cfg.train
         order = BlockOrder(self.data.train.shape[0], t.batch_size, t.seed + 7919)
@@ -257,7 +299,7 @@ class Trainer:
         probe = self.data.train[:1, : min(16, self.data.train.shape[1])].to(self.device)
         t0 = time.time()
         bar = self._bar(b.init_steps, "stage 1: init")
-        res = binary_aware_init(self.model, lambda k: self.batch(k, order), b.init_steps, b.init_lr, probe,
+        res = binary_aware_init(self.model, lambda k: self.batch(k, order, full=True), b.init_steps, b.init_lr, probe,
                                 fold=b.fold_input_scales, autocast=self.autocast,
                                 log=lambda k, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")))
         bar.close()
@@ -310,19 +352,21 @@ class Trainer:
                                 tl = self.teacher(input_ids=ids).logits
                             loss = loss + t.distill_weight * distill_kl(logits, tl, t.distill_temp)
                             del logits, tl
-                        elif t.fused_loss:
+                        elif t.fused_loss and self.dist is None:   # FSDP: the root's forward gathers the head
                             loss = lm_loss(model, ids)
                         else:
                             loss = causal_lm_loss(model(input_ids=ids, use_cache=False).logits, ids)
                     (loss / t.grad_accum).backward()
                     loss_sum += loss.detach()
                     del loss
-                loss_val = float(loss_sum) / t.grad_accum
+                loss_val = (float(loss_sum) if self.dist is None else D_mean(loss_sum, self.dist)) / t.grad_accum
                 if not math.isfinite(loss_val):
                     where = f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "no checkpoint was saved"
                     raise BinaryLLMError(f"loss became {loss_val} at step {step}; stopped, {where}: lower --lr "
                                          "(or raise --grad-clip protection) and continue with --resume")
                 gnorm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
+                if hasattr(gnorm, "full_tensor"):   # FSDP2: a DTensor
+                    gnorm = gnorm.full_tensor()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             except torch.OutOfMemoryError:
@@ -349,6 +393,8 @@ class Trainer:
                 self._log({"type": "eval", "step": step, "val_loss": self.evaluate()})
             if done % t.save_every == 0 or done == end:
                 self._save(done, "train")
+            if self.dist is not None and os.environ.get("BINARYLLM_FAULT_RANK_STEP") == f"{self.dist.rank}:{done}":
+                os._exit(17)   # fault injection for the multi-process tests: this rank dies here
             if callback is not None:
                 callback(step, loss_val)
         bar.close()
