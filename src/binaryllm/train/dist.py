@@ -3,10 +3,13 @@
 * ``setup()`` joins the process group torchrun describes (WORLD_SIZE / RANK / LOCAL_RANK): NCCL on GPUs, gloo on
   the CPU (and, with a warning, where NCCL is missing); every collective times out after BINARYLLM_DIST_TIMEOUT
   seconds (600), so a rank that dies makes the others fail instead of waiting forever.
-* ``shard()`` wraps every decoder block, then the root (embeddings, final norm, head), with
-  ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` under bf16 autocast: fp32 master weights and
-  optimizer state, sharded; bf16 all-gathered weights for compute; fp32 gradient reduction.  The binarizer runs
-  inside the block's forward on the *gathered* weight, so S_a is the mean over the full row, as on one GPU.
+* ``shard()`` wraps every decoder block, then the root (embeddings, final norm, head).  fp32 master weights
+  and optimizer state, sharded; fp32 gradient reduction; matmuls in bf16 under autocast.  The weights gathered
+  for compute are fp32 by default (``--fsdp-params fp32``: the binarizer sees exactly what it sees on one GPU)
+  or bf16 (``--fsdp-params bf16``: ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``, half the
+  all-gather traffic, but S_a, F and their gradients then run on bf16 weights: on SmolLM2 at 8M tokens that
+  run ended 0.19 nats worse than one GPU, docs/RESULTS.md).  The binarizer runs inside the block's forward on
+  the *gathered* weight, so S_a is the mean over the full row, as on one GPU.
 * ``save()`` / ``load()``: sharded checkpoints with ``torch.distributed.checkpoint`` (each rank writes its
   shards), in the same ``checkpoints/step-XXXXXXXX`` + ``latest`` layout as single-process runs, written under a
   temporary name and renamed by rank 0 once every rank is done.  DCP re-shards on load, so a run may resume on
@@ -83,7 +86,7 @@ def shard(model, bf16: bool) -> None:
 
     from ..nn import find_blocks
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
-        else MixedPrecisionPolicy()
+        else MixedPrecisionPolicy(reduce_dtype=torch.float32)
     _, blocks = find_blocks(model)
     for b in blocks:
         fully_shard(b, mp_policy=mp)

@@ -290,7 +290,10 @@ class Trainer:
             return
         from . import dist as D
         self.keep_names = D.untied_names(self.model)
-        D.shard(self.model, bf16=self.cfg.train.amp in ("auto", "bf16") and self.device.type == "cuda")
+        t = self.cfg.train
+        if t.fsdp_params not in ("fp32", "bf16"):
+            raise BinaryLLMError(f"--fsdp-params must be fp32 or bf16, got {t.fsdp_params!r}")
+        D.shard(self.model, bf16=t.fsdp_params == "bf16" and self.device.type == "cuda")
 
     def _stage1(self) -> None:
         b, t = self.cfg.binary, self.cfg.train
