@@ -71,3 +71,14 @@ def test_a_dying_rank_stops_the_run_and_the_sharded_checkpoint_resumes_exactly(r
     assert json.loads((out / "summary.json").read_text())["finished"]
     assert not any(p.name.startswith(".step-") for p in (out / "checkpoints").iterdir())
     assert os.environ.get("BINARYLLM_FAULT_RANK_STEP") is None
+
+
+def test_resume_on_another_number_of_ranks_reshards(runs):
+    d, base = runs
+    out = d / "reshard"
+    assert main(["convert", *base, "--out", str(out), "--gpus", "2", "--max-steps", "4"]) == 0
+    assert main(["convert", *base, "--out", str(out), "--gpus", "4", "--resume", "--max-steps", "0"]) == 0
+    resumed, ref = _train_rows(out), _train_rows(d / "two")
+    assert [r["step"] for r in resumed] == list(range(10))
+    for a, b in zip(resumed, ref):   # 2 ranks for steps 0-3, 4 ranks after: the same losses
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
