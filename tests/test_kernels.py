@@ -119,3 +119,25 @@ def test_prepare_weight_pads_unaligned_rows():
     from binaryllm.kernels.triton_w1a16 import prepare_weight
     w2 = prepare_weight(pack_signs(torch.randn(4, 40)), 40)
     assert w2.dtype == torch.int32 and w2.shape == (4, 2) and (w2[:, 1] >> 8).eq(0).all()   # zero padding bits
+
+
+def test_packed_model_decodes_the_same_with_a_static_cache(tokenizer):
+    """The decode path of bench decode (transformers' static KV cache) gives the greedy tokens of the plain
+    dynamic cache, on a packed model (CPU: the C kernel for the one-token steps)."""
+    model = pack(bl.freeze(bl.binarize(tiny_model("llama", vocab=len(tokenizer)), bl.BinaryConfig())))
+    ids = pattern_blocks(1, 8, vocab=len(tokenizer))
+    kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(ids),
+              pad_token_id=0, disable_compile=True)
+    with torch.no_grad():
+        dyn = model.generate(ids, **kw)
+        sta = model.generate(ids, cache_implementation="static", **kw)
+    assert dyn.shape == (1, 20) and torch.equal(dyn, sta)
+
+
+def test_random_packed_replaces_block_linears():
+    from binaryllm.bench import random_packed_
+    from binaryllm.export import packed_modules
+    model = tiny_model("llama")
+    assert random_packed_(model) == 2 * 7 and len(packed_modules(model)) == 14
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=pattern_blocks(1, 8)).logits).all()

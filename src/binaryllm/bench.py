@@ -218,3 +218,94 @@ def bench_train(model_spec: str = "", seq_len: int = 2048, batch_size: int = 16,
         model = opt = params = None
         torch.cuda.empty_cache()
     return rows
+
+
+SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0,
+                    max_position_embeddings=8192, rms_norm_eps=1e-5)
+LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=4096,
+                rms_norm_eps=1e-5)
+
+
+def random_packed_(model) -> int:
+    """Replace every nn.Linear of the decoder blocks by a PackedBinaryLinear with random bits and a
+    1/sqrt(in) row scale (speed only: the values do not matter).  Returns the number of layers replaced."""
+    from .export.packed import _set_module
+    from .nn import find_blocks
+    from .nn.packed import PackedBinaryLinear
+    name, blocks = find_blocks(model)
+    dev = next(model.parameters()).device
+    todo = [(f"{name}.{i}.{n}", m) for i, b in enumerate(blocks) for n, m in b.named_modules()
+            if isinstance(m, torch.nn.Linear)]
+    for full, m in todo:
+        p = PackedBinaryLinear(m.in_features, m.out_features, bias=m.bias is not None, device=dev)
+        p.weight.copy_(torch.randint(0, 256, p.weight.shape, dtype=torch.uint8, device=dev))
+        p.weight_scale.fill_(m.in_features ** -0.5)
+        _set_module(model, full, p)
+        del m
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return len(todo)
+
+
+def _weight_bytes(model) -> int:
+    seen, n = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            n += t.numel() * t.element_size()
+    return n
+
+
+def _decode_tok_s(model, prompt_len: int, new_tokens: int, static: bool) -> float:
+    from transformers import CompileConfig
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), device="cuda")
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+              attention_mask=torch.ones_like(ids), pad_token_id=0)
+    if static:   # static KV cache; transformers compiles the decoding step (CUDA graphs, "reduce-overhead")
+        kw.update(cache_implementation="static", compile_config=CompileConfig(fullgraph=False))
+    else:
+        kw.update(disable_compile=True)
+    with torch.no_grad():
+        model.generate(ids, **kw)            # warm-up (and compilation)
+        model.generate(ids, **kw)
+        torch.cuda.synchronize()
+        t0 = time.time()
+        model.generate(ids, **kw)
+        torch.cuda.synchronize()
+    return new_tokens / (time.time() - t0)
+
+
+def bench_decode(models=("smollm2-135m", "llama-7b"), new_tokens: int = 128, prompt_len: int = 16,
+                 log=print) -> list[dict]:
+    """Batch-1 greedy decoding through transformers' generate: bf16 model vs the same model with its block
+    linears packed (random weights: speed only), each eager (dynamic cache) and with a static cache + compiled
+    step.  Memory: bytes of all weights; bandwidth: those bytes read once per token x tokens/s."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    shapes = {"smollm2-135m": SMOLLM2_135M, "llama-7b": LLAMA_7B}
+    rows = []
+    for name in models:
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(LlamaConfig(**shapes[name]), dtype=torch.bfloat16).eval()
+        for variant in ("bf16", "packed"):
+            if variant == "packed":
+                random_packed_(model)
+                torch._dynamo.reset()
+            wb = _weight_bytes(model)
+            row = {"model": name, "variant": variant, "weights_MiB": round(wb / 2**20, 1)}
+            for static in (False, True):
+                key = "static_compiled" if static else "eager"
+                try:
+                    tps = _decode_tok_s(model, prompt_len, new_tokens, static)
+                    row[f"{key}_tok_s"] = round(tps, 1)
+                    row[f"{key}_GBps"] = round(wb * tps / 1e9, 1)
+                except Exception as e:   # report and go on: one failing path must not hide the others
+                    row[f"{key}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            rows.append(row)
+            log(row)
+        del model
+        torch.cuda.empty_cache()
+    return rows

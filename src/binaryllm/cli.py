@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
     bn = sub.add_parser("bench", help="speed benchmarks against bf16 / fp32 in the same run (see binaryllm.bench)")
-    bn.add_argument("what", choices=["kernels", "kernels-cpu", "train"])
+    bn.add_argument("what", choices=["kernels", "kernels-cpu", "train", "decode"])
     bn.add_argument("--model", default="", help="train: the model (default SmolLM2)")
     bn.add_argument("--seq-len", type=int, default=2048)
     bn.add_argument("--batch-size", type=int, default=16)
@@ -291,12 +291,14 @@ def cmd_bench(args) -> int:
     import torch
 
     from . import bench
-    if args.what in ("kernels", "train") and not torch.cuda.is_available():
+    if args.what in ("kernels", "train", "decode") and not torch.cuda.is_available():
         raise BinaryLLMError(f"bench {args.what} needs a CUDA GPU; on the CPU run: binaryllm bench kernels-cpu")
     if args.what == "kernels":
         rows = bench.bench_kernels_gpu()
     elif args.what == "kernels-cpu":
         rows = bench.bench_kernels_cpu()
+    elif args.what == "decode":
+        rows = bench.bench_decode()
     else:
         rows = bench.bench_train(args.model, args.seq_len, args.batch_size, args.steps,
                                  variants=[v for v in args.variants.split(",") if v])

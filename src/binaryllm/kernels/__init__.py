@@ -14,16 +14,25 @@ def warn_once(key: str, msg: str) -> None:
         warnings.warn(f"binaryllm: {msg}", stacklevel=3)
 
 
-def triton_usable(device) -> bool:
-    """Triton importable and a CUDA GPU it can compile for (compute capability >= 8.0 for bf16 tensor cores)."""
+_USABLE: dict[int, bool] = {}
+
+
+def triton_usable(device_index: int) -> bool:
+    """Triton importable and a CUDA GPU it can compile for (compute capability >= 8.0 for bf16 tensor cores);
+    decided once per device (a dict lookup afterwards, which torch.compile traces as a constant)."""
+    if device_index in _USABLE:
+        return _USABLE[device_index]
     import torch
+    ok = True
     try:
         import triton  # noqa: F401
     except ImportError:
         warn_once("no-triton", "triton is not installed: packed layers on the GPU use the slower PyTorch path")
-        return False
-    major, _ = torch.cuda.get_device_capability(device)
-    if major < 8:
-        warn_once("old-gpu", f"GPU compute capability {major}.x < 8.0: packed layers use the PyTorch path")
-        return False
-    return True
+        ok = False
+    if ok:
+        major, _ = torch.cuda.get_device_capability(device_index)
+        if major < 8:
+            warn_once("old-gpu", f"GPU compute capability {major}.x < 8.0: packed layers use the PyTorch path")
+            ok = False
+    _USABLE[device_index] = ok
+    return ok

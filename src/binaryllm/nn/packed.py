@@ -48,18 +48,24 @@ class PackedBinaryLinear(nn.Module):
         return p
 
     def words(self) -> torch.Tensor:
-        from ..kernels.triton_w1a16 import prepare_weight
-        key = (self.weight.data_ptr(), self.weight._version)
-        if self._words is None or self._words[0] != key:
-            self._words = (key, prepare_weight(self.weight, self.in_features))
-        return self._words[1]
+        """The kernel's int32 word layout (a view of ``weight`` when in_features % 32 == 0), made once; reset
+        when a state dict is loaded into the layer.  No pointer checks at call time, so a compiled or
+        graph-captured forward sees a plain tensor attribute."""
+        if self._words is None or self._words.device != self.weight.device:
+            from ..kernels.triton_w1a16 import prepare_weight
+            self._words = prepare_weight(self.weight, self.in_features)
+        return self._words
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._words = None
+        return super()._load_from_state_dict(*args, **kwargs)
 
     def _fast(self, x: torch.Tensor, dt: torch.dtype):
         if not (USE_KERNELS and self.use_kernels):
             return None
         if x.is_cuda and dt in (torch.bfloat16, torch.float16):
             from ..kernels import triton_usable
-            if triton_usable(x.device):
+            if triton_usable(x.device.index or 0):
                 from ..kernels.triton_w1a16 import w1a16_matmul
                 s_in = self.input_scale.to(dt) if self.input_scale is not None else None
                 b = self.bias.to(dt) if self.bias is not None else None
