@@ -57,6 +57,8 @@ def _atomic_save_model(model, path: Path) -> None:
 
 def _check_resume(out: Path, cfg: C.RunConfig, explicit: dict) -> C.RunConfig:
     saved = C.load_yaml(out / "run.yaml")
+    # --max-steps limits one invocation: a resume without it runs to the end, whatever the first one said
+    saved.train.max_steps = cfg.train.max_steps
     for sec, opts in explicit.items():
         for k, v in opts.items():
             if k in RESUME_FREE.get(sec, set()):
