@@ -43,7 +43,6 @@ ARCHS = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2"
          "qwen3": ("QWEN3", False)}
 BLOCK = {"q1_0": 128, "q2_0": 64, "q4_0": 32, "f16": 1}
 GGML_Q2_0 = 42           # llama.cpp's type id; the gguf package (0.19) does not know it yet
-BYTES_PER_BLOCK = {"q1_0": 18, "q2_0": 18, "q4_0": 18}
 
 
 # ---- block encoders: sign bits (out, in/8 bytes, lsb first, 1 = +1) + fp16 row scale -> raw GGML rows ----
@@ -203,22 +202,10 @@ def export_gguf(folder: str | Path, out: str | Path, types=("q1_0", "q2_0", "q4_
     from safetensors import SafetensorError, safe_open
     from transformers import AutoConfig
 
-    from .packed import FORMAT_VERSION, QUANT_METHOD
+    from .packed import read_packed_config
     folder = Path(folder)
-    cfg_file, st_file = folder / "config.json", folder / "model.safetensors"
-    if not cfg_file.is_file() or not st_file.is_file():
-        raise BinaryLLMError(f"{folder} is not a packed binaryllm folder (needs config.json and model.safetensors; "
-                             f"make one with binaryllm pack)")
-    try:
-        raw_cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise BinaryLLMError(f"{cfg_file} is not valid JSON ({e.msg}); re-export with binaryllm pack") from None
-    qc = raw_cfg.get("quantization_config") or {}
-    if qc.get("quant_method") != QUANT_METHOD:
-        raise BinaryLLMError(f"{cfg_file} has no binaryllm quantization_config; pack the run first")
-    if qc.get("format_version") != FORMAT_VERSION:
-        raise BinaryLLMError(f"{cfg_file} has format_version {qc.get('format_version')}; this binaryllm reads "
-                             f"{FORMAT_VERSION}: upgrade binaryllm or re-export the model")
+    cfg_file, st_file, raw_cfg = read_packed_config(folder)
+    qc = raw_cfg["quantization_config"]
     types = tuple(t.lower() for t in types)
     bad = [t for t in types if t not in BLOCK]
     if bad:

@@ -109,6 +109,28 @@ def _unique_params(model):
             yield p
 
 
+def read_packed_config(folder: str | Path) -> tuple[Path, Path, dict]:
+    """(config.json path, model.safetensors path, the config as a dict) of a packed folder, after checking that
+    both files exist, the config is JSON, and its quantization_config is binaryllm's of this format version."""
+    folder = Path(folder)
+    cfg_file, st_file = folder / "config.json", folder / "model.safetensors"
+    if not cfg_file.is_file() or not st_file.is_file():
+        raise BinaryLLMError(f"{folder} is not a packed binaryllm folder (needs config.json and model.safetensors; "
+                             f"make one with binaryllm pack)")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise BinaryLLMError(f"{cfg_file} is not valid JSON ({e.msg}); re-export with binaryllm pack") from None
+    qc = raw.get("quantization_config") or {}
+    if qc.get("quant_method") != QUANT_METHOD:
+        raise BinaryLLMError(f"{cfg_file} has no binaryllm quantization_config; it is not a packed folder "
+                             f"(make one with binaryllm pack)")
+    if qc.get("format_version") != FORMAT_VERSION:
+        raise BinaryLLMError(f"{cfg_file} has format_version {qc.get('format_version')}; this binaryllm reads "
+                             f"{FORMAT_VERSION}: upgrade binaryllm or re-export the model")
+    return cfg_file, st_file, raw
+
+
 def load_packed(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.bfloat16):
     """(model, tokenizer) from a packed folder, the binarized layers as PackedBinaryLinear.
 
@@ -118,19 +140,8 @@ def load_packed(path: str | Path, device: str = "cpu", dtype: torch.dtype = torc
     from safetensors import SafetensorError, safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer
     p = Path(path)
-    cfg_file, st_file = p / "config.json", p / "model.safetensors"
-    if not cfg_file.is_file() or not st_file.is_file():
-        raise BinaryLLMError(f"{p} is not a packed binaryllm folder (needs config.json and model.safetensors)")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise BinaryLLMError(f"{cfg_file} is not valid JSON ({e.msg}); re-export with binaryllm pack") from None
-    qc = raw.get("quantization_config") or {}
-    if qc.get("quant_method") != QUANT_METHOD:
-        raise BinaryLLMError(f"{cfg_file} has no binaryllm quantization_config; it is not a packed folder")
-    if qc.get("format_version") != FORMAT_VERSION:
-        raise BinaryLLMError(f"{cfg_file} has format_version {qc.get('format_version')}; this binaryllm reads "
-                             f"{FORMAT_VERSION}: upgrade binaryllm or re-export the model")
+    cfg_file, st_file, raw = read_packed_config(p)
+    qc = raw["quantization_config"]
     try:
         with safe_open(str(st_file), framework="pt") as fh:
             shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}

@@ -30,7 +30,7 @@ class PackedBinaryLinear(nn.Module):
                              if input_scale else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.bfloat16, device=device) if bias else None)
         self.use_kernels = True
-        self._words = None   # (key, int32 word view) for the Triton kernel
+        self._words = None   # the Triton kernel's int32 word layout, made by words()
 
     @classmethod
     @torch.no_grad()

@@ -31,8 +31,8 @@ import torch.distributed as dist
 
 from ..errors import BinaryLLMError
 from ..io import atomic_write_text
+from .checkpoint import STATE_VERSION
 
-STATE_VERSION = 1
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 
 
@@ -136,11 +136,12 @@ def save(ckpt_dir: Path, step: int, model, optimizer, state: dict, info: DistInf
     return final
 
 
-def load(ckpt: Path, model, optimizer, info: DistInfo) -> dict:
+def load(ckpt: Path, st: dict, model, optimizer, info: DistInfo) -> None:
+    """Load the sharded checkpoint ``ckpt`` whose state.json (``st``, from ``checkpoint.read_state``) the caller
+    has read already."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
     ckpt = Path(ckpt)
-    st = json.loads((ckpt / "state.json").read_text())
     if st.get("format") != "dcp":
         raise BinaryLLMError(f"{ckpt} is a single-process checkpoint; resume it without torchrun/--gpus (or "
                              f"start a new --out for a multi-GPU run)")
@@ -152,7 +153,6 @@ def load(ckpt: Path, model, optimizer, info: DistInfo) -> dict:
     set_model_state_dict(model, sd["model"])
     if optimizer is not None and "optim" in sd:
         set_optimizer_state_dict(model, optimizer, sd["optim"])
-    return st
 
 
 def full_state_dict(model, keep: list[str]) -> dict[str, torch.Tensor] | None:

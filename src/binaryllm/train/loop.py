@@ -25,12 +25,8 @@ from ..eval.ppl import window_nll
 from ..io import atomic_write_text
 from ..quant import cosine_lr, irnet_t, phase_of
 from .checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
+from .dist import mean as dist_mean
 from .fast import compile_blocks, lm_loss
-
-
-def D_mean(x, info) -> float:
-    from .dist import mean
-    return mean(x, info)
 from .init import binary_aware_init
 
 
@@ -258,7 +254,7 @@ class Trainer:
                 self.optimizer = self._make_optimizer()
             if self.dist is not None:
                 from . import dist as D
-                D.load(ckpt, model, self.optimizer, self.dist)
+                D.load(ckpt, state, model, self.optimizer, self.dist)
             elif state.get("format") == "dcp":
                 raise BinaryLLMError(f"{ckpt} is a sharded checkpoint of a {state.get('world_size')}-process run; "
                                      f"resume it with --gpus N (N >= 2; torch.distributed.checkpoint re-shards)")
@@ -362,7 +358,7 @@ class Trainer:
                     (loss / t.grad_accum).backward()
                     loss_sum += loss.detach()
                     del loss
-                loss_val = (float(loss_sum) if self.dist is None else D_mean(loss_sum, self.dist)) / t.grad_accum
+                loss_val = (float(loss_sum) if self.dist is None else dist_mean(loss_sum, self.dist)) / t.grad_accum
                 if not math.isfinite(loss_val):
                     where = f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "no checkpoint was saved"
                     raise BinaryLLMError(f"loss became {loss_val} at step {step}; stopped, {where}: lower --lr "
