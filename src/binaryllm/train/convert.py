@@ -76,7 +76,7 @@ def convert(cfg: C.RunConfig, out: str | Path | None, resume: bool = False, prog
     cfg.validate()
     info = D.setup(cfg.train.device)           # several processes under torchrun, else None
     main = info is None or info.main
-    if info is not None and outp_is_missing(out):
+    if info is not None and not out:
         raise BinaryLLMError("a multi-GPU run needs --out (its checkpoints are sharded across the ranks)")
     outp = Path(out) if out else None
     if outp is not None:
@@ -133,10 +133,6 @@ def convert(cfg: C.RunConfig, out: str | Path | None, resume: bool = False, prog
         atomic_write_text(outp / "binary.json", json.dumps(info, indent=1))
         atomic_write_text(outp / "summary.json", json.dumps(summary, indent=1))
     return summary
-
-
-def outp_is_missing(out) -> bool:
-    return not out
 
 
 def resolve_is_cuda(cfg: C.RunConfig) -> bool:

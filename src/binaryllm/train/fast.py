@@ -59,9 +59,6 @@ class _LinearCE(torch.autograd.Function):
         return gh, gw, None, None, None
 
 
-
-
-
 def linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     """Mean cross-entropy of ``h @ w.T`` (h: (n, d), w: (V, d)) against ``targets`` (n,), -100 = ignored.
     Matmuls run in the autocast dtype when autocast is on, else in h's dtype; softmax and sums in fp32."""
