@@ -196,3 +196,28 @@ def test_evaluate_end_to_end_on_a_run_folder_via_cli(tmp_path, tiny_model_dir, t
     assert "frozen 1-bit" in res["model"] and res["ppl"][str(text_file)]["ppl"] > 1
     assert res["tasks"]["mini"]["n"] == 3 and res["config"]["seq_len"] == 64
     assert "| ppl " in capsys.readouterr().out
+
+
+def test_compare_time_limit_stops_resumably_and_continues(tmp_path, tiny_model_dir, text_file):
+    from binaryllm.compare import compare
+    base = C.RunConfig()
+    base.model.model = str(tiny_model_dir)
+    base.data.data = [str(text_file)]
+    base.data.cache_dir = str(tmp_path / "cache")
+    t = base.train
+    t.tokens, t.seq_len, t.batch_size, t.lr, t.log_every, t.eval_batches = "2560", 64, 4, 3e-3, 1, 2
+    base.binary.init_steps, base.binary.phases = 2, 4
+    ecfg = EvalConfig(ppl=[str(text_file)], tasks=[], seq_len=64, batch_size=4)
+    out = tmp_path / "report"
+    t.max_minutes = 1e-9                               # used up at once: nothing starts, nothing is lost
+    res = compare(base, ["ste", "cpt"], out, ecfg, progress=False)
+    assert all("not started" in r["error"] for r in res.values()) and not (out / "runs").exists()
+    t.max_minutes, t.max_steps = 0, 1                  # each method stops after one step, resumably
+    res = compare(base, ["ste", "cpt"], out, ecfg, progress=False)
+    assert all("stopped at step 1" in r["error"] for r in res.values())
+    assert "not finished" in (out / "report.md").read_text()
+    t.max_steps = 0
+    res = compare(base, ["ste", "cpt"], out, ecfg, progress=False)
+    assert all("error" not in r for r in res.values())
+    steps = [r["step"] for r in res["ste"]["metrics"]]
+    assert steps == list(range(10))                   # the stopped run went on from its checkpoint

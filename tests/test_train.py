@@ -121,6 +121,29 @@ def test_max_steps_stops_resumably(tmp_path):
     assert not s["finished"] and s["step"] == 4
 
 
+def test_max_minutes_stops_with_a_checkpoint_and_resumes(tmp_path):
+    cfg = run_cfg(steps=6)
+    cfg.train.max_minutes = 1e-9                      # over after the first step
+    s = Trainer(bl.binarize(tiny_model(), cfg.binary), cfg, data(), tmp_path, progress=False).run()
+    assert not s["finished"] and s["step"] == 1
+    assert ckpt_mod.latest_checkpoint(tmp_path / "checkpoints").name == "step-00000001"
+    cfg.train.max_minutes = 0
+    s = Trainer(bl.binarize(tiny_model(), cfg.binary), cfg, data(), tmp_path, progress=False).run(resume=True)
+    assert s["finished"] and [r["step"] for r in losses(tmp_path)] == list(range(6))
+
+
+def test_nan_found_without_per_step_sync_before_any_checkpoint(tmp_path):
+    # no callback: losses are read back at log/checkpoint steps only; a bad one still never reaches a checkpoint
+    cfg = run_cfg(steps=12)
+    cfg.train.save_every, cfg.train.log_every = 3, 10
+    model = bl.binarize(tiny_model(), cfg.binary)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    with pytest.raises(BinaryLLMError, match=r"loss became nan at step 0.*step-00000000"):
+        Trainer(model, cfg, data(), tmp_path, progress=False).run()
+    assert ckpt_mod.latest_checkpoint(tmp_path / "checkpoints").name == "step-00000000"
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     cfg = run_cfg(steps=12)
     cfg.train.save_every = 3

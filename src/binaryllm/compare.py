@@ -11,6 +11,7 @@ import copy
 import csv
 import io
 import json
+import time
 import traceback
 from pathlib import Path
 
@@ -72,7 +73,8 @@ def run_method(method: str, base: C.RunConfig, out: Path, ecfg, progress: bool) 
         if not (run / "summary.json").is_file():
             s = convert(cfg, run, resume=(run / "run.yaml").is_file(), progress=progress, explicit={})
             if not s.get("finished"):
-                raise BinaryLLMError(f"{method} stopped at step {s['step']}: run compare again to continue")
+                raise BinaryLLMError(f"{method} stopped at step {s['step']} of {s['total_steps']} (not finished): run "
+                                     "compare again to continue")
         summary = json.loads((run / "summary.json").read_text())
         rec.update({k: summary.get(k) for k in ("tokens", "val_loss_sign", "val_loss_F", "sign_gap",
                                                 "wall_seconds_this_invocation")})
@@ -94,10 +96,20 @@ def compare(base: C.RunConfig, methods: list[str], out: str | Path, ecfg, progre
     for m in methods:
         method_config(base, m)  # unknown names fail before any work
     C.dump_yaml(base, out / "base.yaml")
+    # --max-minutes bounds the whole invocation: each method trains in what is left, the rest wait for the next one
+    deadline = time.time() + 60 * base.train.max_minutes if base.train.max_minutes else None
     results: dict[str, dict] = {}
     for m in methods:
         try:
-            results[m] = run_method(m, base, out, ecfg, progress)
+            mbase = base
+            if deadline is not None:
+                left = (deadline - time.time()) / 60
+                if left <= 0 and not (out / "results" / f"{m}.json").is_file():
+                    results[m] = {"method": m, "error": "not started: --max-minutes used up; run compare again"}
+                    continue
+                mbase = copy.deepcopy(base)
+                mbase.train.max_minutes = max(left, 1e-9)
+            results[m] = run_method(m, mbase, out, ecfg, progress)
         except (BinaryLLMError, RuntimeError, ValueError, OSError) as e:
             results[m] = {"method": m, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
             (out / "results").mkdir(exist_ok=True)

@@ -118,6 +118,8 @@ class TrainConfig:
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
     amp: str = _f("auto", "autocast dtype: auto (bf16 on GPU, off on CPU), bf16, fp16 or none")
     max_steps: int = _f(0, "stop this invocation after N steps (the run stays resumable); 0 = no limit")
+    max_minutes: float = _f(0.0, "stop this invocation after N minutes of training, with a checkpoint (the run "
+                                 "stays resumable; for leased machines and job limits); 0 = no limit")
     compile: bool = _f(False, "torch.compile each decoder block (GPU speed; the first steps compile)")
     fsdp_params: str = _f("fp32", "multi-GPU: dtype of the weights FSDP gathers for compute, fp32 (the binarizer "
                                "sees the fp32 master weights, as on one GPU) or bf16 (half the traffic)")
@@ -138,6 +140,8 @@ class RunConfig:
         for name in ("seq_len", "batch_size", "grad_accum"):
             if getattr(t, name) < 1:
                 raise BinaryLLMError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(t, name)}")
+        if t.max_steps < 0 or t.max_minutes < 0:
+            raise BinaryLLMError("--max-steps and --max-minutes must be >= 0 (0 = no limit)")
         if t.lr <= 0 or t.lr_min < 0:
             raise BinaryLLMError("--lr must be > 0 and --lr-min >= 0")
         if t.amp not in ("auto", "bf16", "fp16", "none"):

@@ -29,7 +29,7 @@ from ..io import atomic_file, atomic_write_text
 from ..models import load_model
 from .loop import TrainData, Trainer
 
-RESUME_FREE = {"train": {"max_steps", "log_every", "eval_every", "save_every", "keep_checkpoints", "device"}}
+RESUME_FREE = {"train": {"max_steps", "max_minutes", "log_every", "eval_every", "save_every", "keep_checkpoints", "device"}}
 
 
 def prepare_data(cfg: C.RunConfig, tokenizer, progress: bool = True) -> TrainData:
@@ -57,8 +57,8 @@ def _atomic_save_model(model, path: Path) -> None:
 
 def _check_resume(out: Path, cfg: C.RunConfig, explicit: dict) -> C.RunConfig:
     saved = C.load_yaml(out / "run.yaml")
-    # --max-steps limits one invocation: a resume without it runs to the end, whatever the first one said
-    saved.train.max_steps = cfg.train.max_steps
+    # --max-steps/--max-minutes limit one invocation: a resume without them runs to the end
+    saved.train.max_steps, saved.train.max_minutes = cfg.train.max_steps, cfg.train.max_minutes
     for sec, opts in explicit.items():
         for k, v in opts.items():
             if k in RESUME_FREE.get(sec, set()):

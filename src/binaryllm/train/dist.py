@@ -93,10 +93,18 @@ def shard(model, bf16: bool) -> None:
     fully_shard(model, mp_policy=mp)
 
 
-def mean(x: torch.Tensor | float, info: DistInfo) -> float:
-    t = torch.as_tensor(x, dtype=torch.float64, device=info.device).detach().clone()
+def mean(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The mean over ranks, left on the device (no host sync)."""
+    t = x.detach().to(torch.float64).clone()
     dist.all_reduce(t)
-    return float(t) / info.world
+    return t / info.world
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """True on every rank when it is True on one (so that all ranks stop at the same step)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def barrier(info: DistInfo) -> None:

@@ -25,6 +25,7 @@ from ..eval.ppl import window_nll
 from ..io import atomic_write_text
 from ..quant import cosine_lr, irnet_t, phase_of
 from .checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
+from .dist import any_rank as D_any_rank
 from .dist import mean as dist_mean
 from .fast import compile_blocks, lm_loss
 from .init import binary_aware_init
@@ -325,8 +326,27 @@ class Trainer:
             compile_blocks(model)
             model._binaryllm_compiled = True
         end = self.total_steps if not t.max_steps else min(self.total_steps, start + t.max_steps)
+        deadline = time.time() + 60 * t.max_minutes if t.max_minutes else None
         bar = self._bar(self.total_steps, f"{cfg.binary.method}", initial=start)
         win_t, win_tok, win_loss = time.time(), 0, []
+        # losses stay on the device until a log, a checkpoint or the end: reading one back every step would make
+        # the host wait for the GPU each step instead of queueing the next one
+        pending: list[tuple[int, torch.Tensor]] = []
+        last_loss = [float("nan")]
+
+        def check_losses() -> None:
+            if not pending:
+                return
+            vals = torch.stack([v for _, v in pending]).tolist()
+            for (s, _), v in zip(pending, vals):
+                if not math.isfinite(v):
+                    where = f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "no checkpoint was saved"
+                    raise BinaryLLMError(f"loss became {v} at step {s}; stopped, {where}: lower --lr "
+                                         "(or raise --grad-clip protection) and continue with --resume")
+            win_loss.extend(vals)
+            last_loss[0] = vals[-1]
+            pending.clear()
+
         for step in range(start, end):
             plan = self.plan(step)
             if step == self.hard_start and step > 0 and cfg.binary.method == "cpt":
@@ -356,13 +376,9 @@ class Trainer:
                         else:
                             loss = causal_lm_loss(model(input_ids=ids, use_cache=False).logits, ids)
                     (loss / t.grad_accum).backward()
-                    loss_sum += loss.detach()
+                    loss_sum = loss_sum + loss.detach().float()
                     del loss
-                loss_val = (float(loss_sum) if self.dist is None else dist_mean(loss_sum, self.dist)) / t.grad_accum
-                if not math.isfinite(loss_val):
-                    where = f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "no checkpoint was saved"
-                    raise BinaryLLMError(f"loss became {loss_val} at step {step}; stopped, {where}: lower --lr "
-                                         "(or raise --grad-clip protection) and continue with --resume")
+                loss_dev = (loss_sum if self.dist is None else dist_mean(loss_sum, self.dist)) / t.grad_accum
                 gnorm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
                 if hasattr(gnorm, "full_tensor"):   # FSDP2: a DTensor
                     gnorm = gnorm.full_tensor()
@@ -372,15 +388,21 @@ class Trainer:
                 raise BinaryLLMError(f"out of memory at step {step} (batch-size {t.batch_size}, seq-len "
                                      f"{t.seq_len}): lower --batch-size (raise --grad-accum to keep the batch) "
                                      "or --seq-len") from None
+            pending.append((step, loss_dev))
             win_tok += self.tokens_per_step
-            win_loss.append(loss_val)
             done = step + 1
-            if done % t.log_every == 0 or done == end:
+            last = done == end
+            if deadline is not None and (self.dist is None or done % t.log_every == 0):
+                over = time.time() > deadline
+                last = last or (over if self.dist is None else D_any_rank(over, self.dist))
+            if callback is not None or last or done % t.log_every == 0 or done % t.save_every == 0:
+                check_losses()
+            if done % t.log_every == 0 or last:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 dt = max(time.time() - win_t, 1e-9)
                 rec = {"type": "train", "step": step, "tokens": done * self.tokens_per_step, "phase": plan.phase,
-                       "t": plan.t, "kind": plan.kind, "lr": lr, "loss": loss_val,
+                       "t": plan.t, "kind": plan.kind, "lr": lr, "loss": last_loss[0],
                        "loss_avg": sum(win_loss) / len(win_loss), "grad_norm": float(gnorm),
                        "tokens_per_s": win_tok / dt}
                 self._log(rec)
@@ -390,12 +412,14 @@ class Trainer:
             bar.update(1)
             if t.eval_every and done % t.eval_every == 0 and done < self.total_steps:
                 self._log({"type": "eval", "step": step, "val_loss": self.evaluate()})
-            if done % t.save_every == 0 or done == end:
+            if done % t.save_every == 0 or last:
                 self._save(done, "train")
             if self.dist is not None and os.environ.get("BINARYLLM_FAULT_RANK_STEP") == f"{self.dist.rank}:{done}":
                 os._exit(17)   # fault injection for the multi-process tests: this rank dies here
             if callback is not None:
-                callback(step, loss_val)
+                callback(step, last_loss[0])
+            if last:
+                break
         bar.close()
 
     def _finish(self) -> dict:
