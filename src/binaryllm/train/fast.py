@@ -93,7 +93,14 @@ def lm_loss(model, ids: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
 def compile_blocks(model, **kw) -> int:
     """``torch.compile`` each decoder block in place (regional compilation: identical blocks share one
     compiled graph, so compile time does not grow with depth).  Returns the number of blocks compiled."""
+    import torch._dynamo
     from ..nn import find_blocks
+    # one graph per (binarizer kind, grad mode, block layout): a run switches kind for its evaluations and the
+    # hard-sign phase, and `compare` trains several methods in one process; past the default limit of 8, dynamo
+    # silently runs the blocks eagerly (seen: half the tokens/s for the later methods of a compare)
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, name, max(getattr(cfg, name), 64))
     _, blocks = find_blocks(model)
     for b in blocks:
         b.compile(**kw)
