@@ -160,11 +160,13 @@ def test_tiny_compare_writes_full_report(tmp_path, tiny_model_dir, text_file, mo
         assert (out / f).is_file(), f
     header = (out / "results.csv").read_text().splitlines()[0].split(",")
     assert header == ["method", "bits/weight", "ppl corpus.txt", "mini", "avg acc", "ppl ratio to fp",
-                      "acc ratio to fp"]
+                      "acc ratio to fp", "sign gap (nats)", "gap before hard phase", "train tokens/s"]
     rows = {r.split(",")[0]: r.split(",") for r in (out / "results.csv").read_text().splitlines()[1:]}
     assert set(rows) == {"fp", "ste", "cpt", "cpt-nodual"}
     assert float(rows["fp"][1]) == 16.0 and 1.0 < float(rows["cpt"][1]) < 1.6  # 1 bit + fp16 scales
     assert float(rows["fp"][5]) == 1.0
+    gap = res["cpt"]["val_loss_sign"] - res["cpt"]["val_loss_F"]
+    assert abs(float(rows["cpt"][7]) - gap) < 1e-3 and rows["ste"][7] == "" and float(rows["cpt"][9]) > 0
     import matplotlib.image as mpimg
     for f in ("loss.png", "ppl.png", "zeroshot.png"):
         assert (out / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -221,3 +223,18 @@ def test_compare_time_limit_stops_resumably_and_continues(tmp_path, tiny_model_d
     assert all("error" not in r for r in res.values())
     steps = [r["step"] for r in res["ste"]["metrics"]]
     assert steps == list(range(10))                   # the stopped run went on from its checkpoint
+
+
+def test_convert_max_minutes_counts_from_its_own_start(tmp_path, tiny_model_dir, text_file):
+    # the deadline includes loading and stage 1, so a budget spent before training still trains one step
+    # (a checkpoint to resume from) and stops; a resume without the limit finishes the run
+    from binaryllm.train import convert
+    cfg = C.RunConfig()
+    cfg.model.model, cfg.data.data, cfg.data.cache_dir = str(tiny_model_dir), [str(text_file)], str(tmp_path / "c")
+    cfg.train.tokens, cfg.train.seq_len, cfg.train.batch_size, cfg.train.max_minutes = "1280", 64, 4, 1e-9
+    cfg.binary.init_steps, cfg.binary.phases = 2, 2
+    s = convert(cfg, tmp_path / "run", progress=False, explicit={})
+    assert not s["finished"] and s["step"] == 1 and not (tmp_path / "run" / "summary.json").exists()
+    cfg.train.max_minutes = 0
+    s = convert(cfg, tmp_path / "run", resume=True, progress=False, explicit={})
+    assert s["finished"] and (tmp_path / "run" / "summary.json").is_file()

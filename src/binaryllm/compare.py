@@ -78,10 +78,13 @@ def run_method(method: str, base: C.RunConfig, out: Path, ecfg, progress: bool) 
         summary = json.loads((run / "summary.json").read_text())
         rec.update({k: summary.get(k) for k in ("tokens", "val_loss_sign", "val_loss_F", "sign_gap",
                                                 "wall_seconds_this_invocation")})
+        rec["sign_gap_before_hard_phase"] = (summary.get("before_hard_phase") or {}).get("gap")
         from .runs import load_run
         model, tok = load_run(run, frozen=cfg.binary.method != "fp")
         mfile = run / "metrics.jsonl"  # absent for methods without training steps (sign)
         rec["metrics"] = [json.loads(x) for x in open(mfile) if '"train"' in x] if mfile.is_file() else []
+        rates = sorted(x["tokens_per_s"] for x in rec["metrics"][1:])    # the first window compiles
+        rec["train_tokens_per_s"] = rates[len(rates) // 2] if rates else None
     rec["bits_per_weight"] = bits_per_weight(model)
     rec["eval"] = evaluate(model, tok, ecfg, progress)
     res_file.parent.mkdir(parents=True, exist_ok=True)
@@ -127,6 +130,7 @@ def _rows(results: dict, ecfg) -> tuple[list[str], list[list]]:
     tasks = [task_label(t) for t in ecfg.tasks]
     header = ["method", "bits/weight"] + [f"ppl {ppl_label(p)}" for p in ppl_names] + tasks + (["avg acc"] if tasks else [])
     header += ["ppl ratio to fp", "acc ratio to fp"] if "fp" in results else []
+    header += ["sign gap (nats)", "gap before hard phase", "train tokens/s"]
     fp = results.get("fp", {}).get("eval")
     rows = []
     for m, r in results.items():
@@ -142,15 +146,21 @@ def _rows(results: dict, ecfg) -> tuple[list[str], list[list]]:
             ok = fp is not None
             row.append(round(e["ppl"][ppl_names[0]]["ppl"] / fp["ppl"][ppl_names[0]]["ppl"], 3) if ok and ppl_names else "")
             row.append(round(e["avg_acc"] / fp["avg_acc"], 3) if ok and tasks else "")
+        row += [_r(r.get("sign_gap"), 3), _r(r.get("sign_gap_before_hard_phase"), 3), _r(r.get("train_tokens_per_s"), 0)]
         rows.append(row)
     return header, rows
+
+
+def _r(x, nd):
+    return "" if x is None else (round(x) if nd == 0 else round(x, nd))
 
 
 def write_report(results: dict, out: Path, ecfg) -> None:
     header, rows = _rows(results, ecfg)
     md = ["# binaryllm compare", "", "Matched conditions: same base model, data, order, token budget, sequence "
           "length, seed and evaluation items (`base.yaml`). Zero-shot columns are acc (%); acc_norm is in "
-          "results.json.", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+          "results.json. Sign gap: validation loss with hard sign minus with F at the final t (CPT runs), at the "
+          "end and when the final hard-sign phase began; train tokens/s: median over the logged windows.", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     md += ["| " + " | ".join(str(x) for x in r) + " |" for r in rows]
     md += ["", "![training loss](loss.png)", "![perplexity](ppl.png)", "![zero-shot](zeroshot.png)", ""]
     atomic_write_text(out / "report.md", "\n".join(md))

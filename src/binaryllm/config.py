@@ -118,8 +118,9 @@ class TrainConfig:
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
     amp: str = _f("auto", "autocast dtype: auto (bf16 on GPU, off on CPU), bf16, fp16 or none")
     max_steps: int = _f(0, "stop this invocation after N steps (the run stays resumable); 0 = no limit")
-    max_minutes: float = _f(0.0, "stop this invocation after N minutes of training, with a checkpoint (the run "
-                                 "stays resumable; for leased machines and job limits); 0 = no limit")
+    max_minutes: float = _f(0.0, "stop this invocation N minutes after it started (loading and stage 1 count), "
+                                 "with a checkpoint; the run stays resumable (leased machines, job limits); 0 = no "
+                                 "limit")
     compile: bool = _f(False, "torch.compile each decoder block (GPU speed; the first steps compile)")
     fsdp_params: str = _f("fp32", "multi-GPU: dtype of the weights FSDP gathers for compute, fp32 (the binarizer "
                                "sees the fp32 master weights, as on one GPU) or bf16 (half the traffic)")

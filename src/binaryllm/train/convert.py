@@ -111,6 +111,8 @@ def convert(cfg: C.RunConfig, out: str | Path | None, resume: bool = False, prog
         model.config.save_pretrained(outp)
         tok.save_pretrained(outp)
     trainer = Trainer(model, cfg, data, outp, teacher=teacher, progress=progress, dist=info)
+    if cfg.train.max_minutes:
+        trainer.deadline = t0 + 60 * cfg.train.max_minutes
     summary = dict(trainer.run(resume=resume, callback=callback))
     summary["model"] = src.description
     summary["train_blocks"], summary["val_blocks"] = data.train.shape[0], data.val.shape[0]

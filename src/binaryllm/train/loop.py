@@ -105,6 +105,9 @@ class Trainer:
             warnings.warn(f"only {self.hard_start} CPT steps for {self.schedule.phases} phases: some phases "
                           "are skipped; raise --tokens or lower --phases", stacklevel=2)
         self.order = BlockOrder(data.train.shape[0], t.batch_size, t.seed)
+        # --max-minutes: a wall-clock deadline (``convert`` moves it back to its own start, so that loading,
+        # tokenizing and stage 1 count too)
+        self.deadline = time.time() + 60 * t.max_minutes if t.max_minutes else None
         self.optimizer = None
         self.summary: dict = {}
 
@@ -326,7 +329,7 @@ class Trainer:
             compile_blocks(model)
             model._binaryllm_compiled = True
         end = self.total_steps if not t.max_steps else min(self.total_steps, start + t.max_steps)
-        deadline = time.time() + 60 * t.max_minutes if t.max_minutes else None
+        deadline = self.deadline
         bar = self._bar(self.total_steps, f"{cfg.binary.method}", initial=start)
         win_t, win_tok, win_loss = time.time(), 0, []
         # losses stay on the device until a log, a checkpoint or the end: reading one back every step would make
