@@ -157,6 +157,11 @@ def test_generate_streams_from_a_packed_folder(tmp_path, tokenizer, capsys):
                  "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("the program") and len(out) > len("the program")
+    # greedy: the text of transformers' own greedy tokens (stopping at eos as generate does)
+    ids = tokenizer("the program", return_tensors="pt").input_ids
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                         pad_token_id=0, eos_token_id=tokenizer.eos_token_id)
+    assert out.strip() == tokenizer.decode(ref[0]).strip()
 
 
 def test_packed_folder_missing_scale_shape_mismatch_and_unfinished_run(tmp_path, tokenizer, capsys):

@@ -258,30 +258,39 @@ def _weight_bytes(model) -> int:
     return n
 
 
-def _decode_tok_s(model, prompt_len: int, new_tokens: int, static: bool) -> float:
-    from transformers import CompileConfig
+def _decode_tok_s(model, prompt_len: int, new_tokens: int, path: str) -> float:
+    """Tokens/s of batch-1 greedy decoding, third of three runs.  path: eager (transformers' generate, dynamic
+    cache), compiled (generate with a static cache and its compiled step) or graph (binaryllm.decode: static
+    cache, the step captured by hand as one CUDA graph)."""
     ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), device="cuda")
-    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-              attention_mask=torch.ones_like(ids), pad_token_id=0)
-    if static:   # static KV cache; transformers compiles the decoding step (CUDA graphs, "reduce-overhead")
-        kw.update(cache_implementation="static", compile_config=CompileConfig(fullgraph=False))
+    if path == "graph":
+        from .decode import StaticDecoder
+        dec = StaticDecoder(model, prompt_len + new_tokens)
+        run = lambda: dec.generate(ids, new_tokens)  # noqa: E731
     else:
-        kw.update(disable_compile=True)
+        from transformers import CompileConfig
+        kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                  attention_mask=torch.ones_like(ids), pad_token_id=0)
+        if path == "compiled":   # static KV cache; transformers compiles the step ("reduce-overhead")
+            kw.update(cache_implementation="static", compile_config=CompileConfig(fullgraph=False))
+        else:
+            kw.update(disable_compile=True)
+        run = lambda: model.generate(ids, **kw)  # noqa: E731
     with torch.no_grad():
-        model.generate(ids, **kw)            # warm-up (and compilation)
-        model.generate(ids, **kw)
+        run()            # warm-up (compilation, graph capture)
+        run()
         torch.cuda.synchronize()
         t0 = time.time()
-        model.generate(ids, **kw)
+        run()
         torch.cuda.synchronize()
     return new_tokens / (time.time() - t0)
 
 
 def bench_decode(models=("smollm2-135m", "llama-7b"), new_tokens: int = 128, prompt_len: int = 16,
-                 log=print) -> list[dict]:
-    """Batch-1 greedy decoding through transformers' generate: bf16 model vs the same model with its block
-    linears packed (random weights: speed only), each eager (dynamic cache) and with a static cache + compiled
-    step.  Memory: bytes of all weights; bandwidth: those bytes read once per token x tokens/s."""
+                 paths=("eager", "graph"), log=print) -> list[dict]:
+    """Batch-1 greedy decoding: the bf16 model vs the same model with its block linears packed (random weights:
+    speed only), through the same generation code (see _decode_tok_s for the paths).  Memory: bytes of all
+    weights; bandwidth: those bytes read once per token x tokens/s."""
     from transformers import AutoModelForCausalLM, LlamaConfig
     shapes = {"smollm2-135m": SMOLLM2_135M, "llama-7b": LLAMA_7B}
     rows = []
@@ -296,14 +305,16 @@ def bench_decode(models=("smollm2-135m", "llama-7b"), new_tokens: int = 128, pro
                 torch._dynamo.reset()
             wb = _weight_bytes(model)
             row = {"model": name, "variant": variant, "weights_MiB": round(wb / 2**20, 1)}
-            for static in (False, True):
-                key = "static_compiled" if static else "eager"
+            torch.cuda.reset_peak_memory_stats()
+            for path in paths:
                 try:
-                    tps = _decode_tok_s(model, prompt_len, new_tokens, static)
-                    row[f"{key}_tok_s"] = round(tps, 1)
-                    row[f"{key}_GBps"] = round(wb * tps / 1e9, 1)
+                    tps = _decode_tok_s(model, prompt_len, new_tokens, path)
+                    row[f"{path}_tok_s"] = round(tps, 1)
+                    row[f"{path}_GBps"] = round(wb * tps / 1e9, 1)
                 except Exception as e:   # report and go on: one failing path must not hide the others
-                    row[f"{key}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    row[f"{path}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            torch.cuda.synchronize()
+            row["peak_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             rows.append(row)
             log(row)
         del model

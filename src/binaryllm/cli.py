@@ -277,11 +277,15 @@ def cmd_generate(args) -> int:
             raise BinaryLLMError("--chat: this tokenizer has no chat template; drop --chat")
         text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
     ids = tok(text, return_tensors="pt").input_ids.to(device)
-    torch.manual_seed(args.seed)
-    kw = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
-    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                   streamer=TextStreamer(tok, skip_prompt=args.chat), pad_token_id=tok.pad_token_id or tok.eos_token_id,
-                   **kw)
+    from .decode import StaticDecoder
+    streamer = TextStreamer(tok, skip_prompt=args.chat)
+    streamer.put(ids[0].cpu())
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    # static KV cache; on a GPU the one-token step is captured as a CUDA graph (binaryllm.decode)
+    StaticDecoder(model, ids.shape[1] + args.max_new_tokens).generate(
+        ids, args.max_new_tokens, temperature=args.temperature, eos_token_id=tok.eos_token_id,
+        on_token=lambda t: streamer.put(t.cpu()), generator=gen)
+    streamer.end()
     return 0
 
 

@@ -1,0 +1,55 @@
+"""The static-cache decoder (binaryllm.decode): the same tokens as transformers' generate, for plain and packed
+1-bit models, on the CPU (where the step runs eagerly; the CUDA-graph capture of the same step is exercised by
+``binaryllm bench decode`` on a GPU)."""
+import pytest
+import torch
+from conftest import tiny_model
+
+import binaryllm as bl
+from binaryllm.decode import StaticDecoder
+from binaryllm.errors import BinaryLLMError
+from binaryllm.export import pack
+
+
+def hf_greedy(model, ids, n):
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                         do_sample=False, pad_token_id=0)
+    return out[:, ids.shape[1]:]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_greedy_tokens_equal_transformers_generate(arch):
+    model = tiny_model(arch)
+    ids = torch.randint(3, 96, (1, 9), generator=torch.Generator().manual_seed(1))
+    ref = hf_greedy(model, ids, 16)
+    dec = StaticDecoder(model, max_len=40)
+    assert torch.equal(dec.generate(ids, 16), ref)
+    assert torch.equal(dec.generate(ids[:, :5], 16), hf_greedy(model, ids[:, :5], 16))   # the cache is reset
+
+
+def test_packed_model_and_batch_of_two():
+    model = pack(bl.freeze(bl.binarize(tiny_model("llama"), bl.BinaryConfig())))
+    ids = torch.randint(3, 96, (2, 6), generator=torch.Generator().manual_seed(2))
+    ref = hf_greedy(model, ids, 10)
+    assert torch.equal(StaticDecoder(model, max_len=16, batch=2).generate(ids, 10), ref)
+
+
+def test_eos_streaming_sampling_and_errors():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 96, (1, 5), generator=torch.Generator().manual_seed(3))
+    dec = StaticDecoder(model, max_len=24)
+    greedy = dec.generate(ids, 12)
+    seen = []
+    eos = int(greedy[0, 3])
+    out = dec.generate(ids, 12, eos_token_id=eos, on_token=lambda t: seen.append(int(t)))
+    first = greedy[0].tolist().index(eos)
+    assert out[0].tolist() == greedy[0, : first + 1].tolist() == seen          # stops after the first eos
+    a = dec.generate(ids, 12, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    b = dec.generate(ids, 12, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and a.shape == (1, 12)
+    with pytest.raises(BinaryLLMError, match="exceed the cache of 24"):
+        dec.generate(ids, 20)
+    with pytest.raises(BinaryLLMError, match="built for batch 1"):
+        dec.generate(ids.repeat(2, 1), 4)
+    with pytest.raises(BinaryLLMError, match="CUDA graphs need"):
+        StaticDecoder(model, 8, graph=True)
