@@ -34,10 +34,12 @@ def test_two_processes_train_like_one(runs):
     # identical model after stage 1 and identical first gradients (global batch split 2 + 2 across the ranks)
     assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-6)
     assert two[0]["grad_norm"] == pytest.approx(one[0]["grad_norm"], rel=1e-5)
-    # later steps: the same curve to 1e-3 relative (fp32 sums in another order; Adam's g/(|g|+eps) turns the tiny
-    # differences of near-zero gradient entries into visible ones: measured ~1e-4)
+    # later steps: the same curve (fp32 sums in another order only). Tight enough to see the first Adam step's bias
+    # correction: torch.distributed.checkpoint once initialised the optimizer at the step-0 checkpoint (AdamW's
+    # step count then started at 1), which moved these losses by ~1e-4 here and by 4 nats on a 4-layer SmolLM2 at
+    # lr 1e-3
     for a, b in zip(one, two):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
     # sharded checkpoints; the finished run is an ordinary run folder: load_run and pack work unchanged
     ck = d / "two" / "checkpoints" / (d / "two" / "checkpoints" / "latest").read_text().strip()
     assert sorted(p.name for p in ck.iterdir() if p.suffix == ".distcp") == ["__0_0.distcp", "__1_0.distcp"]

@@ -128,7 +128,13 @@ def save(ckpt_dir: Path, step: int, model, optimizer, state: dict, info: DistInf
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier(info)
+    # torch.distributed.checkpoint's get_optimizer_state_dict fills an optimizer that has no state yet with a
+    # zero-gradient, lr-0 step: AdamW's step count would then start at 1, not 0 (other bias corrections: a
+    # visibly different curve from the single-process run). Keep a fresh optimizer fresh.
+    fresh = optimizer is not None and not optimizer.state
     dcp.save(_states(model, optimizer), checkpoint_id=str(tmp))
+    if fresh:
+        optimizer.state.clear()
     if info.main:
         (tmp / "state.json").write_text(json.dumps({"version": STATE_VERSION, "format": "dcp",
                                                     "world_size": info.world, **state}, indent=1))
@@ -161,6 +167,8 @@ def load(ckpt: Path, st: dict, model, optimizer, info: DistInfo) -> None:
     set_model_state_dict(model, sd["model"])
     if optimizer is not None and "optim" in sd:
         set_optimizer_state_dict(model, optimizer, sd["optim"])
+        if st.get("step") == 0:      # the placeholder state of a step-0 checkpoint (see save): start fresh
+            optimizer.state.clear()
 
 
 def full_state_dict(model, keep: list[str]) -> dict[str, torch.Tensor] | None:
