@@ -138,3 +138,19 @@ def test_multi_head_attention_folds_o_proj_scale_into_v_proj():
     bl.set_binarizer(model, "identity", 1.0)
     ids = pattern_blocks(2, 16, seed=3)
     assert torch.allclose(logits(model, ids), logits(ref, ids), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_block_runners_rerun_a_block_on_its_own_inputs(arch):
+    # the fold planning checks single blocks: each rerun must see exactly the inputs (hidden states, rotary
+    # embeddings, mask) of the full forward, so the last block's rerun gives the model's logits
+    from binaryllm.train.init import block_runners
+    model = tiny_model(arch)
+    ids = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(0))
+    runners = block_runners(model, ids)
+    assert sorted(runners) == [f"model.layers.{i}" for i in range(model.config.num_hidden_layers)]
+    last = runners[f"model.layers.{model.config.num_hidden_layers - 1}"]()
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        got = model.lm_head(model.model.norm(last))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
