@@ -223,6 +223,9 @@ def bench_train(model_spec: str = "", seq_len: int = 2048, batch_size: int = 16,
 SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                     num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0,
                     max_position_embeddings=8192, rms_norm_eps=1e-5)
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                num_key_value_heads=4, vocab_size=49152, tie_word_embeddings=False, max_position_embeddings=4096,
+                rms_norm_eps=1e-5)   # TinyLlama-1.1B's shape with SmolLM2's vocabulary
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=4096,
                 rms_norm_eps=1e-5)
