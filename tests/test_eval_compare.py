@@ -162,7 +162,10 @@ def test_tiny_compare_writes_full_report(tmp_path, tiny_model_dir, text_file, mo
     assert header == ["method", "bits/weight", "ppl corpus.txt", "mini", "avg acc", "ppl ratio to fp",
                       "acc ratio to fp", "sign gap (nats)", "gap before hard phase", "train tokens/s"]
     rows = {r.split(",")[0]: r.split(",") for r in (out / "results.csv").read_text().splitlines()[1:]}
-    assert set(rows) == {"fp", "ste", "cpt", "cpt-nodual"}
+    assert set(rows) == {"fp", "ste", "cpt", "cpt-nodual", "chance (uniform guess)"}
+    chance = 100 * sum(1 / len(x.get("choices") or x.get("contexts")) for x in ITEMS) / len(ITEMS)
+    assert float(rows["chance (uniform guess)"][3]) == pytest.approx(chance, abs=0.01)
+    assert float(rows["chance (uniform guess)"][6]) == pytest.approx(chance / res["fp"]["eval"]["avg_acc"], abs=2e-3)
     assert float(rows["fp"][1]) == 16.0 and 1.0 < float(rows["cpt"][1]) < 1.6  # 1 bit + fp16 scales
     assert float(rows["fp"][5]) == 1.0
     gap = res["cpt"]["val_loss_sign"] - res["cpt"]["val_loss_F"]

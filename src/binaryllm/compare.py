@@ -145,9 +145,18 @@ def _rows(results: dict, ecfg) -> tuple[list[str], list[list]]:
         if "fp" in results:
             ok = fp is not None
             row.append(round(e["ppl"][ppl_names[0]]["ppl"] / fp["ppl"][ppl_names[0]]["ppl"], 3) if ok and ppl_names else "")
-            row.append(round(e["avg_acc"] / fp["avg_acc"], 3) if ok and tasks else "")
+            row.append(round(e["avg_acc"] / fp["avg_acc"], 3) if ok and tasks and fp["avg_acc"] else "")
         row += [_r(r.get("sign_gap"), 3), _r(r.get("sign_gap_before_hard_phase"), 3), _r(r.get("train_tokens_per_s"), 0)]
         rows.append(row)
+    # what guessing uniformly scores on the same items: at small scale the models' accuracies sit close to it
+    any_eval = next((r["eval"] for r in results.values() if "error" not in r), None)
+    if tasks and any_eval and all("chance" in any_eval["tasks"][t] for t in tasks):
+        ch = [any_eval["tasks"][t]["chance"] for t in tasks]
+        avg = sum(ch) / len(ch)
+        row = ["chance (uniform guess)", ""] + [""] * len(ppl_names) + [round(c, 2) for c in ch] + [round(avg, 2)]
+        if "fp" in results:
+            row += ["", round(avg / fp["avg_acc"], 3) if fp is not None and fp.get("avg_acc") else ""]
+        rows.append(row + [""] * (len(header) - len(row)))
     return header, rows
 
 

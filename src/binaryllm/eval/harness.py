@@ -76,4 +76,5 @@ def score_items(model, tokenizer, items: list[MCItem], **kw) -> dict:
         acc += int(max(range(n), key=lambda j: s[j]) == it.gold)
         acc_norm += int(max(range(n), key=lambda j: s[j] / max(it.lengths[j], 1)) == it.gold)
     n = max(len(items), 1)
-    return {"acc": 100.0 * acc / n, "acc_norm": 100.0 * acc_norm / n, "n": len(items)}
+    chance = 100.0 * sum(1 / len(it.contexts) for it in items) / n     # expected acc of a uniform guess
+    return {"acc": 100.0 * acc / n, "acc_norm": 100.0 * acc_norm / n, "n": len(items), "chance": chance}
