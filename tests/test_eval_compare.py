@@ -141,17 +141,23 @@ def test_run_folder_without_finished_checkpoint_is_an_error(tmp_path):
         load_run(tmp_path)
 
 
-def test_tiny_compare_writes_full_report(tmp_path, tiny_model_dir, text_file, monkeypatch):
-    from binaryllm.compare import compare
-    task = tmp_path / "mini.jsonl"
-    task.write_text("\n".join(json.dumps(x) for x in ITEMS))
+def tiny_compare_base(tmp_path, model_dir, text_file) -> C.RunConfig:
+    """The shared setup of the compare tests: the tiny model on the small text, 10 steps a method."""
     base = C.RunConfig()
-    base.model.model = str(tiny_model_dir)
+    base.model.model = str(model_dir)
     base.data.data = [str(text_file)]
     base.data.cache_dir = str(tmp_path / "cache")
     t = base.train
     t.tokens, t.seq_len, t.batch_size, t.lr, t.log_every, t.eval_batches = "2560", 64, 4, 3e-3, 1, 2
     base.binary.init_steps, base.binary.phases = 2, 4
+    return base
+
+
+def test_tiny_compare_writes_full_report(tmp_path, tiny_model_dir, text_file, monkeypatch):
+    from binaryllm.compare import compare
+    task = tmp_path / "mini.jsonl"
+    task.write_text("\n".join(json.dumps(x) for x in ITEMS))
+    base = tiny_compare_base(tmp_path, tiny_model_dir, text_file)
     ecfg = EvalConfig(ppl=[str(text_file)], tasks=[str(task)], seq_len=64, batch_size=4)
     out = tmp_path / "report"
     res = compare(base, ["fp", "ste", "cpt", "cpt-nodual"], out, ecfg, progress=False)
@@ -205,13 +211,8 @@ def test_evaluate_end_to_end_on_a_run_folder_via_cli(tmp_path, tiny_model_dir, t
 
 def test_compare_time_limit_stops_resumably_and_continues(tmp_path, tiny_model_dir, text_file):
     from binaryllm.compare import compare
-    base = C.RunConfig()
-    base.model.model = str(tiny_model_dir)
-    base.data.data = [str(text_file)]
-    base.data.cache_dir = str(tmp_path / "cache")
+    base = tiny_compare_base(tmp_path, tiny_model_dir, text_file)
     t = base.train
-    t.tokens, t.seq_len, t.batch_size, t.lr, t.log_every, t.eval_batches = "2560", 64, 4, 3e-3, 1, 2
-    base.binary.init_steps, base.binary.phases = 2, 4
     ecfg = EvalConfig(ppl=[str(text_file)], tasks=[], seq_len=64, batch_size=4)
     out = tmp_path / "report"
     t.max_minutes = 1e-9                               # used up at once: nothing starts, nothing is lost
