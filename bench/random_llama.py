@@ -14,9 +14,8 @@ import torch
 def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from binaryllm.bench import LLAMA_1B, LLAMA_7B, SMOLLM2_135M
+    from binaryllm.bench import SHAPES_BY_NAME as shapes
     from binaryllm.models import load_model
-    shapes = {"smollm2-135m": SMOLLM2_135M, "llama-1b": LLAMA_1B, "llama-7b": LLAMA_7B}
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(shapes), default="llama-1b")
     ap.add_argument("--out", required=True)

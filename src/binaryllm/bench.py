@@ -229,6 +229,7 @@ LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, 
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=4096,
                 rms_norm_eps=1e-5)
+SHAPES_BY_NAME = {"smollm2-135m": SMOLLM2_135M, "llama-1b": LLAMA_1B, "llama-7b": LLAMA_7B}
 
 
 def random_packed_(model) -> int:
@@ -295,13 +296,12 @@ def bench_decode(models=("smollm2-135m", "llama-7b"), new_tokens: int = 128, pro
     speed only), through the same generation code (see _decode_tok_s for the paths).  Memory: bytes of all
     weights; bandwidth: those bytes read once per token x tokens/s."""
     from transformers import AutoModelForCausalLM, LlamaConfig
-    shapes = {"smollm2-135m": SMOLLM2_135M, "llama-7b": LLAMA_7B}
     rows = []
     for name in models:
         torch._dynamo.reset()
         torch.manual_seed(0)
         with torch.device("cuda"):
-            model = AutoModelForCausalLM.from_config(LlamaConfig(**shapes[name]), dtype=torch.bfloat16).eval()
+            model = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES_BY_NAME[name]), dtype=torch.bfloat16).eval()
         for variant in ("bf16", "packed"):
             if variant == "packed":
                 random_packed_(model)
