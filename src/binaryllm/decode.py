@@ -68,11 +68,10 @@ class StaticDecoder:
         """One token for every sequence at ``self.pos``; returns the logits (a static buffer: copy to keep)."""
         if not self.graph:
             self._step()
-        elif self._graph is None:
+            return self.out
+        if self._graph is None:
             self._capture()
-            self._graph.replay()
-        else:
-            self._graph.replay()
+        self._graph.replay()
         return self.out
 
     @torch.no_grad()

@@ -180,7 +180,7 @@ def block_runners(model, probe_ids: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def _plan_upstream(model, mods: dict, g: InputGroup, probe_ids: torch.Tensor, blocks_name: str, runners: dict):
+def _plan_upstream(model, mods: dict, g: InputGroup, blocks_name: str, runners: dict):
     """Find a binarized layer of the same block whose rows feed g's input linearly: (its name, map) with
     input channel j = row map[j] of that layer, or None.  Accepted only if, with a random scale R, scaling the
     candidate's rows by R computes what multiplying g's input by R[map] does (checked on the block's output, see
@@ -242,7 +242,7 @@ def binary_aware_init(model: nn.Module, batches, steps: int, lr: float, probe_id
             runners = block_runners(model, probe_ids)
             for k, g in enumerate(groups):
                 if g.norm is None:
-                    plan = _plan_upstream(model, mods, g, probe_ids, blocks_name, runners)
+                    plan = _plan_upstream(model, mods, g, blocks_name, runners)
                     if plan is not None:
                         plans[k] = plan
         model.train(was_training)

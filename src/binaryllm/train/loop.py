@@ -25,7 +25,7 @@ from ..eval.ppl import window_nll
 from ..io import atomic_write_text
 from ..quant import cosine_lr, irnet_t, phase_of
 from .checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
-from .dist import any_rank as D_any_rank
+from .dist import any_rank as dist_any_rank
 from .dist import mean as dist_mean
 from .fast import compile_blocks, lm_loss
 from .init import binary_aware_init
@@ -329,15 +329,15 @@ class Trainer:
             compile_blocks(model)
             model._binaryllm_compiled = True
         end = self.total_steps if not t.max_steps else min(self.total_steps, start + t.max_steps)
-        deadline = self.deadline
         bar = self._bar(self.total_steps, f"{cfg.binary.method}", initial=start)
         win_t, win_tok, win_loss = time.time(), 0, []
         # losses stay on the device until a log, a checkpoint or the end: reading one back every step would make
         # the host wait for the GPU each step instead of queueing the next one
         pending: list[tuple[int, torch.Tensor]] = []
-        last_loss = [float("nan")]
+        last_loss = float("nan")
 
         def check_losses() -> None:
+            nonlocal last_loss
             if not pending:
                 return
             vals = torch.stack([v for _, v in pending]).tolist()
@@ -347,7 +347,7 @@ class Trainer:
                     raise BinaryLLMError(f"loss became {v} at step {s}; stopped, {where}: lower --lr "
                                          "(or raise --grad-clip protection) and continue with --resume")
             win_loss.extend(vals)
-            last_loss[0] = vals[-1]
+            last_loss = vals[-1]
             pending.clear()
 
         for step in range(start, end):
@@ -395,9 +395,9 @@ class Trainer:
             win_tok += self.tokens_per_step
             done = step + 1
             last = done == end
-            if deadline is not None and (self.dist is None or done % t.log_every == 0):
-                over = time.time() > deadline
-                last = last or (over if self.dist is None else D_any_rank(over, self.dist))
+            if self.deadline is not None and (self.dist is None or done % t.log_every == 0):
+                over = time.time() > self.deadline
+                last = last or (over if self.dist is None else dist_any_rank(over, self.dist))
             if callback is not None or last or done % t.log_every == 0 or done % t.save_every == 0:
                 check_losses()
             if done % t.log_every == 0 or last:
@@ -405,7 +405,7 @@ class Trainer:
                     torch.cuda.synchronize()
                 dt = max(time.time() - win_t, 1e-9)
                 rec = {"type": "train", "step": step, "tokens": done * self.tokens_per_step, "phase": plan.phase,
-                       "t": plan.t, "kind": plan.kind, "lr": lr, "loss": last_loss[0],
+                       "t": plan.t, "kind": plan.kind, "lr": lr, "loss": last_loss,
                        "loss_avg": sum(win_loss) / len(win_loss), "grad_norm": float(gnorm),
                        "tokens_per_s": win_tok / dt}
                 self._log(rec)
@@ -420,7 +420,7 @@ class Trainer:
             if self.dist is not None and os.environ.get("BINARYLLM_FAULT_RANK_STEP") == f"{self.dist.rank}:{done}":
                 os._exit(17)   # fault injection for the multi-process tests: this rank dies here
             if callback is not None:
-                callback(step, last_loss[0])
+                callback(step, last_loss)
             if last:
                 break
         bar.close()
