@@ -53,3 +53,20 @@ def test_eos_streaming_sampling_and_errors():
         dec.generate(ids.repeat(2, 1), 4)
     with pytest.raises(BinaryLLMError, match="CUDA graphs need"):
         StaticDecoder(model, 8, graph=True)
+
+
+def test_repeated_steps_are_idempotent(monkeypatch):
+    """The CUDA graph is captured after warm-up runs of the same step: running a step several times must write the
+    cache at the same slot each time (transformers' StaticLayer advances its own counter on every forward; with the
+    cache exactly as long as the output, a drifting counter indexes past its end)."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 96, (1, 7), generator=torch.Generator().manual_seed(4))
+    ref = hf_greedy(model, ids, 9)
+    real = StaticDecoder._step
+
+    def thrice(self):
+        for _ in range(3):
+            real(self)
+
+    monkeypatch.setattr(StaticDecoder, "_step", thrice)
+    assert torch.equal(StaticDecoder(model, max_len=16).generate(ids, 9), ref)

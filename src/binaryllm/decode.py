@@ -6,7 +6,10 @@ torch.compile ("reduce-overhead") to remove that cost, which compiles for minute
 Here the step is captured once with ``torch.cuda.graph`` (no compiler): every later token is one graph replay.
 
 The step reads two static device buffers (the token ids and the cache position), so replays need no host sync; the
-only sync is the one the caller asks for (streaming text, an end-of-sequence check).  Works for any Hugging Face
+only sync is the one the caller asks for (streaming text, an end-of-sequence check).  transformers' ``StaticLayer``
+(5.x) writes new keys at its own device counter (``cumulative_length``), not at ``cache_position``, and advances it
+on every forward: the step first sets every such counter to the position, so the warm-up runs before the capture
+(and any replay) write exactly where the position says.  Works for any Hugging Face
 causal LM whose forward accepts ``cache_position`` with a ``StaticCache`` (Llama, Mistral, Qwen2/3, ...).  On the CPU
 the same code runs the step eagerly (no graph).
 """
@@ -46,7 +49,14 @@ class StaticDecoder:
                          position_ids=pos.unsqueeze(0).expand(ids.shape[0], -1))
         return out.logits[:, -1, :]
 
+    def _counters(self) -> list[torch.Tensor]:
+        layers = getattr(self.cache, "layers", [])
+        return [c for c in (getattr(lay, "cumulative_length", None) for lay in layers) if isinstance(c, torch.Tensor)]
+
     def _step(self) -> None:
+        counters = self._counters()       # allocated with the cache, at the prefill: same tensors for every step
+        if counters:
+            torch._foreach_copy_(counters, [self.pos[0]] * len(counters))
         logits = self._forward(self.ids, self.pos)
         if self.out is None:
             self.out = torch.empty_like(logits)
