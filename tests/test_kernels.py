@@ -59,6 +59,7 @@ def test_packed_layer_uses_the_cpu_kernel_for_decode_and_agrees(monkeypatch):
 
 CASES = [  # (M, N, K, config or None, mode)
     (1, 40, 96, None, "gemv"), (3, 70, 100, None, "gemv"), (16, 64, 300, (8, 4), "gemv"),      # decode, ragged K
+    (1, 40, 96, (16, 16, 1), "tc"), (5, 70, 100, (16, 16, 1), "tc"), (16, 33, 1100, (32, 32, 1), "tc"),
     (20, 33, 64, (16, 16, 16, 4, 1), "fused"), (130, 129, 72, (64, 64, 16, 4, 1), "fused"),  # tensor-core tiles
     (40, 64, 1100, (32, 32, 16, 4, 1), "fused"),                                              # several word tiles
     (70, 65, 200, None, "unpack"),                                                             # dense temp + matmul

@@ -74,7 +74,7 @@ def bench_kernels_gpu(shapes=SHAPES, batches=(1, 4, 16, 2048), log=print) -> lis
             ref = (x.float() @ unpack_signs(bits[0], K, torch.float32).t()) * scale.float()
             t_bf = _gpu_time([lambda w=w: F.linear(x, w) for w in dense])
             row = {"N": N, "K": K, "M": M, "bf16_us": round(t_bf * 1e6, 2)}
-            modes = ("gemv",) if M <= 16 else ("fused", "unpack")
+            modes = ("gemv", "tc") if M <= 16 else ("fused", "unpack")
             for mode in modes:
                 y = w1a16_matmul(x, words[0], scale, K, mode=mode)
                 err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
@@ -91,6 +91,17 @@ def bench_kernels_gpu(shapes=SHAPES, batches=(1, 4, 16, 2048), log=print) -> lis
                                    for w in words])
                     sweep["x".join(map(str, cfg))] = round(t * 1e6, 2)
                 row["gemv_sweep_us"] = sweep
+            if M <= 16 and N * K >= 4096 * 4096:   # the tensor-core decode kernel's tiles, swept
+                sweep = {}
+                for cfg in ((64, 64, 4), (64, 32, 4), (64, 128, 4), (128, 64, 8), (128, 32, 8), (128, 64, 4),
+                            (64, 256, 4), (256, 64, 8)):
+                    try:
+                        t = _gpu_time([lambda w=w: w1a16_matmul(x, w, scale, K, mode="tc", config=cfg)
+                                       for w in words])
+                        sweep["x".join(map(str, cfg))] = round(t * 1e6, 2)
+                    except Exception as e:  # a tile that does not fit: say so, keep going
+                        sweep["x".join(map(str, cfg))] = type(e).__name__
+                row["tc_sweep_us"] = sweep
             if M == 2048 and N * K >= 4096 * 4096:
                 sweep = {}
                 for cfg in ((128, 128, 32, 8, 1), (128, 64, 32, 4, 1), (64, 128, 16, 4, 1), (128, 128, 16, 8, 1),
@@ -291,20 +302,26 @@ def _decode_tok_s(model, prompt_len: int, new_tokens: int, path: str) -> float:
 
 
 def bench_decode(models=("smollm2-135m", "llama-7b"), new_tokens: int = 128, prompt_len: int = 16,
-                 paths=("eager", "graph"), log=print) -> list[dict]:
+                 paths=("eager", "graph"), decode_kernels=("gemv", "tc"), log=print) -> list[dict]:
     """Batch-1 greedy decoding: the bf16 model vs the same model with its block linears packed (random weights:
     speed only), through the same generation code (see _decode_tok_s for the paths).  Memory: bytes of all
-    weights; bandwidth: those bytes read once per token x tokens/s."""
+    weights; bandwidth: those bytes read once per token x tokens/s.  decode_kernels: the 1-bit kernel of the
+    one-token steps (``triton_w1a16.DECODE_MODE``), one packed row each."""
     from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from .kernels import triton_w1a16 as tw
+    default_mode = tw.DECODE_MODE
     rows = []
     for name in models:
         torch._dynamo.reset()
         torch.manual_seed(0)
         with torch.device("cuda"):
             model = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES_BY_NAME[name]), dtype=torch.bfloat16).eval()
-        for variant in ("bf16", "packed"):
-            if variant == "packed":
-                random_packed_(model)
+        for variant in ("bf16",) + tuple(f"packed-{k}" for k in decode_kernels):
+            if variant.startswith("packed"):
+                if variant == f"packed-{decode_kernels[0]}":
+                    random_packed_(model)
+                tw.DECODE_MODE = variant.split("-", 1)[1]
                 torch._dynamo.reset()
             wb = _weight_bytes(model)
             row = {"model": name, "variant": variant, "weights_MiB": round(wb / 2**20, 1)}
@@ -320,6 +337,7 @@ def bench_decode(models=("smollm2-135m", "llama-7b"), new_tokens: int = 128, pro
             row["peak_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             rows.append(row)
             log(row)
+        tw.DECODE_MODE = default_mode
         del model
         torch.cuda.empty_cache()
     return rows

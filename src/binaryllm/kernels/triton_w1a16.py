@@ -13,6 +13,14 @@ matching activations ``xp[:, j, w0:w0+WORDS]`` are contiguous.
 
 * ``gemv`` (decode, M <= 16): CUDA cores; a program owns BLOCK_N rows, accumulates ``where(bit, x, -x)`` into
   an (M, BLOCK_N, WORDS) fp32 tile, reduces once at the end.
+* ``tc`` (decode, M <= 16): tensor cores with the activations padded to 16 columns.  Words are read as int16
+  (16 planes: ``xp16[m, j, w] = x[m, 16 w + j]``) and each plane becomes +-1 bf16/fp16 with two integer
+  instructions per *pair* of weights: a 32-bit register holds two int16 words, ``t = r << (15 - j)`` puts bit j
+  of both halves on the two sign-bit positions, and ``(t & 0x80008000) ^ (-1.0, -1.0)`` (one LOP3) gives
+  -1.0 where the bit is 0 and +1.0 where it is 1.  That register is already the tensor-core operand, so there
+  is no int -> float conversion at all (the ``fused`` kernel's conversion is what makes it slow).  Written
+  as inline PTX (``tl.inline_asm_elementwise``, two lanes at a time); under ``TRITON_INTERPRET`` the same
+  arithmetic runs as plain Triton ops.
 * ``fused`` (prefill): tensor cores; per tile of WORDS words, 32 ``tl.dot``s of (BM x WORDS) x (WORDS x BN).
 * ``unpack``: bits -> a dense ``sign * scale`` temporary, then cuBLAS (kept as a reference point in the bench).
 
@@ -21,6 +29,8 @@ row scale is applied in fp32 and the result rounded once to the activation dtype
 to x first and rounded to the activation dtype, as the PyTorch path does.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -38,15 +48,16 @@ def prepare_weight(packed_u8: torch.Tensor, in_features: int) -> torch.Tensor:
     return out.view(torch.int32)
 
 
-def bit_major(x2: torch.Tensor, K: int, input_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """(M, K) -> (M, 32, KW) with xp[m, j, w] = x[m, 32 w + j] (0 past K), after the input scale if any."""
+def bit_major(x2: torch.Tensor, K: int, input_scale: torch.Tensor | None = None, planes: int = 32) -> torch.Tensor:
+    """(M, K) -> (M, planes, KW) with xp[m, j, w] = x[m, planes * w + j] (0 past K, K padded to whole 32-bit
+    words), after the input scale if any."""
     if input_scale is not None:
         x2 = x2 * input_scale.to(x2.dtype)
     M = x2.shape[0]
-    kw = (K + 31) // 32
-    if kw * 32 != K:
-        x2 = torch.nn.functional.pad(x2, (0, kw * 32 - K))
-    return x2.view(M, kw, 32).transpose(1, 2).contiguous()
+    kp = (K + 31) // 32 * 32
+    if kp != K:
+        x2 = torch.nn.functional.pad(x2, (0, kp - K))
+    return x2.view(M, kp // planes, planes).transpose(1, 2).contiguous()
 
 
 @triton.jit
@@ -72,6 +83,54 @@ def _gemv_kernel(xp_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, KW: tl.constexpr, str
         out += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], out.to(y_ptr.dtype.element_ty),
              mask=(offs_m[:, None] < M) & n_ok[None, :])
+
+
+def _plane_asm(minus_one: int) -> tuple:
+    pair = minus_one * 0x10001
+    return tuple(f"{{ .reg .b32 t; shl.b32 t, $1, {15 - j}; lop3.b32 $0, t, 0x80008000, {pair:#x}, 0x6a; }}"
+                 for j in range(16))
+
+
+_PLANE_BF16 = tl.constexpr(_plane_asm(0xBF80))     # lop3 0x6a: (a & b) ^ c
+_PLANE_FP16 = tl.constexpr(_plane_asm(0xBC00))
+
+
+@triton.jit
+def _gemv_tc_kernel(xp_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, KW: tl.constexpr, stride_xm, stride_wn, stride_ym,
+                    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr, BF16: tl.constexpr,
+                    ASM: tl.constexpr):
+    """KW, WORDS: int16 words.  acc (BLOCK_N, 16) += plane_j (BLOCK_N, WORDS) @ x_j (WORDS, 16), j = 0..15."""
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, 16)
+    offs_w = tl.arange(0, WORDS)
+    n_ok = offs_n < N
+    m_ok = offs_m < M
+    MINUS_ONE: tl.constexpr = 0xBF80 if BF16 else 0xBC00
+    DT: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
+    acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+    for w0 in range(0, KW, WORDS):
+        w_ok = (w0 + offs_w) < KW
+        words = tl.load(w_ptr + offs_n[:, None] * stride_wn + (w0 + offs_w)[None, :],
+                        mask=n_ok[:, None] & w_ok[None, :], other=0)                     # (BLOCK_N, WORDS) int16
+        for j in tl.static_range(16):
+            if ASM:
+                if BF16:
+                    wj = tl.inline_asm_elementwise(_PLANE_BF16[j], "=r,r", [words], dtype=tl.bfloat16,
+                                                   is_pure=True, pack=2)
+                else:
+                    wj = tl.inline_asm_elementwise(_PLANE_FP16[j], "=r,r", [words], dtype=tl.float16,
+                                                   is_pure=True, pack=2)
+            else:
+                wj = (((words.to(tl.int32) << (15 - j)) & 0x8000) ^ MINUS_ONE).to(tl.int16).to(DT, bitcast=True)
+            xv = tl.load(xp_ptr + offs_m[None, :] * stride_xm + j * KW + (w0 + offs_w)[:, None],
+                         mask=m_ok[None, :] & w_ok[:, None], other=0.0)                   # (WORDS, 16)
+            acc = tl.dot(wj, xv, acc)
+    out = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    if HAS_BIAS:
+        out += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], out.to(y_ptr.dtype.element_ty),
+             mask=m_ok[None, :] & n_ok[:, None])
 
 
 @triton.jit
@@ -134,6 +193,8 @@ def unpack_dense(words: torch.Tensor, row_scale: torch.Tensor, in_features: int,
 
 
 GEMV_CONFIG = (4, 32, 4)        # BLOCK_N, WORDS, warps: fastest or within 3% of it in the H100 sweep (RESULTS)
+TC_CONFIG = (64, 64, 4)         # BLOCK_N, int16 WORDS, warps of the tensor-core decode kernel
+DECODE_MODE = "gemv"            # the kernel "auto" uses below PREFILL_M rows: gemv or tc
 GEMM_CONFIG = (128, 128, 32, 8, 1)   # BLOCK_M, BLOCK_N, WORDS, num_warps, num_stages (32 dots a tile: 1 stage)
 PREFILL_M = 17                  # from this many rows on: unpack + cuBLAS (faster than "fused" on the H100)
 
@@ -142,24 +203,37 @@ def w1a16_matmul(x: torch.Tensor, words: torch.Tensor, row_scale: torch.Tensor, 
                  input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                  mode: str = "auto", config: tuple | None = None) -> torch.Tensor:
     """x (..., K) bf16/fp16 on CUDA; words from ``prepare_weight``; returns (..., N) in x's dtype.
-    mode: ``gemv``, ``fused``, ``unpack`` or ``auto`` (gemv below PREFILL_M rows, else unpack: on the H100 the
-    tensor-core kernel ran at 0.2-0.5x cuBLAS, unpack + cuBLAS at 0.82-0.95x; docs/RESULTS.md)."""
+    mode: ``gemv``, ``tc``, ``fused``, ``unpack`` or ``auto`` (DECODE_MODE below PREFILL_M rows, else unpack: on
+    the H100 the tensor-core kernel ran at 0.2-0.5x cuBLAS, unpack + cuBLAS at 0.82-0.95x; docs/RESULTS.md)."""
     K = in_features
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     M, N = x2.shape[0], words.shape[0]
     if mode == "auto":
-        mode = "gemv" if M < PREFILL_M else "unpack"
+        mode = DECODE_MODE if M < PREFILL_M else "unpack"
     if mode == "unpack":
         if input_scale is not None:
             x2 = x2 * input_scale.to(x2.dtype)
         y = torch.nn.functional.linear(x2, unpack_dense(words, row_scale, K, x2.dtype),
                                        bias.to(x2.dtype) if bias is not None else None)
         return y.reshape(*lead, N)
-    xp = bit_major(x2, K, input_scale)
-    kw = words.shape[1]
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     b = bias.to(x.dtype) if bias is not None else row_scale
+    if mode == "tc":
+        if M > 16:
+            raise ValueError("tc takes at most 16 rows of activations")
+        if x.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError("tc takes bf16 or fp16 activations")
+        w16 = words.view(torch.int16)              # little-endian: int16 word w holds bits 16 w .. 16 w + 15
+        xp = bit_major(x2, K, input_scale, planes=16)
+        bn, wds, warps = config or TC_CONFIG
+        _gemv_tc_kernel[(triton.cdiv(N, bn),)](xp, w16, row_scale, b, y, M, N, w16.shape[1], xp.stride(0),
+                                               w16.stride(0), y.stride(0), HAS_BIAS=bias is not None, BLOCK_N=bn,
+                                               WORDS=wds, BF16=x.dtype == torch.bfloat16,
+                                               ASM=os.environ.get("TRITON_INTERPRET") != "1", num_warps=warps)
+        return y.reshape(*lead, N)
+    xp = bit_major(x2, K, input_scale)
+    kw = words.shape[1]
     if mode == "gemv":
         if M > 16:
             raise ValueError("gemv takes at most 16 rows of activations")
