@@ -60,6 +60,7 @@ def test_packed_layer_uses_the_cpu_kernel_for_decode_and_agrees(monkeypatch):
 CASES = [  # (M, N, K, config or None, mode)
     (1, 40, 96, None, "gemv"), (3, 70, 100, None, "gemv"), (16, 64, 300, (8, 4), "gemv"),      # decode, ragged K
     (1, 40, 96, (16, 16, 1), "tc"), (5, 70, 100, (16, 16, 1), "tc"), (16, 33, 1100, (32, 32, 1), "tc"),
+    (3, 70, 100, None, "auto"),                                                      # auto: tc from 2 rows on
     (20, 33, 64, (16, 16, 16, 4, 1), "fused"), (130, 129, 72, (64, 64, 16, 4, 1), "fused"),  # tensor-core tiles
     (40, 64, 1100, (32, 32, 16, 4, 1), "fused"),                                              # several word tiles
     (70, 65, 200, None, "unpack"),                                                             # dense temp + matmul
@@ -114,6 +115,13 @@ def test_triton_kernel_matches_dense(interpreted_results, i):
     ref = _ref(c["x"], c["bits"], c["scale"], c["K"], c["s_in"], c["bias"], torch.float16)
     # one rounding of the fp32 result to fp16 (half an ulp: 2^-11 relative), plus fp32 summation order
     assert torch.allclose(y.float(), ref, rtol=2 ** -10, atol=1e-5 * c["K"] ** 0.5 * ref.abs().max().item())
+
+
+def test_decode_kernel_choice_follows_the_measurements():
+    from binaryllm.kernels import triton_w1a16 as tw
+    assert tw.DECODE_MODE == "auto"
+    assert tw.decode_mode(1, 4096, 11008) == "gemv" and tw.decode_mode(1, 8192, 8192) == "tc"
+    assert tw.decode_mode(2, 576, 576) == "tc" and tw.decode_mode(16, 4096, 4096) == "tc"
 
 
 def test_prepare_weight_pads_unaligned_rows():

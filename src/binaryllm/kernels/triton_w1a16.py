@@ -194,7 +194,17 @@ def unpack_dense(words: torch.Tensor, row_scale: torch.Tensor, in_features: int,
 
 GEMV_CONFIG = (4, 32, 4)        # BLOCK_N, WORDS, warps: fastest or within 3% of it in the H100 sweep (RESULTS)
 TC_CONFIG = (64, 64, 4)         # BLOCK_N, int16 WORDS, warps of the tensor-core decode kernel
-DECODE_MODE = "gemv"            # the kernel "auto" uses below PREFILL_M rows: gemv or tc
+DECODE_MODE = "auto"            # the kernel below PREFILL_M rows: gemv, tc, or auto (decode_mode)
+TC_MIN_WEIGHTS = 8192 * 8192    # from this many weights on, tc beats gemv at one row too (H100, RESULTS)
+
+
+def decode_mode(M: int, N: int, K: int) -> str:
+    """The decode kernel measured faster on the H100 (docs/RESULTS.md): at 2-16 rows tc (2.7-5x bf16, while
+    gemv falls below bf16); at one row gemv on Llama-7B-sized matrices (7.3-12.6 us against tc's 9.5-13.4),
+    tc from 8192 x 8192 on (16.6 vs 18.4 us; 36.8 vs 55.5 at 16384^2)."""
+    if DECODE_MODE != "auto":
+        return DECODE_MODE
+    return "tc" if M > 1 or N * K >= TC_MIN_WEIGHTS else "gemv"
 GEMM_CONFIG = (128, 128, 32, 8, 1)   # BLOCK_M, BLOCK_N, WORDS, num_warps, num_stages (32 dots a tile: 1 stage)
 PREFILL_M = 17                  # from this many rows on: unpack + cuBLAS (faster than "fused" on the H100)
 
@@ -210,7 +220,7 @@ def w1a16_matmul(x: torch.Tensor, words: torch.Tensor, row_scale: torch.Tensor, 
     x2 = x.reshape(-1, K)
     M, N = x2.shape[0], words.shape[0]
     if mode == "auto":
-        mode = DECODE_MODE if M < PREFILL_M else "unpack"
+        mode = decode_mode(M, N, K) if M < PREFILL_M else "unpack"
     if mode == "unpack":
         if input_scale is not None:
             x2 = x2 * input_scale.to(x2.dtype)
