@@ -21,9 +21,11 @@ def read(path: str) -> tuple[list, list, list, list]:
             train_x.append(r["tokens"])
             train_step.append(r["step"])
             train_y.append(r.get("loss_avg", r["loss"]))
-        elif r.get("type") == "eval" and r.get("val_loss") is not None:
-            ev_step.append(r["step"])
-            ev_y.append(r["val_loss"])
+        elif r.get("type") == "eval":
+            v = r.get("val_loss", r.get("val_loss_sign"))     # convert logs both F and hard-sign losses
+            if v is not None:
+                ev_step.append(r["step"])
+                ev_y.append(v)
     if not train_x:
         raise SystemExit(f"{path}: no training records: is this a binaryllm metrics.jsonl?")
     per_step = train_x[-1] / (train_step[-1] + 1)
