@@ -70,3 +70,14 @@ def test_repeated_steps_are_idempotent(monkeypatch):
 
     monkeypatch.setattr(StaticDecoder, "_step", thrice)
     assert torch.equal(StaticDecoder(model, max_len=16).generate(ids, 9), ref)
+
+
+def test_compiled_step_gives_the_same_tokens_on_a_packed_model():
+    """compile=True runs the one-token step through torch.compile; the packed layers enter the graph as single
+    custom ops (kernels/ops.py).  Traced directly, the CPU kernel's ctypes call corrupted the heap."""
+    model = pack(bl.freeze(bl.binarize(tiny_model("llama"), bl.BinaryConfig())))
+    ids = torch.randint(3, 96, (1, 6), generator=torch.Generator().manual_seed(5))
+    ref = hf_greedy(model, ids, 8)
+    dec = StaticDecoder(model, max_len=16, compile=True)
+    assert torch.equal(dec.generate(ids, 8), ref)
+    assert torch.equal(dec.generate(ids[:, :4], 8), hf_greedy(model, ids[:, :4], 8))   # no recompile needed

@@ -150,3 +150,14 @@ def test_random_packed_replaces_block_linears():
     assert random_packed_(model) == 2 * 7 and len(packed_modules(model)) == 14
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=pattern_blocks(1, 8)).logits).all()
+
+
+def test_cpu_kernel_custom_op_passes_opcheck_and_matches():
+    """kernels/ops.py: the op that torch.compile sees (schema, fake shape, values) is the kernel."""
+    from binaryllm.kernels import ops
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 100, generator=g)
+    bits = pack_signs(torch.randn(17, 100, generator=g))
+    scale = torch.rand(17, generator=g) + 0.5
+    torch.library.opcheck(ops.w1_cpu, (x, bits, scale, 100))
+    assert torch.equal(ops.w1_cpu(x, bits, scale, 100), cpu.w1_matmul_cpu(x, bits, scale, 100))

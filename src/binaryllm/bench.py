@@ -275,12 +275,12 @@ def _weight_bytes(model) -> int:
 
 def _decode_tok_s(model, prompt_len: int, new_tokens: int, path: str) -> float:
     """Tokens/s of batch-1 greedy decoding, third of three runs.  path: eager (transformers' generate, dynamic
-    cache), compiled (generate with a static cache and its compiled step) or graph (binaryllm.decode: static
-    cache, the step captured by hand as one CUDA graph)."""
+    cache), compiled (generate with a static cache and its compiled step), graph (binaryllm.decode: static
+    cache, the step captured by hand as one CUDA graph) or graph-compiled (the same, the step compiled first)."""
     ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), device="cuda")
-    if path == "graph":
+    if path in ("graph", "graph-compiled"):
         from .decode import StaticDecoder
-        dec = StaticDecoder(model, prompt_len + new_tokens)
+        dec = StaticDecoder(model, prompt_len + new_tokens, compile=path == "graph-compiled")
         run = lambda: dec.generate(ids, new_tokens)  # noqa: E731
     else:
         from transformers import CompileConfig
@@ -302,7 +302,8 @@ def _decode_tok_s(model, prompt_len: int, new_tokens: int, path: str) -> float:
 
 
 def bench_decode(models=("smollm2-135m", "llama-7b"), new_tokens: int = 128, prompt_len: int = 16,
-                 paths=("eager", "graph"), decode_kernels=("gemv", "tc"), log=print) -> list[dict]:
+                 paths=("eager", "graph", "graph-compiled"), decode_kernels=("gemv", "tc"),
+                 log=print) -> list[dict]:
     """Batch-1 greedy decoding: the bf16 model vs the same model with its block linears packed (random weights:
     speed only), through the same generation code (see _decode_tok_s for the paths).  Memory: bytes of all
     weights; bandwidth: those bytes read once per token x tokens/s.  decode_kernels: the 1-bit kernel of the

@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     ge.add_argument("--seed", type=int, default=0, help="sampling seed")
     ge.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    ge.add_argument("--compile", action="store_true", help="torch.compile the one-token step first (fuses the small "
+                    "kernels between the matmuls; compiling takes a while)")
 
     bn = sub.add_parser("bench", help="speed benchmarks against bf16 / fp32 in the same run (see binaryllm.bench)")
     bn.add_argument("what", choices=["kernels", "kernels-cpu", "train", "decode"])
@@ -282,7 +284,7 @@ def cmd_generate(args) -> int:
     streamer.put(ids[0].cpu())
     gen = torch.Generator(device=device).manual_seed(args.seed)
     # static KV cache; on a GPU the one-token step is captured as a CUDA graph (binaryllm.decode)
-    StaticDecoder(model, ids.shape[1] + args.max_new_tokens).generate(
+    StaticDecoder(model, ids.shape[1] + args.max_new_tokens, compile=args.compile).generate(
         ids, args.max_new_tokens, temperature=args.temperature, eos_token_id=tok.eos_token_id,
         on_token=lambda t: streamer.put(t.cpu()), generator=gen)
     streamer.end()

@@ -27,9 +27,12 @@ class StaticDecoder:
 
     ``graph``: capture the decoding step as a CUDA graph (default: when the model is on a CUDA device).  The graph
     is captured at the first decoding step and replayed by every later one, across ``generate`` calls too.
+    ``compile``: run the one-token forward through ``torch.compile`` (static shapes) first, which fuses the
+    small norm / rope / activation kernels between the matmuls (packed layers stay single custom ops,
+    ``kernels/ops.py``); on CUDA the compiled step is what the graph captures.  The prefill stays eager.
     """
 
-    def __init__(self, model, max_len: int, batch: int = 1, graph: bool | None = None):
+    def __init__(self, model, max_len: int, batch: int = 1, graph: bool | None = None, compile: bool = False):
         from transformers import StaticCache
         self.model = model.eval()
         p = next(model.parameters())
@@ -43,6 +46,7 @@ class StaticDecoder:
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.out: torch.Tensor | None = None
         self._graph: torch.cuda.CUDAGraph | None = None
+        self._step_forward = torch.compile(self._forward, dynamic=False) if compile else self._forward
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=ids, past_key_values=self.cache, cache_position=pos, use_cache=True,
@@ -57,7 +61,7 @@ class StaticDecoder:
         counters = self._counters()       # allocated with the cache, at the prefill: same tensors for every step
         if counters:
             torch._foreach_copy_(counters, [self.pos[0]] * len(counters))
-        logits = self._forward(self.ids, self.pos)
+        logits = self._step_forward(self.ids, self.pos)
         if self.out is None:
             self.out = torch.empty_like(logits)
         self.out.copy_(logits)

@@ -66,16 +66,23 @@ class PackedBinaryLinear(nn.Module):
         if x.is_cuda and dt in (torch.bfloat16, torch.float16):
             from ..kernels import triton_usable
             if triton_usable(x.device.index or 0):
-                from ..kernels.triton_w1a16 import w1a16_matmul
                 s_in = self.input_scale.to(dt) if self.input_scale is not None else None
                 b = self.bias.to(dt) if self.bias is not None else None
+                if torch.compiler.is_compiling():          # one opaque op for torch.compile (kernels/ops.py)
+                    from ..kernels import ops
+                    return ops.w1a16(x.to(dt), self.words(), self.weight_scale, self.in_features, s_in, b)
+                from ..kernels.triton_w1a16 import w1a16_matmul
                 return w1a16_matmul(x.to(dt), self.words(), self.weight_scale, self.in_features, s_in, b)
         elif x.device.type == "cpu" and x.numel() // self.in_features <= 8:
             from ..kernels import cpu, warn_once
             if cpu.available():
                 if self.input_scale is not None:
                     x = x.to(dt) * self.input_scale.to(dt)
-                y = cpu.w1_matmul_cpu(x, self.weight, self.weight_scale, self.in_features)
+                if torch.compiler.is_compiling():
+                    from ..kernels import ops
+                    y = ops.w1_cpu(x, self.weight, self.weight_scale, self.in_features)
+                else:
+                    y = cpu.w1_matmul_cpu(x, self.weight, self.weight_scale, self.in_features)
                 if self.bias is not None:
                     y = y + self.bias.float()
                 return y.to(dt)
