@@ -161,3 +161,24 @@ def test_cpu_kernel_custom_op_passes_opcheck_and_matches():
     scale = torch.rand(17, generator=g) + 0.5
     torch.library.opcheck(ops.w1_cpu, (x, bits, scale, 100))
     assert torch.equal(ops.w1_cpu(x, bits, scale, 100), cpu.w1_matmul_cpu(x, bits, scale, 100))
+
+
+def test_bench_cli_writes_its_json_after_every_row(tmp_path, monkeypatch):
+    """A bench stopped by a time limit keeps the rows it measured: --json is rewritten after each one."""
+    import json
+
+    from binaryllm import bench
+    from binaryllm.cli import main
+    real = bench.bench_kernels_cpu
+    seen = []
+
+    def small(log):
+        def spy(row):
+            log(row)
+            seen.append(len(json.loads((tmp_path / "k.json").read_text())["rows"]))
+        return real(shapes=((64, 64), (32, 96)), log=spy)
+    monkeypatch.setattr(bench, "bench_kernels_cpu", small)
+    assert main(["bench", "kernels-cpu", "--json", str(tmp_path / "k.json")]) == 0
+    rows = json.loads((tmp_path / "k.json").read_text())["rows"]
+    assert seen == [1, 2] and [(r["N"], r["K"]) for r in rows] == [(64, 64), (32, 96)]
+    assert all(r["max_abs_err"] < 1e-3 and r["lut_us"] > 0 for r in rows)

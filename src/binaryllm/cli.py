@@ -297,22 +297,28 @@ def cmd_bench(args) -> int:
     import torch
 
     from . import bench
+    from .io import atomic_write_text
     if args.what in ("kernels", "train", "decode") and not torch.cuda.is_available():
         raise BinaryLLMError(f"bench {args.what} needs a CUDA GPU; on the CPU run: binaryllm bench kernels-cpu")
+    done: list[dict] = []
+
+    def log(row: dict) -> None:
+        """Print each row, and rewrite --json after it, so a run stopped by a time limit keeps its rows."""
+        print(row, flush=True)
+        done.append(row)
+        if args.json:
+            atomic_write_text(args.json, json.dumps({"what": args.what, "device": torch.cuda.get_device_name()
+                                                      if torch.cuda.is_available() else "cpu",
+                                                      "torch": torch.__version__, "rows": done}, indent=1))
     if args.what == "kernels":
-        rows = bench.bench_kernels_gpu()
+        bench.bench_kernels_gpu(log=log)
     elif args.what == "kernels-cpu":
-        rows = bench.bench_kernels_cpu()
+        bench.bench_kernels_cpu(log=log)
     elif args.what == "decode":
-        rows = bench.bench_decode()
+        bench.bench_decode(log=log)
     else:
-        rows = bench.bench_train(args.model, args.seq_len, args.batch_size, args.steps,
-                                 variants=[v for v in args.variants.split(",") if v])
-    if args.json:
-        from .io import atomic_write_text
-        atomic_write_text(args.json, json.dumps({"what": args.what, "device": torch.cuda.get_device_name()
-                                                  if torch.cuda.is_available() else "cpu",
-                                                  "torch": torch.__version__, "rows": rows}, indent=1))
+        bench.bench_train(args.model, args.seq_len, args.batch_size, args.steps,
+                          variants=[v for v in args.variants.split(",") if v], log=log)
     return 0
 
 
