@@ -61,6 +61,7 @@ CASES = [  # (M, N, K, config or None, mode)
     (1, 40, 96, None, "gemv"), (3, 70, 100, None, "gemv"), (16, 64, 300, (8, 4), "gemv"),      # decode, ragged K
     (1, 40, 96, (16, 16, 1), "tc"), (5, 70, 100, (16, 16, 1), "tc"), (16, 33, 1100, (32, 32, 1), "tc"),
     (3, 70, 100, None, "auto"),                                                      # auto: tc from 2 rows on
+    (2, 40, 1100, (16, 16, 1, 3), "tc"), (1, 33, 300, (32, 16, 1, 2), "tc"),       # tc split over K (atomics)
     (20, 33, 64, (16, 16, 16, 4, 1), "fused"), (130, 129, 72, (64, 64, 16, 4, 1), "fused"),  # tensor-core tiles
     (40, 64, 1100, (32, 32, 16, 4, 1), "fused"),                                              # several word tiles
     (70, 65, 200, None, "unpack"),                                                             # dense temp + matmul

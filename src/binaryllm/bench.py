@@ -93,8 +93,8 @@ def bench_kernels_gpu(shapes=SHAPES, batches=(1, 4, 16, 2048), log=print) -> lis
                 row["gemv_sweep_us"] = sweep
             if M <= 16 and N * K >= 4096 * 4096:   # the tensor-core decode kernel's tiles, swept
                 sweep = {}
-                for cfg in ((64, 64, 4), (64, 32, 4), (64, 128, 4), (128, 64, 8), (128, 32, 8), (128, 64, 4),
-                            (64, 256, 4), (256, 64, 8)):
+                for cfg in ((64, 64, 4), (64, 128, 4), (128, 64, 4), (64, 64, 4, 2), (64, 64, 4, 4),
+                            (64, 128, 4, 2), (64, 128, 4, 4), (64, 64, 4, 8)):   # 4th: split over K
                     try:
                         t = _gpu_time([lambda w=w: w1a16_matmul(x, w, scale, K, mode="tc", config=cfg)
                                        for w in words])

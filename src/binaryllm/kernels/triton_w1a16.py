@@ -98,9 +98,17 @@ _PLANE_FP16 = tl.constexpr(_plane_asm(0xBC00))
 @triton.jit
 def _gemv_tc_kernel(xp_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, KW: tl.constexpr, stride_xm, stride_wn, stride_ym,
                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr, BF16: tl.constexpr,
-                    ASM: tl.constexpr):
-    """KW, WORDS: int16 words.  acc (BLOCK_N, 16) += plane_j (BLOCK_N, WORDS) @ x_j (WORDS, 16), j = 0..15."""
+                    ASM: tl.constexpr, SPLIT: tl.constexpr):
+    """KW, WORDS: int16 words.  acc (BLOCK_N, 16) += plane_j (BLOCK_N, WORDS) @ x_j (WORDS, 16), j = 0..15.
+    SPLIT > 1: program (pid, s) takes the s-th of SPLIT word ranges and atomically adds its scaled partial sums
+    to a zeroed fp32 y (the caller rounds it to the activation dtype): more programs per SM to hide latency."""
     pid = tl.program_id(0)
+    CHUNK: tl.constexpr = (KW + SPLIT * WORDS - 1) // (SPLIT * WORDS) * WORDS
+    if SPLIT == 1:
+        part = 0                  # a constant start: the unsplit loop compiles as before (fewer address ops)
+    else:
+        part = tl.program_id(1)
+    k_lo = part * CHUNK
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, 16)
     offs_w = tl.arange(0, WORDS)
@@ -109,7 +117,8 @@ def _gemv_tc_kernel(xp_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, KW: tl.constexpr, 
     MINUS_ONE: tl.constexpr = 0xBF80 if BF16 else 0xBC00
     DT: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
     acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
-    for w0 in range(0, KW, WORDS):
+    for i in range(0, CHUNK, WORDS):
+        w0 = k_lo + i
         w_ok = (w0 + offs_w) < KW
         words = tl.load(w_ptr + offs_n[:, None] * stride_wn + (w0 + offs_w)[None, :],
                         mask=n_ok[:, None] & w_ok[None, :], other=0)                     # (BLOCK_N, WORDS) int16
@@ -128,9 +137,12 @@ def _gemv_tc_kernel(xp_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, KW: tl.constexpr, 
             acc = tl.dot(wj, xv, acc)
     out = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
     if HAS_BIAS:
-        out += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-    tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], out.to(y_ptr.dtype.element_ty),
-             mask=m_ok[None, :] & n_ok[:, None])
+        out += tl.load(b_ptr + offs_n, mask=n_ok & (part == 0), other=0.0).to(tl.float32)[:, None]
+    y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
+    if SPLIT == 1:
+        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok[:, None])
+    else:
+        tl.atomic_add(y_ptrs, out, mask=m_ok[None, :] & n_ok[:, None])
 
 
 @triton.jit
@@ -193,7 +205,7 @@ def unpack_dense(words: torch.Tensor, row_scale: torch.Tensor, in_features: int,
 
 
 GEMV_CONFIG = (4, 32, 4)        # BLOCK_N, WORDS, warps: fastest or within 3% of it in the H100 sweep (RESULTS)
-TC_CONFIG = (64, 64, 4)         # BLOCK_N, int16 WORDS, warps of the tensor-core decode kernel
+TC_CONFIG = (64, 64, 4)         # BLOCK_N, int16 WORDS, warps[, SPLIT over K] of the tensor-core decode kernel
 DECODE_MODE = "auto"            # the kernel below PREFILL_M rows: gemv, tc, or auto (decode_mode)
 TC_MIN_WEIGHTS = 8192 * 8192    # from this many weights on, tc beats gemv at one row too (H100, RESULTS)
 
@@ -236,11 +248,16 @@ def w1a16_matmul(x: torch.Tensor, words: torch.Tensor, row_scale: torch.Tensor, 
             raise ValueError("tc takes bf16 or fp16 activations")
         w16 = words.view(torch.int16)              # little-endian: int16 word w holds bits 16 w .. 16 w + 15
         xp = bit_major(x2, K, input_scale, planes=16)
-        bn, wds, warps = config or TC_CONFIG
-        _gemv_tc_kernel[(triton.cdiv(N, bn),)](xp, w16, row_scale, b, y, M, N, w16.shape[1], xp.stride(0),
-                                               w16.stride(0), y.stride(0), HAS_BIAS=bias is not None, BLOCK_N=bn,
-                                               WORDS=wds, BF16=x.dtype == torch.bfloat16,
-                                               ASM=os.environ.get("TRITON_INTERPRET") != "1", num_warps=warps)
+        bn, wds, warps, *rest = config or TC_CONFIG
+        split = rest[0] if rest else 1
+        out = y if split == 1 else torch.zeros(M, N, device=x.device, dtype=torch.float32)
+        _gemv_tc_kernel[(triton.cdiv(N, bn), split)](xp, w16, row_scale, b, out, M, N, w16.shape[1], xp.stride(0),
+                                                     w16.stride(0), out.stride(0), HAS_BIAS=bias is not None,
+                                                     BLOCK_N=bn, WORDS=wds, BF16=x.dtype == torch.bfloat16,
+                                                     ASM=os.environ.get("TRITON_INTERPRET") != "1", SPLIT=split,
+                                                     num_warps=warps)
+        if split > 1:
+            y.copy_(out)
         return y.reshape(*lead, N)
     xp = bit_major(x2, K, input_scale)
     kw = words.shape[1]
