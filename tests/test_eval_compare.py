@@ -1,6 +1,7 @@
 """Perplexity and zero-shot scoring against hand computations and lm-eval; compare writes its report."""
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -242,3 +243,29 @@ def test_convert_max_minutes_counts_from_its_own_start(tmp_path, tiny_model_dir,
     cfg.train.max_minutes = 0
     s = convert(cfg, tmp_path / "run", resume=True, progress=False, explicit={})
     assert s["finished"] and (tmp_path / "run" / "summary.json").is_file()
+
+
+def test_method_overrides_for_a_tuning_search(tmp_path, tiny_model_dir, text_file):
+    """compare runs the same method with one option changed per entry (the t schedule's growth rate here);
+    each entry gets its own run folder, its own config, and its own row."""
+    from binaryllm.compare import compare, method_config, method_dir, split_methods
+    assert split_methods("cpt, cpt[t_b=0.16,train.distill_weight=3],ste") == [
+        "cpt", "cpt[t_b=0.16,train.distill_weight=3]", "ste"]
+    base = tiny_compare_base(tmp_path, tiny_model_dir, text_file)
+    c = method_config(base, "cpt+distill[t_b=0.16,train.distill_weight=3]")
+    assert (c.binary.method, c.binary.t_b, c.train.distill, c.train.distill_weight) == ("cpt", 0.16, True, 3.0)
+    assert base.binary.t_b == 0.22                                    # the base is not touched
+    for bad, msg in [("cpt[nonsense=1]", "unknown option 'nonsense'"), ("cpt[t_b]", "is not option=value"),
+                     ("cpt[t_b=0.1", "one pair of brackets"), ("cpt[hard_fraction=2]", "hard-fraction"),
+                     ("fp[t_b=1]", "takes no overrides"), ("cpt[binary.lr=1]", "unknown option binary.lr")]:
+        with pytest.raises(BinaryLLMError, match=re.escape(msg)):
+            method_config(base, bad)
+    ecfg = EvalConfig(ppl=[str(text_file)], seq_len=64, batch_size=4)
+    out = tmp_path / "tune"
+    res = compare(base, ["cpt", "cpt[t_b=0.5]"], out, ecfg, progress=False)
+    assert all("error" not in r for r in res.values())
+    assert method_dir("cpt[t_b=0.5]") == "cpt_t_b_0.5"
+    assert "t_b: 0.5" in (out / "runs" / "cpt_t_b_0.5" / "run.yaml").read_text()
+    assert "t_b: 0.22" in (out / "runs" / "cpt" / "run.yaml").read_text()
+    assert res["cpt"]["val_loss_sign"] != res["cpt[t_b=0.5]"]["val_loss_sign"]
+    assert "| cpt[t_b=0.5] |" in (out / "report.md").read_text()

@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("model", nargs="?", default=None, help="base model (as for convert)")
     co.add_argument("--out", required=True, help="report folder (runs/, results/, report.md, results.json/csv, PNGs)")
     co.add_argument("--methods", default="fp,sign,ste,irnet,cpt",
-                    help="comma separated: " + ", ".join(METHODS))
+                    help="comma separated: " + ", ".join(METHODS) + "; each may take option overrides for a "
+                    "tuning search, e.g. 'cpt,cpt[t_b=0.16],cpt+distill[distill_weight=0.3]'")
     co.add_argument("--eval", nargs="+", default=["default-test"], dest="eval_ppl",
                     help="held-out texts for perplexity (files, default-test, wikitext2, ...)")
     co.add_argument("--config", default=None, help="YAML file with sections model/data/binary/train")
@@ -222,7 +223,8 @@ def cmd_eval(args) -> int:
 def cmd_compare(args) -> int:
     from .compare import compare
     cfg, _ = config_from_args(args)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    from .compare import split_methods
+    methods = split_methods(args.methods)
     ecfg = _eval_config(args, args.eval_ppl, cfg.train.device, cfg.train.amp, cfg.train.seq_len)
     results = compare(cfg, methods, args.out, ecfg, progress=not args.no_progress)
     print((Path(args.out) / "report.md").read_text())

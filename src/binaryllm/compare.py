@@ -11,8 +11,10 @@ import copy
 import csv
 import io
 import json
+import re
 import time
 import traceback
+from dataclasses import fields
 from pathlib import Path
 
 from . import config as C
@@ -36,10 +38,61 @@ METHODS: dict[str, dict] = {
 }
 
 
+def split_methods(text: str) -> list[str]:
+    """``"cpt,cpt[t_b=0.16,t_a=1]"`` -> ``["cpt", "cpt[t_b=0.16,t_a=1]"]``: commas inside brackets stay."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    out.append(cur.strip())
+    return [m for m in out if m]
+
+
+def method_overrides(spec: str) -> tuple[str, dict]:
+    """``"cpt+distill[distill_weight=0.3]"`` -> ``("cpt+distill", {"train": {"distill_weight": "0.3"}})``.
+    A key is an option name (``t_b``) or section.name (``binary.t_b``); values are converted by the option's type.
+    This is how a tuning search runs through compare: the same method with one option changed per entry."""
+    name, _, rest = spec.partition("[")
+    if not rest:
+        return spec, {}
+    if not rest.endswith("]") or "[" in rest[:-1]:
+        raise BinaryLLMError(f"method {spec!r}: write overrides as name[option=value,...] with one pair of brackets")
+    over: dict = {}
+    for pair in split_methods(rest[:-1]):
+        key, eq, value = pair.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise BinaryLLMError(f"method {spec!r}: {pair!r} is not option=value")
+        sec, _, opt = key.rpartition(".")
+        secs = [sec] if sec else [x for x, cls in C.SECTIONS.items() if opt in {f.name for f in fields(cls)}]
+        if not secs or secs[0] not in C.SECTIONS:
+            raise BinaryLLMError(f"method {spec!r}: unknown option {key!r}; see 'binaryllm convert --help'")
+        if len(secs) > 1:
+            raise BinaryLLMError(f"method {spec!r}: option {opt!r} is in sections {', '.join(secs)}; write one of "
+                                 + ", ".join(f"{x}.{opt}" for x in secs))
+        over.setdefault(secs[0], {})[opt] = value.strip()
+    return name.strip(), over
+
+
 def method_config(base: C.RunConfig, method: str) -> C.RunConfig:
-    if method not in METHODS:
-        raise BinaryLLMError(f"unknown method {method!r} for compare; known: {', '.join(METHODS)}")
-    return C.from_dict(METHODS[method], copy.deepcopy(base))
+    name, over = method_overrides(method)
+    if name not in METHODS:
+        raise BinaryLLMError(f"unknown method {name!r} for compare; known: {', '.join(METHODS)} (each may take "
+                             "overrides: cpt[t_b=0.16])")
+    if name == "fp" and over:
+        raise BinaryLLMError("fp is the untouched pre-trained model: it takes no overrides (fp-ft does)")
+    cfg = C.from_dict(over, C.from_dict(METHODS[name], copy.deepcopy(base)))
+    cfg.validate()
+    return cfg
+
+
+def method_dir(method: str) -> str:
+    """A file-system-safe name for a method spec (its run folder and results file)."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", method).strip("_")
 
 
 def bits_per_weight(model) -> float:
@@ -60,7 +113,7 @@ def bits_per_weight(model) -> float:
 def run_method(method: str, base: C.RunConfig, out: Path, ecfg, progress: bool) -> dict:
     from .eval.run import evaluate, open_model
     from .train import convert
-    res_file = out / "results" / f"{method}.json"
+    res_file = out / "results" / f"{method_dir(method)}.json"
     if res_file.is_file():
         return json.loads(res_file.read_text())
     rec: dict = {"method": method}
@@ -69,7 +122,7 @@ def run_method(method: str, base: C.RunConfig, out: Path, ecfg, progress: bool) 
         model, tok, _ = open_model(base.model.model, device)
     else:
         cfg = method_config(base, method)
-        run = out / "runs" / method
+        run = out / "runs" / method_dir(method)
         if not (run / "summary.json").is_file():
             s = convert(cfg, run, resume=(run / "run.yaml").is_file(), progress=progress, explicit={})
             if not s.get("finished"):
@@ -107,7 +160,7 @@ def compare(base: C.RunConfig, methods: list[str], out: str | Path, ecfg, progre
             mbase = base
             if deadline is not None:
                 left = (deadline - time.time()) / 60
-                if left <= 0 and not (out / "results" / f"{m}.json").is_file():
+                if left <= 0 and not (out / "results" / f"{method_dir(m)}.json").is_file():
                     results[m] = {"method": m, "error": "not started: --max-minutes used up; run compare again"}
                     continue
                 mbase = copy.deepcopy(base)
@@ -116,7 +169,7 @@ def compare(base: C.RunConfig, methods: list[str], out: str | Path, ecfg, progre
         except (BinaryLLMError, RuntimeError, ValueError, OSError) as e:
             results[m] = {"method": m, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
             (out / "results").mkdir(exist_ok=True)
-            atomic_write_text(out / "results" / f"{m}.error.txt", traceback.format_exc())
+            atomic_write_text(out / "results" / f"{method_dir(m)}.error.txt", traceback.format_exc())
     write_report(results, out, ecfg)
     return results
 
