@@ -53,6 +53,17 @@ def test_two_processes_train_like_one(runs):
     assert main(["pack", str(d / "two"), "--out", str(d / "two-1bit")]) == 0
 
 
+def test_keeping_gathered_weights_to_the_backward_trains_the_same(runs):
+    """--no-fsdp-reshard (one all-gather fewer per block and step) computes the same thing."""
+    d, base = runs
+    assert main(["convert", *base, "--out", str(d / "keep"), "--gpus", "2", "--no-fsdp-reshard"]) == 0
+    assert "fsdp_reshard: false" in (d / "keep" / "run.yaml").read_text()
+    one, keep = _train_rows(d / "one"), _train_rows(d / "keep")
+    assert len(keep) == len(one)
+    for a, b in zip(one, keep):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+
+
 def test_a_dying_rank_stops_the_run_and_the_sharded_checkpoint_resumes_exactly(runs, capsys, monkeypatch):
     d, base = runs
     out = d / "killed"

@@ -124,6 +124,9 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile each decoder block (GPU speed; the first steps compile)")
     fsdp_params: str = _f("fp32", "multi-GPU: dtype of the weights FSDP gathers for compute, fp32 (the binarizer "
                                "sees the fp32 master weights, as on one GPU) or bf16 (half the traffic)")
+    fsdp_reshard: bool = _f(True, "multi-GPU: free each block's gathered weights after its forward and gather them "
+                                  "again for the backward (least memory); off keeps them until the backward: one "
+                                  "all-gather fewer per block and step, the block's full weights held meanwhile")
     fused_loss: bool = _f(True, "chunked linear + cross-entropy loss: never holds the full logits")
 
 

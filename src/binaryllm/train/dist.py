@@ -81,7 +81,7 @@ def setup(device: str = "auto") -> DistInfo | None:
     return DistInfo(rank, world, local, dev, backend)
 
 
-def shard(model, bf16: bool) -> None:
+def shard(model, bf16: bool, reshard: bool = True) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from ..nn import find_blocks
@@ -89,8 +89,8 @@ def shard(model, bf16: bool) -> None:
         else MixedPrecisionPolicy(reduce_dtype=torch.float32)
     _, blocks = find_blocks(model)
     for b in blocks:
-        fully_shard(b, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(b, mp_policy=mp, reshard_after_forward=reshard)
+    fully_shard(model, mp_policy=mp, reshard_after_forward=reshard)
 
 
 def mean(x: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -293,7 +293,7 @@ class Trainer:
         t = self.cfg.train
         if t.fsdp_params not in ("fp32", "bf16"):
             raise BinaryLLMError(f"--fsdp-params must be fp32 or bf16, got {t.fsdp_params!r}")
-        D.shard(self.model, bf16=t.fsdp_params == "bf16" and self.device.type == "cuda")
+        D.shard(self.model, bf16=t.fsdp_params == "bf16" and self.device.type == "cuda", reshard=t.fsdp_reshard)
 
     def _stage1(self) -> None:
         b, t = self.cfg.binary, self.cfg.train
