@@ -54,6 +54,28 @@ def _gpu_time(fn_list, iters: int = 50, reps: int = 5, graph: bool = True) -> fl
     return statistics.median(times)
 
 
+# tile configs swept on shapes >= 4096^2 (see triton_w1a16: GEMV_CONFIG, TC_CONFIG, GEMM_CONFIG for their fields)
+GEMV_SWEEP = ((8, 16, 4), (4, 16, 4), (4, 32, 4), (8, 32, 4), (8, 8, 4), (8, 16, 2), (4, 32, 2), (2, 32, 2),
+              (8, 32, 8))                                                       # batch 1
+TC_SWEEP = ((64, 64, 4), (64, 128, 4), (128, 64, 4), (64, 64, 4, 2), (64, 64, 4, 4), (64, 128, 4, 2),
+            (64, 128, 4, 4), (64, 64, 4, 8))                                    # batch 1-16; 4th: split over K
+FUSED_SWEEP = ((128, 128, 32, 8, 1), (128, 64, 32, 4, 1), (64, 128, 16, 4, 1), (128, 128, 16, 8, 1),
+               (128, 256, 16, 8, 1))                                            # prefill, 2048 rows
+
+
+def _sweep(x, words, scale, K: int, mode: str, configs) -> dict:
+    """GPU µs of one kernel per tile config ("BNxWORDSx..." -> µs, or the error of a tile that does not fit)."""
+    from .kernels.triton_w1a16 import w1a16_matmul
+    out = {}
+    for cfg in configs:
+        try:
+            t = _gpu_time([lambda w=w: w1a16_matmul(x, w, scale, K, mode=mode, config=cfg) for w in words])
+            out["x".join(map(str, cfg))] = round(t * 1e6, 2)
+        except Exception as e:  # a tile that does not fit: say so, keep going
+            out["x".join(map(str, cfg))] = type(e).__name__
+    return out
+
+
 def bench_kernels_gpu(shapes=SHAPES, batches=(1, 4, 16, 2048), log=print) -> list[dict]:
     from .export.bits import pack_signs, unpack_signs
     from .kernels.triton_w1a16 import prepare_weight, w1a16_matmul
@@ -83,36 +105,13 @@ def bench_kernels_gpu(shapes=SHAPES, batches=(1, 4, 16, 2048), log=print) -> lis
                 row[f"{mode}_speedup"] = round(t_bf / t, 2)
                 row[f"{mode}_weight_GBps"] = round(N * K / 8 / t / 1e9, 1)
                 row[f"{mode}_max_rel_err"] = float(f"{err:.2e}")
-            if M == 1 and N * K >= 4096 * 4096:   # the decode kernel's tile shape, swept
-                sweep = {}
-                for cfg in ((8, 16, 4), (4, 16, 4), (4, 32, 4), (8, 32, 4), (8, 8, 4), (8, 16, 2), (4, 32, 2),
-                            (2, 32, 2), (8, 32, 8)):
-                    t = _gpu_time([lambda w=w: w1a16_matmul(x, w, scale, K, mode="gemv", config=cfg)
-                                   for w in words])
-                    sweep["x".join(map(str, cfg))] = round(t * 1e6, 2)
-                row["gemv_sweep_us"] = sweep
-            if M <= 16 and N * K >= 4096 * 4096:   # the tensor-core decode kernel's tiles, swept
-                sweep = {}
-                for cfg in ((64, 64, 4), (64, 128, 4), (128, 64, 4), (64, 64, 4, 2), (64, 64, 4, 4),
-                            (64, 128, 4, 2), (64, 128, 4, 4), (64, 64, 4, 8)):   # 4th: split over K
-                    try:
-                        t = _gpu_time([lambda w=w: w1a16_matmul(x, w, scale, K, mode="tc", config=cfg)
-                                       for w in words])
-                        sweep["x".join(map(str, cfg))] = round(t * 1e6, 2)
-                    except Exception as e:  # a tile that does not fit: say so, keep going
-                        sweep["x".join(map(str, cfg))] = type(e).__name__
-                row["tc_sweep_us"] = sweep
-            if M == 2048 and N * K >= 4096 * 4096:
-                sweep = {}
-                for cfg in ((128, 128, 32, 8, 1), (128, 64, 32, 4, 1), (64, 128, 16, 4, 1), (128, 128, 16, 8, 1),
-                            (128, 256, 16, 8, 1)):
-                    try:
-                        t = _gpu_time([lambda w=w: w1a16_matmul(x, w, scale, K, mode="fused", config=cfg)
-                                       for w in words])
-                        sweep["x".join(map(str, cfg))] = round(t * 1e6, 2)
-                    except Exception as e:  # a tile that does not fit: say so, keep going
-                        sweep["x".join(map(str, cfg))] = type(e).__name__
-                row["fused_sweep_us"] = sweep
+            if N * K >= 4096 * 4096:
+                if M == 1:
+                    row["gemv_sweep_us"] = _sweep(x, words, scale, K, "gemv", GEMV_SWEEP)
+                if M <= 16:
+                    row["tc_sweep_us"] = _sweep(x, words, scale, K, "tc", TC_SWEEP)
+                if M == 2048:
+                    row["fused_sweep_us"] = _sweep(x, words, scale, K, "fused", FUSED_SWEEP)
             row["eager_bf16_us"] = round(_gpu_time([lambda w=w: F.linear(x, w) for w in dense], graph=False) * 1e6, 2)
             row["eager_auto_us"] = round(_gpu_time([lambda w=w: w1a16_matmul(x, w, scale, K) for w in words],
                                                    graph=False) * 1e6, 2)
