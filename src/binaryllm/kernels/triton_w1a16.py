@@ -92,6 +92,8 @@ def _plane_asm(minus_one: int) -> tuple:
 
 
 _PLANE_BF16 = tl.constexpr(_plane_asm(0xBF80))     # lop3 0x6a: (a & b) ^ c
+# Triton reads TRITON_INTERPRET when it decorates the kernels (at this import): no inline PTX then
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _PLANE_FP16 = tl.constexpr(_plane_asm(0xBC00))
 
 
@@ -254,7 +256,7 @@ def w1a16_matmul(x: torch.Tensor, words: torch.Tensor, row_scale: torch.Tensor, 
         _gemv_tc_kernel[(triton.cdiv(N, bn), split)](xp, w16, row_scale, b, out, M, N, w16.shape[1], xp.stride(0),
                                                      w16.stride(0), out.stride(0), HAS_BIAS=bias is not None,
                                                      BLOCK_N=bn, WORDS=wds, BF16=x.dtype == torch.bfloat16,
-                                                     ASM=os.environ.get("TRITON_INTERPRET") != "1", SPLIT=split,
+                                                     ASM=not _INTERPRETED, SPLIT=split,
                                                      num_warps=warps)
         if split > 1:
             y.copy_(out)
