@@ -203,3 +203,24 @@ def test_out_of_memory_names_the_option_to_lower(tmp_path, monkeypatch):
     cfg.binary.init = False
     with pytest.raises(BinaryLLMError, match=r"out of memory at step 0 .*lower --batch-size"):
         tr.run()
+
+
+def test_profile_writes_a_trace_and_an_operator_table_and_keeps_the_losses(tmp_path):
+    cfg = run_cfg(steps=6)
+    ref = Trainer(bl.binarize(tiny_model(), cfg.binary), cfg, data(), tmp_path / "ref", progress=False).run()
+    cfg.train.profile = "2:4"
+    s = Trainer(bl.binarize(tiny_model(), cfg.binary), cfg, data(), tmp_path / "p", progress=False).run()
+    assert s["val_loss_sign"] == ref["val_loss_sign"]          # profiling observes, it changes nothing
+    trace = json.loads((tmp_path / "p" / "profile" / "rank0.json").read_text())
+    names = {e.get("name", "") for e in trace["traceEvents"]}
+    assert any(n.startswith("aten::mm") or n.startswith("aten::addmm") for n in names)
+    table = (tmp_path / "p" / "profile" / "rank0.txt").read_text()
+    assert table.startswith("steps 2..3, rank 0") and "aten::" in table
+
+
+@pytest.mark.parametrize("spec", ["3", "4:2", "a:b", "-1:2"])
+def test_bad_profile_range_is_a_clear_error(spec):
+    cfg = run_cfg(steps=6)
+    cfg.train.profile = spec
+    with pytest.raises(BinaryLLMError, match="--profile wants A:B"):
+        cfg.validate()

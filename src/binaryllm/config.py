@@ -128,6 +128,19 @@ class TrainConfig:
                                   "again for the backward (least memory); off keeps them until the backward: one "
                                   "all-gather fewer per block and step, the block's full weights held meanwhile")
     fused_loss: bool = _f(True, "chunked linear + cross-entropy loss: never holds the full logits")
+    profile: str = _f("", "profile training steps A:B (0-based, B excluded) with torch.profiler: a Chrome trace per "
+                          "rank and a table of the top operators in <out>/profile/; empty = off")
+
+
+def profile_range(spec: str) -> tuple[int, int]:
+    """``"A:B"`` -> (A, B): the training steps ``--profile`` records."""
+    try:
+        a, b = (int(v) for v in spec.split(":"))
+    except ValueError:
+        a, b = 0, -1
+    if not 0 <= a < b:
+        raise BinaryLLMError(f"--profile wants A:B with 0 <= A < B (training steps, B excluded), got {spec!r}")
+    return a, b
 
 
 @dataclass
@@ -148,6 +161,8 @@ class RunConfig:
             raise BinaryLLMError("--max-steps and --max-minutes must be >= 0 (0 = no limit)")
         if t.lr <= 0 or t.lr_min < 0:
             raise BinaryLLMError("--lr must be > 0 and --lr-min >= 0")
+        if t.profile:
+            profile_range(t.profile)
         if t.amp not in ("auto", "bf16", "fp16", "none"):
             raise BinaryLLMError(f"--amp must be auto, bf16, fp16 or none, not {t.amp!r}")
         return self

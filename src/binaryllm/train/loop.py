@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..api import binary_modules, restore_input_scales, set_binarizer
-from ..config import RunConfig, parse_tokens
+from ..config import RunConfig, parse_tokens, profile_range
 from ..data import BlockOrder
 from ..errors import BinaryLLMError
 from ..eval.ppl import window_nll
@@ -30,6 +30,39 @@ from .dist import mean as dist_mean
 from .fast import compile_blocks, lm_loss
 from .init import binary_aware_init
 
+
+class StepProfiler:
+    """``--profile A:B``: torch.profiler over training steps A..B-1, written per rank to ``<out>/profile/``:
+    ``rank<R>.json`` (a Chrome/Perfetto trace) and ``rank<R>.txt`` (the top operators by device, else CPU, time)."""
+
+    def __init__(self, spec: str, out: Path | None, rank: int, cuda: bool):
+        self.a, self.b = profile_range(spec) if spec else (-1, -1)
+        self.dir = (out / "profile") if (spec and out is not None) else None
+        if spec and out is None:
+            raise BinaryLLMError("--profile needs an --out folder to write its traces to")
+        self.rank, self.cuda, self.prof = rank, cuda, None
+
+    def before(self, step: int) -> None:
+        if self.dir is None or step != self.a:
+            return
+        from torch.profiler import ProfilerActivity, profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        self.prof = profile(activities=acts, record_shapes=False)
+        self.prof.__enter__()
+
+    def after(self, step: int, last: bool) -> None:
+        if self.prof is None or (step + 1 < self.b and not last):
+            return
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.prof.__exit__(None, None, None)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.prof.export_chrome_trace(str(self.dir / f"rank{self.rank}.json"))
+        key = "self_device_time_total" if self.cuda else "self_cpu_time_total"
+        table = self.prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70)
+        atomic_write_text(self.dir / f"rank{self.rank}.txt",
+                          f"steps {self.a}..{min(step, self.b - 1)}, rank {self.rank}\n{table}\n")
+        self.prof = None
 
 @dataclass
 class TrainData:
@@ -335,6 +368,7 @@ class Trainer:
         # the host wait for the GPU each step instead of queueing the next one
         pending: list[tuple[int, torch.Tensor]] = []
         last_loss = float("nan")
+        prof = StepProfiler(t.profile, self.out, self.dist.rank if self.dist else 0, self.device.type == "cuda")
 
         def check_losses() -> None:
             nonlocal last_loss
@@ -359,6 +393,7 @@ class Trainer:
                                                      "gap": s_loss - f_loss}
                 self._log({"type": "eval", "step": step, "val_loss_F": f_loss, "val_loss_sign": s_loss})
             set_binarizer(model, plan.kind, plan.t)
+            prof.before(step)
             lr = self.lr(step)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -398,6 +433,7 @@ class Trainer:
             if self.deadline is not None and (self.dist is None or done % t.log_every == 0):
                 over = time.time() > self.deadline
                 last = last or (over if self.dist is None else dist_any_rank(over, self.dist))
+            prof.after(step, last)
             if callback is not None or last or done % t.log_every == 0 or done % t.save_every == 0:
                 check_losses()
             if done % t.log_every == 0 or last:
