@@ -95,3 +95,43 @@ def test_resume_on_another_number_of_ranks_reshards(runs):
     assert [r["step"] for r in resumed] == list(range(10))
     for a, b in zip(resumed, ref):   # 2 ranks for steps 0-3, 4 ranks after: the same losses
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
+
+
+def test_missing_nccl_falls_back_to_gloo_with_one_warning(monkeypatch):
+    import torch.distributed as dist
+
+    from binaryllm.train import dist as D
+    for k, v in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(k, v)
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: seen.setdefault("device", i))
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: False)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: seen.update(kw))
+    with pytest.warns(UserWarning, match="NCCL is not available: falling back to gloo"):
+        info = D.setup("auto")
+    assert info.backend == "gloo" and seen["backend"] == "gloo" and seen["device"] == 1
+    assert (info.rank, info.world, info.device) == (1, 2, torch.device("cuda", 1))
+    assert seen["timeout"].total_seconds() == 600          # a dead peer ends the run instead of a hang
+
+
+def test_launcher_drops_gpus_and_turns_nvlink_multicast_off(monkeypatch):
+    import subprocess
+
+    from binaryllm.cli import launch_torchrun
+    got = {}
+
+    class Done:
+        returncode = 0
+
+    def fake_run(cmd, env):
+        got.update(cmd=cmd, env=env)
+        return Done()
+
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "1")            # a user's setting must not turn multicast back on
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    assert launch_torchrun(2, ["convert", "m", "--gpus", "2", "--gpus=2", "--lr", "1e-3"]) == 0
+    assert got["cmd"][-5:] == ["binaryllm", "convert", "m", "--lr", "1e-3"]
+    assert "--nproc-per-node=2" in got["cmd"]
+    assert got["env"]["NCCL_NVLS_ENABLE"] == "0" and got["env"]["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1"
