@@ -154,3 +154,17 @@ def test_block_runners_rerun_a_block_on_its_own_inputs(arch):
         ref = model(input_ids=ids).logits
         got = model.lm_head(model.model.norm(last))
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_stage1_with_the_fused_loss_learns_the_same_scales_as_with_the_models_own_loss():
+    from binaryllm.train.fast import lm_loss
+    data = pattern_blocks(16, 16)
+    res = []
+    for loss_fn in (None, lm_loss):
+        model = bl.binarize(tiny_model("llama"), bl.BinaryConfig())
+        bl.set_binarizer(model, "sign", 1.0)
+        res.append(binary_aware_init(model, lambda k: data[2 * k: 2 * k + 2], steps=4, lr=0.2, probe_ids=data[:1],
+                                     loss_fn=loss_fn))
+    assert res[0]["init_losses"] == pytest.approx(res[1]["init_losses"], rel=1e-5)
+    for name, s in res[0]["scales"].items():
+        assert torch.allclose(s, res[1]["scales"][name], rtol=1e-4, atol=1e-5), name

@@ -226,8 +226,10 @@ def _scale_rows(m: BinaryLinear, s: torch.Tensor) -> None:
 
 
 def binary_aware_init(model: nn.Module, batches, steps: int, lr: float, probe_ids: torch.Tensor,
-                      fold: bool = True, autocast=None, log=None) -> dict:
-    """Stage 1.  ``batches(k)`` gives micro-batch k (input ids).  Returns a summary dict."""
+                      fold: bool = True, autocast=None, log=None, loss_fn=None) -> dict:
+    """Stage 1.  ``batches(k)`` gives micro-batch k (input ids).  ``loss_fn(model, ids)`` is the next-token loss
+    (default: the model's own, from ``labels``; the trainer passes the chunked fused loss, so that stage 1 never
+    holds the full logits either).  Returns a summary dict."""
     import contextlib
     autocast = autocast or contextlib.nullcontext
     mods = binary_modules(model)
@@ -266,11 +268,11 @@ def binary_aware_init(model: nn.Module, batches, steps: int, lr: float, probe_id
     for k in range(steps):
         ids = batches(k)
         with autocast():
-            out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
+            loss = model(input_ids=ids, labels=ids).loss if loss_fn is None else loss_fn(model, ids)
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(out.loss.item())
+        losses.append(loss.item())
         if log:
             log(k, losses[-1])
     scales = {}

@@ -337,6 +337,7 @@ class Trainer:
         bar = self._bar(b.init_steps, "stage 1: init")
         res = binary_aware_init(self.model, lambda k: self.batch(k, order, full=True), b.init_steps, b.init_lr, probe,
                                 fold=b.fold_input_scales, autocast=self.autocast,
+                                loss_fn=lm_loss if t.fused_loss else None,
                                 log=lambda k, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")))
         bar.close()
         p0 = self.plan(0)
