@@ -81,3 +81,47 @@ def test_compiled_step_gives_the_same_tokens_on_a_packed_model():
     dec = StaticDecoder(model, max_len=16, compile=True)
     assert torch.equal(dec.generate(ids, 8), ref)
     assert torch.equal(dec.generate(ids[:, :4], 8), hf_greedy(model, ids[:, :4], 8))   # no recompile needed
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fused_projections_compute_the_same_with_fewer_packed_matmuls(arch, monkeypatch, tmp_path):
+    from binaryllm.kernels import cpu
+    from binaryllm.nn import fuse_projections, unfuse_projections
+    from binaryllm.nn.packed import PackedBinaryLinear
+    model = pack(bl.freeze(bl.binarize(tiny_model(arch), bl.BinaryConfig())))
+    prefill = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(4))
+    one = prefill[:1, :1]                  # one token: the C kernel's size (longer inputs: the reference path)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+    real = PackedBinaryLinear._fast
+    monkeypatch.setattr(PackedBinaryLinear, "_fast", lambda self, x, dt: calls.append(self.out_features) or real(self, x, dt))
+    with torch.no_grad():
+        ref = [model(input_ids=ids).logits for ids in (prefill, one)]
+        n_plain = len(calls) // 2
+        groups = fuse_projections(model)
+        calls.clear()
+        out = [model(input_ids=ids).logits for ids in (prefill, one)]
+    assert len(calls) // 2 == n_plain - 3 * 2     # per block: q/k/v one matmul instead of three, gate/up one of two
+    assert torch.allclose(out[0], ref[0], atol=1e-5, rtol=1e-5)
+    assert cpu.available() and torch.equal(out[1], ref[1])   # the kernel computes each row alone: bit-identical
+    p = "model.layers.0."
+    assert [p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"] in groups
+    assert [p + "mlp.gate_proj", p + "mlp.up_proj"] in groups and len(groups) == 2 * 2
+    assert fuse_projections(model) == []          # idempotent
+    with pytest.raises(BinaryLLMError, match="unfuse_projections"):
+        bl.export.save_packed(model, None, tmp_path / "x")
+    assert unfuse_projections(model) == 5 * 2
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    ptrs = [t.untyped_storage().data_ptr() for t in after.values()]
+    assert len(set(ptrs)) == len(ptrs)            # each buffer has its own storage again: safetensors writes it
+    bl.export.save_packed(model, None, tmp_path / "x")
+
+
+def test_decoder_fuses_packed_projections_and_keeps_the_tokens():
+    model = pack(bl.freeze(bl.binarize(tiny_model("llama"), bl.BinaryConfig())))
+    ids = torch.randint(3, 96, (1, 6), generator=torch.Generator().manual_seed(5))
+    ref = hf_greedy(model, ids, 12)
+    dec = StaticDecoder(model, max_len=20)
+    assert len(dec.fused) == 4 and torch.equal(dec.generate(ids, 12), ref)
+    assert StaticDecoder(tiny_model("llama"), max_len=8).fused == []      # nothing packed: nothing to fuse

@@ -275,11 +275,15 @@ def _weight_bytes(model) -> int:
 def _decode_tok_s(model, prompt_len: int, new_tokens: int, path: str) -> float:
     """Tokens/s of batch-1 greedy decoding, third of three runs.  path: eager (transformers' generate, dynamic
     cache), compiled (generate with a static cache and its compiled step), graph (binaryllm.decode: static
-    cache, the step captured by hand as one CUDA graph) or graph-compiled (the same, the step compiled first)."""
+    cache, the step captured by hand as one CUDA graph, packed q/k/v and gate/up fused), graph-unfused (the same,
+    one packed matmul per projection) or graph-compiled (the step compiled first, unfused)."""
+    from .nn.fuse import unfuse_projections
     ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), device="cuda")
-    if path in ("graph", "graph-compiled"):
+    if path != "graph":
+        unfuse_projections(model)
+    if path in ("graph", "graph-unfused", "graph-compiled"):
         from .decode import StaticDecoder
-        dec = StaticDecoder(model, prompt_len + new_tokens, compile=path == "graph-compiled")
+        dec = StaticDecoder(model, prompt_len + new_tokens, compile=path == "graph-compiled", fuse=path == "graph")
         run = lambda: dec.generate(ids, new_tokens)  # noqa: E731
     else:
         from transformers import CompileConfig
@@ -300,8 +304,47 @@ def _decode_tok_s(model, prompt_len: int, new_tokens: int, path: str) -> float:
     return new_tokens / (time.time() - t0)
 
 
+def bench_decode_cpu(models=("smollm2-135m",), new_tokens: int = 32, prompt_len: int = 8, log=print) -> list[dict]:
+    """Batch-1 greedy decoding on the CPU through binaryllm.decode (static cache, eager step): the fp32 model
+    (the CPU's dense baseline) vs the same model with its block linears packed (random weights: speed only),
+    unfused and with q/k/v and gate/up fused.  Decode tokens/s = (new_tokens - 1) / (time of new_tokens - time of
+    one token), so the prefill is not counted; best of three."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from .decode import StaticDecoder
+    from .nn.fuse import unfuse_projections
+    rows = []
+    for name in models:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES_BY_NAME[name]), dtype=torch.float32).eval()
+        ids = torch.randint(0, model.config.vocab_size, (1, prompt_len))
+        base = None
+        for variant in ("fp32", "packed-unfused", "packed-fused"):
+            if variant == "packed-unfused":
+                random_packed_(model)
+            unfuse_projections(model)
+            dec = StaticDecoder(model, prompt_len + new_tokens, graph=False, fuse=variant == "packed-fused")
+
+            def timed(n: int) -> float:
+                t0 = time.perf_counter()
+                dec.generate(ids, n)
+                return time.perf_counter() - t0
+            with torch.no_grad():
+                timed(2)
+                dt = min(timed(new_tokens) - timed(1) for _ in range(3))
+            tps = (new_tokens - 1) / dt
+            base = base or tps
+            row = {"model": name, "variant": variant, "threads": torch.get_num_threads(),
+                   "weights_MiB": round(_weight_bytes(model) / 2**20, 1), "decode_tok_s": round(tps, 2),
+                   "vs_fp32": round(tps / base, 2), "fused_groups": len(dec.fused)}
+            rows.append(row)
+            log(row)
+        del model
+    return rows
+
+
 def bench_decode(models=("smollm2-135m", "llama-7b"), new_tokens: int = 128, prompt_len: int = 16,
-                 paths=("eager", "graph", "graph-compiled"), decode_kernels=("gemv", "tc"),
+                 paths=("eager", "graph-unfused", "graph", "graph-compiled"), decode_kernels=("gemv", "tc"),
                  log=print) -> list[dict]:
     """Batch-1 greedy decoding: the bf16 model vs the same model with its block linears packed (random weights:
     speed only), through the same generation code (see _decode_tok_s for the paths).  Memory: bytes of all

@@ -92,9 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     ge.add_argument("--compile", action="store_true", help="torch.compile the one-token step first (fuses the small "
                     "kernels between the matmuls; compiling takes a while)")
+    ge.add_argument("--no-fuse", action="store_true", help="run q/k/v and gate/up as separate packed matmuls "
+                    "(default: one packed matmul per group of layers reading the same input)")
 
     bn = sub.add_parser("bench", help="speed benchmarks against bf16 / fp32 in the same run (see binaryllm.bench)")
-    bn.add_argument("what", choices=["kernels", "kernels-cpu", "train", "decode"])
+    bn.add_argument("what", choices=["kernels", "kernels-cpu", "train", "decode", "decode-cpu"])
     bn.add_argument("--model", default="", help="train: the model (default SmolLM2)")
     bn.add_argument("--seq-len", type=int, default=2048)
     bn.add_argument("--batch-size", type=int, default=16)
@@ -286,7 +288,7 @@ def cmd_generate(args) -> int:
     streamer.put(ids[0].cpu())
     gen = torch.Generator(device=device).manual_seed(args.seed)
     # static KV cache; on a GPU the one-token step is captured as a CUDA graph (binaryllm.decode)
-    StaticDecoder(model, ids.shape[1] + args.max_new_tokens, compile=args.compile).generate(
+    StaticDecoder(model, ids.shape[1] + args.max_new_tokens, compile=args.compile, fuse=not args.no_fuse).generate(
         ids, args.max_new_tokens, temperature=args.temperature, eos_token_id=tok.eos_token_id,
         on_token=lambda t: streamer.put(t.cpu()), generator=gen)
     streamer.end()
@@ -318,6 +320,8 @@ def cmd_bench(args) -> int:
         bench.bench_kernels_cpu(log=log)
     elif args.what == "decode":
         bench.bench_decode(log=log)
+    elif args.what == "decode-cpu":
+        bench.bench_decode_cpu(log=log)
     else:
         bench.bench_train(args.model, args.seq_len, args.batch_size, args.steps,
                           variants=[v for v in args.variants.split(",") if v], log=log)

@@ -82,6 +82,9 @@ def save_packed(model: nn.Module, tokenizer, out: str | Path) -> dict:
     mods = packed_modules(model)
     if not mods:
         raise BinaryLLMError("save_packed needs a packed model: call binaryllm.pack(model) first")
+    if any(m._fused is not None for m in mods.values()):
+        raise BinaryLLMError("this model's projections are fused for decoding (shared storage safetensors cannot "
+                             "write): call binaryllm.nn.unfuse_projections(model) before saving")
     state = _state(model)
     qc = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "bit_order": BIT_ORDER,
           "modules": {n: {"in_features": m.in_features, "out_features": m.out_features,

@@ -31,6 +31,7 @@ class PackedBinaryLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.bfloat16, device=device) if bias else None)
         self.use_kernels = True
         self._words = None   # the Triton kernel's int32 word layout, made by words()
+        self._fused = None   # (FusedProjection, index) while fused with its siblings (nn/fuse.py)
 
     @classmethod
     @torch.no_grad()
@@ -58,6 +59,8 @@ class PackedBinaryLinear(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._words = None
+        if self._fused is not None:       # the buffers are views of the stacked layer: it changes with them
+            self._fused[0].core._words = None
         return super()._load_from_state_dict(*args, **kwargs)
 
     def _fast(self, x: torch.Tensor, dt: torch.dtype):
@@ -90,6 +93,10 @@ class PackedBinaryLinear(nn.Module):
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused is not None and not torch.compiler.is_compiling():
+            group, k = self._fused
+            if group.core.weight.device == x.device:
+                return group(x, k)
         dt = x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
         if torch.is_autocast_enabled(x.device.type):
             dt = torch.get_autocast_dtype(x.device.type)
