@@ -1,5 +1,6 @@
 """The fused linear + cross-entropy loss against the plain one (value and gradients), and lm_loss on models."""
 import copy
+import json
 
 import pytest
 import torch
@@ -53,3 +54,40 @@ def test_lm_loss_matches_logits_loss_on_binarized_models(arch):
         if a.grad is not None or b.grad is not None:
             assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), n
     assert _plain_head(model)
+
+
+@pytest.mark.parametrize("chunk,temp", [(1, 1.0), (7, 2.0), (1000, 0.5)])
+def test_fused_distillation_loss_equals_ce_plus_kl_on_logits(chunk, temp):
+    from binaryllm.train.fast import linear_ce_distill
+    g = torch.Generator().manual_seed(chunk)
+    h = torch.randn(50, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(30, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    th = torch.randn(50, 12, dtype=torch.float64, generator=g)       # the teacher may be another width
+    tw = torch.randn(30, 12, dtype=torch.float64, generator=g)
+    t = torch.randint(0, 30, (50,), generator=g)
+    loss = linear_ce_distill(h, w, t, th, tw, weight=0.7, temp=temp, chunk=chunk)
+    gh, gw = torch.autograd.grad(3.0 * loss, (h, w))
+    # the definition of the trainer's distill_kl (which computes in fp32), here in fp64
+    ls, lt = F.log_softmax(h @ w.t() / temp, -1), F.log_softmax(th @ tw.t() / temp, -1)
+    ref = F.cross_entropy(h @ w.t(), t) + 0.7 * temp * temp * (lt.exp() * (lt - ls)).sum(-1).mean()
+    rh, rw = torch.autograd.grad(3.0 * ref, (h, w))
+    assert torch.allclose(loss, ref, rtol=1e-12)
+    assert torch.allclose(gh, rh, rtol=1e-10, atol=1e-12) and torch.allclose(gw, rw, rtol=1e-10, atol=1e-12)
+
+
+def test_distillation_training_is_the_same_with_the_fused_loss(tmp_path):
+    from binaryllm.train import TrainData, Trainer
+    cfg = bl.RunConfig()
+    tc = cfg.train
+    tc.seq_len, tc.batch_size, tc.tokens, tc.lr, tc.log_every, tc.save_every = 16, 4, str(6 * 4 * 16), 3e-3, 1, 1000
+    tc.distill, tc.distill_weight, tc.distill_temp, tc.eval_batches = True, 0.5, 2.0, 1
+    cfg.binary.init_steps, cfg.binary.phases = 2, 4
+    blocks = pattern_blocks(40, 16)
+    runs = []
+    for fused in (True, False):
+        tc.fused_loss = fused
+        teacher = tiny_model("llama")
+        Trainer(bl.binarize(tiny_model("llama"), cfg.binary), cfg, TrainData(train=blocks[:32], val=blocks[32:]),
+                tmp_path / str(fused), teacher=teacher, progress=False).run()
+        runs.append([json.loads(x)["loss"] for x in open(tmp_path / str(fused) / "metrics.jsonl") if '"train"' in x])
+    assert len(runs[0]) == 6 and runs[0] == pytest.approx(runs[1], rel=1e-5)

@@ -8,7 +8,9 @@ fp32 instead of all of them (SmolLM2 at 16 x 2048 tokens: 6.4 GB -> 0.8 GB with 
 
 ``lm_loss(model, ids)`` uses it when the model is a plain backbone + linear head (``base_model`` and
 ``get_output_embeddings()``, no head bias, no logit soft-capping or scaling in the config); otherwise it computes
-the logits and the ordinary loss.
+the logits and the ordinary loss.  ``linear_ce_distill`` / ``lm_distill_loss`` do the same for distillation: the
+CE plus weight * temp^2 * KL(teacher || student), the teacher's logits made chunk by chunk from its hidden
+states, so neither model's full logits exist (before: the student's and the teacher's, in bf16 and fp32).
 """
 from __future__ import annotations
 
@@ -18,17 +20,20 @@ import torch.nn.functional as F
 
 class _LinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, w, targets, chunk: int, compute_dtype):
+    def forward(ctx, h, w, targets, chunk: int, compute_dtype, th=None, tw=None, kl_weight: float = 0.0,
+                temp: float = 1.0):
         n = h.shape[0]
         acc = torch.promote_types(compute_dtype, torch.float32)   # fp32, or fp64 for fp64 inputs
         valid_all = targets != -100
         count = valid_all.sum().clamp_min(1).to(acc)
         hc_all = h.to(compute_dtype)
         wc = w.to(compute_dtype)
+        twc = tw.to(compute_dtype) if th is not None else None
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None
         total = torch.zeros((), dtype=acc, device=h.device)
+        total_kl = torch.zeros((), dtype=acc, device=h.device)
         for s in range(0, n, chunk):
             hc, tc = hc_all[s: s + chunk], targets[s: s + chunk]
             valid = valid_all[s: s + chunk]
@@ -36,19 +41,32 @@ class _LinearCE(torch.autograd.Function):
             lse = torch.logsumexp(logits, dim=-1)
             tgt = logits.gather(1, tc.clamp_min(0).unsqueeze(1)).squeeze(1)
             total += ((lse - tgt) * valid).sum()
+            p_kl = None
+            if th is not None:       # KL(teacher || student) at temperature temp, over every row
+                lt = torch.log_softmax((th[s: s + chunk].to(compute_dtype) @ twc.t()).to(acc) / temp, dim=-1)
+                ls = torch.log_softmax(logits / temp, dim=-1)
+                total_kl += (lt.exp() * (lt - ls)).sum()
+                if need_h or need_w:     # d/dz of weight * temp^2 * KL / n = weight * temp * (p_s - p_t) / n
+                    p_kl = (ls.exp_() - lt.exp_()).mul_(kl_weight * temp / n)
+                del lt, ls
             if need_h or need_w:
                 p = torch.exp(logits - lse.unsqueeze(1))
                 p.scatter_add_(1, tc.clamp_min(0).unsqueeze(1), -valid.to(p.dtype).unsqueeze(1))
                 p *= (valid.to(p.dtype) / count).unsqueeze(1)
+                if p_kl is not None:
+                    p += p_kl
                 p = p.to(compute_dtype)
                 if need_h:
                     grad_h[s: s + chunk] = (p @ wc).to(h.dtype)
                 if need_w:
                     grad_w += (p.t() @ hc).to(acc)
-            del logits
+            del logits, p_kl
         ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
         ctx.has = (need_h, need_w)
-        return total / count
+        loss = total / count
+        if th is not None:
+            loss = loss + kl_weight * temp * temp * total_kl / max(n, 1)
+        return loss
 
     @staticmethod
     def backward(ctx, g):
@@ -56,15 +74,29 @@ class _LinearCE(torch.autograd.Function):
         need_h, need_w = ctx.has
         gh = saved.pop(0) * g if need_h else None
         gw = saved.pop(0) * g if need_w else None
-        return gh, gw, None, None, None
+        return gh, gw, None, None, None, None, None, None, None
+
+
+def _compute_dtype(h: torch.Tensor) -> torch.dtype:
+    return torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
 
 
 def linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     """Mean cross-entropy of ``h @ w.T`` (h: (n, d), w: (V, d)) against ``targets`` (n,), -100 = ignored.
     Matmuls run in the autocast dtype when autocast is on, else in h's dtype; softmax and sums in fp32."""
-    cd = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+    cd = _compute_dtype(h)
     with torch.autocast(h.device.type, enabled=False):
         return _LinearCE.apply(h, w, targets, chunk, cd)
+
+
+def linear_ce_distill(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, th: torch.Tensor, tw: torch.Tensor,
+                      weight: float, temp: float = 1.0, chunk: int = 2048) -> torch.Tensor:
+    """``linear_cross_entropy(h, w, targets) + weight * temp^2 * mean over rows of KL(softmax(th @ tw.T / temp) ||
+    softmax(h @ w.T / temp))``: the distillation loss of ``Trainer`` without the student's or the teacher's full
+    logits (th, tw: the teacher's hidden states and head, no gradient)."""
+    cd = _compute_dtype(h)
+    with torch.autocast(h.device.type, enabled=False):
+        return _LinearCE.apply(h, w, targets, chunk, cd, th.detach(), tw.detach(), float(weight), float(temp))
 
 
 def _plain_head(model) -> bool:
@@ -88,6 +120,20 @@ def lm_loss(model, ids: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     logits = model(input_ids=ids, use_cache=False).logits
     v = logits.shape[-1]
     return F.cross_entropy(logits[:, :-1].reshape(-1, v).float(), ids[:, 1:].reshape(-1))
+
+
+def lm_distill_loss(model, teacher, ids: torch.Tensor, weight: float, temp: float,
+                    chunk: int = 2048) -> torch.Tensor | None:
+    """CE + weight * temp^2 * KL(teacher || student) on ``ids`` through ``linear_ce_distill`` when both models are a
+    plain backbone + linear head; None otherwise (the caller then computes the logits)."""
+    if not (_plain_head(model) and _plain_head(teacher)):
+        return None
+    h = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+    with torch.no_grad():
+        ht = teacher.base_model(input_ids=ids, use_cache=False).last_hidden_state
+    d, dt = h.shape[-1], ht.shape[-1]
+    return linear_ce_distill(h[:, :-1].reshape(-1, d), model.get_output_embeddings().weight, ids[:, 1:].reshape(-1),
+                             ht[:, :-1].reshape(-1, dt), teacher.get_output_embeddings().weight, weight, temp, chunk)
 
 
 def compile_blocks(model, **kw) -> int:

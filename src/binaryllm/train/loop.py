@@ -27,7 +27,7 @@ from ..quant import cosine_lr, irnet_t, phase_of
 from .checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from .dist import any_rank as dist_any_rank
 from .dist import mean as dist_mean
-from .fast import compile_blocks, lm_loss
+from .fast import compile_blocks, lm_distill_loss, lm_loss
 from .init import binary_aware_init
 
 
@@ -403,14 +403,18 @@ class Trainer:
                 for micro in range(t.grad_accum):
                     ids = self.batch(step * t.grad_accum + micro)
                     with self.autocast():
+                        fused = t.fused_loss and self.dist is None     # FSDP: the root's forward gathers the head
                         if self.teacher is not None and t.distill:
-                            logits = model(input_ids=ids, use_cache=False).logits
-                            loss = causal_lm_loss(logits, ids)
-                            with torch.no_grad():
-                                tl = self.teacher(input_ids=ids).logits
-                            loss = loss + t.distill_weight * distill_kl(logits, tl, t.distill_temp)
-                            del logits, tl
-                        elif t.fused_loss and self.dist is None:   # FSDP: the root's forward gathers the head
+                            loss = lm_distill_loss(model, self.teacher, ids, t.distill_weight, t.distill_temp) \
+                                if fused else None
+                            if loss is None:
+                                logits = model(input_ids=ids, use_cache=False).logits
+                                loss = causal_lm_loss(logits, ids)
+                                with torch.no_grad():
+                                    tl = self.teacher(input_ids=ids).logits
+                                loss = loss + t.distill_weight * distill_kl(logits, tl, t.distill_temp)
+                                del logits, tl
+                        elif fused:
                             loss = lm_loss(model, ids)
                         else:
                             loss = causal_lm_loss(model(input_ids=ids, use_cache=False).logits, ids)
