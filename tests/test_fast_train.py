@@ -91,3 +91,16 @@ def test_distillation_training_is_the_same_with_the_fused_loss(tmp_path):
                 tmp_path / str(fused), teacher=teacher, progress=False).run()
         runs.append([json.loads(x)["loss"] for x in open(tmp_path / str(fused) / "metrics.jsonl") if '"train"' in x])
     assert len(runs[0]) == 6 and runs[0] == pytest.approx(runs[1], rel=1e-5)
+
+
+def test_bench_train_distill_variants_fused_and_logits_agree(tiny_model_dir):
+    from binaryllm.bench import bench_train
+    from binaryllm.errors import BinaryLLMError
+    rows = bench_train(str(tiny_model_dir), seq_len=16, batch_size=2, steps=2, warmup=1, device="cpu", log=lambda r: None,
+                       variants=("cpt+distill/eager", "cpt+distill-logits/eager", "cpt/eager"))
+    assert [r["variant"] for r in rows] == ["cpt+distill/eager", "cpt+distill-logits/eager", "cpt/eager"]
+    assert rows[0]["loss"] == pytest.approx(rows[1]["loss"], abs=0.02)    # same steps; bf16 autocast rounding
+    assert rows[0]["loss"] > rows[2]["loss"]        # the same CE plus a KL term that is > 0
+    assert all(r["tokens_per_s"] > 0 and r["peak_mem_GiB"] is None for r in rows)
+    with pytest.raises(BinaryLLMError, match="bench train variant 'cpt\\+kd/eager'"):
+        bench_train(str(tiny_model_dir), variants=("cpt+kd/eager",), device="cpu")

@@ -15,6 +15,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .errors import BinaryLLMError
+
 SHAPES = [(8192, 8192), (16384, 16384), (4096, 4096), (11008, 4096), (4096, 11008), (1536, 576), (576, 1536)]
 
 
@@ -166,42 +168,65 @@ def train_flops_per_token(model, seq_len: int) -> float:
 
 def bench_train(model_spec: str = "", seq_len: int = 2048, batch_size: int = 16, steps: int = 20, warmup: int = 5,
                 variants=("fp/eager", "cpt/eager", "fp/compile", "cpt/compile"), peak_tflops: float = 989.0,
-                log=print) -> list[dict]:
+                log=print, device: str = "cuda") -> list[dict]:
     """Tokens/s, step time, MFU and peak memory of one optimizer step (forward, fused loss, backward, AdamW)
     for plain fine-tuning ("fp": the unbinarized model) and CPT with dual scaling ("cpt"), through the same code;
     eager or with the decoder blocks compiled.  Random token ids (speed only).  The CPT variant changes t every
-    step, as the phases do, to show that a new t costs no recompilation."""
+    step, as the phases do, to show that a new t costs no recompilation.  "cpt+distill": CPT with distillation
+    from the frozen unbinarized model (weight 1, temperature 1) through the chunked fused loss;
+    "cpt+distill-logits": the same through both models' full logits (the trainer's path when the fused loss
+    is off); MFU counts the student's training FLOPs only.  ``device="cpu"`` runs the same steps without the
+    memory figures (for the tests)."""
     import copy
 
     from .api import binarize, set_binarizer
     from .config import BinaryConfig
     from .models import load_model
-    from .train.fast import compile_blocks, lm_loss
-    dev = torch.device("cuda")
+    from .train.fast import compile_blocks, lm_distill_loss, lm_loss
+    from .train.loop import causal_lm_loss, distill_kl
+    for v in variants:
+        method, _, mode = v.partition("/")
+        if method not in ("fp", "cpt", "cpt+distill", "cpt+distill-logits") or mode not in ("eager", "compile"):
+            raise BinaryLLMError(f"bench train variant {v!r}: use METHOD/MODE with METHOD fp, cpt, cpt+distill or "
+                                 "cpt+distill-logits and MODE eager or compile")
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     base, _, _ = load_model(model_spec)
     rows = []
     for v in variants:
         method, mode = v.split("/")
         torch._dynamo.reset()
         model = copy.deepcopy(base).to(dev).train()
-        if method == "cpt":
+        teacher = None
+        if method.startswith("cpt+distill"):
+            teacher = copy.deepcopy(base).to(dev).eval().requires_grad_(False)
+        if method.startswith("cpt"):
             binarize(model, BinaryConfig(method="cpt"))
             set_binarizer(model, "cpt", 0.5)
         model.get_input_embeddings().weight.requires_grad_(False)
         if mode == "compile":
             compile_blocks(model)
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
+        opt = torch.optim.AdamW(params, lr=1e-5, fused=cuda)
         g = torch.Generator(device=dev).manual_seed(0)
         vocab = model.config.vocab_size
-        torch.cuda.reset_peak_memory_stats()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
 
         def step(i):
-            if method == "cpt":
+            if method.startswith("cpt"):
                 set_binarizer(model, "cpt", 0.5 + 0.1 * i)
             ids = torch.randint(0, vocab, (batch_size, seq_len), device=dev, generator=g)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = lm_loss(model, ids)
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
+                loss = lm_distill_loss(model, teacher, ids, 1.0, 1.0) if method == "cpt+distill" else None
+                if loss is None and teacher is not None:     # the logits path
+                    logits = model(input_ids=ids, use_cache=False).logits
+                    with torch.no_grad():
+                        tl = teacher(input_ids=ids, use_cache=False).logits
+                    loss = causal_lm_loss(logits, ids) + distill_kl(logits, tl, 1.0)
+                elif loss is None:
+                    loss = lm_loss(model, ids)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
@@ -210,23 +235,24 @@ def bench_train(model_spec: str = "", seq_len: int = 2048, batch_size: int = 16,
         t0 = time.time()
         for i in range(warmup):
             step(i)
-        torch.cuda.synchronize()
+        sync()
         warm_s = time.time() - t0
         t0 = time.time()
         for i in range(steps):
             loss = step(warmup + i)
-        torch.cuda.synchronize()
+        sync()
         dt = (time.time() - t0) / steps
         tok_s = batch_size * seq_len / dt
         fpt = train_flops_per_token(model, seq_len)
         row = {"variant": v, "seq_len": seq_len, "batch_size": batch_size, "step_ms": round(dt * 1e3, 1),
                "tokens_per_s": round(tok_s), "mfu": round(tok_s * fpt / (peak_tflops * 1e12), 4),
-               "peak_mem_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-               "warmup_s": round(warm_s, 1), "loss": round(float(loss), 3)}
+               "peak_mem_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+               "warmup_s": round(warm_s, 1), "loss": round(float(loss.detach()), 3)}
         rows.append(row)
         log(row)
-        model = opt = params = None
-        torch.cuda.empty_cache()
+        model = opt = params = teacher = None
+        if cuda:
+            torch.cuda.empty_cache()
     return rows
 
 
