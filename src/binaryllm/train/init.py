@@ -226,10 +226,11 @@ def _scale_rows(m: BinaryLinear, s: torch.Tensor) -> None:
 
 
 def binary_aware_init(model: nn.Module, batches, steps: int, lr: float, probe_ids: torch.Tensor,
-                      fold: bool = True, autocast=None, log=None, loss_fn=None) -> dict:
-    """Stage 1.  ``batches(k)`` gives micro-batch k (input ids).  ``loss_fn(model, ids)`` is the next-token loss
-    (default: the model's own, from ``labels``; the trainer passes the chunked fused loss, so that stage 1 never
-    holds the full logits either).  Returns a summary dict."""
+                      fold: bool = True, autocast=None, log=None, loss_fn=None, accum: int = 1) -> dict:
+    """Stage 1.  ``batches(k)`` gives micro-batch k (input ids); each of the ``steps`` optimizer steps averages the
+    gradients of ``accum`` consecutive micro-batches (as training does with --grad-accum).  ``loss_fn(model, ids)``
+    is the next-token loss (default: the model's own, from ``labels``; the trainer passes the chunked fused loss,
+    so that stage 1 never holds the full logits either).  Returns a summary dict."""
     import contextlib
     autocast = autocast or contextlib.nullcontext
     mods = binary_modules(model)
@@ -266,13 +267,16 @@ def binary_aware_init(model: nn.Module, batches, steps: int, lr: float, probe_id
     was_training = model.training
     model.train()
     for k in range(steps):
-        ids = batches(k)
-        with autocast():
-            loss = model(input_ids=ids, labels=ids).loss if loss_fn is None else loss_fn(model, ids)
-        loss.backward()
+        step_loss = 0.0
+        for j in range(accum):
+            ids = batches(k * accum + j)
+            with autocast():
+                loss = model(input_ids=ids, labels=ids).loss if loss_fn is None else loss_fn(model, ids)
+            (loss / accum).backward()
+            step_loss += loss.item() / accum
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(step_loss)
         if log:
             log(k, losses[-1])
     scales = {}

@@ -337,7 +337,7 @@ class Trainer:
         bar = self._bar(b.init_steps, "stage 1: init")
         res = binary_aware_init(self.model, lambda k: self.batch(k, order, full=True), b.init_steps, b.init_lr, probe,
                                 fold=b.fold_input_scales, autocast=self.autocast,
-                                loss_fn=lm_loss if t.fused_loss else None,
+                                loss_fn=lm_loss if t.fused_loss else None, accum=t.grad_accum,
                                 log=lambda k, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")))
         bar.close()
         p0 = self.plan(0)
@@ -346,7 +346,7 @@ class Trainer:
         self.summary["init"] = {**res, "scale_range": [round(min(v.min().item() for v in scales.values()), 4),
                                                        round(max(v.max().item() for v in scales.values()), 4)],
                                 "seconds": round(time.time() - t0, 2),
-                                "tokens": b.init_steps * t.batch_size * t.seq_len}
+                                "tokens": b.init_steps * t.batch_size * t.grad_accum * t.seq_len}
         for k, loss in enumerate(res["init_losses"]):
             self._log({"type": "init", "step": -b.init_steps + k, "loss": loss})
 
