@@ -125,3 +125,26 @@ def test_decoder_fuses_packed_projections_and_keeps_the_tokens():
     dec = StaticDecoder(model, max_len=20)
     assert len(dec.fused) == 4 and torch.equal(dec.generate(ids, 12), ref)
     assert StaticDecoder(tiny_model("llama"), max_len=8).fused == []      # nothing packed: nothing to fuse
+
+
+def test_fused_projections_trace_into_one_compiled_graph(monkeypatch):
+    import torch._dynamo
+
+    from binaryllm.kernels import cpu
+    from binaryllm.nn import fuse_projections
+    model = pack(bl.freeze(bl.binarize(tiny_model("llama"), bl.BinaryConfig())))
+    ids = torch.randint(3, 96, (1, 1), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        assert len(fuse_projections(model)) == 4
+        fn = lambda i: model(input_ids=i, use_cache=False).logits     # noqa: E731
+        assert torch._dynamo.explain(fn)(ids).graph_break_count == 0
+        torch._dynamo.reset()
+        step = torch.compile(fn)
+        step(ids)
+        calls = []
+        real = cpu.w1_matmul_cpu
+        monkeypatch.setattr(cpu, "w1_matmul_cpu", lambda x, *a: calls.append(1) or real(x, *a))
+        out = step(ids)
+    assert len(calls) == 2 * 4                 # per block: qkv, o, gate/up, down (14 unfused)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)     # inductor fuses the norms: rounding only

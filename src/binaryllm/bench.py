@@ -302,14 +302,14 @@ def _decode_tok_s(model, prompt_len: int, new_tokens: int, path: str) -> float:
     """Tokens/s of batch-1 greedy decoding, third of three runs.  path: eager (transformers' generate, dynamic
     cache), compiled (generate with a static cache and its compiled step), graph (binaryllm.decode: static
     cache, the step captured by hand as one CUDA graph, packed q/k/v and gate/up fused), graph-unfused (the same,
-    one packed matmul per projection) or graph-compiled (the step compiled first, unfused)."""
+    one packed matmul per projection) or graph-compiled (the fused step compiled first)."""
     from .nn.fuse import unfuse_projections
     ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), device="cuda")
-    if path != "graph":
-        unfuse_projections(model)
+    unfuse_projections(model)                  # each path starts from the plain packed model
     if path in ("graph", "graph-unfused", "graph-compiled"):
         from .decode import StaticDecoder
-        dec = StaticDecoder(model, prompt_len + new_tokens, compile=path == "graph-compiled", fuse=path == "graph")
+        dec = StaticDecoder(model, prompt_len + new_tokens, compile=path == "graph-compiled",
+                            fuse=path != "graph-unfused")
         run = lambda: dec.generate(ids, new_tokens)  # noqa: E731
     else:
         from transformers import CompileConfig

@@ -32,14 +32,13 @@ class StaticDecoder:
     ``kernels/ops.py``); on CUDA the compiled step is what the graph captures.  The prefill stays eager.
     ``fuse``: packed layers that read the same input (q/k/v, gate/up) run as one packed matmul
     (``nn/fuse.py``; the model is changed in place: ``binaryllm.nn.unfuse_projections`` before saving it).
-    Not with ``compile``, where the members run unfused anyway.
     """
 
     def __init__(self, model, max_len: int, batch: int = 1, graph: bool | None = None, compile: bool = False,
                  fuse: bool = True):
         from transformers import StaticCache
         self.fused = []
-        if fuse and not compile:
+        if fuse:
             from .nn.fuse import fuse_projections
             self.fused = fuse_projections(model)
         self.model = model.eval()

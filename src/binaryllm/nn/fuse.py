@@ -10,9 +10,10 @@ called with an input computes the whole group's output for it; the others return
 with that same tensor (same object, unchanged version counter), and compute on their own otherwise.  The model's
 code is not touched: Hugging Face attention still calls q_proj, k_proj and v_proj one after the other.
 
-Under ``torch.compile`` members run unfused (Python-side caching is not for the tracer).  The members' buffers
-share storage while fused, which safetensors refuses to save: ``unfuse_projections(model)`` gives each its own
-copy again (``save_packed`` says so if you forget).
+Under ``torch.compile`` the same Python logic runs at trace time: the traced step calls the stacked layer once
+per group and slices it, in one graph (tested).  The members' buffers share storage while fused, which
+safetensors refuses to save: ``unfuse_projections(model)`` gives each its own copy again (``save_packed`` says
+so if you forget).
 """
 from __future__ import annotations
 
@@ -47,13 +48,15 @@ class FusedProjection:
         self._pending: set[int] = set()
 
     def __call__(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        if x is self._x and x._version == self._version and index in self._pending:
+        # the version counter catches an input changed in place between two members' calls; under torch.compile
+        # it is not traceable (a data-dependent value) and the traced step holds no such in-place change
+        if x is self._x and index in self._pending and (torch.compiler.is_compiling() or x._version == self._version):
             y = self._parts[index]
             self._pending.discard(index)
         else:
             y_all = self.core(x)
             self._parts = tuple(y_all.split(self.sizes, dim=-1))
-            self._x, self._version = x, x._version
+            self._x, self._version = x, (-1 if torch.compiler.is_compiling() else x._version)
             self._pending = set(range(len(self.sizes))) - {index}
             y = self._parts[index]
         if not self._pending:         # every member served: drop the references (long prefills hold no memory)

@@ -93,7 +93,7 @@ class PackedBinaryLinear(nn.Module):
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fused is not None and not torch.compiler.is_compiling():
+        if self._fused is not None:
             group, k = self._fused
             if group.core.weight.device == x.device:
                 return group(x, k)
