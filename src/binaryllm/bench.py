@@ -333,8 +333,9 @@ def _decode_tok_s(model, prompt_len: int, new_tokens: int, path: str) -> float:
 def bench_decode_cpu(models=("smollm2-135m",), new_tokens: int = 32, prompt_len: int = 8, log=print) -> list[dict]:
     """Batch-1 greedy decoding on the CPU through binaryllm.decode (static cache, eager step): the fp32 model
     (the CPU's dense baseline) vs the same model with its block linears packed (random weights: speed only),
-    unfused and with q/k/v and gate/up fused.  Decode tokens/s = (new_tokens - 1) / (time of new_tokens - time of
-    one token), so the prefill is not counted; best of three."""
+    unfused, with q/k/v and gate/up fused, and fused with the one-token step compiled (``torch.compile``: its
+    warm-up is the compilation).  Decode tokens/s = (new_tokens - 1) / (time of new_tokens - time of one token),
+    so the prefill is not counted; best of three."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from .decode import StaticDecoder
@@ -345,11 +346,13 @@ def bench_decode_cpu(models=("smollm2-135m",), new_tokens: int = 32, prompt_len:
         model = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES_BY_NAME[name]), dtype=torch.float32).eval()
         ids = torch.randint(0, model.config.vocab_size, (1, prompt_len))
         base = None
-        for variant in ("fp32", "packed-unfused", "packed-fused"):
+        for variant in ("fp32", "packed-unfused", "packed-fused", "packed-fused-compiled"):
             if variant == "packed-unfused":
                 random_packed_(model)
             unfuse_projections(model)
-            dec = StaticDecoder(model, prompt_len + new_tokens, graph=False, fuse=variant == "packed-fused")
+            torch._dynamo.reset()
+            dec = StaticDecoder(model, prompt_len + new_tokens, graph=False, fuse=variant.startswith("packed-fused"),
+                                compile=variant.endswith("compiled"))
 
             def timed(n: int) -> float:
                 t0 = time.perf_counter()
