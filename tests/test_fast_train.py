@@ -97,8 +97,10 @@ def test_bench_train_distill_variants_fused_and_logits_agree(tiny_model_dir):
     from binaryllm.bench import bench_train
     from binaryllm.errors import BinaryLLMError
     rows = bench_train(str(tiny_model_dir), seq_len=16, batch_size=2, steps=2, warmup=1, device="cpu", log=lambda r: None,
-                       variants=("cpt+distill/eager", "cpt+distill-logits/eager", "cpt/eager"))
-    assert [r["variant"] for r in rows] == ["cpt+distill/eager", "cpt+distill-logits/eager", "cpt/eager"]
+                       variants=("cpt+distill/eager", "cpt+distill-logits/eager", "cpt/eager", "cpt/compile-model"))
+    assert [r["variant"] for r in rows] == ["cpt+distill/eager", "cpt+distill-logits/eager", "cpt/eager",
+                                            "cpt/compile-model"]
+    assert rows[3]["loss"] == pytest.approx(rows[2]["loss"], abs=0.02)   # the compiled backbone: same steps
     assert rows[0]["loss"] == pytest.approx(rows[1]["loss"], abs=0.02)    # same steps; bf16 autocast rounding
     assert rows[0]["loss"] > rows[2]["loss"]        # the same CE plus a KL term that is > 0
     assert all(r["tokens_per_s"] > 0 and r["peak_mem_GiB"] is None for r in rows)

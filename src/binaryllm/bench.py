@@ -175,7 +175,8 @@ def bench_train(model_spec: str = "", seq_len: int = 2048, batch_size: int = 16,
     step, as the phases do, to show that a new t costs no recompilation.  "cpt+distill": CPT with distillation
     from the frozen unbinarized model (weight 1, temperature 1) through the chunked fused loss;
     "cpt+distill-logits": the same through both models' full logits (the trainer's path when the fused loss
-    is off); MFU counts the student's training FLOPs only.  ``device="cpu"`` runs the same steps without the
+    is off); MFU counts the student's training FLOPs only.  Modes: eager, compile (each decoder block,
+    as ``convert --compile`` does) or compile-model (the whole backbone as one compiled module).  ``device="cpu"`` runs the same steps without the
     memory figures (for the tests)."""
     import copy
 
@@ -186,9 +187,11 @@ def bench_train(model_spec: str = "", seq_len: int = 2048, batch_size: int = 16,
     from .train.loop import causal_lm_loss, distill_kl
     for v in variants:
         method, _, mode = v.partition("/")
-        if method not in ("fp", "cpt", "cpt+distill", "cpt+distill-logits") or mode not in ("eager", "compile"):
+        if method not in ("fp", "cpt", "cpt+distill", "cpt+distill-logits") or \
+                mode not in ("eager", "compile", "compile-model"):
             raise BinaryLLMError(f"bench train variant {v!r}: use METHOD/MODE with METHOD fp, cpt, cpt+distill or "
-                                 "cpt+distill-logits and MODE eager or compile")
+                                 "cpt+distill-logits and MODE eager, compile (each block) or compile-model "
+                                 "(the whole backbone)")
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -207,6 +210,8 @@ def bench_train(model_spec: str = "", seq_len: int = 2048, batch_size: int = 16,
         model.get_input_embeddings().weight.requires_grad_(False)
         if mode == "compile":
             compile_blocks(model)
+        elif mode == "compile-model":      # one graph for embeddings, blocks and final norm (the loss stays fused)
+            model.base_model.compile()
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-5, fused=cuda)
         g = torch.Generator(device=dev).manual_seed(0)

@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--batch-size", type=int, default=16)
     bn.add_argument("--steps", type=int, default=20)
     bn.add_argument("--variants", default="fp/eager,cpt/eager,fp/compile,cpt/compile",
-                    help="train: method/mode pairs (fp, cpt, cpt+distill or cpt+distill-logits; eager or compile)")
+                    help="train: method/mode pairs (fp, cpt, cpt+distill or cpt+distill-logits; eager, compile or "
+                    "compile-model)")
     bn.add_argument("--json", default=None, help="also write the rows to this JSON file")
 
     cp = sub.add_parser("corpus", help="build or describe the embedded default corpus")
