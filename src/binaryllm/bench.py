@@ -175,16 +175,16 @@ def bench_train(model_spec: str = "", seq_len: int = 2048, batch_size: int = 16,
     step, as the phases do, to show that a new t costs no recompilation.  "cpt+distill": CPT with distillation
     from the frozen unbinarized model (weight 1, temperature 1) through the chunked fused loss;
     "cpt+distill-logits": the same through both models' full logits (the trainer's path when the fused loss
-    is off); MFU counts the student's training FLOPs only.  Modes: eager, compile (each decoder block,
-    as ``convert --compile`` does) or compile-model (the whole backbone as one compiled module).  ``device="cpu"`` runs the same steps without the
-    memory figures (for the tests)."""
+    is off); MFU counts the student's training FLOPs only.  Modes: eager, compile (each decoder block, as
+    ``convert --compile`` does) or compile-model (the whole backbone as one compiled module).
+    ``device="cpu"`` runs the same steps without the memory figures (for the tests)."""
     import copy
 
     from .api import binarize, set_binarizer
     from .config import BinaryConfig
     from .models import load_model
-    from .train.fast import compile_blocks, lm_distill_loss, lm_loss
-    from .train.loop import causal_lm_loss, distill_kl
+    from .train.fast import compile_blocks
+    from .train.loop import train_loss
     for v in variants:
         method, _, mode = v.partition("/")
         if method not in ("fp", "cpt", "cpt+distill", "cpt+distill-logits") or \
@@ -223,15 +223,8 @@ def bench_train(model_spec: str = "", seq_len: int = 2048, batch_size: int = 16,
             if method.startswith("cpt"):
                 set_binarizer(model, "cpt", 0.5 + 0.1 * i)
             ids = torch.randint(0, vocab, (batch_size, seq_len), device=dev, generator=g)
-            with torch.autocast(dev.type, dtype=torch.bfloat16):
-                loss = lm_distill_loss(model, teacher, ids, 1.0, 1.0) if method == "cpt+distill" else None
-                if loss is None and teacher is not None:     # the logits path
-                    logits = model(input_ids=ids, use_cache=False).logits
-                    with torch.no_grad():
-                        tl = teacher(input_ids=ids, use_cache=False).logits
-                    loss = causal_lm_loss(logits, ids) + distill_kl(logits, tl, 1.0)
-                elif loss is None:
-                    loss = lm_loss(model, ids)
+            with torch.autocast(dev.type, dtype=torch.bfloat16):     # the trainer's loss, fused but for -logits
+                loss = train_loss(model, ids, fused=method != "cpt+distill-logits", teacher=teacher)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
@@ -339,8 +332,8 @@ def bench_decode_cpu(models=("smollm2-135m",), new_tokens: int = 32, prompt_len:
     """Batch-1 greedy decoding on the CPU through binaryllm.decode (static cache, eager step): the fp32 model
     (the CPU's dense baseline) vs the same model with its block linears packed (random weights: speed only),
     unfused, with q/k/v and gate/up fused, and fused with the one-token step compiled (``torch.compile``: its
-    warm-up is the compilation; compared with the compiled fp32 step).  Decode tokens/s = (new_tokens - 1) / (time of new_tokens - time of one token),
-    so the prefill is not counted; best of three."""
+    warm-up is the compilation; compared with the compiled fp32 step).  Decode tokens/s = (new_tokens - 1) /
+    (time of new_tokens - time of one token), so the prefill is not counted; best of three."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from .decode import StaticDecoder
@@ -356,8 +349,9 @@ def bench_decode_cpu(models=("smollm2-135m",), new_tokens: int = 32, prompt_len:
                 random_packed_(model)
             unfuse_projections(model)
             torch._dynamo.reset()
+            compiled = variant.endswith("compiled")
             dec = StaticDecoder(model, prompt_len + new_tokens, graph=False, fuse=variant.startswith("packed-fused"),
-                                compile=variant.endswith("compiled"))
+                                compile=compiled)
 
             def timed(n: int) -> float:
                 t0 = time.perf_counter()
@@ -367,7 +361,6 @@ def bench_decode_cpu(models=("smollm2-135m",), new_tokens: int = 32, prompt_len:
                 timed(2)
                 dt = min(timed(new_tokens) - timed(1) for _ in range(3))
             tps = (new_tokens - 1) / dt
-            compiled = variant.endswith("compiled")
             base[compiled] = base.get(compiled) or tps         # the fp32 rows come first
             row = {"model": name, "variant": variant, "threads": torch.get_num_threads(),
                    "weights_MiB": round(_weight_bytes(model) / 2**20, 1), "decode_tok_s": round(tps, 2),

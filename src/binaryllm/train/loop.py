@@ -36,10 +36,10 @@ class StepProfiler:
     ``rank<R>.json`` (a Chrome/Perfetto trace) and ``rank<R>.txt`` (the top operators by device, else CPU, time)."""
 
     def __init__(self, spec: str, out: Path | None, rank: int, cuda: bool):
-        self.a, self.b = profile_range(spec) if spec else (-1, -1)
-        self.dir = (out / "profile") if (spec and out is not None) else None
         if spec and out is None:
             raise BinaryLLMError("--profile needs an --out folder to write its traces to")
+        self.a, self.b = profile_range(spec) if spec else (-1, -1)
+        self.dir = out / "profile" if spec else None
         self.rank, self.cuda, self.prof = rank, cuda, None
 
     def before(self, step: int) -> None:
@@ -63,6 +63,7 @@ class StepProfiler:
         atomic_write_text(self.dir / f"rank{self.rank}.txt",
                           f"steps {self.a}..{min(step, self.b - 1)}, rank {self.rank}\n{table}\n")
         self.prof = None
+
 
 @dataclass
 class TrainData:
@@ -106,6 +107,24 @@ def distill_kl(student: torch.Tensor, teacher: torch.Tensor, temp: float) -> tor
     s = F.log_softmax(student[:, :-1].reshape(-1, v).float() / temp, dim=-1)
     t = F.log_softmax(teacher[:, :-1].reshape(-1, v).float() / temp, dim=-1)
     return F.kl_div(s, t, log_target=True, reduction="batchmean") * temp * temp
+
+
+def train_loss(model, ids: torch.Tensor, fused: bool, teacher=None, distill_weight: float = 1.0,
+               distill_temp: float = 1.0) -> torch.Tensor:
+    """The training objective on ``ids``: next-token CE, plus ``distill_weight`` * KL(teacher || student) when a
+    teacher is given; through the chunked fused losses (``fast.py``) when ``fused`` and the model allows it,
+    else through the full logits."""
+    if teacher is not None:
+        loss = lm_distill_loss(model, teacher, ids, distill_weight, distill_temp) if fused else None
+        if loss is None:
+            logits = model(input_ids=ids, use_cache=False).logits
+            with torch.no_grad():
+                tl = teacher(input_ids=ids).logits
+            loss = causal_lm_loss(logits, ids) + distill_weight * distill_kl(logits, tl, distill_temp)
+        return loss
+    if fused:
+        return lm_loss(model, ids)
+    return causal_lm_loss(model(input_ids=ids, use_cache=False).logits, ids)
 
 
 class Trainer:
@@ -370,6 +389,8 @@ class Trainer:
         pending: list[tuple[int, torch.Tensor]] = []
         last_loss = float("nan")
         prof = StepProfiler(t.profile, self.out, self.dist.rank if self.dist else 0, self.device.type == "cuda")
+        fused = t.fused_loss and self.dist is None     # FSDP: the root's forward gathers the head
+        teacher = self.teacher if t.distill else None
 
         def check_losses() -> None:
             nonlocal last_loss
@@ -403,21 +424,7 @@ class Trainer:
                 for micro in range(t.grad_accum):
                     ids = self.batch(step * t.grad_accum + micro)
                     with self.autocast():
-                        fused = t.fused_loss and self.dist is None     # FSDP: the root's forward gathers the head
-                        if self.teacher is not None and t.distill:
-                            loss = lm_distill_loss(model, self.teacher, ids, t.distill_weight, t.distill_temp) \
-                                if fused else None
-                            if loss is None:
-                                logits = model(input_ids=ids, use_cache=False).logits
-                                loss = causal_lm_loss(logits, ids)
-                                with torch.no_grad():
-                                    tl = self.teacher(input_ids=ids).logits
-                                loss = loss + t.distill_weight * distill_kl(logits, tl, t.distill_temp)
-                                del logits, tl
-                        elif fused:
-                            loss = lm_loss(model, ids)
-                        else:
-                            loss = causal_lm_loss(model(input_ids=ids, use_cache=False).logits, ids)
+                        loss = train_loss(model, ids, fused, teacher, t.distill_weight, t.distill_temp)
                     (loss / t.grad_accum).backward()
                     loss_sum = loss_sum + loss.detach().float()
                     del loss
