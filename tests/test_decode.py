@@ -94,7 +94,8 @@ def test_fused_projections_compute_the_same_with_fewer_packed_matmuls(arch, monk
     before = {k: v.clone() for k, v in model.state_dict().items()}
     calls = []
     real = PackedBinaryLinear._fast
-    monkeypatch.setattr(PackedBinaryLinear, "_fast", lambda self, x, dt: calls.append(self.out_features) or real(self, x, dt))
+    monkeypatch.setattr(PackedBinaryLinear, "_fast",
+                        lambda self, x, dt: calls.append(self.out_features) or real(self, x, dt))
     with torch.no_grad():
         ref = [model(input_ids=ids).logits for ids in (prefill, one)]
         n_plain = len(calls) // 2

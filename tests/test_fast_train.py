@@ -96,7 +96,8 @@ def test_distillation_training_is_the_same_with_the_fused_loss(tmp_path):
 def test_bench_train_distill_variants_fused_and_logits_agree(tiny_model_dir):
     from binaryllm.bench import bench_train
     from binaryllm.errors import BinaryLLMError
-    rows = bench_train(str(tiny_model_dir), seq_len=16, batch_size=2, steps=2, warmup=1, device="cpu", log=lambda r: None,
+    rows = bench_train(str(tiny_model_dir), seq_len=16, batch_size=2, steps=2, warmup=1, device="cpu",
+                       log=lambda r: None,
                        variants=("cpt+distill/eager", "cpt+distill-logits/eager", "cpt/eager", "cpt/compile-model"))
     assert [r["variant"] for r in rows] == ["cpt+distill/eager", "cpt+distill-logits/eager", "cpt/eager",
                                             "cpt/compile-model"]

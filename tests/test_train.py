@@ -236,8 +236,8 @@ def test_grad_accum_trains_like_the_larger_batch_stage_1_included(tmp_path):
         cfg.train.batch_size, cfg.train.grad_accum = bs, acc
         s = Trainer(bl.binarize(tiny_model(), cfg.binary), cfg, data(), tmp_path / str(acc), progress=False).run()
         rows = [json.loads(x) for x in open(tmp_path / str(acc) / "metrics.jsonl")]
-        runs.append(([r["loss"] for r in rows if r["type"] == "init"], [r["loss"] for r in rows if r["type"] == "train"],
-                     s["val_loss_sign"], s["init"]["tokens"]))
+        runs.append(([r["loss"] for r in rows if r["type"] == "init"],
+                     [r["loss"] for r in rows if r["type"] == "train"], s["val_loss_sign"], s["init"]["tokens"]))
     (i1, t1, v1, n1), (i2, t2, v2, n2) = runs
     assert len(i1) == 5 and len(t1) == 8 and n1 == n2 == 5 * 8 * 32
     assert i1 == pytest.approx(i2, rel=1e-5) and t1 == pytest.approx(t2, rel=1e-4) and v1 == pytest.approx(v2, rel=1e-4)

@@ -224,9 +224,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare import compare
+    from .compare import compare, split_methods
     cfg, _ = config_from_args(args)
-    from .compare import split_methods
     methods = split_methods(args.methods)
     ecfg = _eval_config(args, args.eval_ppl, cfg.train.device, cfg.train.amp, cfg.train.seq_len)
     results = compare(cfg, methods, args.out, ecfg, progress=not args.no_progress)

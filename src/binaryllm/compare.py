@@ -199,7 +199,8 @@ def _rows(results: dict, ecfg) -> tuple[list[str], list[list]]:
             ok = fp is not None
             row.append(round(e["ppl"][ppl_names[0]]["ppl"] / fp["ppl"][ppl_names[0]]["ppl"], 3) if ok and ppl_names else "")
             row.append(round(e["avg_acc"] / fp["avg_acc"], 3) if ok and tasks and fp["avg_acc"] else "")
-        row += [_r(r.get("sign_gap"), 3), _r(r.get("sign_gap_before_hard_phase"), 3), _r(r.get("train_tokens_per_s"), 0)]
+        row += [_r(r.get("sign_gap"), 3), _r(r.get("sign_gap_before_hard_phase"), 3),
+                _r(r.get("train_tokens_per_s"), 0)]
         rows.append(row)
     # what guessing uniformly scores on the same items: at small scale the models' accuracies sit close to it
     any_eval = next((r["eval"] for r in results.values() if "error" not in r), None)
@@ -222,7 +223,8 @@ def write_report(results: dict, out: Path, ecfg) -> None:
     md = ["# binaryllm compare", "", "Matched conditions: same base model, data, order, token budget, sequence "
           "length, seed and evaluation items (`base.yaml`). Zero-shot columns are acc (%); acc_norm is in "
           "results.json. Sign gap: validation loss with hard sign minus with F at the final t (CPT runs), at the "
-          "end and when the final hard-sign phase began; train tokens/s: median over the logged windows.", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+          "end and when the final hard-sign phase began; train tokens/s: median over the logged windows.", "",
+          "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     md += ["| " + " | ".join(str(x) for x in r) + " |" for r in rows]
     md += ["", "![training loss](loss.png)", "![perplexity](ppl.png)", "![zero-shot](zeroshot.png)", ""]
     atomic_write_text(out / "report.md", "\n".join(md))

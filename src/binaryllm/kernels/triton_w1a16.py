@@ -92,9 +92,9 @@ def _plane_asm(minus_one: int) -> tuple:
 
 
 _PLANE_BF16 = tl.constexpr(_plane_asm(0xBF80))     # lop3 0x6a: (a & b) ^ c
+_PLANE_FP16 = tl.constexpr(_plane_asm(0xBC00))
 # Triton reads TRITON_INTERPRET when it decorates the kernels (at this import): no inline PTX then
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-_PLANE_FP16 = tl.constexpr(_plane_asm(0xBC00))
 
 
 @triton.jit

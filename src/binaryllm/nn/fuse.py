@@ -105,9 +105,8 @@ def fuse_projections(model: nn.Module, probe_ids: torch.Tensor | None = None) ->
             by_input[i].append(m)
     fused = []
     for members in by_input.values():
-        if len(members) < 2 or len({m.in_features for m in members}) != 1 or not _same_input_scale(members):
-            continue
-        if len({m.weight.device for m in members}) != 1:
+        if len(members) < 2 or len({(m.in_features, m.weight.device) for m in members}) != 1 \
+                or not _same_input_scale(members):
             continue
         group = FusedProjection(members)
         start = 0
@@ -138,7 +137,3 @@ def unfuse_projections(model: nn.Module) -> int:
             m._fused = None
             n += 1
     return n
-
-
-def is_fused(model: nn.Module) -> bool:
-    return any(isinstance(m, PackedBinaryLinear) and m._fused is not None for m in model.modules())
