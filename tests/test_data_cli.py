@@ -91,6 +91,19 @@ def test_config_yaml_and_cli_precedence(tmp_path):
         C.parse_tokens("lots")
 
 
+def test_shipped_configs_load():
+    """Every YAML under configs/ loads (a renamed option would otherwise break a documented command)."""
+    root = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(root.glob("*.yaml"))
+    assert len(files) >= 3
+    for f in files:
+        cfg = C.load_yaml(f)
+        assert C.parse_tokens(cfg.train.tokens) > 0
+    best = C.load_yaml(root / "h100-best.yaml")
+    assert best.binary.method == "cpt" and best.train.distill and best.train.lr == 1e-3
+    assert C.parse_tokens(best.train.tokens) == 100_000_000
+
+
 def test_help_documents_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["convert", "--help"])
