@@ -107,3 +107,17 @@ def test_bench_train_distill_variants_fused_and_logits_agree(tiny_model_dir):
     assert all(r["tokens_per_s"] > 0 and r["peak_mem_GiB"] is None for r in rows)
     with pytest.raises(BinaryLLMError, match="bench train variant 'cpt\\+kd/eager'"):
         bench_train(str(tiny_model_dir), variants=("cpt+kd/eager",), device="cpu")
+    with pytest.raises(BinaryLLMError, match="unknown shape; use random:NAME"):
+        bench_train("random:gpt9", variants=("cpt/eager",), device="cpu")
+
+
+def test_bench_train_on_random_weights_of_a_known_shape(monkeypatch):
+    """random:NAME builds the shape from bench.SHAPES_BY_NAME without any download (speed needs no weights)."""
+    from binaryllm import bench
+    monkeypatch.setitem(bench.SHAPES_BY_NAME, "tiny", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                          num_attention_heads=4, num_key_value_heads=2,
+                                                          vocab_size=97, tie_word_embeddings=True))
+    rows = bench.bench_train("random:tiny", seq_len=8, batch_size=2, steps=1, warmup=1, device="cpu",
+                             log=lambda r: None, variants=("fp/eager", "cpt/eager"))
+    assert [r["variant"] for r in rows] == ["fp/eager", "cpt/eager"]
+    assert all(r["loss"] == pytest.approx(4.57, abs=0.5) for r in rows)     # ~ln(97): random weights, random ids

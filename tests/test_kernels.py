@@ -62,6 +62,7 @@ CASES = [  # (M, N, K, config or None, mode)
     (1, 40, 96, (16, 16, 1), "tc"), (5, 70, 100, (16, 16, 1), "tc"), (16, 33, 1100, (32, 32, 1), "tc"),
     (3, 70, 100, None, "auto"),                                                      # auto: tc from 2 rows on
     (2, 40, 1100, (16, 16, 1, 3), "tc"), (1, 33, 300, (32, 16, 1, 2), "tc"),       # tc split over K (atomics)
+    (1, 70, 1100, (64, 32, 2, 2), "tc"),                             # a 2-warp tile of the mma.sync sweep, split
     (20, 33, 64, (16, 16, 16, 4, 1), "fused"), (130, 129, 72, (64, 64, 16, 4, 1), "fused"),  # tensor-core tiles
     (40, 64, 1100, (32, 32, 16, 4, 1), "fused"),                                              # several word tiles
     (70, 65, 200, None, "unpack"),                                                             # dense temp + matmul
@@ -183,3 +184,29 @@ def test_bench_cli_writes_its_json_after_every_row(tmp_path, monkeypatch):
     rows = json.loads((tmp_path / "k.json").read_text())["rows"]
     assert seen == [1, 2] and [(r["N"], r["K"]) for r in rows] == [(64, 64), (32, 96)]
     assert all(r["max_abs_err"] < 1e-3 and r["lut_us"] > 0 for r in rows)
+
+
+def test_tile_config_from_the_environment(monkeypatch):
+    from binaryllm.errors import BinaryLLMError
+    from binaryllm.kernels.triton_w1a16 import _env_config
+    monkeypatch.delenv("BINARYLLM_TC_CONFIG", raising=False)
+    assert _env_config("BINARYLLM_TC_CONFIG", (64, 64, 4)) == (64, 64, 4)
+    monkeypatch.setenv("BINARYLLM_TC_CONFIG", " 32,64,2,4 ")
+    assert _env_config("BINARYLLM_TC_CONFIG", (64, 64, 4)) == (32, 64, 2, 4)
+    for bad in ("32,x,2", "32,64"):
+        monkeypatch.setenv("BINARYLLM_TC_CONFIG", bad)
+        with pytest.raises(BinaryLLMError, match="BINARYLLM_TC_CONFIG.*fix or unset it"):
+            _env_config("BINARYLLM_TC_CONFIG", (64, 64, 4))
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["bench", "kernels", "--shapes", "8192x"], "--shapes: '8192x' is not of the form NxN"),
+    (["bench", "kernels", "--batches", "1,-2"], "--batches: '-2'"),
+    (["bench", "decode", "--paths", "graph,warp"], "--paths: unknown 'warp'"),
+    (["bench", "decode-cpu", "--models", "gpt9"], "--models: unknown 'gpt9'; choose from smollm2-135m"),
+])
+def test_bench_options_bad_input_is_one_line(argv, msg, capsys):
+    from binaryllm.cli import main
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert msg in err and "\n" not in err

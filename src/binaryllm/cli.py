@@ -97,13 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     bn = sub.add_parser("bench", help="speed benchmarks against bf16 / fp32 in the same run (see binaryllm.bench)")
     bn.add_argument("what", choices=["kernels", "kernels-cpu", "train", "decode", "decode-cpu"])
-    bn.add_argument("--model", default="", help="train: the model (default SmolLM2)")
+    bn.add_argument("--model", default="", help="train: the model (default SmolLM2), or random:NAME for random weights of a "
+                    "known shape (smollm2-135m, llama-1b, llama-7b)")
     bn.add_argument("--seq-len", type=int, default=2048)
     bn.add_argument("--batch-size", type=int, default=16)
     bn.add_argument("--steps", type=int, default=20)
     bn.add_argument("--variants", default="fp/eager,cpt/eager,fp/compile,cpt/compile",
                     help="train: method/mode pairs (fp, cpt, cpt+distill or cpt+distill-logits; eager, compile or "
                     "compile-model)")
+    bn.add_argument("--shapes", default="", help="kernels: N x K weight shapes, e.g. 8192x8192,4096x11008 "
+                    "(default: 8192^2, 16384^2, the Llama-7B and SmolLM2 shapes)")
+    bn.add_argument("--batches", default="", help="kernels: activation rows, e.g. 1,16 (default 1,4,16,2048)")
+    bn.add_argument("--models", default="", help="decode, decode-cpu: model shapes, e.g. llama-7b "
+                    "(default smollm2-135m,llama-7b on the GPU, smollm2-135m on the CPU)")
+    bn.add_argument("--paths", default="", help="decode: generation paths, e.g. graph,graph-compiled (default "
+                    "eager,graph-unfused,graph,graph-compiled)")
     bn.add_argument("--json", default=None, help="also write the rows to this JSON file")
 
     cp = sub.add_parser("corpus", help="build or describe the embedded default corpus")
@@ -295,6 +303,27 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _int_lists(text: str, opt: str, sep: str, n: int, example: str) -> list[tuple[int, ...]]:
+    """"8192x8192,4096x11008" -> [(8192, 8192), (4096, 11008)], with a one-line error naming the option."""
+    out = []
+    for item in text.split(","):
+        parts = item.strip().split(sep)
+        if len(parts) != n or not all(p.isdigit() and int(p) > 0 for p in parts):
+            form = sep.join(["N"] * n)
+            raise BinaryLLMError(f"{opt}: {item.strip()!r} is not of the form {form} with positive integers; e.g. "
+                                 f"{opt} {example}")
+        out.append(tuple(int(p) for p in parts))
+    return out
+
+
+def _choices(text: str, opt: str, known: list[str]) -> list[str]:
+    items = [v.strip() for v in text.split(",") if v.strip()]
+    for v in items:
+        if v not in known:
+            raise BinaryLLMError(f"{opt}: unknown {v!r}; choose from {', '.join(known)}")
+    return items
+
+
 def cmd_bench(args) -> int:
     import json
 
@@ -302,6 +331,17 @@ def cmd_bench(args) -> int:
 
     from . import bench
     from .io import atomic_write_text
+    kw = {}
+    if args.what == "kernels":
+        if args.shapes:
+            kw["shapes"] = _int_lists(args.shapes, "--shapes", "x", 2, "8192x8192,4096x11008")
+        if args.batches:
+            kw["batches"] = [b[0] for b in _int_lists(args.batches, "--batches", "x", 1, "1,16")]
+    elif args.what in ("decode", "decode-cpu"):
+        if args.models:
+            kw["models"] = _choices(args.models, "--models", list(bench.SHAPES_BY_NAME))
+        if args.paths and args.what == "decode":
+            kw["paths"] = _choices(args.paths, "--paths", list(bench.DECODE_PATHS))
     if args.what in ("kernels", "train", "decode") and not torch.cuda.is_available():
         raise BinaryLLMError(f"bench {args.what} needs a CUDA GPU; on the CPU run: binaryllm bench kernels-cpu")
     done: list[dict] = []
@@ -315,13 +355,13 @@ def cmd_bench(args) -> int:
                                                       if torch.cuda.is_available() else "cpu",
                                                       "torch": torch.__version__, "rows": done}, indent=1))
     if args.what == "kernels":
-        bench.bench_kernels_gpu(log=log)
+        bench.bench_kernels_gpu(log=log, **kw)
     elif args.what == "kernels-cpu":
         bench.bench_kernels_cpu(log=log)
     elif args.what == "decode":
-        bench.bench_decode(log=log)
+        bench.bench_decode(log=log, **kw)
     elif args.what == "decode-cpu":
-        bench.bench_decode_cpu(log=log)
+        bench.bench_decode_cpu(log=log, **kw)
     else:
         bench.bench_train(args.model, args.seq_len, args.batch_size, args.steps,
                           variants=[v for v in args.variants.split(",") if v], log=log)

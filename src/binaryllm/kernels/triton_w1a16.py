@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..errors import BinaryLLMError
+
 
 def prepare_weight(packed_u8: torch.Tensor, in_features: int) -> torch.Tensor:
     """(N, ceil(K/8)) uint8 sign bits -> (N, ceil(K/32)) int32 words (a view when K % 32 == 0)."""
@@ -206,9 +208,29 @@ def unpack_dense(words: torch.Tensor, row_scale: torch.Tensor, in_features: int,
     return out
 
 
-GEMV_CONFIG = (4, 32, 4)        # BLOCK_N, WORDS, warps: fastest or within 3% of it in the H100 sweep (RESULTS)
-TC_CONFIG = (64, 64, 4)         # BLOCK_N, int16 WORDS, warps[, SPLIT over K] of the tensor-core decode kernel
-DECODE_MODE = "auto"            # the kernel below PREFILL_M rows: gemv, tc, or auto (decode_mode)
+def _env_config(name: str, default: tuple) -> tuple:
+    """A tile config from the environment ("64,32,2" -> (64, 32, 2)), to try another tile on another GPU without
+    editing code; a malformed value is an error naming the variable."""
+    v = os.environ.get(name, "").strip()
+    if not v:
+        return default
+    try:
+        cfg = tuple(int(p) for p in v.split(","))
+    except ValueError:
+        raise BinaryLLMError(f"{name}={v!r} is not a comma-separated list of integers (e.g. {name}="
+                             f"{','.join(map(str, default))}); fix or unset it") from None
+    if len(cfg) < 3:
+        raise BinaryLLMError(f"{name}={v!r} needs at least 3 fields (BLOCK_N, WORDS, warps); fix or unset it")
+    return cfg
+
+
+# BLOCK_N, WORDS, warps: fastest or within 3% of it in the H100 sweep (RESULTS)
+GEMV_CONFIG = _env_config("BINARYLLM_GEMV_CONFIG", (4, 32, 4))
+# BLOCK_N, int16 WORDS, warps[, SPLIT over K] of the tensor-core decode kernel.  Triton lowers the dot to Hopper's
+# asynchronous wgmma when BLOCK_N >= 64 with 4 warps (it then waits after each of the 16 plane dots), and to the
+# synchronous mma.sync otherwise (BLOCK_N 16-32, or 1-2 warps): the sweep in bench.py tries both.
+TC_CONFIG = _env_config("BINARYLLM_TC_CONFIG", (64, 64, 4))
+DECODE_MODE = os.environ.get("BINARYLLM_DECODE_MODE", "auto")   # below PREFILL_M rows: gemv, tc, or auto
 TC_MIN_WEIGHTS = 8192 * 8192    # from this many weights on, tc beats gemv at one row too (H100, RESULTS)
 
 
