@@ -238,10 +238,13 @@ def bench_train(model_spec: str = "", seq_len: int = 2048, batch_size: int = 16,
             binarize(model, BinaryConfig(method="cpt"))
             set_binarizer(model, "cpt", 0.5)
         model.get_input_embeddings().weight.requires_grad_(False)
-        if mode == "compile":
-            compile_blocks(model)
-        elif mode == "compile-model":      # one graph for embeddings, blocks and final norm (the loss stays fused)
-            model.base_model.compile()
+        for m in (model, teacher):      # the teacher as the trainer runs it: compiled like the student
+            if m is None:
+                continue
+            if mode == "compile":
+                compile_blocks(m)
+            elif mode == "compile-model":  # one graph for embeddings, blocks and final norm (the loss stays fused)
+                m.base_model.compile()
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-5, fused=cuda)
         g = torch.Generator(device=dev).manual_seed(0)

@@ -391,6 +391,9 @@ class Trainer:
         prof = StepProfiler(t.profile, self.out, self.dist.rank if self.dist else 0, self.device.type == "cuda")
         fused = t.fused_loss and self.dist is None     # FSDP: the root's forward gathers the head
         teacher = self.teacher if t.distill else None
+        if teacher is not None and t.compile and not getattr(teacher, "_binaryllm_compiled", False):
+            compile_blocks(teacher)     # an eager teacher forward had made a distilled step ~2x a plain one
+            teacher._binaryllm_compiled = True
 
         def check_losses() -> None:
             nonlocal last_loss
