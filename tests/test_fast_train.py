@@ -121,3 +121,26 @@ def test_bench_train_on_random_weights_of_a_known_shape(monkeypatch):
                              log=lambda r: None, variants=("fp/eager", "cpt/eager"))
     assert [r["variant"] for r in rows] == ["fp/eager", "cpt/eager"]
     assert all(r["loss"] == pytest.approx(4.57, abs=0.5) for r in rows)     # ~ln(97): random weights, random ids
+
+
+def test_compiled_chunk_terms_equal_the_eager_ones():
+    """On the GPU the fused losses run each chunk through torch.compile(_chunk_terms); the compiled function
+    (here inductor's CPU backend, same graph) must give the eager values: CE, KL and the logit gradient, with
+    ignored targets, with and without a teacher, and for a second, shorter chunk (dynamic shapes)."""
+    from binaryllm.train.fast import _chunk_fn, _chunk_terms
+    assert _chunk_fn(torch.device("cpu")) is _chunk_terms
+    compiled = torch.compile(_chunk_terms, dynamic=True)
+    g = torch.Generator().manual_seed(0)
+    for rows, teacher in ((24, True), (9, True), (24, False)):
+        z = torch.randn(rows, 40, generator=g) * 3
+        zt = torch.randn(rows, 40, generator=g) * 3 if teacher else None
+        tc = torch.randint(0, 40, (rows,), generator=g)
+        tc[::5] = -100
+        valid = tc != -100
+        inv = 1.0 / valid.sum().to(torch.float32)
+        coef = torch.tensor(0.7 * 2.0 / rows)
+        args = (z, tc, valid, inv, zt, coef, 2.0, True, torch.float32, torch.float32)
+        ref, got = _chunk_terms(*args), compiled(*args)
+        assert torch.allclose(got[0], ref[0], rtol=1e-5)
+        assert (got[1] is None) == (not teacher) and (not teacher or torch.allclose(got[1], ref[1], rtol=1e-5))
+        assert torch.allclose(got[2], ref[2], rtol=1e-5, atol=1e-7)

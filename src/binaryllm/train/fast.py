@@ -18,6 +18,44 @@ import torch
 import torch.nn.functional as F
 
 
+def _chunk_terms(logits, tc, valid, inv_count, t_logits, kl_coef, temp: float, want_grad: bool, acc, out_dtype):
+    """One chunk of rows: (CE sum over valid rows, KL(teacher || student) sum or None, d loss / d logits in
+    out_dtype or None).  logits, t_logits: the chunk's (rows, V) matmul outputs in the compute dtype; the
+    softmaxes and sums run in ``acc`` (fp32).  inv_count = 1 / valid rows of the whole call, kl_coef = weight *
+    temp / rows of the whole call (0-d tensors, so new values need no recompilation).  Pure: run eagerly, or
+    compiled on the GPU, where it becomes a few fused passes over the chunk instead of one per operation."""
+    logits = logits.to(acc)
+    lse = torch.logsumexp(logits, dim=-1)
+    idx = tc.clamp_min(0).unsqueeze(1)
+    ce = ((lse - logits.gather(1, idx).squeeze(1)) * valid).sum()
+    kl = p = None
+    if t_logits is not None:     # KL(teacher || student) at temperature temp, over every row
+        lt = torch.log_softmax(t_logits.to(acc) / temp, dim=-1)
+        ls = torch.log_softmax(logits / temp, dim=-1)
+        pt = lt.exp()
+        kl = (pt * (lt - ls)).sum()
+    if want_grad:   # d/dz of CE / count: softmax - onehot; of weight * temp^2 * KL / n: weight * temp * (p_s - p_t) / n
+        p = torch.exp(logits - lse.unsqueeze(1)).scatter_add(1, idx, -valid.to(acc).unsqueeze(1))
+        p = p * (valid.to(acc) * inv_count).unsqueeze(1)
+        if t_logits is not None:
+            p = p + (ls.exp() - pt) * kl_coef
+        p = p.to(out_dtype)
+    return ce, kl, p
+
+
+_COMPILED_CHUNK = None
+
+
+def _chunk_fn(device: torch.device):
+    """The compiled ``_chunk_terms`` on CUDA (built on first use), the eager one elsewhere."""
+    global _COMPILED_CHUNK
+    if device.type != "cuda":
+        return _chunk_terms
+    if _COMPILED_CHUNK is None:
+        _COMPILED_CHUNK = torch.compile(_chunk_terms, dynamic=True)
+    return _COMPILED_CHUNK
+
+
 class _LinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, targets, chunk: int, compute_dtype, th=None, tw=None, kl_weight: float = 0.0,
@@ -26,6 +64,8 @@ class _LinearCE(torch.autograd.Function):
         acc = torch.promote_types(compute_dtype, torch.float32)   # fp32, or fp64 for fp64 inputs
         valid_all = targets != -100
         count = valid_all.sum().clamp_min(1).to(acc)
+        inv_count = 1.0 / count
+        kl_coef = torch.full((), kl_weight * temp / max(n, 1), dtype=acc, device=h.device)   # no host sync
         hc_all = h.to(compute_dtype)
         wc = w.to(compute_dtype)
         twc = tw.to(compute_dtype) if th is not None else None
@@ -34,33 +74,21 @@ class _LinearCE(torch.autograd.Function):
         grad_w = torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None
         total = torch.zeros((), dtype=acc, device=h.device)
         total_kl = torch.zeros((), dtype=acc, device=h.device)
+        fn = _chunk_fn(h.device)
         for s in range(0, n, chunk):
-            hc, tc = hc_all[s: s + chunk], targets[s: s + chunk]
-            valid = valid_all[s: s + chunk]
-            logits = (hc @ wc.t()).to(acc)
-            lse = torch.logsumexp(logits, dim=-1)
-            tgt = logits.gather(1, tc.clamp_min(0).unsqueeze(1)).squeeze(1)
-            total += ((lse - tgt) * valid).sum()
-            p_kl = None
-            if th is not None:       # KL(teacher || student) at temperature temp, over every row
-                lt = torch.log_softmax((th[s: s + chunk].to(compute_dtype) @ twc.t()).to(acc) / temp, dim=-1)
-                ls = torch.log_softmax(logits / temp, dim=-1)
-                total_kl += (lt.exp() * (lt - ls)).sum()
-                if need_h or need_w:     # d/dz of weight * temp^2 * KL / n = weight * temp * (p_s - p_t) / n
-                    p_kl = (ls.exp_() - lt.exp_()).mul_(kl_weight * temp / n)
-                del lt, ls
-            if need_h or need_w:
-                p = torch.exp(logits - lse.unsqueeze(1))
-                p.scatter_add_(1, tc.clamp_min(0).unsqueeze(1), -valid.to(p.dtype).unsqueeze(1))
-                p *= (valid.to(p.dtype) / count).unsqueeze(1)
-                if p_kl is not None:
-                    p += p_kl
-                p = p.to(compute_dtype)
+            hc = hc_all[s: s + chunk]
+            t_logits = th[s: s + chunk].to(compute_dtype) @ twc.t() if th is not None else None
+            ce, kl, p = fn(hc @ wc.t(), targets[s: s + chunk], valid_all[s: s + chunk], inv_count, t_logits, kl_coef,
+                           float(temp), need_h or need_w, acc, compute_dtype)
+            total += ce
+            if kl is not None:
+                total_kl += kl
+            if p is not None:
                 if need_h:
                     grad_h[s: s + chunk] = (p @ wc).to(h.dtype)
                 if need_w:
                     grad_w += (p.t() @ hc).to(acc)
-            del logits, p_kl
+            del p, t_logits
         ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
         ctx.has = (need_h, need_w)
         loss = total / count
