@@ -144,3 +144,24 @@ def test_compiled_chunk_terms_equal_the_eager_ones():
         assert torch.allclose(got[0], ref[0], rtol=1e-5)
         assert (got[1] is None) == (not teacher) and (not teacher or torch.allclose(got[1], ref[1], rtol=1e-5))
         assert torch.allclose(got[2], ref[2], rtol=1e-5, atol=1e-7)
+
+
+def test_fused_loss_falls_back_to_eager_with_one_warning_when_compiling_fails(monkeypatch):
+    """A CUDA box whose torch.compile cannot build the chunk function (no Triton, say) gets the eager terms and one
+    warning, not a crash; the values are the eager ones."""
+    from binaryllm.train import fast
+    monkeypatch.setattr(fast, "_COMPILED_CHUNK", None)
+
+    def broken(fn, **kw):
+        def run(*a):
+            raise RuntimeError("no triton here")
+        return run
+    monkeypatch.setattr(torch, "compile", broken)
+    fn = fast._chunk_fn(torch.device("cuda"))
+    z, tc = torch.randn(4, 6), torch.tensor([1, 2, -100, 0])
+    args = (z, tc, tc != -100, torch.tensor(1 / 3), None, torch.tensor(0.0), 1.0, True, torch.float32, torch.float32)
+    with pytest.warns(UserWarning, match="compiling the fused loss failed.*no triton here"):
+        got = fn(*args)
+    ref = fast._chunk_terms(*args)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[2], ref[2])
+    assert fast._chunk_fn(torch.device("cuda")) is fast._chunk_terms        # decided once: no second warning

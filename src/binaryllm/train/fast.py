@@ -47,12 +47,27 @@ _COMPILED_CHUNK = None
 
 
 def _chunk_fn(device: torch.device):
-    """The compiled ``_chunk_terms`` on CUDA (built on first use), the eager one elsewhere."""
+    """The compiled ``_chunk_terms`` on CUDA (built on first use), the eager one elsewhere, and the eager one with
+    one warning if compiling fails (no Triton, an unsupported GPU): slower, never a crash."""
     global _COMPILED_CHUNK
     if device.type != "cuda":
         return _chunk_terms
     if _COMPILED_CHUNK is None:
-        _COMPILED_CHUNK = torch.compile(_chunk_terms, dynamic=True)
+        compiled = torch.compile(_chunk_terms, dynamic=True)
+
+        def guarded(*args):
+            global _COMPILED_CHUNK
+            try:
+                return compiled(*args)
+            except torch.cuda.OutOfMemoryError:
+                raise                # the trainer names the option to lower
+            except Exception as e:   # compilation, not the math: the eager function computes the same terms
+                import warnings
+                warnings.warn(f"compiling the fused loss failed ({type(e).__name__}: {str(e).splitlines()[0][:120]});"
+                              " using the eager loss (slower, same values)", stacklevel=2)
+                _COMPILED_CHUNK = _chunk_terms
+                return _chunk_terms(*args)
+        _COMPILED_CHUNK = guarded
     return _COMPILED_CHUNK
 
 
