@@ -63,6 +63,11 @@ CASES = [  # (M, N, K, config or None, mode)
     (3, 70, 100, None, "auto"),                                                      # auto: tc from 2 rows on
     (2, 40, 1100, (16, 16, 1, 3), "tc"), (1, 33, 300, (32, 16, 1, 2), "tc"),       # tc split over K (atomics)
     (1, 70, 1100, (64, 32, 2, 2), "tc"),                             # a 2-warp tile of the mma.sync sweep, split
+    (1, 40, 100, (4, 32, 4, 1), "gemv"), (3, 70, 1000, (8, 16, 4, 1), "gemv"),       # x read in place (DIRECT)
+    (1, 40, 100, (16, 16, 1, 1, 1), "tc"), (5, 70, 1100, (32, 32, 1, 2, 1), "tc"),
+    (2, 40, 256, (4, 32, 4, 1), "gemv"), (2, 33, 256, (16, 16, 1, 1, 1), "tc"),      # DIRECT, K % 32 == 0, tile
+    (2, 40, 256, (4, 8, 4, 1), "gemv"), (2, 33, 512, (16, 16, 1, 1, 1), "tc"),       # over or dividing the words
+    (1, 33, 768, (16, 16, 1, 2, 1), "tc"),                      # 48 int16 words: 3 tiles, split 2 reads past them
     (20, 33, 64, (16, 16, 16, 4, 1), "fused"), (130, 129, 72, (64, 64, 16, 4, 1), "fused"),  # tensor-core tiles
     (40, 64, 1100, (32, 32, 16, 4, 1), "fused"),                                              # several word tiles
     (70, 65, 200, None, "unpack"),                                                             # dense temp + matmul

@@ -58,11 +58,12 @@ def _gpu_time(fn_list, iters: int = 50, reps: int = 5, graph: bool = True) -> fl
 
 # tile configs swept on shapes >= 4096^2 (see triton_w1a16: GEMV_CONFIG, TC_CONFIG, GEMM_CONFIG for their fields)
 GEMV_SWEEP = ((8, 16, 4), (4, 16, 4), (4, 32, 4), (8, 32, 4), (8, 8, 4), (8, 16, 2), (4, 32, 2), (2, 32, 2),
-              (8, 32, 8))                                                       # batch 1
+              (8, 32, 8), (4, 32, 4, 1), (8, 32, 8, 1), (2, 32, 2, 1))          # batch 1; 4th: x read in place
 TC_SWEEP = ((64, 64, 4), (64, 128, 4), (128, 64, 4), (64, 64, 4, 2), (64, 64, 4, 4), (64, 128, 4, 2),
             (64, 128, 4, 4), (64, 64, 4, 8),                                    # batch 1-16; 4th: split over K
             (32, 32, 1), (32, 64, 1), (32, 32, 2), (64, 32, 2), (32, 64, 2), (16, 64, 1), (64, 32, 2, 2),
-            (32, 32, 1, 2), (32, 64, 2, 2), (64, 32, 2, 4))                     # mma.sync tiles (see TC_CONFIG)
+            (32, 32, 1, 2), (32, 64, 2, 2), (64, 32, 2, 4),                     # mma.sync tiles (see TC_CONFIG)
+            (64, 64, 4, 1, 1), (64, 128, 4, 1, 1))                              # 5th: x read in place
 FUSED_SWEEP = ((128, 128, 32, 8, 1), (128, 64, 32, 4, 1), (64, 128, 16, 4, 1), (128, 128, 16, 8, 1),
                (128, 256, 16, 8, 1))                                            # prefill, 2048 rows
 

@@ -24,6 +24,10 @@ matching activations ``xp[:, j, w0:w0+WORDS]`` are contiguous.
 * ``fused`` (prefill): tensor cores; per tile of WORDS words, 32 ``tl.dot``s of (BM x WORDS) x (WORDS x BN).
 * ``unpack``: bits -> a dense ``sign * scale`` temporary, then cuBLAS (kept as a reference point in the bench).
 
+``gemv`` and ``tc`` can also read x in place (config field DIRECT, ``_direct_x``): no bit-major copy, so one
+kernel per matmul instead of two (in a CUDA-graph decode step every kernel node costs ~1-2 µs).  Off by default
+until the H100 sweep has measured it.
+
 Rounding: x·(±1) products are exact; sums in fp32 (order differs from a dense reference by fp32 rounding); the
 row scale is applied in fp32 and the result rounded once to the activation dtype.  An input scale is applied
 to x first and rounded to the activation dtype, as the PyTorch path does.
@@ -63,8 +67,31 @@ def bit_major(x2: torch.Tensor, K: int, input_scale: torch.Tensor | None = None,
 
 
 @triton.jit
+def _direct_x(x_ptr, si_ptr, m, k, M, K, stride_xm, HAS_IN_SCALE: tl.constexpr, EVEN_K: tl.constexpr):
+    """x[m, k] (0 where m >= M or k >= K), times the input scale rounded to x's dtype first, product rounded to
+    x's dtype: the same values bit_major writes.  m, k: broadcastable index tensors.  EVEN_K: K is a multiple of
+    32 and the word tiles divide the row, so every k the kernel reads is < K and that mask is left out."""
+    if EVEN_K:
+        ok = (m < M) & (k >= 0)
+        k_ok = k >= 0
+    else:
+        ok = (m < M) & (k < K)
+        k_ok = k < K
+    xv = tl.load(x_ptr + m * stride_xm + k, mask=ok, other=0.0)
+    if HAS_IN_SCALE:
+        sv = tl.load(si_ptr + k, mask=k_ok, other=0.0).to(xv.dtype)
+        xv = (xv.to(tl.float32) * sv.to(tl.float32)).to(xv.dtype)
+    return xv
+
+
+@triton.jit
 def _gemv_kernel(xp_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, KW: tl.constexpr, stride_xm, stride_wn, stride_ym,
-                 HAS_BIAS: tl.constexpr, MP: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, MP: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
+                 DIRECT: tl.constexpr = False, K=0, si_ptr=None, HAS_IN_SCALE: tl.constexpr = False,
+                 EVEN_K: tl.constexpr = False):
+    """DIRECT: xp_ptr is x itself, (M, K) row-major, read at k = 32 w + j (and times the input scale si_ptr when
+    HAS_IN_SCALE, rounded to x's dtype as bit_major does) instead of the pre-permuted bit-major copy: one kernel
+    per matmul instead of two."""
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, MP)
@@ -76,8 +103,12 @@ def _gemv_kernel(xp_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, KW: tl.constexpr, str
         words = tl.load(w_ptr + offs_n[:, None] * stride_wn + (w0 + offs_w)[None, :],
                         mask=n_ok[:, None] & w_ok[None, :], other=0)                     # (BLOCK_N, WORDS)
         for j in tl.static_range(32):
-            xv = tl.load(xp_ptr + offs_m[:, None] * stride_xm + j * KW + (w0 + offs_w)[None, :],
-                         mask=(offs_m[:, None] < M) & w_ok[None, :], other=0.0).to(tl.float32)   # (MP, WORDS)
+            if DIRECT:
+                xv = _direct_x(xp_ptr, si_ptr, offs_m[:, None], (w0 + offs_w)[None, :] * 32 + j, M, K, stride_xm,
+                               HAS_IN_SCALE, EVEN_K).to(tl.float32)                         # (MP, WORDS)
+            else:
+                xv = tl.load(xp_ptr + offs_m[:, None] * stride_xm + j * KW + (w0 + offs_w)[None, :],
+                             mask=(offs_m[:, None] < M) & w_ok[None, :], other=0.0).to(tl.float32)   # (MP, WORDS)
             bit = ((words >> j) & 1) != 0
             acc += tl.where(bit[None, :, :], xv[:, None, :], -xv[:, None, :])
     out = tl.sum(acc, axis=2) * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -102,7 +133,8 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 @triton.jit
 def _gemv_tc_kernel(xp_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, KW: tl.constexpr, stride_xm, stride_wn, stride_ym,
                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr, BF16: tl.constexpr,
-                    ASM: tl.constexpr, SPLIT: tl.constexpr):
+                    ASM: tl.constexpr, SPLIT: tl.constexpr, DIRECT: tl.constexpr = False, K=0, si_ptr=None,
+                    HAS_IN_SCALE: tl.constexpr = False, EVEN_K: tl.constexpr = False):
     """KW, WORDS: int16 words.  acc (BLOCK_N, 16) += plane_j (BLOCK_N, WORDS) @ x_j (WORDS, 16), j = 0..15.
     SPLIT > 1: program (pid, s) takes the s-th of SPLIT word ranges and atomically adds its scaled partial sums
     to a zeroed fp32 y (the caller rounds it to the activation dtype): more programs per SM to hide latency."""
@@ -136,8 +168,12 @@ def _gemv_tc_kernel(xp_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, KW: tl.constexpr, 
                                                    is_pure=True, pack=2)
             else:
                 wj = (((words.to(tl.int32) << (15 - j)) & 0x8000) ^ MINUS_ONE).to(tl.int16).to(DT, bitcast=True)
-            xv = tl.load(xp_ptr + offs_m[None, :] * stride_xm + j * KW + (w0 + offs_w)[:, None],
-                         mask=m_ok[None, :] & w_ok[:, None], other=0.0)                   # (WORDS, 16)
+            if DIRECT:   # x read in place at k = 16 w + j (see _gemv_kernel)
+                xv = _direct_x(xp_ptr, si_ptr, offs_m[None, :], (w0 + offs_w)[:, None] * 16 + j, M, K, stride_xm,
+                               HAS_IN_SCALE, EVEN_K)                                          # (WORDS, 16)
+            else:
+                xv = tl.load(xp_ptr + offs_m[None, :] * stride_xm + j * KW + (w0 + offs_w)[:, None],
+                             mask=m_ok[None, :] & w_ok[:, None], other=0.0)                   # (WORDS, 16)
             acc = tl.dot(wj, xv, acc)
     out = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
     if HAS_BIAS:
@@ -224,9 +260,10 @@ def _env_config(name: str, default: tuple) -> tuple:
     return cfg
 
 
-# BLOCK_N, WORDS, warps: fastest or within 3% of it in the H100 sweep (RESULTS)
+# BLOCK_N, WORDS, warps[, DIRECT]: fastest or within 3% of it in the H100 sweep (RESULTS).  DIRECT = 1: the kernel
+# reads x in place instead of a bit-major copy made by a separate kernel (not measured yet: off by default)
 GEMV_CONFIG = _env_config("BINARYLLM_GEMV_CONFIG", (4, 32, 4))
-# BLOCK_N, int16 WORDS, warps[, SPLIT over K] of the tensor-core decode kernel.  Triton lowers the dot to Hopper's
+# BLOCK_N, int16 WORDS, warps[, SPLIT over K[, DIRECT]] of the tensor-core decode kernel.  Triton lowers the dot to Hopper's
 # asynchronous wgmma when BLOCK_N >= 64 with 4 warps (it then waits after each of the 16 plane dots), and to the
 # synchronous mma.sync otherwise (BLOCK_N 16-32, or 1-2 warps): the sweep in bench.py tries both.
 TC_CONFIG = _env_config("BINARYLLM_TC_CONFIG", (64, 64, 4))
@@ -271,30 +308,38 @@ def w1a16_matmul(x: torch.Tensor, words: torch.Tensor, row_scale: torch.Tensor, 
         if x.dtype not in (torch.bfloat16, torch.float16):
             raise ValueError("tc takes bf16 or fp16 activations")
         w16 = words.view(torch.int16)              # little-endian: int16 word w holds bits 16 w .. 16 w + 15
-        xp = bit_major(x2, K, input_scale, planes=16)
         bn, wds, warps, *rest = config or TC_CONFIG
         split = rest[0] if rest else 1
+        direct = bool(rest[1]) if len(rest) > 1 else False
+        xp = x2.contiguous() if direct else bit_major(x2, K, input_scale, planes=16)
         out = y if split == 1 else torch.zeros(M, N, device=x.device, dtype=torch.float32)
         _gemv_tc_kernel[(triton.cdiv(N, bn), split)](xp, w16, row_scale, b, out, M, N, w16.shape[1], xp.stride(0),
                                                      w16.stride(0), out.stride(0), HAS_BIAS=bias is not None,
                                                      BLOCK_N=bn, WORDS=wds, BF16=x.dtype == torch.bfloat16,
-                                                     ASM=not _INTERPRETED, SPLIT=split,
+                                                     ASM=not _INTERPRETED, SPLIT=split, DIRECT=direct, K=K,
+                                                     si_ptr=input_scale if direct else None,
+                                                     HAS_IN_SCALE=direct and input_scale is not None,
+                                                     EVEN_K=K % 32 == 0 and w16.shape[1] % (wds * split) == 0,
                                                      num_warps=warps)
         if split > 1:
             y.copy_(out)
         return y.reshape(*lead, N)
-    xp = bit_major(x2, K, input_scale)
     kw = words.shape[1]
     if mode == "gemv":
         if M > 16:
             raise ValueError("gemv takes at most 16 rows of activations")
         bn, wds, *rest = config or GEMV_CONFIG
         warps = rest[0] if rest else 4
+        direct = bool(rest[1]) if len(rest) > 1 else False
+        xp = x2.contiguous() if direct else bit_major(x2, K, input_scale)
         mp = max(1, triton.next_power_of_2(M))
         _gemv_kernel[(triton.cdiv(N, bn),)](xp, words, row_scale, b, y, M, N, kw, xp.stride(0), words.stride(0),
                                             y.stride(0), HAS_BIAS=bias is not None, MP=mp, BLOCK_N=bn, WORDS=wds,
-                                            num_warps=warps)
+                                            DIRECT=direct, K=K, si_ptr=input_scale if direct else None,
+                                            HAS_IN_SCALE=direct and input_scale is not None,
+                                            EVEN_K=K % 32 == 0 and kw % wds == 0, num_warps=warps)
     else:
+        xp = bit_major(x2, K, input_scale)
         bm, bn, wds, warps, stages = config or GEMM_CONFIG
         grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
         _gemm_kernel[grid](xp, words, row_scale, b, y, M, N, kw, xp.stride(0), words.stride(0), y.stride(0),
