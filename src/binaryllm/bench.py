@@ -218,13 +218,11 @@ def bench_train(model_spec: str = "", seq_len: int = 2048, batch_size: int = 16,
     cuda = dev.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if model_spec.startswith("random:"):     # the shape alone: speed does not depend on the weights
-        from transformers import AutoModelForCausalLM, LlamaConfig
         name = model_spec.split(":", 1)[1]
         if name not in SHAPES_BY_NAME:
             raise BinaryLLMError(f"bench train --model {model_spec!r}: unknown shape; use random:NAME with NAME one "
                                  f"of {', '.join(SHAPES_BY_NAME)}, or a model folder / hub id")
-        torch.manual_seed(0)
-        base = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES_BY_NAME[name]), dtype=torch.float32)
+        base = random_model(name, torch.float32)
     else:
         base, _, _ = load_model(model_spec)
     rows = []
@@ -300,6 +298,14 @@ LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
 SHAPES_BY_NAME = {"smollm2-135m": SMOLLM2_135M, "llama-1b": LLAMA_1B, "llama-7b": LLAMA_7B}
 
 
+def random_model(name: str, dtype: torch.dtype, device: str = "cpu"):
+    """A Llama of one of SHAPES_BY_NAME's shapes with seeded random weights (speed benches need no weights)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    torch.manual_seed(0)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES_BY_NAME[name]), dtype=dtype)
+
+
 def random_packed_(model) -> int:
     """Replace every nn.Linear of the decoder blocks by a PackedBinaryLinear with random bits and a
     1/sqrt(in) row scale (speed only: the values do not matter).  Returns the number of layers replaced."""
@@ -368,14 +374,11 @@ def bench_decode_cpu(models=("smollm2-135m",), new_tokens: int = 32, prompt_len:
     unfused, with q/k/v and gate/up fused, and fused with the one-token step compiled (``torch.compile``: its
     warm-up is the compilation; compared with the compiled fp32 step).  Decode tokens/s = (new_tokens - 1) /
     (time of new_tokens - time of one token), so the prefill is not counted; best of three."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     from .decode import StaticDecoder
     from .nn.fuse import unfuse_projections
     rows = []
     for name in models:
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES_BY_NAME[name]), dtype=torch.float32).eval()
+        model = random_model(name, torch.float32).eval()
         ids = torch.randint(0, model.config.vocab_size, (1, prompt_len))
         base: dict[bool, float] = {}
         for variant in ("fp32", "fp32-compiled", "packed-unfused", "packed-fused", "packed-fused-compiled"):
@@ -415,16 +418,12 @@ def bench_decode(models=("smollm2-135m", "llama-7b"), new_tokens: int = 128, pro
     speed only), through the same generation code (see _decode_tok_s for the paths).  Memory: bytes of all
     weights; bandwidth: those bytes read once per token x tokens/s.  decode_kernels: the 1-bit kernel of the
     one-token steps (``triton_w1a16.DECODE_MODE``), one packed row each."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     from .kernels import triton_w1a16 as tw
     default_mode = tw.DECODE_MODE
     rows = []
     for name in models:
         torch._dynamo.reset()
-        torch.manual_seed(0)
-        with torch.device("cuda"):
-            model = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES_BY_NAME[name]), dtype=torch.bfloat16).eval()
+        model = random_model(name, torch.bfloat16, "cuda").eval()
         for variant in ("bf16",) + tuple(f"packed-{k}" for k in decode_kernels):
             if variant.startswith("packed"):
                 if variant == f"packed-{decode_kernels[0]}":

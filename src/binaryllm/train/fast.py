@@ -22,8 +22,9 @@ def _chunk_terms(logits, tc, valid, inv_count, t_logits, kl_coef, temp: float, w
     """One chunk of rows: (CE sum over valid rows, KL(teacher || student) sum or None, d loss / d logits in
     out_dtype or None).  logits, t_logits: the chunk's (rows, V) matmul outputs in the compute dtype; the
     softmaxes and sums run in ``acc`` (fp32).  inv_count = 1 / valid rows of the whole call, kl_coef = weight *
-    temp / rows of the whole call (0-d tensors, so new values need no recompilation).  Pure: run eagerly, or
-    compiled on the GPU, where it becomes a few fused passes over the chunk instead of one per operation."""
+    temp / rows of the whole call or None without a teacher (0-d tensors, so new values need no recompilation).
+    Pure: run eagerly, or compiled on the GPU, where it becomes a few fused passes over the chunk instead of one
+    per operation."""
     logits = logits.to(acc)
     lse = torch.logsumexp(logits, dim=-1)
     idx = tc.clamp_min(0).unsqueeze(1)
@@ -82,7 +83,8 @@ class _LinearCE(torch.autograd.Function):
         valid_all = targets != -100
         count = valid_all.sum().clamp_min(1).to(acc)
         inv_count = 1.0 / count
-        kl_coef = torch.full((), kl_weight * temp / max(n, 1), dtype=acc, device=h.device)   # no host sync
+        kl_coef = (torch.full((), kl_weight * temp / max(n, 1), dtype=acc, device=h.device)   # no host sync
+                   if th is not None else None)
         hc_all = h.to(compute_dtype)
         wc = w.to(compute_dtype)
         twc = tw.to(compute_dtype) if th is not None else None
