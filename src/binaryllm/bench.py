@@ -64,6 +64,8 @@ TC_SWEEP = ((64, 64, 4), (64, 128, 4), (128, 64, 4), (64, 64, 4, 2), (64, 64, 4,
             (32, 32, 1), (32, 64, 1), (32, 32, 2), (64, 32, 2), (32, 64, 2), (16, 64, 1), (64, 32, 2, 2),
             (32, 32, 1, 2), (32, 64, 2, 2), (64, 32, 2, 4),                     # mma.sync tiles (see TC_CONFIG)
             (64, 64, 4, 1, 1), (64, 128, 4, 1, 1))                              # 5th: x read in place
+MMA_SWEEP = ((1, 4, 4, 0), (1, 4, 4, 1), (1, 8, 1, 1), (1, 8, 4, 0), (2, 4, 2, 1), (2, 4, 4, 1), (2, 8, 2, 1),
+             (1, 4, 8, 1))                                                       # RT, warps, CH, FENCE (mma_w1a16)
 FUSED_SWEEP = ((128, 128, 32, 8, 1), (128, 64, 32, 4, 1), (64, 128, 16, 4, 1), (128, 128, 16, 8, 1),
                (128, 256, 16, 8, 1))                                            # prefill, 2048 rows
 
@@ -72,19 +74,21 @@ def _rel_err(y, ref) -> float:
     return ((y.float() - ref).abs().max() / ref.abs().max()).item()
 
 
-def _sweep(x, words, scale, K: int, mode: str, configs, ref, tol: float) -> dict:
+def _sweep(x, words, scale, K: int, mode: str, configs, ref, tol: float, tiles=None) -> dict:
     """GPU µs of one kernel per tile config ("BNxWORDSx..." -> µs; the error's name for a tile that does not fit,
     "wrong (err)" for one whose output is off the dense reference ``ref`` of words[0] by more than ``tol``)."""
     from .kernels.triton_w1a16 import w1a16_matmul
+    tiles = tiles or [None] * len(words)
     out = {}
     for cfg in configs:
         key = "x".join(map(str, cfg))
         try:
-            err = _rel_err(w1a16_matmul(x, words[0], scale, K, mode=mode, config=cfg), ref)
+            err = _rel_err(w1a16_matmul(x, words[0], scale, K, mode=mode, config=cfg, tiles=tiles[0]), ref)
             if not err <= tol:
                 out[key] = f"wrong ({err:.1e})"
                 continue
-            t = _gpu_time([lambda w=w: w1a16_matmul(x, w, scale, K, mode=mode, config=cfg) for w in words])
+            t = _gpu_time([lambda w=w, t=t: w1a16_matmul(x, w, scale, K, mode=mode, config=cfg, tiles=t)
+                           for w, t in zip(words, tiles)])
             out[key] = round(t * 1e6, 2)
         except Exception as e:  # a tile that does not fit: say so, keep going
             out[key] = type(e).__name__
@@ -96,11 +100,14 @@ def _best(sweep: dict) -> tuple[str, float] | None:
     return min(timed, key=lambda kv: kv[1]) if timed else None
 
 
-def bench_kernels_gpu(shapes=SHAPES, batches=(1, 4, 16, 2048), log=print) -> list[dict]:
-    """One row per (shape, batch); shapes of >= 4096^2 weights also get a tile sweep per kernel."""
+def bench_kernels_gpu(shapes=SHAPES, batches=(1, 4, 16, 2048), log=print, sweep_old: bool | None = False) -> list[dict]:
+    """One row per (shape, batch); shapes of >= 4096^2 weights also get a tile sweep of the mma kernel (and with
+    sweep_old=True of gemv and tc too; None: no sweeps)."""
     from .export.bits import pack_signs, unpack_signs
+    from .kernels import mma_w1a16
     from .kernels.triton_w1a16 import prepare_weight, w1a16_matmul
     dev = torch.device("cuda")
+    has_mma = mma_w1a16.usable(dev.index or 0)
     props = torch.cuda.get_device_properties(dev)
     l2 = getattr(props, "L2_cache_size", 50 * 2**20)
     rows = []
@@ -111,38 +118,41 @@ def bench_kernels_gpu(shapes=SHAPES, batches=(1, 4, 16, 2048), log=print) -> lis
         dense = [torch.randn(N, K, device=dev, generator=g, dtype=torch.bfloat16) for _ in range(min(n_bf, 8))]
         bits = [pack_signs(torch.randn(N, K, device=dev, generator=g)) for _ in range(min(n_bits, 64))]
         words = [prepare_weight(b, K) for b in bits]
+        tiles = [mma_w1a16.prepare_tiles(b, K) for b in bits] if has_mma else [None] * len(bits)
         scale = (torch.rand(N, device=dev, generator=g) + 0.5).half()
         for M in batches:
             x = torch.randn(M, K, device=dev, dtype=torch.bfloat16, generator=g)
             ref = (x.float() @ unpack_signs(bits[0], K, torch.float32).t()) * scale.float()
             t_bf = _gpu_time([lambda w=w: F.linear(x, w) for w in dense])
             row = {"N": N, "K": K, "M": M, "bf16_us": round(t_bf * 1e6, 2)}
-            modes = ("gemv", "tc") if M <= 16 else ("fused", "unpack")
+            modes = (("mma",) if has_mma else ()) + ("gemv", "tc") if M <= 16 else ("fused", "unpack")
             for mode in modes:
-                err = _rel_err(w1a16_matmul(x, words[0], scale, K, mode=mode), ref)
-                t = _gpu_time([lambda w=w: w1a16_matmul(x, w, scale, K, mode=mode) for w in words])
+                err = _rel_err(w1a16_matmul(x, words[0], scale, K, mode=mode, tiles=tiles[0]), ref)
+                t = _gpu_time([lambda w=w, t=t: w1a16_matmul(x, w, scale, K, mode=mode, tiles=t)
+                               for w, t in zip(words, tiles)])
                 row[f"{mode}_us"] = round(t * 1e6, 2)
                 row[f"{mode}_speedup"] = round(t_bf / t, 2)
                 row[f"{mode}_weight_GBps"] = round(N * K / 8 / t / 1e9, 1)
                 row[f"{mode}_max_rel_err"] = float(f"{err:.2e}")
             if N * K >= 4096 * 4096:
                 tol = 1e-2       # every default tile measured 2e-3-3e-3 against this reference (RESULTS)
-                sweeps = {"gemv": GEMV_SWEEP if M == 1 else (), "tc": TC_SWEEP if M <= 16 else (),
-                          "fused": FUSED_SWEEP if M > 16 else ()}
+                sweeps = {"mma": MMA_SWEEP if M <= 16 and has_mma and sweep_old is not None else (),
+                          "gemv": GEMV_SWEEP if M == 1 and sweep_old else (),
+                          "tc": TC_SWEEP if M <= 16 and sweep_old else (), "fused": FUSED_SWEEP if M > 16 else ()}
                 for mode, configs in sweeps.items():
                     if configs:
-                        row[f"{mode}_sweep_us"] = sw = _sweep(x, words, scale, K, mode, configs, ref, tol)
+                        row[f"{mode}_sweep_us"] = sw = _sweep(x, words, scale, K, mode, configs, ref, tol, tiles)
                         best = _best(sw)
                         if best:
                             row[f"best_{mode}"] = best[0]
                             row[f"best_{mode}_speedup"] = round(t_bf * 1e6 / best[1], 2)
             row["eager_bf16_us"] = round(_gpu_time([lambda w=w: F.linear(x, w) for w in dense], graph=False) * 1e6, 2)
-            row["eager_auto_us"] = round(_gpu_time([lambda w=w: w1a16_matmul(x, w, scale, K) for w in words],
-                                                   graph=False) * 1e6, 2)
+            row["eager_auto_us"] = round(_gpu_time([lambda w=w, t=t: w1a16_matmul(x, w, scale, K, tiles=t)
+                                                    for w, t in zip(words, tiles)], graph=False) * 1e6, 2)
             row["bf16_weight_GBps"] = round(N * K * 2 / t_bf / 1e9, 1)
             rows.append(row)
             log(row)
-        del dense, bits, words
+        del dense, bits, words, tiles
         torch.cuda.empty_cache()
     return rows
 
@@ -412,7 +422,7 @@ DECODE_PATHS = ("eager", "compiled", "graph-unfused", "graph", "graph-compiled")
 
 
 def bench_decode(models=("smollm2-135m", "llama-7b"), new_tokens: int = 128, prompt_len: int = 16,
-                 paths=("eager", "graph-unfused", "graph", "graph-compiled"), decode_kernels=("gemv", "tc"),
+                 paths=("eager", "graph-unfused", "graph", "graph-compiled"), decode_kernels=("mma", "gemv", "tc"),
                  log=print) -> list[dict]:
     """Batch-1 greedy decoding: the bf16 model vs the same model with its block linears packed (random weights:
     speed only), through the same generation code (see _decode_tok_s for the paths).  Memory: bytes of all

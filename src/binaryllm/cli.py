@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--shapes", default="", help="kernels: N x K weight shapes, e.g. 8192x8192,4096x11008 "
                     "(default: 8192^2, 16384^2, the Llama-7B and SmolLM2 shapes)")
     bn.add_argument("--batches", default="", help="kernels: activation rows, e.g. 1,16 (default 1,4,16,2048)")
+    bn.add_argument("--sweep", choices=("mma", "all", "none"), default="mma",
+                    help="kernels: tile sweeps on shapes >= 4096^2 (mma: the mma kernel's; all: gemv and tc too)")
     bn.add_argument("--models", default="", help="decode, decode-cpu: model shapes, e.g. llama-7b "
                     "(default smollm2-135m,llama-7b on the GPU, smollm2-135m on the CPU)")
     bn.add_argument("--paths", default="", help="decode: generation paths, e.g. graph,graph-compiled (default "
@@ -337,6 +339,7 @@ def cmd_bench(args) -> int:
             kw["shapes"] = _int_lists(args.shapes, "--shapes", "x", 2, "8192x8192,4096x11008")
         if args.batches:
             kw["batches"] = [b[0] for b in _int_lists(args.batches, "--batches", "x", 1, "1,16")]
+        kw["sweep_old"] = {"mma": False, "all": True, "none": None}[args.sweep]
     elif args.what in ("decode", "decode-cpu"):
         if args.models:
             kw["models"] = _choices(args.models, "--models", list(bench.SHAPES_BY_NAME))

@@ -44,6 +44,9 @@ class StaticDecoder:
         self.model = model.eval()
         p = next(model.parameters())
         self.device = p.device
+        if self.device.type == "cuda":     # kernel layouts made before any capture or compile (nn/packed.py)
+            from .nn.packed import prepare_kernels
+            prepare_kernels(model)
         self.graph = (self.device.type == "cuda") if graph is None else graph
         if self.graph and self.device.type != "cuda":
             raise BinaryLLMError("CUDA graphs need the model on a CUDA device; pass graph=False on the CPU")

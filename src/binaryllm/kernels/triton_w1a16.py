@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from ..errors import BinaryLLMError
+from . import mma_w1a16
 
 
 def prepare_weight(packed_u8: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -267,7 +268,9 @@ GEMV_CONFIG = _env_config("BINARYLLM_GEMV_CONFIG", (4, 32, 4))
 # asynchronous wgmma when BLOCK_N >= 64 with 4 warps (it then waits after each of the 16 plane dots), and to the
 # synchronous mma.sync otherwise (BLOCK_N 16-32, or 1-2 warps): the sweep in bench.py tries both.
 TC_CONFIG = _env_config("BINARYLLM_TC_CONFIG", (64, 64, 4))
-DECODE_MODE = os.environ.get("BINARYLLM_DECODE_MODE", "auto")   # below PREFILL_M rows: gemv, tc, or auto
+DECODE_MODE = os.environ.get("BINARYLLM_DECODE_MODE", "auto")   # below PREFILL_M rows: mma, gemv, tc, or auto
+if DECODE_MODE not in ("auto", "mma", "gemv", "tc"):
+    raise BinaryLLMError(f"BINARYLLM_DECODE_MODE={DECODE_MODE!r} is not one of auto, mma, gemv, tc; fix or unset it")
 TC_MIN_WEIGHTS = 8192 * 8192    # from this many weights on, tc beats gemv at one row too (H100, RESULTS)
 
 
@@ -275,7 +278,7 @@ def decode_mode(M: int, N: int, K: int) -> str:
     """The decode kernel measured faster on the H100 (docs/RESULTS.md): at 2-16 rows tc (2.7-5x bf16, while
     gemv falls below bf16); at one row gemv on Llama-7B-sized matrices (7.3-12.6 us against tc's 9.5-13.4),
     tc from 8192 x 8192 on (16.6 vs 18.4 us; 36.8 vs 55.5 at 16384^2)."""
-    if DECODE_MODE != "auto":
+    if DECODE_MODE not in ("auto", "mma"):
         return DECODE_MODE
     return "tc" if M > 1 or N * K >= TC_MIN_WEIGHTS else "gemv"
 GEMM_CONFIG = (128, 128, 32, 8, 1)   # BLOCK_M, BLOCK_N, WORDS, num_warps, num_stages (32 dots a tile: 1 stage)
@@ -284,16 +287,33 @@ PREFILL_M = 17                  # from this many rows on: unpack + cuBLAS (faste
 
 def w1a16_matmul(x: torch.Tensor, words: torch.Tensor, row_scale: torch.Tensor, in_features: int,
                  input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                 mode: str = "auto", config: tuple | None = None) -> torch.Tensor:
+                 mode: str = "auto", config: tuple | None = None, tiles: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) bf16/fp16 on CUDA; words from ``prepare_weight``; returns (..., N) in x's dtype.
-    mode: ``gemv``, ``tc``, ``fused``, ``unpack`` or ``auto`` (DECODE_MODE below PREFILL_M rows, else unpack: on
-    the H100 the tensor-core kernel ran at 0.2-0.5x cuBLAS, unpack + cuBLAS at 0.82-0.95x; docs/RESULTS.md)."""
+    mode: ``mma`` (needs ``tiles`` from ``mma_w1a16.prepare_tiles``), ``gemv``, ``tc``, ``fused``, ``unpack`` or
+    ``auto``: below PREFILL_M rows ``mma`` when tiles are given (the fastest decode kernel, docs/RESULTS.md), else
+    DECODE_MODE; from PREFILL_M rows on unpack + cuBLAS (on the H100 the tensor-core kernel ran at 0.2-0.5x
+    cuBLAS, unpack + cuBLAS at 0.82-0.95x)."""
     K = in_features
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     M, N = x2.shape[0], words.shape[0]
     if mode == "auto":
-        mode = decode_mode(M, N, K) if M < PREFILL_M else "unpack"
+        if M >= PREFILL_M:
+            mode = "unpack"
+        elif tiles is not None and DECODE_MODE in ("auto", "mma") and mma_w1a16.usable(x.device.index or 0):
+            try:
+                return mma_w1a16.mma_matmul(x, tiles, row_scale, N, K, input_scale, bias)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as e:  # a Triton whose Gluon differs from the one this was written for: fall back
+                mma_w1a16.disable(x.device.index or 0, e)
+            mode = decode_mode(M, N, K)
+        else:
+            mode = decode_mode(M, N, K)
+    if mode == "mma":
+        if tiles is None:
+            raise ValueError("mode mma needs the tile layout (mma_w1a16.prepare_tiles)")
+        return mma_w1a16.mma_matmul(x, tiles, row_scale, N, K, input_scale, bias, config)
     if mode == "unpack":
         if input_scale is not None:
             x2 = x2 * input_scale.to(x2.dtype)

@@ -116,7 +116,7 @@ def fuse_projections(model: nn.Module, probe_ids: torch.Tensor | None = None) ->
             m.weight_scale = group.core.weight_scale[start:end]
             if m.bias is not None:
                 m.bias = group.core.bias[start:end].to(m.bias.dtype)
-            m._words = None
+            m._words = m._tiles = None
             m._fused = (group, k)
             start = end
         fused.append([names[m] for m in members])
@@ -133,7 +133,7 @@ def unfuse_projections(model: nn.Module) -> int:
             m.weight_scale = m.weight_scale.clone()
             if m.bias is not None:
                 m.bias = m.bias.clone()
-            m._words = None
+            m._words = m._tiles = None
             m._fused = None
             n += 1
     return n

@@ -31,6 +31,7 @@ class PackedBinaryLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.bfloat16, device=device) if bias else None)
         self.use_kernels = True
         self._words = None   # the Triton kernel's int32 word layout, made by words()
+        self._tiles = None   # the mma decode kernel's tile layout, made by tiles()
         self._fused = None   # (FusedProjection, index) while fused with its siblings (nn/fuse.py)
 
     @classmethod
@@ -57,10 +58,24 @@ class PackedBinaryLinear(nn.Module):
             self._words = prepare_weight(self.weight, self.in_features)
         return self._words
 
+    def tiles(self) -> torch.Tensor | None:
+        """The ``mma`` decode kernel's weight layout (``kernels/mma_w1a16.py``: one extra bit per weight in GPU
+        memory), made once on a CUDA device where that kernel runs; None elsewhere.  Made outside torch.compile
+        (``prepare_kernels``, or the first eager call): a compiled forward only reads it."""
+        if self._tiles is not None and self._tiles.device == self.weight.device:
+            return self._tiles
+        if not self.weight.is_cuda or torch.compiler.is_compiling():
+            return None
+        from ..kernels import mma_w1a16, triton_usable
+        if not (triton_usable(self.weight.device.index or 0) and mma_w1a16.usable(self.weight.device.index or 0)):
+            return None
+        self._tiles = mma_w1a16.prepare_tiles(self.weight, self.in_features)
+        return self._tiles
+
     def _load_from_state_dict(self, *args, **kwargs):
-        self._words = None
+        self._words = self._tiles = None
         if self._fused is not None:       # the buffers are views of the stacked layer: it changes with them
-            self._fused[0].core._words = None
+            self._fused[0].core._words = self._fused[0].core._tiles = None
         return super()._load_from_state_dict(*args, **kwargs)
 
     def _fast(self, x: torch.Tensor, dt: torch.dtype):
@@ -71,11 +86,16 @@ class PackedBinaryLinear(nn.Module):
             if triton_usable(x.device.index or 0):
                 s_in = self.input_scale.to(dt) if self.input_scale is not None else None
                 b = self.bias.to(dt) if self.bias is not None else None
+                tiles = self.tiles() if x.numel() <= 16 * self.in_features else None
                 if torch.compiler.is_compiling():          # one opaque op for torch.compile (kernels/ops.py)
                     from ..kernels import ops
+                    if tiles is not None:
+                        return ops.w1a16_tiles(x.to(dt), self.words(), tiles, self.weight_scale, self.in_features,
+                                               s_in, b)
                     return ops.w1a16(x.to(dt), self.words(), self.weight_scale, self.in_features, s_in, b)
                 from ..kernels.triton_w1a16 import w1a16_matmul
-                return w1a16_matmul(x.to(dt), self.words(), self.weight_scale, self.in_features, s_in, b)
+                return w1a16_matmul(x.to(dt), self.words(), self.weight_scale, self.in_features, s_in, b,
+                                    tiles=tiles)
         elif x.device.type == "cpu" and x.numel() // self.in_features <= 8:
             from ..kernels import cpu, warn_once
             if cpu.available():
@@ -115,3 +135,22 @@ class PackedBinaryLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, packed 1-bit, "
                 f"bias={self.bias is not None}, input_scale={self.input_scale is not None}")
+
+
+@torch.no_grad()
+def prepare_kernels(model: nn.Module) -> int:
+    """Make every packed layer's kernel layouts now (word view, and the ``mma`` tiles where that kernel runs), so
+    that neither a CUDA-graph capture nor torch.compile meets a first call that builds them.  Returns the number
+    of layers (fused stacks included) prepared."""
+    n = 0
+    seen = set()
+    for m in model.modules():
+        if isinstance(m, PackedBinaryLinear):
+            layer = m._fused[0].core if m._fused is not None else m
+            if id(layer) in seen or not layer.weight.is_cuda:
+                continue
+            seen.add(id(layer))
+            layer.words()
+            layer.tiles()
+            n += 1
+    return n

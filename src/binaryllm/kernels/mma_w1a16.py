@@ -1,0 +1,328 @@
+"""Decode W1A16 kernel ``mma`` (Gluon, Triton's explicit-layout dialect): ``y = ((x * input_scale) @ sign(W)^T) *
+row_scale + bias`` for 1-16 rows of bf16/fp16 activations, the weights as +-1 operands of ``mma.sync.m16n8k16``
+generated in registers straight from the bits.
+
+Why not plain Triton (``triton_w1a16.tc``): there the compiler decides where operands live, and it sends each
+plane's activation tile through shared memory before every dot (the H100 SASS: as many global loads and shared
+stores of x as tensor-core ops).  Here every layout is spelled out, so
+
+* each thread loads exactly the weight bits of its A fragments (one 16-byte load per 1,024 weights a warp) and
+  turns every pair of them into a bf16x2 register with two integer instructions (``shl`` puts bits i and i + 16
+  on the two sign positions, ``lop3`` makes (-1.0, -1.0) with those signs flipped where a bit is 1): the
+  register *is* the tensor-core operand, nothing goes through shared memory;
+* each thread loads its B fragment (the activations) straight from x with 16-byte loads;
+* the warps of a program split K (a batched 3-D mma, one batch entry per warp) and add their partial sums once at
+  the end, so that even a 4096-row matrix keeps every SM busy with many warps.
+
+Weight layout ("tiles", made once at load by ``prepare_tiles``; the on-disk bits stay as they are): K is padded
+to a multiple of 256 and N to a multiple of 16.  For row tile ``rt`` (16 rows), k-group ``kb`` (256 columns) and
+lane ``l = 8 g + ... `` (``g = l // 4``, ``t = l % 4`` as in the PTX fragment tables) there are KG = 4 int32
+words, at ``((rt * KB + kb) * 32 + l) * 4 + kg``.  Word ``kg`` of lane (g, t) holds, at bit ``i + 16 e``
+(i = 4 c + 2 hk + h, c, hk, h, e in {0, 1} except c in 0..3), the sign bit (1 = +1) of weight
+``W[16 rt + 8 h + g, 256 kb + 64 kg + 16 t + 4 c + 2 hk + e]``.  Inside each 64-column group the kernel's k
+order is permuted (logical k = 16 c + 8 hk + 2 t + e reads column 16 t + 4 c + 2 hk + e): the sum over k does
+not care, and it makes each thread's activations 16 contiguous values (two 16-byte loads).
+
+Rounding: x * (+-1) products are exact, sums in fp32 on the tensor cores (order differs from a dense reference
+by fp32 rounding), the row scale is applied in fp32 and the result rounded once to x's dtype.  An input scale is
+applied to x first (a separate elementwise op, not in the kernel) and rounded to x's dtype, as the PyTorch
+path does.
+
+Tested on the CPU through ``prepare_tiles``/``unpack_tiles`` (layout round trips) and ``reference_tiles`` (the
+kernel's arithmetic in PyTorch, fragment by fragment); the kernel itself only runs on a CUDA GPU (Gluon has no
+interpreter), where ``binaryllm bench kernels`` checks every output against the dense reference.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+KG = 4               # int32 words a thread loads per k-group: one 16-byte load
+GROUP_K = 64 * KG    # columns of a k-group
+# RT (row tiles of 16 a program), warps (= ways K is split), CH (k-groups a warp loads at once)[, FENCE (1: all
+# of a round's weight loads issued before its first tensor-core op)]: the H100 sweep's best for 1-8 and 9-16 rows
+# (docs/RESULTS.md); BINARYLLM_MMA_CONFIG overrides both
+MMA_CONFIG_1 = (1, 4, 4, 1)
+MMA_CONFIG_16 = (2, 4, 2, 1)
+
+
+def _env_config() -> tuple | None:
+    v = os.environ.get("BINARYLLM_MMA_CONFIG", "").strip()
+    if not v:
+        return None
+    from ..errors import BinaryLLMError
+    try:
+        cfg = tuple(int(p) for p in v.split(","))
+    except ValueError:
+        cfg = ()
+    if len(cfg) not in (3, 4) or cfg[1] not in (1, 2, 4, 8, 16) or cfg[2] not in (1, 2, 4, 8) or cfg[0] < 1:
+        raise BinaryLLMError(f"BINARYLLM_MMA_CONFIG={v!r} is not RT,WARPS,CH[,FENCE] (e.g. 1,4,4,0; WARPS a power "
+                             f"of 2 up to 16, CH one of 1, 2, 4, 8); fix or unset it")
+    return cfg
+
+
+_ENV_CONFIG = _env_config()
+_USABLE: dict[int, bool] = {}
+
+
+def usable(device_index: int) -> bool:
+    """Gluon importable (Triton >= 3.4) and a GPU with bf16 mma.sync (compute capability >= 8.0); decided once
+    per device, with one warning when not."""
+    if device_index not in _USABLE:
+        ok = torch.cuda.get_device_capability(device_index)[0] >= 8
+        if ok:
+            try:
+                from triton.experimental.gluon.language.nvidia.ampere import mma_v2  # noqa: F401
+            except Exception:  # an older Triton without Gluon
+                from . import warn_once
+                warn_once("no-gluon", "this Triton has no Gluon (needs >= 3.4): packed decode uses the slower "
+                                      "tc/gemv kernels")
+                ok = False
+        _USABLE[device_index] = ok
+    return _USABLE[device_index]
+
+
+def disable(device_index: int, err: Exception) -> None:
+    """The kernel failed to build or run here (e.g. a Triton with another Gluon): fall back, say so once."""
+    from . import warn_once
+    _USABLE[device_index] = False
+    warn_once("mma-failed", f"the mma decode kernel failed ({type(err).__name__}: {str(err)[:200]}); packed decode "
+                            f"uses the tc/gemv kernels")
+
+
+def _bit_positions() -> torch.Tensor:
+    """pos[h, q]: the bit of a lane's word holding row 8 h + g, column 16 t + q of its 16 x 64 block."""
+    q = torch.arange(16)
+    h = torch.arange(2)[:, None]
+    return (q & ~1)[None, :] + h + 16 * (q & 1)[None, :]
+
+
+def tile_shape(out_features: int, in_features: int) -> tuple[int, int]:
+    """(row tiles, k-groups) of the padded matrix."""
+    return (out_features + 15) // 16, (in_features + GROUP_K - 1) // GROUP_K
+
+
+@torch.no_grad()
+def prepare_tiles(packed_u8: torch.Tensor, in_features: int) -> torch.Tensor:
+    """(N, ceil(K/8)) uint8 sign bits (binaryllm's layout, least significant bit first) -> the kernel's int32
+    tile words (a flat tensor, see the module docstring), on the same device.  Padded rows and columns get 0
+    bits; the kernel never lets them reach the output (rows are masked at the store, columns meet x = 0)."""
+    N = packed_u8.shape[0]
+    NT, KB = tile_shape(N, in_features)
+    bits = ((packed_u8[..., None] >> torch.arange(8, device=packed_u8.device, dtype=torch.uint8)) & 1)
+    bits = bits.reshape(N, -1)[:, :in_features]
+    full = torch.zeros(NT * 16, KB * GROUP_K, dtype=torch.int64, device=packed_u8.device)
+    full[:N, :in_features] = bits
+    # [rt, h, g, kb, kg, t, q] -> word[rt, kb, g, t, kg] = sum over (h, q) of bit << pos[h, q]
+    b = full.view(NT, 2, 8, KB, KG, 4, 16)
+    pos = _bit_positions().to(packed_u8.device)
+    words = (b << pos[None, :, None, None, None, None, :]).sum(dim=(1, 6))      # [rt, g, kb, kg, t]
+    words = words.permute(0, 2, 1, 4, 3).contiguous()                            # [rt, kb, g, t, kg]
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(torch.int32).reshape(-1)
+
+
+@torch.no_grad()
+def unpack_tiles(tiles: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """The inverse of ``prepare_tiles``: (N, K) sign bits as uint8 0/1 (tests and debugging)."""
+    NT, KB = tile_shape(out_features, in_features)
+    w = tiles.to(torch.int64).view(NT, KB, 8, 4, KG) & 0xFFFFFFFF               # [rt, kb, g, t, kg]
+    pos = _bit_positions().to(tiles.device)
+    b = (w[:, None, :, :, :, :, None] >> pos[None, :, None, None, None, None, :]) & 1   # [rt, h, kb, g, t, kg, q]
+    b = b.permute(0, 1, 3, 2, 5, 4, 6).reshape(NT * 16, KB * GROUP_K)          # [rt, h, g, kb, kg, t, q]
+    return b[:out_features, :in_features].to(torch.uint8)
+
+
+def reference_tiles(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor, out_features: int,
+                    in_features: int) -> torch.Tensor:
+    """The kernel's arithmetic in PyTorch, as its registers see it: for every k-group each lane (g, t) turns
+    pair i of its word into two +-1 values with the same shift/mask as the inline PTX, and the m16n8k16 A
+    fragment positions (row 8 h + g, logical column 16 c + 8 hk + 2 t + e) are multiplied with x read at the
+    permuted columns 16 t + 4 c + 2 hk + e.  fp32 throughout; (M, N) out."""
+    NT, KB = tile_shape(out_features, in_features)
+    M = x.shape[0]
+    xp = torch.zeros(M, KB * GROUP_K, dtype=torch.float32, device=x.device)
+    xp[:, :in_features] = x.float()
+    w = tiles.to(torch.int64).view(NT, KB, 8, 4, KG) & 0xFFFFFFFF               # [rt, kb, g, t, kg]
+    acc = torch.zeros(M, NT, 2, 8, dtype=torch.float32, device=x.device)        # [m, rt, h, g]
+    for i in range(16):                       # pair i = 4 c + 2 hk + h: the shl/lop3 of _ASM[i]
+        c, hk, h = i // 4, (i // 2) % 2, i % 2
+        t_ = (w << (15 - i)) & 0xFFFFFFFF
+        for e in range(2):
+            sign = torch.where(((t_ >> (15 + 16 * e)) & 1) == 1, 1.0, -1.0)     # [rt, kb, g, t, kg]
+            cols = (torch.arange(KB)[:, None, None] * GROUP_K + torch.arange(KG)[None, None, :] * 64
+                    + torch.arange(4)[None, :, None] * 16 + 4 * c + 2 * hk + e).to(x.device)   # [kb, t, kg]
+            xv = xp[:, cols]                                                     # [m, kb, t, kg]
+            acc[:, :, h] += torch.einsum("rbgtk,mbtk->mrg", sign, xv)
+    y = acc.reshape(M, NT * 16)[:, :out_features]
+    return y * row_scale.float()[None, :]
+
+
+_KERNEL = None
+
+
+def _build():
+    """The Gluon kernel, built on first use (importing Gluon needs a Triton that has it: >= 3.4)."""
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+    def asm(i: int, minus_one: int) -> str:
+        pair = minus_one * 0x10001
+        return (f"{{ .reg .b32 t; shl.b32 t, $1, {15 - i}; lop3.b32 $0, t, 0x80008000, {pair:#x}, 0x6a; }}")
+
+    asm_bf16 = gl.constexpr(tuple(asm(i, 0xBF80) for i in range(16)))
+    asm_fp16 = gl.constexpr(tuple(asm(i, 0xBC00) for i in range(16)))
+
+    @gluon.jit
+    def _pair(w2, i: gl.constexpr, BF16: gl.constexpr):
+        # $1, $2: one word twice (elements e = 0, 1 of the pair); $0: the two +-1 of pair i as one register
+        if BF16:
+            return gl.inline_asm_elementwise(asm_bf16[i], "=r,r,r", [w2], dtype=gl.bfloat16, is_pure=True, pack=2)
+        else:
+            return gl.inline_asm_elementwise(asm_fp16[i], "=r,r,r", [w2], dtype=gl.float16, is_pure=True, pack=2)
+
+    @gluon.jit
+    def _c_block(w2, c: gl.constexpr, BF16: gl.constexpr):      # [..., e, h, hk] of 16-column block c
+        p00 = _pair(w2, c * 4 + 0, BF16)
+        p01 = _pair(w2, c * 4 + 1, BF16)
+        p10 = _pair(w2, c * 4 + 2, BF16)
+        p11 = _pair(w2, c * 4 + 3, BF16)
+        return gl.join(gl.join(p00, p01), gl.join(p10, p11))
+
+    @gluon.jit
+    def _xor(a, b):
+        return a ^ b
+
+    @gluon.constexpr_function
+    def _dim_layout(layout, dim, rank):
+        for d in reversed(range(rank)):
+            if d != dim:
+                layout = gl.SliceLayout(d, layout)
+        return layout
+
+    @gluon.jit
+    def _ar(n: gl.constexpr, DIM: gl.constexpr, RANK: gl.constexpr, layout: gl.constexpr):
+        """arange(n) along dimension DIM of a rank-RANK tensor in ``layout`` (size 1 along the others)."""
+        v = gl.arange(0, n, layout=_dim_layout(layout, DIM, RANK))
+        for d in gl.static_range(RANK):
+            if d != DIM:
+                v = gl.expand_dims(v, d)
+        return v
+
+    @gluon.jit
+    def kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym, zero,
+               KB: gl.constexpr, RT: gl.constexpr, NB: gl.constexpr, W: gl.constexpr, CH: gl.constexpr,
+               BF16: gl.constexpr, HAS_BIAS: gl.constexpr, EVEN: gl.constexpr,
+               FENCE: gl.constexpr):
+        """Program: 16 RT rows; warp s: k-groups s KBL ... s KBL + KBL - 1, CH of them per round (all of a
+        round's loads are issued before its tensor-core work: ptxas does not hoist loads across rounds)."""
+        S: gl.constexpr = W
+        BN: gl.constexpr = RT * 16
+        BK: gl.constexpr = CH * 256               # columns a warp takes per round
+        KBL: gl.constexpr = (KB + S - 1) // S     # k-groups per warp
+        ROUNDS: gl.constexpr = (KBL + CH - 1) // CH
+        # words [s, rt, g, ch, kg, t]; activations [s, m, ch, kg, t, q]
+        wl: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 4, 1], [1, 1, 8, 1, 1, 4], [S, 1, 1, 1, 1, 1],
+                                            [4, 5, 3, 2, 1, 0])
+        xl: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 1, 16], [1, 8, 1, 1, 4, 1], [S, 1, 1, 1, 1, 1],
+                                            [5, 3, 2, 4, 1, 0])
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[S, 1, 1],
+                                                      instr_shape=[1, 16, 8])
+        la: gl.constexpr = gl.DotOperandLayout(0, mma, 2)
+        lb: gl.constexpr = gl.DotOperandLayout(1, mma, 2)
+        pid = gl.program_id(0)
+
+        s = _ar(S, 0, 6, wl)
+        rt = pid * RT + _ar(RT, 1, 6, wl)
+        ch = _ar(CH, 3, 6, wl)
+        woff = ((rt * KB + s * KBL + ch) * 32 + _ar(8, 2, 6, wl) * 4 + _ar(4, 5, 6, wl)) * 4 + _ar(4, 4, 6, wl)
+        xs = _ar(S, 0, 6, xl)
+        xm = _ar(NB, 1, 6, xl)
+        xch = _ar(CH, 2, 6, xl)
+        xcol = (xs * KBL + xch) * 256 + _ar(4, 3, 6, xl) * 64 + _ar(4, 4, 6, xl) * 16 + _ar(16, 5, 6, xl)
+        xoff = xm * stride_xm + xcol
+        m_ok = xm < M
+
+        acc = gl.zeros([S, BN, NB], gl.float32, mma)
+        for rnd in gl.static_range(ROUNDS):
+            if EVEN:
+                words = gl.load(w_ptr + woff + rnd * CH * 128)
+                xv = gl.load(x_ptr + xoff + rnd * CH * 256, mask=m_ok, other=0.0)
+            else:
+                g_ok = (rnd * CH + ch < KBL) & (s * KBL + rnd * CH + ch < KB) & (rt * 16 < N)
+                words = gl.load(w_ptr + woff + rnd * CH * 128, mask=g_ok, other=0)
+                k_ok = (rnd * CH + xch < KBL) & (xcol + rnd * CH * 256 < K)
+                xv = gl.load(x_ptr + xoff + rnd * CH * 256, mask=m_ok & k_ok, other=0.0)
+            if FENCE:
+                # every word of the round now depends on all of them (zero is a runtime 0 ptxas cannot see
+                # through), so all the round's weight loads are in flight before its first tensor-core op;
+                # otherwise ptxas sinks each group's loads next to their use and the groups wait in turn
+                dep = gl.reduce(gl.reduce(words, 4, _xor, keep_dims=True), 3, _xor, keep_dims=True)
+                words = words ^ (dep & zero)
+            w2 = gl.join(words, words)
+            a = gl.join(gl.join(_c_block(w2, 0, BF16), _c_block(w2, 1, BF16)),
+                        gl.join(_c_block(w2, 2, BF16), _c_block(w2, 3, BF16)))
+            # [s, rt, g, ch, kg, t, e, h, hk, c_lo, c_hi] -> [s, rt, h, g, ch, kg, c_hi, c_lo, hk, t, e] = (s, row, k)
+            a = gl.permute(a, (0, 1, 7, 2, 3, 4, 10, 9, 8, 5, 6))
+            a = gl.convert_layout(gl.reshape(a, [S, BN, BK]), la, assert_trivial=True)
+            # x [s, m, ch, kg, t, q = 8 c_hi + 4 c_lo + 2 hk + e] -> [s, ch, kg, c_hi, c_lo, hk, t, e, m]
+            xv = gl.permute(gl.reshape(xv, [S, NB, CH, 4, 4, 2, 2, 2, 2]), (0, 2, 3, 5, 6, 7, 4, 8, 1))
+            xv = gl.convert_layout(gl.reshape(xv, [S, BK, NB]), lb, assert_trivial=True)
+            acc = mma_v2(a, xv, acc)
+
+        out = gl.sum(acc, axis=0)                                   # [BN, NB]: the warps' K slices added
+        ol: gl.constexpr = gl.SliceLayout(0, mma)
+        offs_n = pid * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, ol))
+        om = gl.arange(0, NB, layout=gl.SliceLayout(0, ol))
+        n_ok = offs_n < N
+        out = out * gl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(gl.float32)[:, None]
+        if HAS_BIAS:
+            out += gl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(gl.float32)[:, None]
+        gl.store(y_ptr + om[None, :] * stride_ym + offs_n[:, None], out.to(y_ptr.dtype.element_ty),
+                 mask=(om[None, :] < M) & n_ok[:, None])
+
+    return kernel
+
+
+def mma_matmul(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor, out_features: int,
+               in_features: int, input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+               config: tuple | None = None) -> torch.Tensor:
+    """x (..., K) bf16/fp16 on CUDA with at most 16 rows; tiles from ``prepare_tiles``; (..., N) in x's dtype."""
+    global _KERNEL
+    if _KERNEL is None:
+        _KERNEL = _build()
+    K, N = in_features, out_features
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    if M > 16:
+        raise ValueError("mma takes at most 16 rows of activations")
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError("mma takes bf16 or fp16 activations")
+    if input_scale is not None:
+        # applied here, not in the kernel: the in-kernel version measured wrong on the H100 (docs/RESULTS.md)
+        x2 = (x2 * input_scale.to(x2.dtype)).contiguous()
+    rt, warps, ch, *rest = config or _ENV_CONFIG or (MMA_CONFIG_1 if M <= 8 else MMA_CONFIG_16)
+    fence = bool(rest[0]) if rest else True
+    NT, KB = tile_shape(N, K)
+    kbl = -(-KB // warps)
+    ch = min(ch, triton_next_pow2(kbl))
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    even = K == KB * GROUP_K and KB % warps == 0 and kbl % ch == 0 and NT % rt == 0 and N == NT * 16
+    _KERNEL[(triton_cdiv(NT, rt),)](
+        x2, tiles, row_scale, bias if bias is not None else row_scale, y, M, N, K, x2.stride(0), y.stride(0), 0,
+        KB=KB, RT=rt, NB=8 if M <= 8 else 16, W=warps, CH=ch, BF16=x.dtype == torch.bfloat16,
+        HAS_BIAS=bias is not None, EVEN=even, FENCE=fence, num_warps=warps)
+    return y.reshape(*lead, N)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()

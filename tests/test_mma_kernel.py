@@ -1,0 +1,161 @@
+"""The ``mma`` decode kernel (kernels/mma_w1a16.py).  Gluon has no interpreter, so on the CPU: the tile layout
+(round trips, where one bit lands), the kernel's register arithmetic replayed in PyTorch against the dense
+reference, the kernel compiled for sm_90 by Triton's own compiler (layouts checked, SASS made), and the dispatch
+and fallbacks.  On a CUDA machine the kernel itself runs against the dense reference (also in the bench)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import binaryllm as bl
+from binaryllm.export import pack_signs, unpack_signs
+from binaryllm.kernels import mma_w1a16 as mw
+from conftest import tiny_model
+
+SHAPES = [(1, 16, 256), (3, 40, 300), (16, 576, 576), (9, 33, 1000), (2, 192, 576), (1, 17, 64)]
+
+
+def _dense(x, bits, scale, K, input_scale=None, bias=None):
+    xs = x if input_scale is None else (x * input_scale.to(x.dtype))
+    y = xs.float() @ unpack_signs(bits, K).t() * scale.float()
+    return y if bias is None else y + bias.float()
+
+
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_tiles_round_trip_and_replayed_kernel_matches_dense(M, N, K):
+    g = torch.Generator().manual_seed(N * 7 + K)
+    w = torch.randn(N, K, generator=g)
+    bits = pack_signs(w)
+    tiles = mw.prepare_tiles(bits, K)
+    NT, KB = mw.tile_shape(N, K)
+    assert tiles.dtype == torch.int32 and tiles.numel() == NT * KB * 32 * mw.KG
+    assert torch.equal(mw.unpack_tiles(tiles, N, K).bool(), w > 0)
+    x = torch.randn(M, K, generator=g).bfloat16()
+    scale = (torch.rand(N, generator=g) + 0.5).half()
+    got = mw.reference_tiles(x, tiles, scale, N, K)
+    assert torch.allclose(got, _dense(x, bits, scale, K), rtol=1e-5, atol=1e-5 * K ** 0.5)
+
+
+@pytest.mark.parametrize("n,k", [(0, 0), (5, 17), (8 + 3, 64 + 16 * 2 + 4 * 3 + 2 * 1 + 1), (31, 1023), (16, 256)])
+def test_one_bit_lands_where_the_docstring_says(n, k):
+    """Only weight (n, k) is +1: exactly one bit is set, at the word and position of the module docstring."""
+    N, K = 32, 1024
+    signs = -torch.ones(N, K)
+    signs[n, k] = 1
+    tiles = mw.prepare_tiles(pack_signs(signs), K)
+    rt, h, g = n // 16, (n % 16) // 8, n % 8
+    kb, kg, t, q = k // 256, (k % 256) // 64, (k % 64) // 16, k % 16
+    c, hk, e = q // 4, (q // 2) % 2, q % 2
+    KB = K // 256
+    word = ((rt * KB + kb) * 32 + g * 4 + t) * 4 + kg
+    bit = 4 * c + 2 * hk + h + 16 * e
+    expect = torch.zeros_like(tiles)
+    expect[word] = torch.tensor(1 << bit, dtype=torch.int64).to(torch.int32) if bit < 31 else -2 ** 31
+    assert torch.equal(tiles, expect)
+
+
+def test_packed_layer_makes_tiles_only_where_the_kernel_runs():
+    model = bl.pack(bl.binarize(tiny_model("llama"), bl.BinaryConfig()))
+    from binaryllm.nn.packed import PackedBinaryLinear, prepare_kernels
+    layers = [m for m in model.modules() if isinstance(m, PackedBinaryLinear)]
+    assert layers and all(m.tiles() is None for m in layers)      # CPU weights: no tile copy is made
+    assert prepare_kernels(model) == 0
+
+
+def test_auto_dispatch_uses_mma_when_tiles_are_given(monkeypatch):
+    from binaryllm.kernels import triton_w1a16 as tw
+    calls = []
+    monkeypatch.setattr(mw, "usable", lambda i: True)
+    monkeypatch.setattr(mw, "mma_matmul", lambda x, t, s, N, K, si, b, cfg=None: calls.append((x.shape, N, K)) or
+                        torch.zeros(*x.shape[:-1], N))
+    bits = pack_signs(torch.randn(40, 96))
+    words = tw.prepare_weight(bits, 96)
+    tiles = mw.prepare_tiles(bits, 96)
+    tw.w1a16_matmul(torch.randn(2, 3, 96), words, torch.ones(40).half(), 96, tiles=tiles)
+    assert calls == [(torch.Size([2, 3, 96]), 40, 96)]
+    # a failing kernel (another Triton's Gluon): one warning, then the tc/gemv choice (decode_mode) instead
+    monkeypatch.setattr(mw, "mma_matmul", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("gluon changed")))
+
+    class Chosen(Exception):
+        pass
+
+    def choose(M, N, K):
+        raise Chosen(M)
+
+    monkeypatch.setattr(tw, "decode_mode", choose)
+    monkeypatch.setattr(mw, "_USABLE", {})
+    import warnings
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        with pytest.raises(Chosen):
+            tw.w1a16_matmul(torch.randn(1, 96), words, torch.ones(40).half(), 96, tiles=tiles)
+    assert any("mma decode kernel failed (RuntimeError: gluon changed)" in str(x.message) for x in w)
+    assert mw._USABLE == {0: False}
+
+
+def test_bad_kernel_settings_are_one_line_errors(monkeypatch):
+    from binaryllm.errors import BinaryLLMError
+    for bad in ("1,4", "1,3,4", "x,4,4", "1,4,16"):
+        monkeypatch.setenv("BINARYLLM_MMA_CONFIG", bad)
+        with pytest.raises(BinaryLLMError, match="BINARYLLM_MMA_CONFIG.*fix or unset it"):
+            mw._env_config()
+    monkeypatch.setenv("BINARYLLM_MMA_CONFIG", "2,4,2,1")
+    assert mw._env_config() == (2, 4, 2, 1)
+    r = subprocess.run([sys.executable, "-c", "import binaryllm.kernels.triton_w1a16"], capture_output=True,
+                       text=True, env={**os.environ, "BINARYLLM_DECODE_MODE": "fast"})
+    assert r.returncode != 0 and "BINARYLLM_DECODE_MODE='fast' is not one of auto, mma, gemv, tc" in r.stderr
+
+
+# (N, K, M, RT, warps, CH, bf16, input scale (not the kernel's: unused here), bias): even and ragged shapes, both batch widths, both dtypes
+COMPILE_CASES = [(8192, 8192, 1, 1, 4, 4, True, False, False), (4096, 11008, 16, 2, 4, 2, True, True, True),
+                 (576, 576, 3, 1, 8, 1, False, True, False), (1000, 300, 9, 2, 8, 2, False, False, True)]
+
+
+@pytest.mark.parametrize("case", COMPILE_CASES)
+def test_kernel_compiles_for_hopper_with_trivial_operand_layouts(case):
+    """Triton's compiler builds the kernel for sm_90 on this CPU box (no GPU needed): the operand layouts must
+    convert without data movement (assert_trivial), and the SASS must hold the expected tensor-core ops and no
+    local-memory spills."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    N, K, M, rt, warps, ch, bf16, ins, bias = case
+    NT, KB = mw.tile_shape(N, K)
+    ch = min(ch, mw.triton_next_pow2(-(-KB // warps)))
+    dt = "*bf16" if bf16 else "*fp16"
+    sig = {"x_ptr": dt, "w_ptr": "*i32", "s_ptr": "*fp16", "b_ptr": dt, "y_ptr": dt,
+           "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "zero": "i32"}
+    kbl = -(-KB // warps)
+    even = K == KB * 256 and KB % warps == 0 and kbl % ch == 0 and NT % rt == 0 and N == NT * 16
+    const = dict(KB=KB, RT=rt, NB=8 if M <= 8 else 16, W=warps, CH=ch, BF16=bf16, HAS_BIAS=bias,
+                 EVEN=even, FENCE=True)
+    sig.update({k: "constexpr" for k in const})
+    names = list(sig)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("x_ptr", "w_ptr", "s_ptr", "y_ptr")}
+    src = GluonASTSource(mw._build(), sig, constexprs=const, attrs=attrs)
+    cc = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    ptx = cc.asm["ptx"]
+    n_mma = ptx.count("mma.sync.aligned.m16n8k16.row.col.f32." + ("bf16.bf16" if bf16 else "f16.f16"))
+    rounds = -(-kbl // ch)
+    assert n_mma == rounds * ch * 16 * rt * (1 if M <= 8 else 2)      # one per 16 x 16 weights x 8 columns
+    assert ptx.count("lop3.b32") >= rounds * ch * 16 * rt * 4          # the +-1 pairs made in registers
+    assert "st.local" not in ptx and "ld.local" not in ptx
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel itself needs a CUDA GPU (bench checks it too)")
+@pytest.mark.parametrize("M,N,K", SHAPES + [(1, 4096, 4096), (16, 4096, 11008)])
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+def test_kernel_on_the_gpu_matches_dense(M, N, K, dt):
+    g = torch.Generator(device="cuda").manual_seed(N + K)
+    bits = pack_signs(torch.randn(N, K, device="cuda", generator=g))
+    tiles = mw.prepare_tiles(bits, K)
+    x = torch.randn(M, K, device="cuda", generator=g).to(dt)
+    scale = (torch.rand(N, device="cuda", generator=g) + 0.5).half()
+    s_in = (torch.rand(K, device="cuda", generator=g) + 0.5).half()
+    bias = torch.randn(N, device="cuda", generator=g).to(dt)
+    for cfg in (None, (1, 8, 1, 1), (2, 4, 4, 0)):
+        y = mw.mma_matmul(x, tiles, scale, N, K, s_in, bias, cfg)
+        ref = _dense(x, bits, scale, K, s_in, bias)
+        assert torch.allclose(y.float(), ref, rtol=2 ** -7, atol=1e-4 * K ** 0.5 * ref.abs().max().item())
