@@ -122,15 +122,12 @@ def test_kernel_compiles_for_hopper_with_trivial_operand_layouts(case):
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     N, K, M, rt, warps, ch, bf16, ins, bias = case
-    NT, KB = mw.tile_shape(N, K)
-    ch = min(ch, mw.triton_next_pow2(-(-KB // warps)))
+    _, KB = mw.tile_shape(N, K)
     dt = "*bf16" if bf16 else "*fp16"
     sig = {"x_ptr": dt, "w_ptr": "*i32", "s_ptr": "*fp16", "b_ptr": dt, "y_ptr": dt,
            "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "zero": "i32"}
-    kbl = -(-KB // warps)
-    even = K == KB * 256 and KB % warps == 0 and kbl % ch == 0 and NT % rt == 0 and N == NT * 16
-    const = dict(KB=KB, RT=rt, NB=8 if M <= 8 else 16, W=warps, CH=ch, BF16=bf16, HAS_BIAS=bias,
-                 EVEN=even, FENCE=True)
+    _, const = mw.launch_config(M, N, K, bf16, bias, (rt, warps, ch, 1))
+    ch, kbl = const["CH"], -(-KB // warps)
     sig.update({k: "constexpr" for k in const})
     names = list(sig)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("x_ptr", "w_ptr", "s_ptr", "y_ptr")}

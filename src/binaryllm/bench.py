@@ -100,9 +100,9 @@ def _best(sweep: dict) -> tuple[str, float] | None:
     return min(timed, key=lambda kv: kv[1]) if timed else None
 
 
-def bench_kernels_gpu(shapes=SHAPES, batches=(1, 4, 16, 2048), log=print, sweep_old: bool | None = False) -> list[dict]:
-    """One row per (shape, batch); shapes of >= 4096^2 weights also get a tile sweep of the mma kernel (and with
-    sweep_old=True of gemv and tc too; None: no sweeps)."""
+def bench_kernels_gpu(shapes=SHAPES, batches=(1, 4, 16, 2048), log=print, sweep: str = "mma") -> list[dict]:
+    """One row per (shape, batch); shapes of >= 4096^2 weights also get tile sweeps: sweep "mma" of the mma
+    decode kernel, "all" of gemv and tc too, "none" of neither (prefill rows always sweep the fused kernel)."""
     from .export.bits import pack_signs, unpack_signs
     from .kernels import mma_w1a16
     from .kernels.triton_w1a16 import prepare_weight, w1a16_matmul
@@ -136,9 +136,9 @@ def bench_kernels_gpu(shapes=SHAPES, batches=(1, 4, 16, 2048), log=print, sweep_
                 row[f"{mode}_max_rel_err"] = float(f"{err:.2e}")
             if N * K >= 4096 * 4096:
                 tol = 1e-2       # every default tile measured 2e-3-3e-3 against this reference (RESULTS)
-                sweeps = {"mma": MMA_SWEEP if M <= 16 and has_mma and sweep_old is not None else (),
-                          "gemv": GEMV_SWEEP if M == 1 and sweep_old else (),
-                          "tc": TC_SWEEP if M <= 16 and sweep_old else (), "fused": FUSED_SWEEP if M > 16 else ()}
+                sweeps = {"mma": MMA_SWEEP if M <= 16 and has_mma and sweep != "none" else (),
+                          "gemv": GEMV_SWEEP if M == 1 and sweep == "all" else (),
+                          "tc": TC_SWEEP if M <= 16 and sweep == "all" else (), "fused": FUSED_SWEEP if M > 16 else ()}
                 for mode, configs in sweeps.items():
                     if configs:
                         row[f"{mode}_sweep_us"] = sw = _sweep(x, words, scale, K, mode, configs, ref, tol, tiles)

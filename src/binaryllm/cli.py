@@ -339,7 +339,7 @@ def cmd_bench(args) -> int:
             kw["shapes"] = _int_lists(args.shapes, "--shapes", "x", 2, "8192x8192,4096x11008")
         if args.batches:
             kw["batches"] = [b[0] for b in _int_lists(args.batches, "--batches", "x", 1, "1,16")]
-        kw["sweep_old"] = {"mma": False, "all": True, "none": None}[args.sweep]
+        kw["sweep"] = args.sweep
     elif args.what in ("decode", "decode-cpu"):
         if args.models:
             kw["models"] = _choices(args.models, "--models", list(bench.SHAPES_BY_NAME))

@@ -16,7 +16,7 @@ stores of x as tensor-core ops).  Here every layout is spelled out, so
 
 Weight layout ("tiles", made once at load by ``prepare_tiles``; the on-disk bits stay as they are): K is padded
 to a multiple of 256 and N to a multiple of 16.  For row tile ``rt`` (16 rows), k-group ``kb`` (256 columns) and
-lane ``l = 8 g + ... `` (``g = l // 4``, ``t = l % 4`` as in the PTX fragment tables) there are KG = 4 int32
+lane ``l = 4 g + t`` (``g = l // 4``, ``t = l % 4`` as in the PTX fragment tables) there are KG = 4 int32
 words, at ``((rt * KB + kb) * 32 + l) * 4 + kg``.  Word ``kg`` of lane (g, t) holds, at bit ``i + 16 e``
 (i = 4 c + 2 hk + h, c, hk, h, e in {0, 1} except c in 0..3), the sign bit (1 = +1) of weight
 ``W[16 rt + 8 h + g, 256 kb + 64 kg + 16 t + 4 c + 2 hk + e]``.  Inside each 64-column group the kernel's k
@@ -67,10 +67,11 @@ _USABLE: dict[int, bool] = {}
 
 
 def usable(device_index: int) -> bool:
-    """Gluon importable (Triton >= 3.4) and a GPU with bf16 mma.sync (compute capability >= 8.0); decided once
-    per device, with one warning when not."""
+    """Triton usable on this GPU (``kernels.triton_usable``: compute capability >= 8.0, which bf16 mma.sync needs
+    too) and Gluon importable (Triton >= 3.4); decided once per device, with one warning when not."""
     if device_index not in _USABLE:
-        ok = torch.cuda.get_device_capability(device_index)[0] >= 8
+        from . import triton_usable
+        ok = triton_usable(device_index)
         if ok:
             try:
                 from triton.experimental.gluon.language.nvidia.ampere import mma_v2  # noqa: F401
@@ -146,7 +147,7 @@ def reference_tiles(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tenso
     xp[:, :in_features] = x.float()
     w = tiles.to(torch.int64).view(NT, KB, 8, 4, KG) & 0xFFFFFFFF               # [rt, kb, g, t, kg]
     acc = torch.zeros(M, NT, 2, 8, dtype=torch.float32, device=x.device)        # [m, rt, h, g]
-    for i in range(16):                       # pair i = 4 c + 2 hk + h: the shl/lop3 of _ASM[i]
+    for i in range(16):                       # pair i = 4 c + 2 hk + h: the shl/lop3 of asm(i) in _build
         c, hk, h = i // 4, (i // 2) % 2, i % 2
         t_ = (w << (15 - i)) & 0xFFFFFFFF
         for e in range(2):
@@ -305,24 +306,23 @@ def mma_matmul(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor, ou
         raise ValueError("mma takes bf16 or fp16 activations")
     if input_scale is not None:
         # applied here, not in the kernel: the in-kernel version measured wrong on the H100 (docs/RESULTS.md)
-        x2 = (x2 * input_scale.to(x2.dtype)).contiguous()
-    rt, warps, ch, *rest = config or _ENV_CONFIG or (MMA_CONFIG_1 if M <= 8 else MMA_CONFIG_16)
-    fence = bool(rest[0]) if rest else True
-    NT, KB = tile_shape(N, K)
-    kbl = -(-KB // warps)
-    ch = min(ch, triton_next_pow2(kbl))
+        x2 = x2 * input_scale.to(x2.dtype)
+    grid, meta = launch_config(M, N, K, x.dtype == torch.bfloat16, bias is not None, config)
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    even = K == KB * GROUP_K and KB % warps == 0 and kbl % ch == 0 and NT % rt == 0 and N == NT * 16
-    _KERNEL[(triton_cdiv(NT, rt),)](
-        x2, tiles, row_scale, bias if bias is not None else row_scale, y, M, N, K, x2.stride(0), y.stride(0), 0,
-        KB=KB, RT=rt, NB=8 if M <= 8 else 16, W=warps, CH=ch, BF16=x.dtype == torch.bfloat16,
-        HAS_BIAS=bias is not None, EVEN=even, FENCE=fence, num_warps=warps)
+    _KERNEL[grid](x2, tiles, row_scale, bias if bias is not None else row_scale, y, M, N, K, x2.stride(0),
+                  y.stride(0), 0, num_warps=meta["W"], **meta)
     return y.reshape(*lead, N)
 
 
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
-
-
-def triton_next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
+def launch_config(M: int, N: int, K: int, bf16: bool, has_bias: bool, config: tuple | None = None) -> tuple:
+    """(grid, the kernel's constexpr arguments) for M rows of a (N, K) matrix: the tile config (argument, else
+    BINARYLLM_MMA_CONFIG, else the measured default for M), CH capped at the k-groups a warp has, EVEN when no
+    mask is needed."""
+    import triton
+    rt, warps, ch, *rest = config or _ENV_CONFIG or (MMA_CONFIG_1 if M <= 8 else MMA_CONFIG_16)
+    NT, KB = tile_shape(N, K)
+    kbl = triton.cdiv(KB, warps)
+    ch = min(ch, triton.next_power_of_2(kbl))
+    even = K == KB * GROUP_K and KB % warps == 0 and kbl % ch == 0 and NT % rt == 0 and N == NT * 16
+    return (triton.cdiv(NT, rt),), dict(KB=KB, RT=rt, NB=8 if M <= 8 else 16, W=warps, CH=ch, BF16=bf16,
+                                        HAS_BIAS=has_bias, EVEN=even, FENCE=bool(rest[0]) if rest else True)

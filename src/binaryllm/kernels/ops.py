@@ -15,27 +15,15 @@ import torch
 
 @torch.library.custom_op("binaryllm::w1a16", mutates_args=())
 def w1a16(x: torch.Tensor, words: torch.Tensor, row_scale: torch.Tensor, in_features: int,
-          input_scale: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """CUDA: ``triton_w1a16.w1a16_matmul`` (bf16/fp16 in and out)."""
-    from .triton_w1a16 import w1a16_matmul
-    return w1a16_matmul(x, words, row_scale, in_features, input_scale, bias)
-
-
-@w1a16.register_fake
-def _(x, words, row_scale, in_features, input_scale, bias):
-    return x.new_empty(*x.shape[:-1], words.shape[0])
-
-
-@torch.library.custom_op("binaryllm::w1a16_tiles", mutates_args=())
-def w1a16_tiles(x: torch.Tensor, words: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor, in_features: int,
-                input_scale: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """CUDA with the ``mma`` decode kernel's tile layout too (``triton_w1a16.w1a16_matmul(..., tiles=)``)."""
+          input_scale: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+          tiles: Optional[torch.Tensor]) -> torch.Tensor:
+    """CUDA: ``triton_w1a16.w1a16_matmul`` (bf16/fp16 in and out; ``tiles``: the mma decode kernel's layout)."""
     from .triton_w1a16 import w1a16_matmul
     return w1a16_matmul(x, words, row_scale, in_features, input_scale, bias, tiles=tiles)
 
 
-@w1a16_tiles.register_fake
-def _(x, words, tiles, row_scale, in_features, input_scale, bias):
+@w1a16.register_fake
+def _(x, words, row_scale, in_features, input_scale, bias, tiles):
     return x.new_empty(*x.shape[:-1], words.shape[0])
 
 

@@ -300,15 +300,14 @@ def w1a16_matmul(x: torch.Tensor, words: torch.Tensor, row_scale: torch.Tensor, 
     if mode == "auto":
         if M >= PREFILL_M:
             mode = "unpack"
-        elif tiles is not None and DECODE_MODE in ("auto", "mma") and mma_w1a16.usable(x.device.index or 0):
-            try:
-                return mma_w1a16.mma_matmul(x, tiles, row_scale, N, K, input_scale, bias)
-            except torch.OutOfMemoryError:
-                raise
-            except Exception as e:  # a Triton whose Gluon differs from the one this was written for: fall back
-                mma_w1a16.disable(x.device.index or 0, e)
-            mode = decode_mode(M, N, K)
         else:
+            if tiles is not None and DECODE_MODE in ("auto", "mma") and mma_w1a16.usable(x.device.index or 0):
+                try:
+                    return mma_w1a16.mma_matmul(x, tiles, row_scale, N, K, input_scale, bias)
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception as e:  # a Triton whose Gluon differs from the one this was written for
+                    mma_w1a16.disable(x.device.index or 0, e)
             mode = decode_mode(M, N, K)
     if mode == "mma":
         if tiles is None:

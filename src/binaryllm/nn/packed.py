@@ -66,8 +66,8 @@ class PackedBinaryLinear(nn.Module):
             return self._tiles
         if not self.weight.is_cuda or torch.compiler.is_compiling():
             return None
-        from ..kernels import mma_w1a16, triton_usable
-        if not (triton_usable(self.weight.device.index or 0) and mma_w1a16.usable(self.weight.device.index or 0)):
+        from ..kernels import mma_w1a16
+        if not mma_w1a16.usable(self.weight.device.index or 0):
             return None
         self._tiles = mma_w1a16.prepare_tiles(self.weight, self.in_features)
         return self._tiles
@@ -89,10 +89,7 @@ class PackedBinaryLinear(nn.Module):
                 tiles = self.tiles() if x.numel() <= 16 * self.in_features else None
                 if torch.compiler.is_compiling():          # one opaque op for torch.compile (kernels/ops.py)
                     from ..kernels import ops
-                    if tiles is not None:
-                        return ops.w1a16_tiles(x.to(dt), self.words(), tiles, self.weight_scale, self.in_features,
-                                               s_in, b)
-                    return ops.w1a16(x.to(dt), self.words(), self.weight_scale, self.in_features, s_in, b)
+                    return ops.w1a16(x.to(dt), self.words(), self.weight_scale, self.in_features, s_in, b, tiles)
                 from ..kernels.triton_w1a16 import w1a16_matmul
                 return w1a16_matmul(x.to(dt), self.words(), self.weight_scale, self.in_features, s_in, b,
                                     tiles=tiles)
