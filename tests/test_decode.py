@@ -6,7 +6,7 @@ import torch
 from conftest import tiny_model
 
 import binaryllm as bl
-from binaryllm.decode import StaticDecoder
+from binaryllm.decode import StaticDecoder, compile_options
 from binaryllm.errors import BinaryLLMError
 from binaryllm.export import pack
 
@@ -81,6 +81,31 @@ def test_compiled_step_gives_the_same_tokens_on_a_packed_model():
     dec = StaticDecoder(model, max_len=16, compile=True)
     assert torch.equal(dec.generate(ids, 8), ref)
     assert torch.equal(dec.generate(ids[:, :4], 8), hf_greedy(model, ids[:, :4], 8))   # no recompile needed
+    import torch._inductor.config as ic
+    if hasattr(ic.triton, "enable_pdl"):     # the step asks for PDL (inductor ignores it on the CPU)
+        assert compile_options() == {"triton.enable_pdl": True}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="programmatic dependent launch needs a CUDA GPU")
+def test_compiled_gpu_step_gives_the_same_logits_with_and_without_pdl(monkeypatch):
+    """PDL only changes when kernels may start (inductor's kernels and the mma kernel): the compiled CUDA-graph
+    step must give the same tokens and the same last logits, bit for bit, as without it."""
+    import torch._dynamo
+
+    import binaryllm.decode as decode
+    from binaryllm.bench import random_packed_
+    from binaryllm.kernels import mma_w1a16
+    model = tiny_model("llama").to("cuda", torch.bfloat16)
+    random_packed_(model)
+    ids = torch.randint(3, 96, (1, 6), device="cuda", generator=torch.Generator("cuda").manual_seed(5))
+    outs = []
+    for pdl in (1, 0):
+        torch._dynamo.reset()
+        monkeypatch.setattr(mma_w1a16, "PDL_DEFAULT", pdl)
+        monkeypatch.setattr(decode, "compile_options", decode.compile_options if pdl else dict)
+        dec = StaticDecoder(model, max_len=40, compile=True)
+        outs.append((dec.generate(ids, 24), dec.out.clone()))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

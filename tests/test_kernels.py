@@ -208,6 +208,7 @@ def test_tile_config_from_the_environment(monkeypatch):
     (["bench", "kernels", "--shapes", "8192x"], "--shapes: '8192x' is not of the form NxN"),
     (["bench", "kernels", "--batches", "1,-2"], "--batches: '-2'"),
     (["bench", "decode", "--paths", "graph,warp"], "--paths: unknown 'warp'"),
+    (["bench", "decode", "--kernels", "mma,fast"], "--kernels: unknown 'fast'; choose from mma, gemv, tc"),
     (["bench", "decode-cpu", "--models", "gpt9"], "--models: unknown 'gpt9'; choose from smollm2-135m"),
 ])
 def test_bench_options_bad_input_is_one_line(argv, msg, capsys):

@@ -97,20 +97,24 @@ def test_auto_dispatch_uses_mma_when_tiles_are_given(monkeypatch):
 
 def test_bad_kernel_settings_are_one_line_errors(monkeypatch):
     from binaryllm.errors import BinaryLLMError
-    for bad in ("1,4", "1,3,4", "x,4,4", "1,4,16"):
+    for bad in ("1,4", "1,3,4", "x,4,4", "1,4,16", "1,4,4,1,2", "1,4,4,1,1,1"):
         monkeypatch.setenv("BINARYLLM_MMA_CONFIG", bad)
         with pytest.raises(BinaryLLMError, match="BINARYLLM_MMA_CONFIG.*fix or unset it"):
             mw._env_config()
     monkeypatch.setenv("BINARYLLM_MMA_CONFIG", "2,4,2,1")
     assert mw._env_config() == (2, 4, 2, 1)
+    monkeypatch.setenv("BINARYLLM_MMA_CONFIG", "2,4,2,1,0")
+    assert mw._env_config() == (2, 4, 2, 1, 0)
     r = subprocess.run([sys.executable, "-c", "import binaryllm.kernels.triton_w1a16"], capture_output=True,
                        text=True, env={**os.environ, "BINARYLLM_DECODE_MODE": "fast"})
     assert r.returncode != 0 and "BINARYLLM_DECODE_MODE='fast' is not one of auto, mma, gemv, tc" in r.stderr
 
 
-# (N, K, M, RT, warps, CH, bf16, input scale (not the kernel's: unused here), bias): even and ragged shapes, both batch widths, both dtypes
-COMPILE_CASES = [(8192, 8192, 1, 1, 4, 4, True, False, False), (4096, 11008, 16, 2, 4, 2, True, True, True),
-                 (576, 576, 3, 1, 8, 1, False, True, False), (1000, 300, 9, 2, 8, 2, False, False, True)]
+# (N, K, M, RT, warps, CH, bf16, bias, PDL): even and ragged shapes, both batch widths, both dtypes, with and
+# without programmatic dependent launch
+COMPILE_CASES = [(8192, 8192, 1, 1, 4, 4, True, False, 1), (4096, 11008, 16, 2, 4, 2, True, True, 0),
+                 (576, 576, 3, 1, 8, 1, False, False, 1), (1000, 300, 9, 2, 8, 2, False, True, 0),
+                 (4096, 4096, 1, 1, 4, 4, True, False, 0)]
 
 
 @pytest.mark.parametrize("case", COMPILE_CASES)
@@ -121,24 +125,37 @@ def test_kernel_compiles_for_hopper_with_trivial_operand_layouts(case):
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
-    N, K, M, rt, warps, ch, bf16, ins, bias = case
+    N, K, M, rt, warps, ch, bf16, bias, pdl = case
     _, KB = mw.tile_shape(N, K)
     dt = "*bf16" if bf16 else "*fp16"
     sig = {"x_ptr": dt, "w_ptr": "*i32", "s_ptr": "*fp16", "b_ptr": dt, "y_ptr": dt,
            "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "zero": "i32"}
-    _, const = mw.launch_config(M, N, K, bf16, bias, (rt, warps, ch, 1))
+    _, const = mw.launch_config(M, N, K, bf16, bias, (rt, warps, ch, 1, pdl), has_pdl=True)
+    assert const["PDL"] == bool(pdl)
     ch, kbl = const["CH"], -(-KB // warps)
     sig.update({k: "constexpr" for k in const})
     names = list(sig)
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("x_ptr", "w_ptr", "s_ptr", "y_ptr")}
+    # what Triton's launcher specializes at run time: 16-byte aligned pointers, multiples of 16
+    aligned = [n for n in ("x_ptr", "w_ptr", "s_ptr", "y_ptr", "N", "K", "stride_xm", "stride_ym")
+               if not n.startswith(("N", "K", "stride")) or (K if n != "N" else N) % 16 == 0]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = GluonASTSource(mw._build(), sig, constexprs=const, attrs=attrs)
-    cc = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    cc = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "launch_pdl": bool(pdl)})
     ptx = cc.asm["ptx"]
     n_mma = ptx.count("mma.sync.aligned.m16n8k16.row.col.f32." + ("bf16.bf16" if bf16 else "f16.f16"))
     rounds = -(-kbl // ch)
     assert n_mma == rounds * ch * 16 * rt * (1 if M <= 8 else 2)      # one per 16 x 16 weights x 8 columns
     assert ptx.count("lop3.b32") >= rounds * ch * 16 * rt * 4          # the +-1 pairs made in registers
     assert "st.local" not in ptx and "ld.local" not in ptx
+    if pdl:
+        # the first round's weight words (RT x CH 16-byte loads a thread) are loaded before the wait for the
+        # previous kernel, the activations and the store only after it; then the next kernel may launch
+        before, after = ptx.split("griddepcontrol.wait", 1)
+        assert before.count("ld.global") == rt * ch and before.count("ld.global.v4.b32") == rt * ch
+        assert "st.global" not in before and "griddepcontrol.launch_dependents" in after
+        assert after.count("ld.global") > 0 and "st.global" in after
+    else:
+        assert "griddepcontrol" not in ptx
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel itself needs a CUDA GPU (bench checks it too)")
@@ -152,7 +169,41 @@ def test_kernel_on_the_gpu_matches_dense(M, N, K, dt):
     scale = (torch.rand(N, device="cuda", generator=g) + 0.5).half()
     s_in = (torch.rand(K, device="cuda", generator=g) + 0.5).half()
     bias = torch.randn(N, device="cuda", generator=g).to(dt)
-    for cfg in (None, (1, 8, 1, 1), (2, 4, 4, 0)):
+    for cfg in (None, (1, 8, 1, 1, 0), (1, 8, 1, 1, 1), (2, 4, 4, 0, 1)):
         y = mw.mma_matmul(x, tiles, scale, N, K, s_in, bias, cfg)
         ref = _dense(x, bits, scale, K, s_in, bias)
         assert torch.allclose(y.float(), ref, rtol=2 ** -7, atol=1e-4 * K ** 0.5 * ref.abs().max().item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel itself needs a CUDA GPU")
+@pytest.mark.parametrize("pdl", [0, 1])
+def test_chained_kernels_in_a_cuda_graph_see_each_others_output(pdl):
+    """With programmatic dependent launch a kernel starts before the previous one ends; each must still read
+    the previous output, not what its buffer held before: 12 square layers chained back to back in one CUDA
+    graph (every other one also through a residual add), replayed on new inputs, against the same chain run
+    eagerly with PDL off."""
+    N = 2048
+    g = torch.Generator(device="cuda").manual_seed(5)
+    layers = []
+    for _ in range(12):
+        bits = pack_signs(torch.randn(N, N, device="cuda", generator=g))
+        scale = ((torch.rand(N, device="cuda", generator=g) + 0.5) / N ** 0.5).half()
+        layers.append((mw.prepare_tiles(bits, N), scale))
+    cfg = (1, 4, 4, 1, pdl)
+
+    def chain(x, c):
+        for i, (t, s) in enumerate(layers):
+            y = mw.mma_matmul(x, t, s, N, N, config=c)
+            x = y + x if i % 2 else y
+        return x
+    x = torch.zeros(1, N, device="cuda", dtype=torch.bfloat16)
+    chain(x, cfg)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = chain(x, cfg)
+    for seed in range(3):
+        x.copy_(torch.randn(1, N, device="cuda", generator=g))
+        graph.replay()
+        ref = chain(x.clone(), (1, 4, 4, 1, 0))
+        torch.cuda.synchronize()
+        assert torch.equal(y, ref), (seed, (y.float() - ref.float()).abs().max().item())

@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default smollm2-135m,llama-7b on the GPU, smollm2-135m on the CPU)")
     bn.add_argument("--paths", default="", help="decode: generation paths, e.g. graph,graph-compiled (default "
                     "eager,graph-unfused,graph,graph-compiled)")
+    bn.add_argument("--kernels", default="", help="decode: the 1-bit decode kernels to compare, e.g. mma "
+                    "(default mma,gemv,tc)")
     bn.add_argument("--json", default=None, help="also write the rows to this JSON file")
 
     cp = sub.add_parser("corpus", help="build or describe the embedded default corpus")
@@ -345,6 +347,8 @@ def cmd_bench(args) -> int:
             kw["models"] = _choices(args.models, "--models", list(bench.SHAPES_BY_NAME))
         if args.paths and args.what == "decode":
             kw["paths"] = _choices(args.paths, "--paths", list(bench.DECODE_PATHS))
+        if args.kernels and args.what == "decode":
+            kw["decode_kernels"] = _choices(args.kernels, "--kernels", ["mma", "gemv", "tc"])
     if args.what in ("kernels", "train", "decode") and not torch.cuda.is_available():
         raise BinaryLLMError(f"bench {args.what} needs a CUDA GPU; on the CPU run: binaryllm bench kernels-cpu")
     done: list[dict] = []

@@ -22,14 +22,25 @@ import torch
 from .errors import BinaryLLMError
 
 
+def compile_options() -> dict:
+    """torch.compile options of the one-token step: programmatic dependent launch (PDL) in the kernels it
+    generates, where this torch has the switch.  Inductor emits it only for CUDA devices of compute capability
+    >= 9 and adds the waits a kernel needs before it reads what the kernel before it wrote; each kernel may then
+    start while the one before it ends.  The packed layers' ``mma`` kernel does the same (kernels/mma_w1a16.py),
+    and it pays only when its neighbours take part: on the H100, Llama-7B shape, 474 -> 523 tokens/s, bf16 156 ->
+    166 (docs/RESULTS.md)."""
+    import torch._inductor.config as ic
+    return {"triton.enable_pdl": True} if hasattr(ic.triton, "enable_pdl") else {}
+
+
 class StaticDecoder:
     """``StaticDecoder(model, max_len).generate(prompt_ids, n)`` -> the n new token ids (batch, n).
 
     ``graph``: capture the decoding step as a CUDA graph (default: when the model is on a CUDA device).  The graph
     is captured at the first decoding step and replayed by every later one, across ``generate`` calls too.
-    ``compile``: run the one-token forward through ``torch.compile`` (static shapes) first, which fuses the
-    small norm / rope / activation kernels between the matmuls (packed layers stay single custom ops,
-    ``kernels/ops.py``); on CUDA the compiled step is what the graph captures.  The prefill stays eager.
+    ``compile``: run the one-token forward through ``torch.compile`` (static shapes, ``compile_options``) first,
+    which fuses the small norm / rope / activation kernels between the matmuls (packed layers stay single custom
+    ops, ``kernels/ops.py``); on CUDA the compiled step is what the graph captures.  The prefill stays eager.
     ``fuse``: packed layers that read the same input (q/k/v, gate/up) run as one packed matmul
     (``nn/fuse.py``; the model is changed in place: ``binaryllm.nn.unfuse_projections`` before saving it).
     """
@@ -56,7 +67,8 @@ class StaticDecoder:
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.out: torch.Tensor | None = None
         self._graph: torch.cuda.CUDAGraph | None = None
-        self._step_forward = torch.compile(self._forward, dynamic=False) if compile else self._forward
+        self._step_forward = torch.compile(self._forward, dynamic=False, options=compile_options()) if compile \
+            else self._forward
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=ids, past_key_values=self.cache, cache_position=pos, use_cache=True,

@@ -12,7 +12,13 @@ stores of x as tensor-core ops).  Here every layout is spelled out, so
   register *is* the tensor-core operand, nothing goes through shared memory;
 * each thread loads its B fragment (the activations) straight from x with 16-byte loads;
 * the warps of a program split K (a batched 3-D mma, one batch entry per warp) and add their partial sums once at
-  the end, so that even a 4096-row matrix keeps every SM busy with many warps.
+  the end, so that even a 4096-row matrix keeps every SM busy with many warps;
+* on sm_90+ it is launched with programmatic dependent launch (PDL): the weights do not depend on the kernel
+  before it, so the first round of them is loaded while that kernel is still running; ``griddepcontrol.wait``
+  comes before x is read (and before anything is stored), then ``griddepcontrol.launch_dependents`` lets the next
+  kernel start early in the same way.  Kernels launched without PDL are ordered as usual.  On the H100 this took
+  the back-to-back batch-1 time at 8192^2 from 8.7 to 6.8 us; in a compiled decode step it pays only together with
+  torch.compile's own PDL (``decode.py``), since it needs PDL-aware neighbours.
 
 Weight layout ("tiles", made once at load by ``prepare_tiles``; the on-disk bits stay as they are): K is padded
 to a multiple of 256 and N to a multiple of 16.  For row tile ``rt`` (16 rows), k-group ``kb`` (256 columns) and
@@ -41,10 +47,14 @@ import torch
 KG = 4               # int32 words a thread loads per k-group: one 16-byte load
 GROUP_K = 64 * KG    # columns of a k-group
 # RT (row tiles of 16 a program), warps (= ways K is split), CH (k-groups a warp loads at once)[, FENCE (1: all
-# of a round's weight loads issued before its first tensor-core op)]: the H100 sweep's best for 1-8 and 9-16 rows
-# (docs/RESULTS.md); BINARYLLM_MMA_CONFIG overrides both
-MMA_CONFIG_1 = (1, 4, 4, 1)
-MMA_CONFIG_16 = (2, 4, 2, 1)
+# of a round's weight loads issued before its first tensor-core op)[, PDL (1: programmatic dependent launch on
+# sm_90+, see the kernel)]]: the H100 sweep's best (docs/RESULTS.md) for 1-8 rows, for 1-8 rows of a matrix of
+# LARGE weights or more (16384^2: 21.8 against 32.3 us), and for 9-16 rows; BINARYLLM_MMA_CONFIG overrides all
+MMA_CONFIG_1 = (1, 4, 4, 0, 1)
+MMA_CONFIG_1_LARGE = (2, 4, 2, 1, 1)
+MMA_CONFIG_16 = (2, 4, 4, 1, 1)
+LARGE = 2 ** 27
+PDL_DEFAULT = 1
 
 
 def _env_config() -> tuple | None:
@@ -56,9 +66,10 @@ def _env_config() -> tuple | None:
         cfg = tuple(int(p) for p in v.split(","))
     except ValueError:
         cfg = ()
-    if len(cfg) not in (3, 4) or cfg[1] not in (1, 2, 4, 8, 16) or cfg[2] not in (1, 2, 4, 8) or cfg[0] < 1:
-        raise BinaryLLMError(f"BINARYLLM_MMA_CONFIG={v!r} is not RT,WARPS,CH[,FENCE] (e.g. 1,4,4,0; WARPS a power "
-                             f"of 2 up to 16, CH one of 1, 2, 4, 8); fix or unset it")
+    if (len(cfg) not in (3, 4, 5) or cfg[1] not in (1, 2, 4, 8, 16) or cfg[2] not in (1, 2, 4, 8) or cfg[0] < 1
+            or any(f not in (0, 1) for f in cfg[3:])):
+        raise BinaryLLMError(f"BINARYLLM_MMA_CONFIG={v!r} is not RT,WARPS,CH[,FENCE[,PDL]] (e.g. 1,4,4,1,1; WARPS a "
+                             f"power of 2 up to 16, CH one of 1, 2, 4, 8, FENCE and PDL 0 or 1); fix or unset it")
     return cfg
 
 
@@ -213,10 +224,19 @@ def _build():
         return v
 
     @gluon.jit
+    def _load_words(w_ptr, woff, rnd: gl.constexpr, s, rt, ch, KB: gl.constexpr, KBL: gl.constexpr,
+                    CH: gl.constexpr, N, EVEN: gl.constexpr):
+        if EVEN:
+            return gl.load(w_ptr + woff + rnd * CH * 128)
+        else:
+            g_ok = (rnd * CH + ch < KBL) & (s * KBL + rnd * CH + ch < KB) & (rt * 16 < N)
+            return gl.load(w_ptr + woff + rnd * CH * 128, mask=g_ok, other=0)
+
+    @gluon.jit
     def kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym, zero,
                KB: gl.constexpr, RT: gl.constexpr, NB: gl.constexpr, W: gl.constexpr, CH: gl.constexpr,
                BF16: gl.constexpr, HAS_BIAS: gl.constexpr, EVEN: gl.constexpr,
-               FENCE: gl.constexpr):
+               FENCE: gl.constexpr, PDL: gl.constexpr):
         """Program: 16 RT rows; warp s: k-groups s KBL ... s KBL + KBL - 1, CH of them per round (all of a
         round's loads are issued before its tensor-core work: ptxas does not hoist loads across rounds)."""
         S: gl.constexpr = W
@@ -247,13 +267,24 @@ def _build():
         m_ok = xm < M
 
         acc = gl.zeros([S, BN, NB], gl.float32, mma)
+        if PDL:
+            # programmatic dependent launch: the weights do not depend on the kernel before this one, so the
+            # first round's are loaded while it finishes; x (its output) only after griddepcontrol.wait, which
+            # also orders the store after everything the previous kernel reads; then the next kernel may launch
+            # (a PDL kernel itself, it waits for this one to finish before it reads y)
+            words0 = _load_words(w_ptr, woff, 0, s, rt, ch, KB, KBL, CH, N, EVEN)
+            gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False,
+                                      pack=1)
+            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
+                                      is_pure=False, pack=1)
         for rnd in gl.static_range(ROUNDS):
+            if PDL and rnd == 0:
+                words = words0
+            else:
+                words = _load_words(w_ptr, woff, rnd, s, rt, ch, KB, KBL, CH, N, EVEN)
             if EVEN:
-                words = gl.load(w_ptr + woff + rnd * CH * 128)
                 xv = gl.load(x_ptr + xoff + rnd * CH * 256, mask=m_ok, other=0.0)
             else:
-                g_ok = (rnd * CH + ch < KBL) & (s * KBL + rnd * CH + ch < KB) & (rt * 16 < N)
-                words = gl.load(w_ptr + woff + rnd * CH * 128, mask=g_ok, other=0)
                 k_ok = (rnd * CH + xch < KBL) & (xcol + rnd * CH * 256 < K)
                 xv = gl.load(x_ptr + xoff + rnd * CH * 256, mask=m_ok & k_ok, other=0.0)
             if FENCE:
@@ -307,22 +338,36 @@ def mma_matmul(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor, ou
     if input_scale is not None:
         # applied here, not in the kernel: the in-kernel version measured wrong on the H100 (docs/RESULTS.md)
         x2 = x2 * input_scale.to(x2.dtype)
-    grid, meta = launch_config(M, N, K, x.dtype == torch.bfloat16, bias is not None, config)
+    grid, meta = launch_config(M, N, K, x.dtype == torch.bfloat16, bias is not None, config,
+                               _has_pdl(x.device.index or 0))
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     _KERNEL[grid](x2, tiles, row_scale, bias if bias is not None else row_scale, y, M, N, K, x2.stride(0),
-                  y.stride(0), 0, num_warps=meta["W"], **meta)
+                  y.stride(0), 0, num_warps=meta["W"], launch_pdl=meta["PDL"], **meta)
     return y.reshape(*lead, N)
 
 
-def launch_config(M: int, N: int, K: int, bf16: bool, has_bias: bool, config: tuple | None = None) -> tuple:
+_CC: dict[int, int] = {}
+
+
+def _has_pdl(device_index: int) -> bool:
+    """Programmatic dependent launch (griddepcontrol) needs compute capability 9.0 (Hopper) or later."""
+    if device_index not in _CC:
+        _CC[device_index] = torch.cuda.get_device_capability(device_index)[0]
+    return _CC[device_index] >= 9
+
+
+def launch_config(M: int, N: int, K: int, bf16: bool, has_bias: bool, config: tuple | None = None,
+                  has_pdl: bool = False) -> tuple:
     """(grid, the kernel's constexpr arguments) for M rows of a (N, K) matrix: the tile config (argument, else
     BINARYLLM_MMA_CONFIG, else the measured default for M), CH capped at the k-groups a warp has, EVEN when no
-    mask is needed."""
+    mask is needed, PDL when the config asks for it (default PDL_DEFAULT) and the GPU has it (``has_pdl``)."""
     import triton
-    rt, warps, ch, *rest = config or _ENV_CONFIG or (MMA_CONFIG_1 if M <= 8 else MMA_CONFIG_16)
+    default = MMA_CONFIG_16 if M > 8 else MMA_CONFIG_1_LARGE if N * K >= LARGE else MMA_CONFIG_1
+    rt, warps, ch, *rest = config or _ENV_CONFIG or default
+    fence, pdl = (list(rest) + [1, PDL_DEFAULT][len(rest):])[:2]
     NT, KB = tile_shape(N, K)
     kbl = triton.cdiv(KB, warps)
     ch = min(ch, triton.next_power_of_2(kbl))
     even = K == KB * GROUP_K and KB % warps == 0 and kbl % ch == 0 and NT % rt == 0 and N == NT * 16
     return (triton.cdiv(NT, rt),), dict(KB=KB, RT=rt, NB=8 if M <= 8 else 16, W=warps, CH=ch, BF16=bf16,
-                                        HAS_BIAS=has_bias, EVEN=even, FENCE=bool(rest[0]) if rest else True)
+                                        HAS_BIAS=has_bias, EVEN=even, FENCE=bool(fence), PDL=bool(pdl) and has_pdl)
