@@ -349,10 +349,12 @@ def _weight_bytes(model) -> int:
 
 
 def _decode_tok_s(model, prompt_len: int, new_tokens: int, path: str) -> float:
-    """Tokens/s of batch-1 greedy decoding, third of three runs.  path: eager (transformers' generate, dynamic
-    cache), compiled (generate with a static cache and its compiled step), graph (binaryllm.decode: static
-    cache, the step captured by hand as one CUDA graph, packed q/k/v and gate/up fused), graph-unfused (the same,
-    one packed matmul per projection) or graph-compiled (the fused step compiled first)."""
+    """Decode tokens/s at batch 1, greedy: (new_tokens - 1) / (time of new_tokens - time of one new token), so the
+    prefill (eager and launch-bound: not the decode step) is not counted; median of three such pairs after two
+    warm-up runs.  path: eager (transformers' generate, dynamic cache), compiled (generate
+    with a static cache and its compiled step), graph (binaryllm.decode: static cache, the step captured by hand as
+    one CUDA graph, packed q/k/v and gate/up fused), graph-unfused (the same, one packed matmul per projection) or
+    graph-compiled (the fused step compiled first)."""
     from .nn.fuse import unfuse_projections
     ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), device="cuda")
     unfuse_projections(model)                  # each path starts from the plain packed model
@@ -360,24 +362,27 @@ def _decode_tok_s(model, prompt_len: int, new_tokens: int, path: str) -> float:
         from .decode import StaticDecoder
         dec = StaticDecoder(model, prompt_len + new_tokens, compile=path == "graph-compiled",
                             fuse=path != "graph-unfused")
-        run = lambda: dec.generate(ids, new_tokens)  # noqa: E731
+        run = lambda n: dec.generate(ids, n)  # noqa: E731
     else:
         from transformers import CompileConfig
-        kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                  attention_mask=torch.ones_like(ids), pad_token_id=0)
+        kw = dict(do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0)
         if path == "compiled":   # static KV cache; transformers compiles the step ("reduce-overhead")
             kw.update(cache_implementation="static", compile_config=CompileConfig(fullgraph=False))
         else:
             kw.update(disable_compile=True)
-        run = lambda: model.generate(ids, **kw)  # noqa: E731
+        run = lambda n: model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)  # noqa: E731
+
+    def timed(n: int) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        run(n)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
     with torch.no_grad():
-        run()            # warm-up (compilation, graph capture)
-        run()
-        torch.cuda.synchronize()
-        t0 = time.time()
-        run()
-        torch.cuda.synchronize()
-    return new_tokens / (time.time() - t0)
+        run(new_tokens)            # warm-up (compilation, graph capture)
+        run(new_tokens)
+        rates = [(new_tokens - 1) / (timed(new_tokens) - timed(1)) for _ in range(3)]
+    return statistics.median(rates)
 
 
 def bench_decode_cpu(models=("smollm2-135m",), new_tokens: int = 32, prompt_len: int = 8, log=print) -> list[dict]:
