@@ -27,8 +27,8 @@ def compile_options() -> dict:
     generates, where this torch has the switch.  Inductor emits it only for CUDA devices of compute capability
     >= 9 and adds the waits a kernel needs before it reads what the kernel before it wrote; each kernel may then
     start while the one before it ends.  The packed layers' ``mma`` kernel does the same (kernels/mma_w1a16.py),
-    and it pays only when its neighbours take part: on the H100, Llama-7B shape, 474 -> 523 tokens/s, bf16 156 ->
-    166 (docs/RESULTS.md)."""
+    and it only pays when its neighbours take part.  On the H100, Llama-7B shape, same process: packed 536 -> 603
+    tokens/s, bf16 160 -> 168 (docs/RESULTS.md)."""
     import torch._inductor.config as ic
     return {"triton.enable_pdl": True} if hasattr(ic.triton, "enable_pdl") else {}
 

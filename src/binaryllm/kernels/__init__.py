@@ -3,6 +3,7 @@ lookup-table kernel for the CPU (``cpu``).  ``PackedBinaryLinear`` picks one per
 PyTorch reference path (unpack, dense matmul) with one warning where neither applies."""
 from __future__ import annotations
 
+import os
 import warnings
 
 _WARNED: set[str] = set()
@@ -14,6 +15,31 @@ def warn_once(key: str, msg: str) -> None:
         warnings.warn(f"binaryllm: {msg}", stacklevel=3)
 
 
+def env_ints(name: str, example: str) -> tuple[int, ...] | None:
+    """The comma-separated integers in environment variable ``name`` (a kernel tile to try without editing
+    code), None when it is unset or empty; anything else is a one-line error naming the variable."""
+    v = os.environ.get(name, "").strip()
+    if not v:
+        return None
+    try:
+        return tuple(int(p) for p in v.split(","))
+    except ValueError:
+        from ..errors import BinaryLLMError
+        raise BinaryLLMError(f"{name}={v!r} is not a comma-separated list of integers (e.g. {name}={example}); "
+                             "fix or unset it") from None
+
+
+_MAJOR: dict[int, int] = {}
+
+
+def compute_major(device_index: int) -> int:
+    """The major compute capability of a CUDA device, looked up once."""
+    if device_index not in _MAJOR:
+        import torch
+        _MAJOR[device_index] = torch.cuda.get_device_capability(device_index)[0]
+    return _MAJOR[device_index]
+
+
 _USABLE: dict[int, bool] = {}
 
 
@@ -22,7 +48,6 @@ def triton_usable(device_index: int) -> bool:
     decided once per device (a dict lookup afterwards, which torch.compile traces as a constant)."""
     if device_index in _USABLE:
         return _USABLE[device_index]
-    import torch
     ok = True
     try:
         import triton  # noqa: F401
@@ -30,7 +55,7 @@ def triton_usable(device_index: int) -> bool:
         warn_once("no-triton", "triton is not installed: packed layers on the GPU use the slower PyTorch path")
         ok = False
     if ok:
-        major, _ = torch.cuda.get_device_capability(device_index)
+        major = compute_major(device_index)
         if major < 8:
             warn_once("old-gpu", f"GPU compute capability {major}.x < 8.0: packed layers use the PyTorch path")
             ok = False

@@ -17,8 +17,8 @@ stores of x as tensor-core ops).  Here every layout is spelled out, so
   before it, so the first round of them is loaded while that kernel is still running; ``griddepcontrol.wait``
   comes before x is read (and before anything is stored), then ``griddepcontrol.launch_dependents`` lets the next
   kernel start early in the same way.  Kernels launched without PDL are ordered as usual.  On the H100 this took
-  the back-to-back batch-1 time at 8192^2 from 8.7 to 6.8 us; in a compiled decode step it pays only together with
-  torch.compile's own PDL (``decode.py``), since it needs PDL-aware neighbours.
+  the back-to-back batch-1 time at 8192^2 from 8.9 to 6.9 us (best tiles); in a compiled decode step it only
+  pays together with torch.compile's own PDL (``decode.compile_options``): its neighbours must take part.
 
 Weight layout ("tiles", made once at load by ``prepare_tiles``; the on-disk bits stay as they are): K is padded
 to a multiple of 256 and N to a multiple of 16.  For row tile ``rt`` (16 rows), k-group ``kb`` (256 columns) and
@@ -40,8 +40,6 @@ interpreter), where ``binaryllm bench kernels`` checks every output against the 
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 KG = 4               # int32 words a thread loads per k-group: one 16-byte load
@@ -58,18 +56,14 @@ PDL_DEFAULT = 1
 
 
 def _env_config() -> tuple | None:
-    v = os.environ.get("BINARYLLM_MMA_CONFIG", "").strip()
-    if not v:
-        return None
-    from ..errors import BinaryLLMError
-    try:
-        cfg = tuple(int(p) for p in v.split(","))
-    except ValueError:
-        cfg = ()
-    if (len(cfg) not in (3, 4, 5) or cfg[1] not in (1, 2, 4, 8, 16) or cfg[2] not in (1, 2, 4, 8) or cfg[0] < 1
-            or any(f not in (0, 1) for f in cfg[3:])):
-        raise BinaryLLMError(f"BINARYLLM_MMA_CONFIG={v!r} is not RT,WARPS,CH[,FENCE[,PDL]] (e.g. 1,4,4,1,1; WARPS a "
-                             f"power of 2 up to 16, CH one of 1, 2, 4, 8, FENCE and PDL 0 or 1); fix or unset it")
+    from . import env_ints
+    cfg = env_ints("BINARYLLM_MMA_CONFIG", "1,4,4,0,1")
+    if cfg is not None and (len(cfg) not in (3, 4, 5) or cfg[1] not in (1, 2, 4, 8, 16) or cfg[2] not in (1, 2, 4, 8)
+                            or cfg[0] < 1 or any(f not in (0, 1) for f in cfg[3:])):
+        from ..errors import BinaryLLMError
+        raise BinaryLLMError(f"BINARYLLM_MMA_CONFIG={','.join(map(str, cfg))!r} is not RT,WARPS,CH[,FENCE[,PDL]] "
+                             f"(e.g. 1,4,4,0,1; WARPS a power of 2 up to 16, CH one of 1, 2, 4, 8, FENCE and PDL 0 "
+                             f"or 1); fix or unset it")
     return cfg
 
 
@@ -346,14 +340,10 @@ def mma_matmul(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor, ou
     return y.reshape(*lead, N)
 
 
-_CC: dict[int, int] = {}
-
-
 def _has_pdl(device_index: int) -> bool:
     """Programmatic dependent launch (griddepcontrol) needs compute capability 9.0 (Hopper) or later."""
-    if device_index not in _CC:
-        _CC[device_index] = torch.cuda.get_device_capability(device_index)[0]
-    return _CC[device_index] >= 9
+    from . import compute_major
+    return compute_major(device_index) >= 9
 
 
 def launch_config(M: int, N: int, K: int, bf16: bool, has_bias: bool, config: tuple | None = None,

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from ..errors import BinaryLLMError
-from . import mma_w1a16
+from . import env_ints, mma_w1a16
 
 
 def prepare_weight(packed_u8: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -246,18 +246,14 @@ def unpack_dense(words: torch.Tensor, row_scale: torch.Tensor, in_features: int,
 
 
 def _env_config(name: str, default: tuple) -> tuple:
-    """A tile config from the environment ("64,32,2" -> (64, 32, 2)), to try another tile on another GPU without
-    editing code; a malformed value is an error naming the variable."""
-    v = os.environ.get(name, "").strip()
-    if not v:
+    """A tile config from the environment ("64,32,2" -> (64, 32, 2)), else ``default``; a malformed value is an
+    error naming the variable."""
+    cfg = env_ints(name, ",".join(map(str, default)))
+    if cfg is None:
         return default
-    try:
-        cfg = tuple(int(p) for p in v.split(","))
-    except ValueError:
-        raise BinaryLLMError(f"{name}={v!r} is not a comma-separated list of integers (e.g. {name}="
-                             f"{','.join(map(str, default))}); fix or unset it") from None
     if len(cfg) < 3:
-        raise BinaryLLMError(f"{name}={v!r} needs at least 3 fields (BLOCK_N, WORDS, warps); fix or unset it")
+        raise BinaryLLMError(f"{name}={','.join(map(str, cfg))!r} needs at least 3 fields (BLOCK_N, WORDS, warps); "
+                             "fix or unset it")
     return cfg
 
 
