@@ -209,6 +209,8 @@ def test_tile_config_from_the_environment(monkeypatch):
     (["bench", "kernels", "--batches", "1,-2"], "--batches: '-2'"),
     (["bench", "decode", "--paths", "graph,warp"], "--paths: unknown 'warp'"),
     (["bench", "decode", "--kernels", "mma,fast"], "--kernels: unknown 'fast'; choose from mma, gemv, tc"),
+    (["bench", "decode-cpu", "--paths", "graph"], "--paths applies to bench decode, not bench decode-cpu; drop it"),
+    (["bench", "kernels-cpu", "--models", "llama-7b"], "--models applies to bench decode and decode-cpu, not bench"),
     (["bench", "decode-cpu", "--models", "gpt9"], "--models: unknown 'gpt9'; choose from smollm2-135m"),
 ])
 def test_bench_options_bad_input_is_one_line(argv, msg, capsys):

@@ -328,6 +328,11 @@ def _choices(text: str, opt: str, known: list[str]) -> list[str]:
     return items
 
 
+# bench options without a default, and the benches that read them
+_BENCH_OPTIONS = {"shapes": ("kernels",), "batches": ("kernels",), "models": ("decode", "decode-cpu"),
+                  "paths": ("decode",), "kernels": ("decode",), "model": ("train",)}
+
+
 def cmd_bench(args) -> int:
     import json
 
@@ -335,6 +340,9 @@ def cmd_bench(args) -> int:
 
     from . import bench
     from .io import atomic_write_text
+    for opt, whats in _BENCH_OPTIONS.items():       # an option the chosen bench would ignore is a mistake
+        if getattr(args, opt) and args.what not in whats:
+            raise BinaryLLMError(f"--{opt} applies to bench {' and '.join(whats)}, not bench {args.what}; drop it")
     kw = {}
     if args.what == "kernels":
         if args.shapes:
@@ -345,9 +353,9 @@ def cmd_bench(args) -> int:
     elif args.what in ("decode", "decode-cpu"):
         if args.models:
             kw["models"] = _choices(args.models, "--models", list(bench.SHAPES_BY_NAME))
-        if args.paths and args.what == "decode":
+        if args.paths:
             kw["paths"] = _choices(args.paths, "--paths", list(bench.DECODE_PATHS))
-        if args.kernels and args.what == "decode":
+        if args.kernels:
             kw["decode_kernels"] = _choices(args.kernels, "--kernels", ["mma", "gemv", "tc"])
     if args.what in ("kernels", "train", "decode") and not torch.cuda.is_available():
         raise BinaryLLMError(f"bench {args.what} needs a CUDA GPU; on the CPU run: binaryllm bench kernels-cpu")
