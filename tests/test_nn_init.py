@@ -168,3 +168,23 @@ def test_stage1_with_the_fused_loss_learns_the_same_scales_as_with_the_models_ow
     assert res[0]["init_losses"] == pytest.approx(res[1]["init_losses"], rel=1e-5)
     for name, s in res[0]["scales"].items():
         assert torch.allclose(s, res[1]["scales"][name], rtol=1e-4, atol=1e-5), name
+
+
+def test_probe_pass_groups_by_input_and_leaves_no_hooks_even_when_the_pass_fails():
+    from binaryllm.nn.probe import group_by_input, probe_pass
+    model = tiny_model("llama").train()
+    ids = torch.randint(3, 96, (1, 5), generator=torch.Generator().manual_seed(0))
+    names = {m: n for n, m in model.named_modules()}
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m is not model.lm_head]
+
+    def boom(mod, args):
+        raise RuntimeError("probe failed")
+    with pytest.raises(RuntimeError, match="probe failed"):
+        probe_pass(model, ids, linears, pre=boom)
+    assert model.training
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+    groups = [[names[m].split(".", 3)[-1] for m in g] for g in group_by_input(model, linears, ids)]
+    per_block = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                 ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    assert groups == per_block * model.config.num_hidden_layers
+    assert model.training and not any(m._forward_pre_hooks for m in model.modules())

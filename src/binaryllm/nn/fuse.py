@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from .packed import PackedBinaryLinear
+from .probe import group_by_input
 
 
 class FusedProjection:
@@ -82,29 +83,9 @@ def fuse_projections(model: nn.Module, probe_ids: torch.Tensor | None = None) ->
     dev = packed[0].weight.device
     if probe_ids is None:
         probe_ids = torch.zeros(1, 2, dtype=torch.long, device=dev)
-    order: list[tuple[int, PackedBinaryLinear]] = []
-    keep: list[torch.Tensor] = []             # hold the inputs so that their ids stay unique during the pass
-
-    def pre(mod, args):
-        if args and isinstance(args[0], torch.Tensor):
-            keep.append(args[0])
-            order.append((id(args[0]), mod))
-
-    handles = [m.register_forward_pre_hook(pre) for m in packed]
-    was_training = model.training
-    model.eval()
-    try:
-        model(input_ids=probe_ids, use_cache=False)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    by_input: dict[int, list[PackedBinaryLinear]] = {}
-    for i, m in order:
-        if m not in by_input.setdefault(i, []):
-            by_input[i].append(m)
+    groups = group_by_input(model, packed, probe_ids, use_cache=False)
     fused = []
-    for members in by_input.values():
+    for members in groups:
         if len(members) < 2 or len({(m.in_features, m.weight.device) for m in members}) != 1 \
                 or not _same_input_scale(members):
             continue

@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from ..api import binary_modules
 from ..nn import BinaryLinear, find_blocks, weight_cache
+from ..nn.probe import probe_pass
 
 
 @dataclass
@@ -59,7 +60,6 @@ def find_input_groups(model: nn.Module, input_ids: torch.Tensor) -> list[InputGr
     consumers: dict[int, list[str]] = {}
     linear_in: dict[str, int] = {}
     inputs_of: dict[str, torch.Tensor] = {}
-    handles = []
 
     def pre(mod, args):
         if args and isinstance(args[0], torch.Tensor):
@@ -75,18 +75,7 @@ def find_input_groups(model: nn.Module, input_ids: torch.Tensor) -> list[InputGr
             keep.append(out)
             produced[id(out)] = names[mod]
 
-    for m in model.modules():
-        if len(list(m.children())) == 0:
-            handles.append(m.register_forward_pre_hook(pre))
-            handles.append(m.register_forward_hook(post))
-    was_training = model.training
-    model.eval()
-    try:
-        model(input_ids=input_ids)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    probe_pass(model, input_ids, [m for m in model.modules() if len(list(m.children())) == 0], pre, post)
     by_input: dict[int, list[str]] = {}
     for n, i in linear_in.items():
         by_input.setdefault(i, []).append(n)
