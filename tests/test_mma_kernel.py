@@ -132,6 +132,7 @@ def test_kernel_compiles_for_hopper_with_trivial_operand_layouts(case):
            "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "zero": "i32"}
     _, const = mw.launch_config(M, N, K, bf16, bias, (rt, warps, ch, 1, pdl), has_pdl=True)
     assert const["PDL"] == bool(pdl)
+    assert not mw.launch_config(M, N, K, bf16, bias, (rt, warps, ch, 1, 1))[1]["PDL"]   # a GPU without PDL
     ch, kbl = const["CH"], -(-KB // warps)
     sig.update({k: "constexpr" for k in const})
     names = list(sig)
