@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import BinaryLLMError
+from .kernels import DECODE_KERNELS
 
 SHAPES = [(8192, 8192), (16384, 16384), (4096, 4096), (11008, 4096), (4096, 11008), (1536, 576), (576, 1536)]
 
@@ -429,7 +430,7 @@ DECODE_PATHS = ("eager", "compiled", "graph-unfused", "graph", "graph-compiled")
 
 
 def bench_decode(models=("smollm2-135m", "llama-7b"), new_tokens: int = 128, prompt_len: int = 16,
-                 paths=("eager", "graph-unfused", "graph", "graph-compiled"), decode_kernels=("mma", "gemv", "tc"),
+                 paths=("eager", "graph-unfused", "graph", "graph-compiled"), decode_kernels=DECODE_KERNELS,
                  log=print) -> list[dict]:
     """Batch-1 greedy decoding: the bf16 model vs the same model with its block linears packed (random weights:
     speed only), through the same generation code (see _decode_tok_s for the paths).  Memory: bytes of all

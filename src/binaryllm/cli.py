@@ -340,6 +340,7 @@ def cmd_bench(args) -> int:
 
     from . import bench
     from .io import atomic_write_text
+    from .kernels import DECODE_KERNELS
     for opt, whats in _BENCH_OPTIONS.items():       # an option the chosen bench would ignore is a mistake
         if getattr(args, opt) and args.what not in whats:
             raise BinaryLLMError(f"--{opt} applies to bench {' and '.join(whats)}, not bench {args.what}; drop it")
@@ -356,7 +357,7 @@ def cmd_bench(args) -> int:
         if args.paths:
             kw["paths"] = _choices(args.paths, "--paths", list(bench.DECODE_PATHS))
         if args.kernels:
-            kw["decode_kernels"] = _choices(args.kernels, "--kernels", ["mma", "gemv", "tc"])
+            kw["decode_kernels"] = _choices(args.kernels, "--kernels", list(DECODE_KERNELS))
     if args.what in ("kernels", "train", "decode") and not torch.cuda.is_available():
         raise BinaryLLMError(f"bench {args.what} needs a CUDA GPU; on the CPU run: binaryllm bench kernels-cpu")
     done: list[dict] = []

@@ -7,6 +7,7 @@ import os
 import warnings
 
 _WARNED: set[str] = set()
+DECODE_KERNELS = ("mma", "gemv", "tc")     # the CUDA decode kernels (1-16 rows); see triton_w1a16.DECODE_MODE
 
 
 def warn_once(key: str, msg: str) -> None:

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from ..errors import BinaryLLMError
-from . import env_ints, mma_w1a16
+from . import DECODE_KERNELS, env_ints, mma_w1a16
 
 
 def prepare_weight(packed_u8: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -265,8 +265,9 @@ GEMV_CONFIG = _env_config("BINARYLLM_GEMV_CONFIG", (4, 32, 4))
 # synchronous mma.sync otherwise (BLOCK_N 16-32, or 1-2 warps): the sweep in bench.py tries both.
 TC_CONFIG = _env_config("BINARYLLM_TC_CONFIG", (64, 64, 4))
 DECODE_MODE = os.environ.get("BINARYLLM_DECODE_MODE", "auto")   # below PREFILL_M rows: mma, gemv, tc, or auto
-if DECODE_MODE not in ("auto", "mma", "gemv", "tc"):
-    raise BinaryLLMError(f"BINARYLLM_DECODE_MODE={DECODE_MODE!r} is not one of auto, mma, gemv, tc; fix or unset it")
+if DECODE_MODE not in ("auto",) + DECODE_KERNELS:
+    raise BinaryLLMError(f"BINARYLLM_DECODE_MODE={DECODE_MODE!r} is not one of "
+                         f"{', '.join(('auto',) + DECODE_KERNELS)}; fix or unset it")
 TC_MIN_WEIGHTS = 8192 * 8192    # from this many weights on, tc beats gemv at one row too (H100, RESULTS)
 
 
