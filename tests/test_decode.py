@@ -82,14 +82,18 @@ def test_compiled_step_gives_the_same_tokens_on_a_packed_model():
     assert torch.equal(dec.generate(ids, 8), ref)
     assert torch.equal(dec.generate(ids[:, :4], 8), hf_greedy(model, ids[:, :4], 8))   # no recompile needed
     import torch._inductor.config as ic
-    if hasattr(ic.triton, "enable_pdl"):     # the step asks for PDL (inductor ignores it on the CPU)
-        assert compile_options() == {"triton.enable_pdl": True}
+    # the step asks for PDL and combo kernels where this torch has them (inductor ignores both on the CPU, where
+    # the generate calls above ran with them)
+    expect = {k: True for k, have in (("triton.enable_pdl", hasattr(ic.triton, "enable_pdl")),
+                                      ("combo_kernels", hasattr(ic, "combo_kernels"))) if have}
+    assert compile_options() == expect and "combo_kernels" in expect
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="programmatic dependent launch needs a CUDA GPU")
 def test_compiled_gpu_step_gives_the_same_logits_with_and_without_pdl(monkeypatch):
-    """PDL only changes when kernels may start (inductor's kernels and the mma kernel): the compiled CUDA-graph
-    step must give the same tokens and the same last logits, bit for bit, as without it."""
+    """PDL only changes when kernels may start (inductor's kernels and the mma kernel), combo kernels only how
+    many launches there are: the compiled CUDA-graph step must give the same tokens and the same last logits,
+    bit for bit, as without either."""
     import torch._dynamo
 
     import binaryllm.decode as decode

@@ -23,14 +23,27 @@ from .errors import BinaryLLMError
 
 
 def compile_options() -> dict:
-    """torch.compile options of the one-token step: programmatic dependent launch (PDL) in the kernels it
-    generates, where this torch has the switch.  Inductor emits it only for CUDA devices of compute capability
-    >= 9 and adds the waits a kernel needs before it reads what the kernel before it wrote; each kernel may then
-    start while the one before it ends.  The packed layers' ``mma`` kernel does the same (kernels/mma_w1a16.py),
-    and it only pays when its neighbours take part.  On the H100, Llama-7B shape, same process: packed 536 -> 603
-    tokens/s, bf16 160 -> 168 (docs/RESULTS.md)."""
+    """torch.compile options of the one-token step, each only where this torch has the switch:
+
+    * programmatic dependent launch (``triton.enable_pdl``) in the kernels inductor generates.  Inductor emits it
+      only for CUDA devices of compute capability >= 9 and adds the waits a kernel needs before it reads what the
+      kernel before it wrote; each kernel may then start while the one before it ends.  The packed layers'
+      ``mma`` kernel does the same (kernels/mma_w1a16.py), and it only pays when its neighbours take part.  On
+      the H100, Llama-7B shape, same process: packed 536 -> 603 tokens/s, bf16 160 -> 168.
+    * combo kernels (``combo_kernels``): independent small kernels of a layer (the rotary embedding of q and k,
+      the two cache writes, ...) launched as one.  On the H100, SmolLM2-135M shape, three same-process A/B
+      pairs: packed 1091-1169 -> 1343-1392 tokens/s, bf16 663-784 -> 694-780; Llama-7B shape: no change
+      (641 -> 633 packed, 167 -> 164 bf16, within run-to-run spread).
+
+    Not set: ``coordinate_descent_tuning``.  It makes the bf16 step much faster at SmolLM2's size (1091-1161
+    tokens/s; 1308-1460 with combo kernels) and leaves the packed step where it is (docs/RESULTS.md)."""
     import torch._inductor.config as ic
-    return {"triton.enable_pdl": True} if hasattr(ic.triton, "enable_pdl") else {}
+    opts = {}
+    if hasattr(ic.triton, "enable_pdl"):
+        opts["triton.enable_pdl"] = True
+    if hasattr(ic, "combo_kernels"):
+        opts["combo_kernels"] = True
+    return opts
 
 
 class StaticDecoder:
