@@ -6,15 +6,10 @@ Why not plain Triton (``triton_w1a16.tc``): there the compiler decides where ope
 plane's activation tile through shared memory before every dot (the H100 SASS: as many global loads and shared
 stores of x as tensor-core ops).  Here every layout is spelled out, so
 
-* each thread loads exactly the weight bits of its A fragments (one 16-byte load per 896 weights a warp) and
-  turns every pair of them into a bf16x2 register with one ``lop3`` (plus one funnel shift per word for each of
-  three rotations): ``(w & bit) | base`` is ``base`` or ``base + 1`` when ``bit`` is the mantissa bit worth 1
-  in ``base`` (base 16, 8, 4, 2 for four mantissa positions), so the operand is ``beta_k + b`` with b the sign
-  bit (1 = +1) and beta_k a constant of the column.  The row sums ``D_r = C + sum_k b_rk x_k`` all carry the same
-  ``C = sum_k beta_k x_k``; two rows of every 16-row tile are not loaded but made in registers, one with every
-  bit 0 (``D = C``) and one with every bit 1 (``D = C + sum_k x_k``), and the epilogue takes
-  ``y_r = 2 D_r - D_0 - D_8 = sum_k (2 b_rk - 1) x_k``: the same +-1 product in half the integer instructions of
-  a shift + lop3 per pair (the H100 sass: 512 of 1,580 instructions a thread went to the shifts at 8192^2);
+* each thread loads exactly the weight bits of its A fragments (one 16-byte load per 1,024 weights a warp) and
+  turns every pair of them into a bf16x2 register with two integer instructions (``shl`` puts bits i and i + 16
+  on the two sign positions, ``lop3`` makes (-1.0, -1.0) with those signs flipped where a bit is 1): the
+  register *is* the tensor-core operand, nothing goes through shared memory;
 * each thread loads its B fragment (the activations) straight from x with 16-byte loads;
 * the warps of a program split K (a batched 3-D mma, one batch entry per warp) and add their partial sums once at
   the end, so that even a 4096-row matrix keeps every SM busy with many warps;
@@ -26,20 +21,16 @@ stores of x as tensor-core ops).  Here every layout is spelled out, so
   pays together with torch.compile's own PDL (``decode.compile_options``): its neighbours must take part.
 
 Weight layout ("tiles", made once at load by ``prepare_tiles``; the on-disk bits stay as they are): K is padded
-to a multiple of 256, and N to a multiple of 14: a 16-row tile holds 14 rows of W (tile rows 8 h + g for
-g = 1..7; g = 0 are the two made rows).  For row tile ``rt``, k-group ``kb`` (256 columns) and lane
-``l = 4 g + t`` with g >= 1 (``g = l // 4``, ``t = l % 4`` as in the PTX fragment tables) there are KG = 4 int32
-words, at ``((rt * KB + kb) * 28 + l - 4) * 4 + kg``.  Word ``kg`` of lane (g, t) holds the sign bit (1 = +1) of
-``W[14 rt + 7 h + g - 1, 256 kb + 64 kg + 16 t + 4 c + 2 hk + e]`` (c in 0..3, hk, h, e in {0, 1}) at bit
-``(3 + q % 4 + 8 (q // 4) + 4 h + 16 e) % 32`` with ``q = 2 c + hk``: the kernel reads it after rotating the
-word right by ``4 v`` (``v = 2 (q // 4) + h``) at mantissa bit ``3 + q % 4`` of half e, worth 1 in a base of
-16, 8, 4, 2 (bf16; fp16 rotates 3 less and reads mantissa bits 6..9 of the same bases).  Inside each 64-column
-group the kernel's k order is permuted (logical k = 16 c + 8 hk + 2 t + e reads column 16 t + 4 c + 2 hk + e):
-the sum over k does not care, and it makes each thread's activations 16 contiguous values (two 16-byte loads).
+to a multiple of 256 and N to a multiple of 16.  For row tile ``rt`` (16 rows), k-group ``kb`` (256 columns) and
+lane ``l = 4 g + t`` (``g = l // 4``, ``t = l % 4`` as in the PTX fragment tables) there are KG = 4 int32
+words, at ``((rt * KB + kb) * 32 + l) * 4 + kg``.  Word ``kg`` of lane (g, t) holds, at bit ``i + 16 e``
+(i = 4 c + 2 hk + h, c, hk, h, e in {0, 1} except c in 0..3), the sign bit (1 = +1) of weight
+``W[16 rt + 8 h + g, 256 kb + 64 kg + 16 t + 4 c + 2 hk + e]``.  Inside each 64-column group the kernel's k
+order is permuted (logical k = 16 c + 8 hk + 2 t + e reads column 16 t + 4 c + 2 hk + e): the sum over k does
+not care, and it makes each thread's activations 16 contiguous values (two 16-byte loads).
 
-Rounding: the products x * (beta + b) are exact (at most 5 significant bits times x's 8 or 11), sums in fp32 on
-the tensor cores, and ``2 D_r - D_0 - D_8`` in fp32: it differs from a dense reference by fp32 rounding of sums
-up to 17 |x| per term instead of |x| (4 bits of fp32's 24, far below the output's rounding), the row scale is applied in fp32 and the result rounded once to x's dtype.  An input scale is
+Rounding: x * (+-1) products are exact, sums in fp32 on the tensor cores (order differs from a dense reference
+by fp32 rounding), the row scale is applied in fp32 and the result rounded once to x's dtype.  An input scale is
 applied to x first (a separate elementwise op, not in the kernel) and rounded to x's dtype, as the PyTorch
 path does.
 
@@ -67,13 +58,12 @@ PDL_DEFAULT = 1
 def _env_config() -> tuple | None:
     from . import env_ints
     cfg = env_ints("BINARYLLM_MMA_CONFIG", "1,4,4,0,1")
-    if cfg is not None and (len(cfg) not in (3, 4, 5, 6) or cfg[1] not in (1, 2, 4, 8, 16)
-                            or cfg[2] not in (1, 2, 4, 8) or cfg[0] < 1 or any(f not in (0, 1) for f in cfg[3:5])
-                            or (len(cfg) == 6 and cfg[5] != 0 and not 24 <= cfg[5] <= 255)):
+    if cfg is not None and (len(cfg) not in (3, 4, 5) or cfg[1] not in (1, 2, 4, 8, 16) or cfg[2] not in (1, 2, 4, 8)
+                            or cfg[0] < 1 or any(f not in (0, 1) for f in cfg[3:])):
         from ..errors import BinaryLLMError
-        raise BinaryLLMError(f"BINARYLLM_MMA_CONFIG={','.join(map(str, cfg))!r} is not RT,WARPS,CH[,FENCE[,PDL[,REGS]]] "
+        raise BinaryLLMError(f"BINARYLLM_MMA_CONFIG={','.join(map(str, cfg))!r} is not RT,WARPS,CH[,FENCE[,PDL]] "
                              f"(e.g. 1,4,4,0,1; WARPS a power of 2 up to 16, CH one of 1, 2, 4, 8, FENCE and PDL 0 "
-                             f"or 1, REGS 0 or a register cap 24-255); fix or unset it")
+                             f"or 1); fix or unset it")
     return cfg
 
 
@@ -107,23 +97,16 @@ def disable(device_index: int, err: Exception) -> None:
                             f"uses the tc/gemv kernels")
 
 
-ROWS = 14            # rows of W in a 16-row tile (tile rows 0 and 8 are made in registers, see the docstring)
-MADE = -0x78787879   # 0x87878787 as int32: the word of lanes g = 0, every h = 0 bit 0 and every h = 1 bit 1
-BETA = (16.0, 8.0, 4.0, 2.0)   # operand base of q % 4 = 0..3; bit 1 adds 1
-
-
 def _bit_positions() -> torch.Tensor:
-    """pos[h, q']: the bit of a lane's word holding row h (of its two), column 16 t + q' of its 16 x 64 block
-    (q' = 4 c + 2 hk + e, q = 2 c + hk)."""
-    qp = torch.arange(16)
-    q = 2 * (qp // 4) + (qp // 2) % 2
+    """pos[h, q]: the bit of a lane's word holding row 8 h + g, column 16 t + q of its 16 x 64 block."""
+    q = torch.arange(16)
     h = torch.arange(2)[:, None]
-    return (3 + q % 4 + 8 * (q // 4) + 4 * h + 16 * (qp % 2)) % 32
+    return (q & ~1)[None, :] + h + 16 * (q & 1)[None, :]
 
 
 def tile_shape(out_features: int, in_features: int) -> tuple[int, int]:
     """(row tiles, k-groups) of the padded matrix."""
-    return (out_features + ROWS - 1) // ROWS, (in_features + GROUP_K - 1) // GROUP_K
+    return (out_features + 15) // 16, (in_features + GROUP_K - 1) // GROUP_K
 
 
 @torch.no_grad()
@@ -135,13 +118,13 @@ def prepare_tiles(packed_u8: torch.Tensor, in_features: int) -> torch.Tensor:
     NT, KB = tile_shape(N, in_features)
     bits = ((packed_u8[..., None] >> torch.arange(8, device=packed_u8.device, dtype=torch.uint8)) & 1)
     bits = bits.reshape(N, -1)[:, :in_features]
-    full = torch.zeros(NT * ROWS, KB * GROUP_K, dtype=torch.int64, device=packed_u8.device)
+    full = torch.zeros(NT * 16, KB * GROUP_K, dtype=torch.int64, device=packed_u8.device)
     full[:N, :in_features] = bits
-    # [rt, h, g-1, kb, kg, t, q'] -> word[rt, kb, g-1, t, kg] = sum over (h, q') of bit << pos[h, q']
-    b = full.view(NT, 2, 7, KB, KG, 4, 16)
+    # [rt, h, g, kb, kg, t, q] -> word[rt, kb, g, t, kg] = sum over (h, q) of bit << pos[h, q]
+    b = full.view(NT, 2, 8, KB, KG, 4, 16)
     pos = _bit_positions().to(packed_u8.device)
-    words = (b << pos[None, :, None, None, None, None, :]).sum(dim=(1, 6))      # [rt, g-1, kb, kg, t]
-    words = words.permute(0, 2, 1, 4, 3).contiguous()                            # [rt, kb, g-1, t, kg]
+    words = (b << pos[None, :, None, None, None, None, :]).sum(dim=(1, 6))      # [rt, g, kb, kg, t]
+    words = words.permute(0, 2, 1, 4, 3).contiguous()                            # [rt, kb, g, t, kg]
     words = torch.where(words >= 2**31, words - 2**32, words)
     return words.to(torch.int32).reshape(-1)
 
@@ -150,38 +133,35 @@ def prepare_tiles(packed_u8: torch.Tensor, in_features: int) -> torch.Tensor:
 def unpack_tiles(tiles: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
     """The inverse of ``prepare_tiles``: (N, K) sign bits as uint8 0/1 (tests and debugging)."""
     NT, KB = tile_shape(out_features, in_features)
-    w = tiles.to(torch.int64).view(NT, KB, 7, 4, KG) & 0xFFFFFFFF               # [rt, kb, g-1, t, kg]
+    w = tiles.to(torch.int64).view(NT, KB, 8, 4, KG) & 0xFFFFFFFF               # [rt, kb, g, t, kg]
     pos = _bit_positions().to(tiles.device)
-    b = (w[:, None, :, :, :, :, None] >> pos[None, :, None, None, None, None, :]) & 1   # [rt, h, kb, g-1, t, kg, q']
-    b = b.permute(0, 1, 3, 2, 5, 4, 6).reshape(NT * ROWS, KB * GROUP_K)        # [rt, h, g-1, kb, kg, t, q']
+    b = (w[:, None, :, :, :, :, None] >> pos[None, :, None, None, None, None, :]) & 1   # [rt, h, kb, g, t, kg, q]
+    b = b.permute(0, 1, 3, 2, 5, 4, 6).reshape(NT * 16, KB * GROUP_K)          # [rt, h, g, kb, kg, t, q]
     return b[:out_features, :in_features].to(torch.uint8)
 
 
 def reference_tiles(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor, out_features: int,
                     in_features: int) -> torch.Tensor:
-    """The kernel's arithmetic in PyTorch, as its registers see it: every lane's word (lanes g = 0: the made
-    word ``MADE``) is rotated right by 4 v, the mantissa bit of pair (c, hk, h) is masked into the base, and the
-    operands ``beta + b`` of all 16 tile rows are multiplied with x read at the permuted columns
-    16 t + 4 c + 2 hk + e; then ``2 D_r - D_0 - D_8``.  fp32 throughout; (M, N) out."""
+    """The kernel's arithmetic in PyTorch, as its registers see it: for every k-group each lane (g, t) turns
+    pair i of its word into two +-1 values with the same shift/mask as the inline PTX, and the m16n8k16 A
+    fragment positions (row 8 h + g, logical column 16 c + 8 hk + 2 t + e) are multiplied with x read at the
+    permuted columns 16 t + 4 c + 2 hk + e.  fp32 throughout; (M, N) out."""
     NT, KB = tile_shape(out_features, in_features)
     M = x.shape[0]
     xp = torch.zeros(M, KB * GROUP_K, dtype=torch.float32, device=x.device)
     xp[:, :in_features] = x.float()
-    w = tiles.to(torch.int64).view(NT, KB, 7, 4, KG) & 0xFFFFFFFF               # [rt, kb, g-1, t, kg]
-    made = torch.full_like(w[:, :, :1], MADE & 0xFFFFFFFF)
-    w = torch.cat([made, w], dim=2)                                             # [rt, kb, g, t, kg]
-    a = torch.zeros(NT, 2, 8, KB, KG, 4, 16, dtype=torch.float32, device=x.device)   # [rt, h, g, kb, kg, t, q']
-    for qp in range(16):
-        c, hk, e = qp // 4, (qp // 2) % 2, qp % 2
-        q = 2 * c + hk
-        for h in range(2):
-            v = 2 * (q // 4) + h
-            rot = ((w >> (4 * v)) | (w << (32 - 4 * v))) & 0xFFFFFFFF if v else w
-            bit = (rot >> (3 + q % 4 + 16 * e)) & 1                             # [rt, kb, g, t, kg]
-            a[:, h, :, :, :, :, qp] = BETA[q % 4] + bit.permute(0, 2, 1, 4, 3).float()
-    d = torch.einsum("rhgbktq,mbktq->mrhg", a, xp.view(M, KB, KG, 4, 16))      # [m, rt, h, g]
-    y = 2 * d[:, :, :, 1:] - d[:, :, :1, :1] - d[:, :, 1:, :1]
-    y = y.reshape(M, NT * ROWS)[:, :out_features]
+    w = tiles.to(torch.int64).view(NT, KB, 8, 4, KG) & 0xFFFFFFFF               # [rt, kb, g, t, kg]
+    acc = torch.zeros(M, NT, 2, 8, dtype=torch.float32, device=x.device)        # [m, rt, h, g]
+    for i in range(16):                       # pair i = 4 c + 2 hk + h: the shl/lop3 of asm(i) in _build
+        c, hk, h = i // 4, (i // 2) % 2, i % 2
+        t_ = (w << (15 - i)) & 0xFFFFFFFF
+        for e in range(2):
+            sign = torch.where(((t_ >> (15 + 16 * e)) & 1) == 1, 1.0, -1.0)     # [rt, kb, g, t, kg]
+            cols = (torch.arange(KB)[:, None, None] * GROUP_K + torch.arange(KG)[None, None, :] * 64
+                    + torch.arange(4)[None, :, None] * 16 + 4 * c + 2 * hk + e).to(x.device)   # [kb, t, kg]
+            xv = xp[:, cols]                                                     # [m, kb, t, kg]
+            acc[:, :, h] += torch.einsum("rbgtk,mbtk->mrg", sign, xv)
+    y = acc.reshape(M, NT * 16)[:, :out_features]
     return y * row_scale.float()[None, :]
 
 
@@ -194,46 +174,28 @@ def _build():
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-    def pair_asm(j: int, base: int) -> str:      # (w & bit j of both halves) | base of both halves: base or base + 1
-        return f"lop3.b32 $0, $1, {0x10001 << j:#x}, {base * 0x10001:#x}, 0xea;"
+    def asm(i: int, minus_one: int) -> str:
+        pair = minus_one * 0x10001
+        return (f"{{ .reg .b32 t; shl.b32 t, $1, {15 - i}; lop3.b32 $0, t, 0x80008000, {pair:#x}, 0x6a; }}")
 
-    def rot_asm(r: int) -> str:
-        return f"shf.r.wrap.b32 $0, $1, $1, {r};"
-
-    # pair q % 4 = 0..3 (bases 16, 8, 4, 2): bf16 reads mantissa bits 3..6 of the word rotated by 4 v, fp16 bits
-    # 6..9 of the word rotated by 4 v - 3 (the same bits of the word)
-    asm_bf16 = gl.constexpr(tuple(pair_asm(3 + i, b) for i, b in enumerate((0x4180, 0x4100, 0x4080, 0x4000))))
-    asm_fp16 = gl.constexpr(tuple(pair_asm(6 + i, b) for i, b in enumerate((0x4C00, 0x4800, 0x4400, 0x4000))))
-    rot_bf16 = gl.constexpr(tuple(rot_asm(4 * v) for v in range(4)))
-    rot_fp16 = gl.constexpr(tuple(rot_asm((4 * v - 3) % 32) for v in range(4)))
-
-    @gluon.jit
-    def _rot(words, v: gl.constexpr, BF16: gl.constexpr):
-        if BF16:
-            if v == 0:
-                return words
-            return gl.inline_asm_elementwise(rot_bf16[v], "=r,r", [words], dtype=gl.int32, is_pure=True, pack=1)
-        else:
-            return gl.inline_asm_elementwise(rot_fp16[v], "=r,r", [words], dtype=gl.int32, is_pure=True, pack=1)
+    asm_bf16 = gl.constexpr(tuple(asm(i, 0xBF80) for i in range(16)))
+    asm_fp16 = gl.constexpr(tuple(asm(i, 0xBC00) for i in range(16)))
 
     @gluon.jit
     def _pair(w2, i: gl.constexpr, BF16: gl.constexpr):
-        # $1, $2: one (rotated) word twice (elements e = 0, 1 of the pair); $0: the two operands as one register
+        # $1, $2: one word twice (elements e = 0, 1 of the pair); $0: the two +-1 of pair i as one register
         if BF16:
             return gl.inline_asm_elementwise(asm_bf16[i], "=r,r,r", [w2], dtype=gl.bfloat16, is_pure=True, pack=2)
         else:
             return gl.inline_asm_elementwise(asm_fp16[i], "=r,r,r", [w2], dtype=gl.float16, is_pure=True, pack=2)
 
     @gluon.jit
-    def _c_block(r0, r1, c: gl.constexpr, BF16: gl.constexpr):   # [..., e, h, hk] of 16-column block c
-        # q = 2 c + hk, pair index q % 4 = 2 (c % 2) + hk; r0, r1: the words rotated for h = 0, 1 (v = 2 (c // 2) + h)
-        p00 = _pair(r0, 2 * (c % 2), BF16)
-        p01 = _pair(r1, 2 * (c % 2), BF16)
-        p10 = _pair(r0, 2 * (c % 2) + 1, BF16)
-        p11 = _pair(r1, 2 * (c % 2) + 1, BF16)
+    def _c_block(w2, c: gl.constexpr, BF16: gl.constexpr):      # [..., e, h, hk] of 16-column block c
+        p00 = _pair(w2, c * 4 + 0, BF16)
+        p01 = _pair(w2, c * 4 + 1, BF16)
+        p10 = _pair(w2, c * 4 + 2, BF16)
+        p11 = _pair(w2, c * 4 + 3, BF16)
         return gl.join(gl.join(p00, p01), gl.join(p10, p11))
-
-    MADE_WORD = gl.constexpr(MADE)
 
     @gluon.jit
     def _xor(a, b):
@@ -257,21 +219,20 @@ def _build():
 
     @gluon.jit
     def _load_words(w_ptr, woff, rnd: gl.constexpr, s, rt, ch, KB: gl.constexpr, KBL: gl.constexpr,
-                    CH: gl.constexpr, NT, EVEN: gl.constexpr):
+                    CH: gl.constexpr, N, EVEN: gl.constexpr):
         if EVEN:
-            return gl.load(w_ptr + woff + rnd * CH * 112)
+            return gl.load(w_ptr + woff + rnd * CH * 128)
         else:
-            g_ok = (rnd * CH + ch < KBL) & (s * KBL + rnd * CH + ch < KB) & (rt < NT)
-            return gl.load(w_ptr + woff + rnd * CH * 112, mask=g_ok, other=0)
+            g_ok = (rnd * CH + ch < KBL) & (s * KBL + rnd * CH + ch < KB) & (rt * 16 < N)
+            return gl.load(w_ptr + woff + rnd * CH * 128, mask=g_ok, other=0)
 
     @gluon.jit
-    def kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, NT, stride_xm, stride_ym, zero,
+    def kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym, zero,
                KB: gl.constexpr, RT: gl.constexpr, NB: gl.constexpr, W: gl.constexpr, CH: gl.constexpr,
                BF16: gl.constexpr, HAS_BIAS: gl.constexpr, EVEN: gl.constexpr,
                FENCE: gl.constexpr, PDL: gl.constexpr):
-        """Program: RT row tiles of 16 (14 rows of W each); warp s: k-groups s KBL ... s KBL + KBL - 1, CH of
-        them per round (all of a round's loads are issued before its tensor-core work: ptxas does not hoist
-        loads across rounds)."""
+        """Program: 16 RT rows; warp s: k-groups s KBL ... s KBL + KBL - 1, CH of them per round (all of a
+        round's loads are issued before its tensor-core work: ptxas does not hoist loads across rounds)."""
         S: gl.constexpr = W
         BN: gl.constexpr = RT * 16
         BK: gl.constexpr = CH * 256               # columns a warp takes per round
@@ -291,17 +252,13 @@ def _build():
         s = _ar(S, 0, 6, wl)
         rt = pid * RT + _ar(RT, 1, 6, wl)
         ch = _ar(CH, 3, 6, wl)
-        g = _ar(8, 2, 6, wl)
-        # lanes g = 0 hold no words in memory: they load lane g = 1's (same addresses, no extra traffic) and
-        # replace them with the made word
-        woff = ((rt * KB + s * KBL + ch) * 28 + gl.maximum(g - 1, 0) * 4 + _ar(4, 5, 6, wl)) * 4 + _ar(4, 4, 6, wl)
-        made = g == 0
+        woff = ((rt * KB + s * KBL + ch) * 32 + _ar(8, 2, 6, wl) * 4 + _ar(4, 5, 6, wl)) * 4 + _ar(4, 4, 6, wl)
         xs = _ar(S, 0, 6, xl)
         xm = _ar(NB, 1, 6, xl)
         xch = _ar(CH, 2, 6, xl)
         xcol = (xs * KBL + xch) * 256 + _ar(4, 3, 6, xl) * 64 + _ar(4, 4, 6, xl) * 16 + _ar(16, 5, 6, xl)
-        # the columns m >= M of the mma read row M - 1 again (no masked loads to zero; never stored)
-        xoff = gl.minimum(xm, M - 1) * stride_xm + xcol
+        xoff = xm * stride_xm + xcol
+        m_ok = xm < M
 
         acc = gl.zeros([S, BN, NB], gl.float32, mma)
         if PDL:
@@ -309,7 +266,7 @@ def _build():
             # first round's are loaded while it finishes; x (its output) only after griddepcontrol.wait, which
             # also orders the store after everything the previous kernel reads; then the next kernel may launch
             # (a PDL kernel itself, it waits for this one to finish before it reads y)
-            words0 = _load_words(w_ptr, woff, 0, s, rt, ch, KB, KBL, CH, NT, EVEN)
+            words0 = _load_words(w_ptr, woff, 0, s, rt, ch, KB, KBL, CH, N, EVEN)
             gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False,
                                       pack=1)
             gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
@@ -318,29 +275,21 @@ def _build():
             if PDL and rnd == 0:
                 words = words0
             else:
-                words = _load_words(w_ptr, woff, rnd, s, rt, ch, KB, KBL, CH, NT, EVEN)
+                words = _load_words(w_ptr, woff, rnd, s, rt, ch, KB, KBL, CH, N, EVEN)
             if EVEN:
-                xv = gl.load(x_ptr + xoff + rnd * CH * 256)
+                xv = gl.load(x_ptr + xoff + rnd * CH * 256, mask=m_ok, other=0.0)
             else:
                 k_ok = (rnd * CH + xch < KBL) & (xcol + rnd * CH * 256 < K)
-                xv = gl.load(x_ptr + xoff + rnd * CH * 256, mask=k_ok, other=0.0)
+                xv = gl.load(x_ptr + xoff + rnd * CH * 256, mask=m_ok & k_ok, other=0.0)
             if FENCE:
                 # every word of the round now depends on all of them (zero is a runtime 0 ptxas cannot see
                 # through), so all the round's weight loads are in flight before its first tensor-core op;
                 # otherwise ptxas sinks each group's loads next to their use and the groups wait in turn
                 dep = gl.reduce(gl.reduce(words, 4, _xor, keep_dims=True), 3, _xor, keep_dims=True)
                 words = words ^ (dep & zero)
-            words = gl.where(made, MADE_WORD, words)
-            r0 = _rot(words, 0, BF16)
-            r1 = _rot(words, 1, BF16)
-            r2 = _rot(words, 2, BF16)
-            r3 = _rot(words, 3, BF16)
-            r0 = gl.join(r0, r0)
-            r1 = gl.join(r1, r1)
-            r2 = gl.join(r2, r2)
-            r3 = gl.join(r3, r3)
-            a = gl.join(gl.join(_c_block(r0, r1, 0, BF16), _c_block(r0, r1, 1, BF16)),
-                        gl.join(_c_block(r2, r3, 2, BF16), _c_block(r2, r3, 3, BF16)))
+            w2 = gl.join(words, words)
+            a = gl.join(gl.join(_c_block(w2, 0, BF16), _c_block(w2, 1, BF16)),
+                        gl.join(_c_block(w2, 2, BF16), _c_block(w2, 3, BF16)))
             # [s, rt, g, ch, kg, t, e, h, hk, c_lo, c_hi] -> [s, rt, h, g, ch, kg, c_hi, c_lo, hk, t, e] = (s, row, k)
             a = gl.permute(a, (0, 1, 7, 2, 3, 4, 10, 9, 8, 5, 6))
             a = gl.convert_layout(gl.reshape(a, [S, BN, BK]), la, assert_trivial=True)
@@ -351,17 +300,9 @@ def _build():
 
         out = gl.sum(acc, axis=0)                                   # [BN, NB]: the warps' K slices added
         ol: gl.constexpr = gl.SliceLayout(0, mma)
-        r = gl.arange(0, BN, layout=gl.SliceLayout(1, ol))
+        offs_n = pid * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, ol))
         om = gl.arange(0, NB, layout=gl.SliceLayout(0, ol))
-        # y_r = 2 D_r - D_0 - D_8 within each 16-row tile (D_0 = C, D_8 = C + sum x: the made rows)
-        made_rows = gl.where((r % 8 == 0)[:, None], out, 0.0)
-        corr = gl.zeros([BN, NB], gl.float32, ol)
-        for i in gl.static_range(RT):
-            in_tile = (r // 16 == i)[:, None]
-            corr = gl.where(in_tile, gl.sum(gl.where(in_tile, made_rows, 0.0), axis=0)[None, :], corr)
-        out = 2.0 * out - corr
-        offs_n = (pid * RT + r // 16) * 14 + (r % 16 // 8) * 7 + r % 8 - 1
-        n_ok = (r % 8 != 0) & (offs_n < N)
+        n_ok = offs_n < N
         out = out * gl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(gl.float32)[:, None]
         if HAS_BIAS:
             out += gl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(gl.float32)[:, None]
@@ -391,11 +332,11 @@ def mma_matmul(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor, ou
     if input_scale is not None:
         # applied here, not in the kernel: the in-kernel version measured wrong on the H100 (docs/RESULTS.md)
         x2 = x2 * input_scale.to(x2.dtype)
-    grid, meta, opts = launch_config(M, N, K, x.dtype == torch.bfloat16, bias is not None, config,
-                                     _has_pdl(x.device.index or 0))
+    grid, meta = launch_config(M, N, K, x.dtype == torch.bfloat16, bias is not None, config,
+                               _has_pdl(x.device.index or 0))
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    _KERNEL[grid](x2, tiles, row_scale, bias if bias is not None else row_scale, y, M, N, K, tile_shape(N, K)[0],
-                  x2.stride(0), y.stride(0), 0, **opts, **meta)
+    _KERNEL[grid](x2, tiles, row_scale, bias if bias is not None else row_scale, y, M, N, K, x2.stride(0),
+                  y.stride(0), 0, num_warps=meta["W"], launch_pdl=meta["PDL"], **meta)
     return y.reshape(*lead, N)
 
 
@@ -407,19 +348,16 @@ def _has_pdl(device_index: int) -> bool:
 
 def launch_config(M: int, N: int, K: int, bf16: bool, has_bias: bool, config: tuple | None = None,
                   has_pdl: bool = False) -> tuple:
-    """(grid, the kernel's constexpr arguments, its launch options) for M rows of a (N, K) matrix: the tile
-    config (argument, else BINARYLLM_MMA_CONFIG, else the measured default for M), CH capped at the k-groups a
-    warp has, EVEN when no mask is needed, PDL when the config asks for it (default PDL_DEFAULT) and the GPU has
-    it (``has_pdl``), a register cap (``maxnreg``) when the config's REGS is not 0."""
+    """(grid, the kernel's constexpr arguments) for M rows of a (N, K) matrix: the tile config (argument, else
+    BINARYLLM_MMA_CONFIG, else the measured default for M), CH capped at the k-groups a warp has, EVEN when no
+    mask is needed, PDL when the config asks for it (default PDL_DEFAULT) and the GPU has it (``has_pdl``)."""
     import triton
     default = MMA_CONFIG_16 if M > 8 else MMA_CONFIG_1_LARGE if N * K >= LARGE else MMA_CONFIG_1
     rt, warps, ch, *rest = config or _ENV_CONFIG or default
-    fence, pdl, regs = (list(rest) + [1, PDL_DEFAULT, 0][len(rest):])[:3]
+    fence, pdl = (list(rest) + [1, PDL_DEFAULT][len(rest):])[:2]
     NT, KB = tile_shape(N, K)
     kbl = triton.cdiv(KB, warps)
     ch = min(ch, triton.next_power_of_2(kbl))
-    even = K == KB * GROUP_K and KB % warps == 0 and kbl % ch == 0 and NT % rt == 0
-    meta = dict(KB=KB, RT=rt, NB=8 if M <= 8 else 16, W=warps, CH=ch, BF16=bf16, HAS_BIAS=has_bias, EVEN=even,
-                FENCE=bool(fence), PDL=bool(pdl) and has_pdl)
-    opts = dict(num_warps=warps, launch_pdl=meta["PDL"], **({"maxnreg": regs} if regs else {}))
-    return (triton.cdiv(NT, rt),), meta, opts
+    even = K == KB * GROUP_K and KB % warps == 0 and kbl % ch == 0 and NT % rt == 0 and N == NT * 16
+    return (triton.cdiv(NT, rt),), dict(KB=KB, RT=rt, NB=8 if M <= 8 else 16, W=warps, CH=ch, BF16=bf16,
+                                        HAS_BIAS=has_bias, EVEN=even, FENCE=bool(fence), PDL=bool(pdl) and has_pdl)
