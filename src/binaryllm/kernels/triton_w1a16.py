@@ -25,8 +25,8 @@ matching activations ``xp[:, j, w0:w0+WORDS]`` are contiguous.
 * ``unpack``: bits -> a dense ``sign * scale`` temporary, then cuBLAS (kept as a reference point in the bench).
 
 ``gemv`` and ``tc`` can also read x in place (config field DIRECT, ``_direct_x``): no bit-major copy, so one
-kernel per matmul instead of two (in a CUDA-graph decode step every kernel node costs ~1-2 µs).  Off by default
-until the H100 sweep has measured it.
+kernel per matmul instead of two (in a CUDA-graph decode step every kernel node costs ~1-2 µs).  Off by default:
+the H100 sweep measured it slower (each bit plane reads x at a stride; docs/RESULTS.md).
 
 Rounding: x·(±1) products are exact; sums in fp32 (order differs from a dense reference by fp32 rounding); the
 row scale is applied in fp32 and the result rounded once to the activation dtype.  An input scale is applied
@@ -258,7 +258,7 @@ def _env_config(name: str, default: tuple) -> tuple:
 
 
 # BLOCK_N, WORDS, warps[, DIRECT]: fastest or within 3% of it in the H100 sweep (RESULTS).  DIRECT = 1: the kernel
-# reads x in place instead of a bit-major copy made by a separate kernel (not measured yet: off by default)
+# reads x in place instead of a bit-major copy made by a separate kernel (measured slower on the H100: off by default)
 GEMV_CONFIG = _env_config("BINARYLLM_GEMV_CONFIG", (4, 32, 4))
 # BLOCK_N, int16 WORDS, warps[, SPLIT over K[, DIRECT]] of the tensor-core decode kernel.  Triton lowers the dot to Hopper's
 # asynchronous wgmma when BLOCK_N >= 64 with 4 warps (it then waits after each of the 16 plane dots), and to the
