@@ -166,15 +166,12 @@ def reference_tiles(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tenso
 
 
 _KERNEL = None
-_KERNEL_PIPE = None
 
 
-def _build(pipe: bool = False):
-    """The Gluon kernel (``pipe``: its shared-memory pipelined form), built on first use (importing Gluon needs
-    a Triton that has it: >= 3.4)."""
+def _build():
+    """The Gluon kernel, built on first use (importing Gluon needs a Triton that has it: >= 3.4)."""
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import async_copy
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
     def asm(i: int, minus_one: int) -> str:
@@ -312,93 +309,7 @@ def _build(pipe: bool = False):
         gl.store(y_ptr + om[None, :] * stride_ym + offs_n[:, None], out.to(y_ptr.dtype.element_ty),
                  mask=(om[None, :] < M) & n_ok[:, None])
 
-    @gluon.jit
-    def kernel_pipe(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
-                    KB: gl.constexpr, RT: gl.constexpr, NB: gl.constexpr, W: gl.constexpr, STAGES: gl.constexpr,
-                    BF16: gl.constexpr, HAS_BIAS: gl.constexpr, EVEN: gl.constexpr, PDL: gl.constexpr):
-        """The same product with the weight words streamed through shared memory: every thread copies its own
-        16-byte words with ``cp.async`` into a ring of STAGES rounds (one k-group of RT row tiles a round) and
-        reads them back from there, so the bytes in flight are bounded by shared memory, not by registers; the
-        first STAGES - 1 rounds are issued before the wait for the previous kernel."""
-        S: gl.constexpr = W
-        BN: gl.constexpr = RT * 16
-        KBL: gl.constexpr = (KB + S - 1) // S     # k-groups (= rounds) per warp
-        # words [s, rt, g, ch = 1, kg, t]; activations [s, m, ch = 1, kg, t, q]
-        wl: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 4, 1], [1, 1, 8, 1, 1, 4], [S, 1, 1, 1, 1, 1],
-                                            [4, 5, 3, 2, 1, 0])
-        xl: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 1, 16], [1, 8, 1, 1, 4, 1], [S, 1, 1, 1, 1, 1],
-                                            [5, 3, 2, 4, 1, 0])
-        sl: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [4, 5, 3, 2, 1, 0])
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[S, 1, 1],
-                                                      instr_shape=[1, 16, 8])
-        la: gl.constexpr = gl.DotOperandLayout(0, mma, 2)
-        lb: gl.constexpr = gl.DotOperandLayout(1, mma, 2)
-        pid = gl.program_id(0)
-
-        s = _ar(S, 0, 6, wl)
-        rt = pid * RT + _ar(RT, 1, 6, wl)
-        woff = ((rt * KB + s * KBL) * 32 + _ar(8, 2, 6, wl) * 4 + _ar(4, 5, 6, wl)) * 4 + _ar(4, 4, 6, wl)
-        xs = _ar(S, 0, 6, xl)
-        xm = _ar(NB, 1, 6, xl)
-        xcol = xs * KBL * 256 + _ar(4, 3, 6, xl) * 64 + _ar(4, 4, 6, xl) * 16 + _ar(16, 5, 6, xl)
-        xoff = xm * stride_xm + xcol
-        m_ok = xm < M
-        ring = gl.allocate_shared_memory(gl.int32, [STAGES, S, RT, 8, 1, 4, 4], sl)
-
-        for r in gl.static_range(STAGES - 1):
-            if r < KBL:
-                if EVEN:
-                    async_copy.async_copy_global_to_shared(ring.index(r), w_ptr + woff + r * 128)
-                else:
-                    ok = (s * KBL + r < KB) & (rt * 16 < N) & (r < KBL)
-                    async_copy.async_copy_global_to_shared(ring.index(r), w_ptr + woff + r * 128, mask=ok)
-            async_copy.commit_group()
-        if PDL:
-            gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False,
-                                      pack=1)
-            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
-                                      is_pure=False, pack=1)
-        acc = gl.zeros([S, BN, NB], gl.float32, mma)
-        for r in gl.static_range(KBL):
-            # refill the slot read in the previous round with round r + STAGES - 1, then wait for round r
-            if r + STAGES - 1 < KBL:
-                if EVEN:
-                    async_copy.async_copy_global_to_shared(ring.index((r + STAGES - 1) % STAGES),
-                                                           w_ptr + woff + (r + STAGES - 1) * 128)
-                else:
-                    ok = (s * KBL + r + STAGES - 1 < KB) & (rt * 16 < N)
-                    async_copy.async_copy_global_to_shared(ring.index((r + STAGES - 1) % STAGES),
-                                                           w_ptr + woff + (r + STAGES - 1) * 128, mask=ok)
-            async_copy.commit_group()
-            async_copy.wait_group(STAGES - 1)
-            words = ring.index(r % STAGES).load(wl)
-            if EVEN:
-                xv = gl.load(x_ptr + xoff + r * 256, mask=m_ok, other=0.0)
-            else:
-                k_ok = (xcol + r * 256 < K) & (xs * KBL + r < KB)
-                xv = gl.load(x_ptr + xoff + r * 256, mask=m_ok & k_ok, other=0.0)
-            w2 = gl.join(words, words)
-            a = gl.join(gl.join(_c_block(w2, 0, BF16), _c_block(w2, 1, BF16)),
-                        gl.join(_c_block(w2, 2, BF16), _c_block(w2, 3, BF16)))
-            a = gl.permute(a, (0, 1, 7, 2, 3, 4, 10, 9, 8, 5, 6))
-            a = gl.convert_layout(gl.reshape(a, [S, BN, 256]), la, assert_trivial=True)
-            xv = gl.permute(gl.reshape(xv, [S, NB, 1, 4, 4, 2, 2, 2, 2]), (0, 2, 3, 5, 6, 7, 4, 8, 1))
-            xv = gl.convert_layout(gl.reshape(xv, [S, 256, NB]), lb, assert_trivial=True)
-            acc = mma_v2(a, xv, acc)
-        async_copy.wait_group(0)
-
-        out = gl.sum(acc, axis=0)
-        ol: gl.constexpr = gl.SliceLayout(0, mma)
-        offs_n = pid * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, ol))
-        om = gl.arange(0, NB, layout=gl.SliceLayout(0, ol))
-        n_ok = offs_n < N
-        out = out * gl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(gl.float32)[:, None]
-        if HAS_BIAS:
-            out += gl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(gl.float32)[:, None]
-        gl.store(y_ptr + om[None, :] * stride_ym + offs_n[:, None], out.to(y_ptr.dtype.element_ty),
-                 mask=(om[None, :] < M) & n_ok[:, None])
-
-    return kernel if not pipe else kernel_pipe
+    return kernel
 
 
 def mma_matmul(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor, out_features: int,
@@ -427,33 +338,6 @@ def mma_matmul(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor, ou
     _KERNEL[grid](x2, tiles, row_scale, bias if bias is not None else row_scale, y, M, N, K, x2.stride(0),
                   y.stride(0), 0, num_warps=meta["W"], launch_pdl=meta["PDL"], **meta)
     return y.reshape(*lead, N)
-
-
-def pipe_launch_config(M: int, N: int, K: int, bf16: bool, has_bias: bool, config: tuple,
-                       has_pdl: bool = False) -> tuple:
-    """(grid, constexpr arguments) of ``kernel_pipe`` for the tile (RT, warps, STAGES)."""
-    import triton
-    rt, warps, stages = config
-    NT, KB = tile_shape(N, K)
-    even = K == KB * GROUP_K and KB % warps == 0 and NT % rt == 0 and N == NT * 16
-    return (triton.cdiv(NT, rt),), dict(KB=KB, RT=rt, NB=8 if M <= 8 else 16, W=warps, STAGES=stages, BF16=bf16,
-                                        HAS_BIAS=has_bias, EVEN=even, PDL=has_pdl)
-
-
-def mma_pipe_matmul(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor, out_features: int,
-                    in_features: int, config: tuple = (2, 4, 4)) -> torch.Tensor:
-    """``mma_matmul`` through the shared-memory pipelined kernel (experimental: no input scale or bias)."""
-    global _KERNEL_PIPE
-    if _KERNEL_PIPE is None:
-        _KERNEL_PIPE = _build(pipe=True)
-    K, N = in_features, out_features
-    x2 = x.reshape(-1, K).contiguous()
-    M = x2.shape[0]
-    grid, meta = pipe_launch_config(M, N, K, x.dtype == torch.bfloat16, False, config, _has_pdl(x.device.index or 0))
-    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    _KERNEL_PIPE[grid](x2, tiles, row_scale, row_scale, y, M, N, K, x2.stride(0), y.stride(0), num_warps=meta["W"],
-                       launch_pdl=meta["PDL"], **meta)
-    return y.reshape(*x.shape[:-1], N)
 
 
 def _has_pdl(device_index: int) -> bool:
