@@ -13,6 +13,9 @@ stores of x as tensor-core ops).  Here every layout is spelled out, so
 * each thread loads its B fragment (the activations) straight from x with 16-byte loads;
 * the warps of a program split K (a batched 3-D mma, one batch entry per warp) and add their partial sums once at
   the end, so that even a 4096-row matrix keeps every SM busy with many warps;
+* with CHAINS = 4 each warp keeps four accumulators (batch entries kg S + s: one per 64-column group kg) instead
+  of one, so its tensor-core ops are four independent dependency chains rather than one, summed with the rest at
+  the end; on the H100 this made the small, latency-bound matrices (SmolLM2's) about a quarter faster;
 * on sm_90+ it is launched with programmatic dependent launch (PDL): the weights do not depend on the kernel
   before it, so the first round of them is loaded while that kernel is still running; ``griddepcontrol.wait``
   comes before x is read (and before anything is stored), then ``griddepcontrol.launch_dependents`` lets the next
@@ -46,24 +49,41 @@ KG = 4               # int32 words a thread loads per k-group: one 16-byte load
 GROUP_K = 64 * KG    # columns of a k-group
 # RT (row tiles of 16 a program), warps (= ways K is split), CH (k-groups a warp loads at once)[, FENCE (1: all
 # of a round's weight loads issued before its first tensor-core op)[, PDL (1: programmatic dependent launch on
-# sm_90+, see the kernel)]]: the H100 sweep's best (docs/RESULTS.md) for 1-8 rows, for 1-8 rows of a matrix of
-# LARGE weights or more (16384^2: 21.8 against 32.3 us), and for 9-16 rows; BINARYLLM_MMA_CONFIG overrides all
+# sm_90+, see the kernel)[, CHAINS (1 or 4 accumulators a warp: 4 makes its tensor-core ops four independent
+# chains)]]]: the H100 sweeps' best (docs/RESULTS.md) for 1-8 rows, for 1-8 rows of a matrix of LARGE weights or
+# more (16384^2: 21.8 against 32.3 us), for 1-8 rows with K > 8192 (4096x11008: 6.63 against 7.38 us), and for
+# 9-16 rows; with 1-8 rows and K <= 2048 (SmolLM2) one k-group a warp and four chains (``default_config``:
+# 23-27% faster on its four fused shapes); BINARYLLM_MMA_CONFIG overrides all
 MMA_CONFIG_1 = (1, 4, 4, 0, 1)
 MMA_CONFIG_1_LARGE = (2, 4, 2, 1, 1)
+MMA_CONFIG_1_LONG_K = (1, 4, 2, 0, 1, 4)
 MMA_CONFIG_16 = (2, 4, 4, 1, 1)
 LARGE = 2 ** 27
 PDL_DEFAULT = 1
 
 
+def default_config(M: int, N: int, K: int) -> tuple:
+    """The measured default tile for M rows of an (N, K) matrix (see the constants above)."""
+    KB = (K + GROUP_K - 1) // GROUP_K
+    if M > 8:
+        return MMA_CONFIG_16
+    if N * K >= LARGE:
+        return MMA_CONFIG_1_LARGE
+    if KB <= 8:                                       # one k-group a warp: 1, 2, 4 or 8 warps
+        return (1, 1 << (KB - 1).bit_length(), 2, 0, 1, 4)
+    return MMA_CONFIG_1_LONG_K if KB > 32 else MMA_CONFIG_1
+
+
 def _env_config() -> tuple | None:
     from . import env_ints
     cfg = env_ints("BINARYLLM_MMA_CONFIG", "1,4,4,0,1")
-    if cfg is not None and (len(cfg) not in (3, 4, 5) or cfg[1] not in (1, 2, 4, 8, 16) or cfg[2] not in (1, 2, 4, 8)
-                            or cfg[0] < 1 or any(f not in (0, 1) for f in cfg[3:])):
+    if cfg is not None and (len(cfg) not in (3, 4, 5, 6) or cfg[1] not in (1, 2, 4, 8, 16)
+                            or cfg[2] not in (1, 2, 4, 8) or cfg[0] < 1 or any(f not in (0, 1) for f in cfg[3:5])
+                            or cfg[5:] not in ((), (1,), (4,))):
         from ..errors import BinaryLLMError
-        raise BinaryLLMError(f"BINARYLLM_MMA_CONFIG={','.join(map(str, cfg))!r} is not RT,WARPS,CH[,FENCE[,PDL]] "
-                             f"(e.g. 1,4,4,0,1; WARPS a power of 2 up to 16, CH one of 1, 2, 4, 8, FENCE and PDL 0 "
-                             f"or 1); fix or unset it")
+        raise BinaryLLMError(f"BINARYLLM_MMA_CONFIG={','.join(map(str, cfg))!r} is not RT,WARPS,CH[,FENCE[,PDL"
+                             f"[,CHAINS]]] (e.g. 1,4,4,0,1; WARPS a power of 2 up to 16, CH one of 1, 2, 4, 8, "
+                             f"FENCE and PDL 0 or 1, CHAINS 1 or 4); fix or unset it")
     return cfg
 
 
@@ -230,7 +250,7 @@ def _build():
     def kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym, zero,
                KB: gl.constexpr, RT: gl.constexpr, NB: gl.constexpr, W: gl.constexpr, CH: gl.constexpr,
                BF16: gl.constexpr, HAS_BIAS: gl.constexpr, EVEN: gl.constexpr,
-               FENCE: gl.constexpr, PDL: gl.constexpr):
+               FENCE: gl.constexpr, PDL: gl.constexpr, CHAINS: gl.constexpr = 1):
         """Program: 16 RT rows; warp s: k-groups s KBL ... s KBL + KBL - 1, CH of them per round (all of a
         round's loads are issued before its tensor-core work: ptxas does not hoist loads across rounds)."""
         S: gl.constexpr = W
@@ -260,7 +280,7 @@ def _build():
         xoff = xm * stride_xm + xcol
         m_ok = xm < M
 
-        acc = gl.zeros([S, BN, NB], gl.float32, mma)
+        acc = gl.zeros([S * CHAINS, BN, NB], gl.float32, mma)
         if PDL:
             # programmatic dependent launch: the weights do not depend on the kernel before this one, so the
             # first round's are loaded while it finishes; x (its output) only after griddepcontrol.wait, which
@@ -290,12 +310,20 @@ def _build():
             w2 = gl.join(words, words)
             a = gl.join(gl.join(_c_block(w2, 0, BF16), _c_block(w2, 1, BF16)),
                         gl.join(_c_block(w2, 2, BF16), _c_block(w2, 3, BF16)))
-            # [s, rt, g, ch, kg, t, e, h, hk, c_lo, c_hi] -> [s, rt, h, g, ch, kg, c_hi, c_lo, hk, t, e] = (s, row, k)
-            a = gl.permute(a, (0, 1, 7, 2, 3, 4, 10, 9, 8, 5, 6))
-            a = gl.convert_layout(gl.reshape(a, [S, BN, BK]), la, assert_trivial=True)
-            # x [s, m, ch, kg, t, q = 8 c_hi + 4 c_lo + 2 hk + e] -> [s, ch, kg, c_hi, c_lo, hk, t, e, m]
-            xv = gl.permute(gl.reshape(xv, [S, NB, CH, 4, 4, 2, 2, 2, 2]), (0, 2, 3, 5, 6, 7, 4, 8, 1))
-            xv = gl.convert_layout(gl.reshape(xv, [S, BK, NB]), lb, assert_trivial=True)
+            if CHAINS == 1:
+                # [s, rt, g, ch, kg, t, e, h, hk, c_lo, c_hi] -> [s, rt, h, g, ch, kg, c_hi, c_lo, hk, t, e] = (s, row, k)
+                a = gl.permute(a, (0, 1, 7, 2, 3, 4, 10, 9, 8, 5, 6))
+                a = gl.convert_layout(gl.reshape(a, [S, BN, BK]), la, assert_trivial=True)
+                # x [s, m, ch, kg, t, q = 8 c_hi + 4 c_lo + 2 hk + e] -> [s, ch, kg, c_hi, c_lo, hk, t, e, m]
+                xv = gl.permute(gl.reshape(xv, [S, NB, CH, 4, 4, 2, 2, 2, 2]), (0, 2, 3, 5, 6, 7, 4, 8, 1))
+                xv = gl.convert_layout(gl.reshape(xv, [S, BK, NB]), lb, assert_trivial=True)
+            else:
+                # four accumulators a warp, one per kg (batch entry kg S + s), so that a warp's tensor-core ops
+                # form four independent chains: -> [kg, s, rt, h, g, ch, c_hi, c_lo, hk, t, e]
+                a = gl.permute(a, (4, 0, 1, 7, 2, 3, 10, 9, 8, 5, 6))
+                a = gl.convert_layout(gl.reshape(a, [4 * S, BN, BK // 4]), la, assert_trivial=True)
+                xv = gl.permute(gl.reshape(xv, [S, NB, CH, 4, 4, 2, 2, 2, 2]), (3, 0, 2, 5, 6, 7, 4, 8, 1))
+                xv = gl.convert_layout(gl.reshape(xv, [4 * S, BK // 4, NB]), lb, assert_trivial=True)
             acc = mma_v2(a, xv, acc)
 
         out = gl.sum(acc, axis=0)                                   # [BN, NB]: the warps' K slices added
@@ -349,15 +377,15 @@ def _has_pdl(device_index: int) -> bool:
 def launch_config(M: int, N: int, K: int, bf16: bool, has_bias: bool, config: tuple | None = None,
                   has_pdl: bool = False) -> tuple:
     """(grid, the kernel's constexpr arguments) for M rows of a (N, K) matrix: the tile config (argument, else
-    BINARYLLM_MMA_CONFIG, else the measured default for M), CH capped at the k-groups a warp has, EVEN when no
+    BINARYLLM_MMA_CONFIG, else ``default_config``), CH capped at the k-groups a warp has, EVEN when no
     mask is needed, PDL when the config asks for it (default PDL_DEFAULT) and the GPU has it (``has_pdl``)."""
     import triton
-    default = MMA_CONFIG_16 if M > 8 else MMA_CONFIG_1_LARGE if N * K >= LARGE else MMA_CONFIG_1
-    rt, warps, ch, *rest = config or _ENV_CONFIG or default
-    fence, pdl = (list(rest) + [1, PDL_DEFAULT][len(rest):])[:2]
+    rt, warps, ch, *rest = config or _ENV_CONFIG or default_config(M, N, K)
+    fence, pdl, chains = (list(rest) + [1, PDL_DEFAULT, 1][len(rest):])[:3]
     NT, KB = tile_shape(N, K)
     kbl = triton.cdiv(KB, warps)
     ch = min(ch, triton.next_power_of_2(kbl))
     even = K == KB * GROUP_K and KB % warps == 0 and kbl % ch == 0 and NT % rt == 0 and N == NT * 16
     return (triton.cdiv(NT, rt),), dict(KB=KB, RT=rt, NB=8 if M <= 8 else 16, W=warps, CH=ch, BF16=bf16,
-                                        HAS_BIAS=has_bias, EVEN=even, FENCE=bool(fence), PDL=bool(pdl) and has_pdl)
+                                        HAS_BIAS=has_bias, EVEN=even, FENCE=bool(fence), PDL=bool(pdl) and has_pdl,
+                                        CHAINS=chains)
