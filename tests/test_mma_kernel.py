@@ -121,12 +121,12 @@ COMPILE_CASES = [(8192, 8192, 1, 1, 4, 4, True, False, 1), (4096, 11008, 16, 2, 
 
 
 def test_default_tiles_follow_the_measured_rules():
-    """One k-group a warp and four chains for K <= 2048 at 1-8 rows, four chains for K > 8192, the large and
-    16-row tiles unchanged; explicit configs without a CHAINS field keep one chain."""
+    """One k-group a warp and four chains for K <= 2048 at 1-8 rows, one chain above; the large and 16-row tiles
+    unchanged; explicit configs without a CHAINS field keep one chain."""
     assert mw.default_config(1, 960, 576) == (1, 4, 2, 0, 1, 4)
     assert mw.default_config(8, 576, 1536) == (1, 8, 2, 0, 1, 4)
     assert mw.default_config(1, 64, 200) == (1, 1, 2, 0, 1, 4)
-    assert mw.default_config(1, 4096, 11008) == mw.MMA_CONFIG_1_LONG_K
+    assert mw.default_config(1, 4096, 11008) == mw.MMA_CONFIG_1
     assert mw.default_config(1, 8192, 8192) == mw.MMA_CONFIG_1
     assert mw.default_config(1, 16384, 16384) == mw.MMA_CONFIG_1_LARGE
     assert mw.default_config(9, 960, 576) == mw.MMA_CONFIG_16

@@ -51,12 +51,12 @@ GROUP_K = 64 * KG    # columns of a k-group
 # of a round's weight loads issued before its first tensor-core op)[, PDL (1: programmatic dependent launch on
 # sm_90+, see the kernel)[, CHAINS (1 or 4 accumulators a warp: 4 makes its tensor-core ops four independent
 # chains)]]]: the H100 sweeps' best (docs/RESULTS.md) for 1-8 rows, for 1-8 rows of a matrix of LARGE weights or
-# more (16384^2: 21.8 against 32.3 us), for 1-8 rows with K > 8192 (4096x11008: 6.63 against 7.38 us), and for
-# 9-16 rows; with 1-8 rows and K <= 2048 (SmolLM2) one k-group a warp and four chains (``default_config``:
-# 23-27% faster on its four fused shapes); BINARYLLM_MMA_CONFIG overrides all
+# more (16384^2: 21.8 against 32.3 us), and for 9-16 rows; with 1-8 rows and K <= 2048 (SmolLM2) one k-group a
+# warp and four chains (``default_config``: 23-27% faster on its four fused shapes, +13% SmolLM2 decode).  Four
+# chains also made 4096x11008 faster alone (6.63 against 7.38 us) but the 7B decode step slower (about 580
+# against 630 tok/s), so larger K keeps one.  BINARYLLM_MMA_CONFIG overrides all
 MMA_CONFIG_1 = (1, 4, 4, 0, 1)
 MMA_CONFIG_1_LARGE = (2, 4, 2, 1, 1)
-MMA_CONFIG_1_LONG_K = (1, 4, 2, 0, 1, 4)
 MMA_CONFIG_16 = (2, 4, 4, 1, 1)
 LARGE = 2 ** 27
 PDL_DEFAULT = 1
@@ -71,7 +71,7 @@ def default_config(M: int, N: int, K: int) -> tuple:
         return MMA_CONFIG_1_LARGE
     if KB <= 8:                                       # one k-group a warp: 1, 2, 4 or 8 warps
         return (1, 1 << (KB - 1).bit_length(), 2, 0, 1, 4)
-    return MMA_CONFIG_1_LONG_K if KB > 32 else MMA_CONFIG_1
+    return MMA_CONFIG_1
 
 
 def _env_config() -> tuple | None:
