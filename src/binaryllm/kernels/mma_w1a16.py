@@ -64,7 +64,7 @@ PDL_DEFAULT = 1
 
 def default_config(M: int, N: int, K: int) -> tuple:
     """The measured default tile for M rows of an (N, K) matrix (see the constants above)."""
-    KB = (K + GROUP_K - 1) // GROUP_K
+    KB = tile_shape(N, K)[1]
     if M > 8:
         return MMA_CONFIG_16
     if N * K >= LARGE:
