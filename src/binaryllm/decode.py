@@ -46,6 +46,27 @@ def compile_options() -> dict:
     return opts
 
 
+def _set_decode_attention(model, on: bool) -> bool:
+    """Switch ``model`` to the Triton decode attention (``on``, where Triton can run it) or back to SDPA; returns
+    whether it uses the kernel now."""
+    from .kernels import DECODE_ATTENTION
+    uses = getattr(model.config, "_attn_implementation", None) == DECODE_ATTENTION
+    if on and not uses:
+        p = next(model.parameters())
+        from .kernels import triton_usable
+        if p.device.type != "cuda" or triton_usable(p.device.index or 0):
+            try:
+                import triton  # noqa: F401
+            except ImportError:
+                return False
+            from .kernels.attention import use_decode_attention
+            return use_decode_attention(model)
+    elif not on and uses:
+        model.set_attn_implementation("sdpa")
+        return False
+    return uses
+
+
 class StaticDecoder:
     """``StaticDecoder(model, max_len).generate(prompt_ids, n)`` -> the n new token ids (batch, n).
 
@@ -56,10 +77,14 @@ class StaticDecoder:
     ops, ``kernels/ops.py``); on CUDA the compiled step is what the graph captures.  The prefill stays eager.
     ``fuse``: packed layers that read the same input (q/k/v, gate/up) run as one packed matmul
     (``nn/fuse.py``; the model is changed in place: ``binaryllm.nn.unfuse_projections`` before saving it).
+    ``attention``: a model on transformers' ``sdpa`` attention runs its one-token steps through the Triton decode
+    attention (``kernels/attention.py``; SDPA for the prefill; default: on CUDA where Triton runs).  The model
+    keeps that setting (it is SDPA everywhere else); ``attention=False`` or ``model.set_attn_implementation("sdpa")``
+    switches it back.  ``self.attention`` says whether the kernel is in use.
     """
 
     def __init__(self, model, max_len: int, batch: int = 1, graph: bool | None = None, compile: bool = False,
-                 fuse: bool = True):
+                 fuse: bool = True, attention: bool | None = None):
         from transformers import StaticCache
         self.fused = []
         if fuse:
@@ -68,6 +93,7 @@ class StaticDecoder:
         self.model = model.eval()
         p = next(model.parameters())
         self.device = p.device
+        self.attention = _set_decode_attention(model, self.device.type == "cuda" if attention is None else attention)
         if self.device.type == "cuda":     # kernel layouts made before any capture or compile (nn/packed.py)
             from .nn.packed import prepare_kernels
             prepare_kernels(model)

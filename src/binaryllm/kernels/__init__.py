@@ -8,6 +8,7 @@ import warnings
 
 _WARNED: set[str] = set()
 DECODE_KERNELS = ("mma", "gemv", "tc")     # the CUDA decode kernels (1-16 rows); see triton_w1a16.DECODE_MODE
+DECODE_ATTENTION = "binaryllm_decode"      # the decode attention's name in transformers' interfaces (attention.py)
 
 
 def warn_once(key: str, msg: str) -> None:

@@ -37,3 +37,16 @@ def w1_cpu(x: torch.Tensor, packed: torch.Tensor, row_scale: torch.Tensor, in_fe
 @w1_cpu.register_fake
 def _(x, packed, row_scale, in_features):
     return x.new_empty(*x.shape[:-1], packed.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("binaryllm::decode_attention", mutates_args=())
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                     scale: Optional[float]) -> torch.Tensor:
+    """CUDA: ``attention.decode_attention`` (one query token over a KV cache; (B, 1, H, D) out)."""
+    from .attention import decode_attention as run
+    return run(q, k, v, mask, scale)
+
+
+@decode_attention.register_fake
+def _(q, k, v, mask, scale):
+    return q.new_empty(q.shape[0], 1, q.shape[1], q.shape[3])

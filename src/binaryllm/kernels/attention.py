@@ -1,0 +1,257 @@
+"""Decode attention: one query token per sequence over a KV cache, in one Triton kernel (two for long caches).
+
+Why: in a CUDA-graph decode step of SmolLM2-135M, transformers' SDPA path runs cuDNN's flash kernel for one query
+token over at most 144 cached keys in 4.66 us a layer, the largest kernel after the matmuls (docs/RESULTS.md).
+The work is tiny (3 KV heads x 144 keys x 64 dims); what costs is the kernel.  Here a program takes one KV head
+of one sequence and all the query heads that share it (GQA: no ``repeat_kv`` copy), loads its keys and values
+once and keeps the softmax online in registers.  On sm_90+ it is launched with programmatic dependent launch,
+like the ``mma`` kernel: it waits (``griddepcontrol.wait``) before reading anything and lets the next kernel
+launch at once.
+
+Keys a boolean mask marks as not attended are never read (predicated loads): a static cache of ``max_len`` keys
+costs only the positions filled so far.  Caches longer than ``CHUNK`` keys are split into chunks, one program
+each, whose partial softmax sums a second kernel adds up (flash-decoding).
+
+Hooked into transformers through its attention interface (``register``; ``use_decode_attention(model)`` switches
+a model from ``sdpa`` to it): no model code is touched, and every call the kernel does not cover (more than one
+query token: the prefill; dropout; soft-capping, attention sinks, a per-head mask; not a CUDA tensor) goes to
+transformers' own SDPA function unchanged.
+
+Rounding: scores q.k and p.v are fp32 sums on the tensor cores (q, k, v in their dtype; the probabilities p are
+rounded to v's dtype before p.v, as in flash attention); the softmax is fp32 (exp2 with the scale folded in);
+the output is rounded once.  A query whose keys are all masked gets 0 (SDPA gives NaN).  Tested on the CPU under
+``TRITON_INTERPRET=1`` against PyTorch's SDPA (fp16: the interpreter's bf16 dot is wrong, tests/test_kernels.py),
+and on the GPU in bf16 by the decode tests and ``bench decode``.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import DECODE_ATTENTION as NAME      # the name registered in transformers' attention interfaces
+
+CHUNK = 512                      # keys a program takes at most; longer caches are split (flash-decoding)
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attn_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, po_ptr, pml_ptr, L, KVH, qk_scale,
+                 s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_mb, s_ml, s_ob, s_oh,
+                 G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr,
+                 CHUNK_N: tl.constexpr, MASK: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr):
+    """Program (b * KVH + h, c): query heads h G .. h G + G - 1 of sequence b over keys [c CHUNK_N, (c + 1)
+    CHUNK_N) of KV head h.  MASK: 0 none, 1 boolean (True = attend), 2 additive.  SPLIT: write the partial
+    (acc, max, sum) for ``_combine_kernel`` instead of the output."""
+    bh = tl.program_id(0)
+    c = tl.program_id(1)
+    b = bh // KVH
+    h = bh % KVH
+    g = tl.arange(0, GP)
+    d = tl.arange(0, DP)
+    g_ok = g < G
+    d_ok = d < D
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    q = tl.load(q_ptr + b * s_qb + (h * G + g)[:, None] * s_qh + d[None, :], mask=g_ok[:, None] & d_ok[None, :],
+                other=0.0)
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, DP], tl.float32)
+    start = c * CHUNK_N
+    for n0 in range(0, CHUNK_N, BLOCK_N):
+        n = start + n0 + tl.arange(0, BLOCK_N)
+        ok = n < L
+        if MASK == 1:
+            ok = ok & (tl.load(m_ptr + b * s_mb + n * s_ml, mask=ok, other=0) != 0)
+        kv_ok = ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + b * s_kb + h * s_kh + n[:, None] * s_kl + d[None, :], mask=kv_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale                       # log2 units: exp2 below
+        if MASK == 2:
+            add = tl.load(m_ptr + b * s_mb + n * s_ml, mask=ok, other=0.0).to(tl.float32)
+            s += add[None, :] * 1.4426950408889634                  # to log2 units too
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)        # all masked so far: no NaN from -inf - -inf
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + b * s_vb + h * s_vh + n[:, None] * s_vl + d[None, :], mask=kv_ok, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    if SPLIT:
+        nc = tl.num_programs(1)
+        row = (bh * nc + c) * GP + g
+        tl.store(po_ptr + row[:, None] * DP + d[None, :], acc)
+        tl.store(pml_ptr + row * 2, m_i)
+        tl.store(pml_ptr + row * 2 + 1, l_i)
+    else:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(o_ptr + b * s_ob + (h * G + g)[:, None] * s_oh + d[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=g_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _combine_kernel(po_ptr, pml_ptr, o_ptr, NC: tl.constexpr, KVH, s_ob, s_oh, G: tl.constexpr, GP: tl.constexpr,
+                    D: tl.constexpr, DP: tl.constexpr, PDL: tl.constexpr):
+    """Program b * KVH + h: the NC chunks' partial sums of its query heads, rescaled to one softmax."""
+    bh = tl.program_id(0)
+    b = bh // KVH
+    h = bh % KVH
+    g = tl.arange(0, GP)
+    d = tl.arange(0, DP)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    m = tl.full([GP], float("-inf"), tl.float32)
+    for c in range(0, NC):
+        m = tl.maximum(m, tl.load(pml_ptr + ((bh * NC + c) * GP + g) * 2))
+    m_ref = tl.where(m == float("-inf"), 0.0, m)
+    l_sum = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, DP], tl.float32)
+    for c in range(0, NC):
+        row = (bh * NC + c) * GP + g
+        w = tl.exp2(tl.load(pml_ptr + row * 2) - m_ref)
+        l_sum += w * tl.load(pml_ptr + row * 2 + 1)
+        acc += w[:, None] * tl.load(po_ptr + row[:, None] * DP + d[None, :])
+    out = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
+    tl.store(o_ptr + b * s_ob + (h * G + g)[:, None] * s_oh + d[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=(g < G)[:, None] & (d < D)[None, :])
+
+
+def _pow2(n: int, least: int) -> int:
+    return max(least, triton.next_power_of_2(n))
+
+
+def block_config(L: int, D: int) -> tuple[int, int, int]:
+    """(BLOCK_N, warps, CHUNK_N) for L keys of head size D; BINARYLLM_ATTN_CONFIG=BLOCK_N,WARPS[,CHUNK] overrides."""
+    from . import env_ints
+    cfg = env_ints("BINARYLLM_ATTN_CONFIG", "128,4,512")
+    if cfg is not None:
+        if len(cfg) not in (2, 3) or any(v < 1 or v & (v - 1) for v in cfg) or cfg[0] < 16 \
+                or (len(cfg) == 3 and cfg[2] < cfg[0]):
+            from ..errors import BinaryLLMError
+            raise BinaryLLMError(f"BINARYLLM_ATTN_CONFIG={','.join(map(str, cfg))!r} is not BLOCK_N,WARPS[,CHUNK] "
+                                 "(powers of 2, BLOCK_N >= 16, CHUNK >= BLOCK_N; e.g. 128,4,512); fix or unset it")
+        bn, warps, chunk = (list(cfg) + [CHUNK])[:3]
+    else:
+        bn = min(_pow2(L, 16), 128 if _pow2(D, 16) <= 64 else 64)
+        warps, chunk = 4, CHUNK
+    return bn, warps, max(bn, min(chunk, _pow2(L, 16)))
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale [+ mask]) v for q (B, H, 1, D) and k, v (B, KVH, L, D) (H a multiple of KVH, query
+    head i reading KV head i // (H / KVH)); mask None (every key), boolean (B or 1, 1, 1, L), True = attend, or
+    additive of that shape.  Returns (B, 1, H, D), the layout transformers' attention functions return."""
+    B, H, _, D = q.shape
+    KVH, L = k.shape[1], k.shape[2]
+    G = H // KVH
+    scale = D ** -0.5 if scale is None else scale
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out = torch.empty(B, 1, H, D, device=q.device, dtype=q.dtype)
+    kind = 0 if mask is None else (1 if mask.dtype == torch.bool else 2)
+    if mask is not None:
+        mask = mask.expand(B, 1, 1, L)
+        s_mb, s_ml = mask.stride(0), mask.stride(3)
+    else:
+        s_mb = s_ml = 0
+    bn, warps, chunk = block_config(L, D)
+    nc = triton.cdiv(L, chunk)
+    GP, DP = _pow2(G, 16), _pow2(D, 16)
+    pdl = not _INTERPRETED and q.is_cuda and _has_pdl(q.device.index or 0)
+    extra = {"launch_pdl": True} if pdl else {}
+    if nc > 1:
+        po = torch.empty(B * KVH * nc * GP, DP, device=q.device, dtype=torch.float32)
+        pml = torch.empty(B * KVH * nc * GP, 2, device=q.device, dtype=torch.float32)
+    else:
+        po = pml = out
+    _attn_kernel[(B * KVH, nc)](q, k, v, mask if mask is not None else q, out, po, pml, L, KVH, scale * _LOG2E,
+                                q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
+                                v.stride(1), v.stride(2), s_mb, s_ml, out.stride(0), out.stride(2),
+                                G=G, GP=GP, D=D, DP=DP, BLOCK_N=bn, CHUNK_N=chunk, MASK=kind, SPLIT=nc > 1, PDL=pdl,
+                                num_warps=warps, **extra)
+    if nc > 1:
+        _combine_kernel[(B * KVH,)](po, pml, out, nc, KVH, out.stride(0), out.stride(2), G=G, GP=GP, D=D, DP=DP,
+                                    PDL=pdl, num_warps=4, **extra)
+    return out
+
+
+def _has_pdl(device_index: int) -> bool:
+    from . import compute_major
+    return compute_major(device_index) >= 9
+
+
+def covers(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+           dropout: float, kwargs: dict) -> bool:
+    """Whether ``decode_attention`` computes this call exactly as SDPA would (else the caller falls back)."""
+    if query.shape[2] != 1 or dropout or query.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if not (query.is_cuda or _INTERPRETED) or key.shape != value.shape or query.shape[-1] != key.shape[-1]:
+        return False
+    if query.shape[0] != key.shape[0] or query.shape[1] % key.shape[1] or key.dtype != query.dtype \
+            or value.dtype != query.dtype:
+        return False
+    if any(kwargs.get(n) is not None for n in ("softcap", "s_aux", "sinks", "position_bias", "cache")):
+        return False
+    if kwargs.get("output_attentions"):
+        return False
+    if mask is not None and (mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1
+                             or mask.shape[0] not in (1, query.shape[0]) or mask.shape[3] != key.shape[2]):
+        return False
+    if query.is_cuda:
+        from . import triton_usable
+        return triton_usable(query.device.index or 0)
+    return True
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers' attention-interface signature: the decode kernel where it covers the call, else SDPA."""
+    if covers(query, key, value, attention_mask, dropout, kwargs):
+        if torch.compiler.is_compiling():              # one opaque op for torch.compile (kernels/ops.py)
+            from . import ops
+            return ops.decode_attention(query, key, value, attention_mask, scaling), None
+        return decode_attention(query, key, value, attention_mask, scaling), None
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
+
+
+def register() -> str:
+    """Register the decode attention (and SDPA's mask for it) with transformers under ``NAME``; idempotent."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionInterface.register(NAME, attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    return NAME
+
+
+def use_decode_attention(model) -> bool:
+    """Switch a model that uses transformers' ``sdpa`` attention to the decode kernel (SDPA everywhere else, so
+    results stay SDPA's up to rounding); other implementations (eager, flash, flex) are left alone.  Returns
+    whether the model now uses it.  ``model.set_attn_implementation("sdpa")`` switches back."""
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl == NAME:
+        return True
+    if impl != "sdpa" or not hasattr(model, "set_attn_implementation"):
+        return False
+    model.set_attn_implementation(register())
+    return model.config._attn_implementation == NAME
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              scale: float | None = None) -> torch.Tensor:
+    """The same in fp32 PyTorch (tests): (B, 1, H, D) in q's dtype."""
+    G = q.shape[1] // k.shape[1]
+    kk, vv = k.float().repeat_interleave(G, 1), v.float().repeat_interleave(G, 1)
+    s = q.float() @ kk.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if mask is not None:
+        s = s.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else s + mask.float()
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return (p @ vv).transpose(1, 2).to(q.dtype)

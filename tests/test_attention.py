@@ -1,0 +1,199 @@
+"""The Triton decode attention (binaryllm.kernels.attention): the kernel against an fp32 reference under Triton's
+interpreter (TRITON_INTERPRET=1, CPU tensors, fp16: the interpreter's bf16 dot is wrong, see test_kernels.py),
+a decoder using it against the same decoder on SDPA, the fall-backs to SDPA, and the switch of a model's
+attention; on a CUDA GPU also in bf16, eager and compiled."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from binaryllm.decode import StaticDecoder
+from binaryllm.errors import BinaryLLMError
+from binaryllm.kernels import DECODE_ATTENTION
+
+# (B, H, KVH, L, D, mask kind, BINARYLLM_ATTN_CONFIG or None)
+CASES = [
+    (1, 9, 3, 144, 64, "bool", None),            # SmolLM2's heads: GQA 3, one program a KV head
+    (2, 4, 4, 37, 128, "additive", None),        # MHA, ragged L, additive mask (as transformers' eager mask)
+    (1, 8, 2, 1300, 48, "bool", None),           # head size not a power of 2; three chunks + the combine kernel
+    (2, 6, 2, 70, 64, "none", None),
+    (1, 4, 1, 700, 64, "bool", "16,4,32"),       # many small blocks, 22 chunks
+    (2, 2, 2, 900, 32, "additive", None),        # split with an additive mask
+    (3, 4, 2, 50, 64, "bool-shared", None),      # one mask row for the whole batch (broadcast)
+    (2, 4, 2, 40, 64, "empty-row", None),        # a sequence with every key masked: 0, not NaN
+]
+
+_CHILD = r"""
+import os, sys, torch
+from binaryllm.kernels import attention as A
+cases = torch.load(sys.argv[1])
+out = []
+for c in cases:
+    if c["cfg"]:
+        os.environ["BINARYLLM_ATTN_CONFIG"] = c["cfg"]
+    else:
+        os.environ.pop("BINARYLLM_ATTN_CONFIG", None)
+    out.append(A.decode_attention(c["q"], c["k"], c["v"], c["mask"], c["scale"]))
+torch.save(out, sys.argv[2])
+"""
+
+
+def _case(B, H, KVH, L, D, kind, cfg):
+    g = torch.Generator().manual_seed(B * 100 + L)
+    q, k, v = (torch.randn(*s, generator=g).half() for s in ((B, H, 1, D), (B, KVH, L, D), (B, KVH, L, D)))
+    pos = torch.randint(1, L, (B,), generator=g)
+    filled = (torch.arange(L)[None, :] < pos[:, None]).view(B, 1, 1, L)
+    mask = {"none": None, "bool": filled, "bool-shared": filled[:1],
+            "additive": torch.zeros(B, 1, 1, L).masked_fill(~filled, torch.finfo(torch.float16).min).half(),
+            "empty-row": filled & (torch.arange(B) > 0).view(B, 1, 1, 1)}[kind]
+    return {"q": q, "k": k, "v": v, "mask": mask, "scale": None if kind != "none" else 0.3, "cfg": cfg}
+
+
+def _run_child(code: str, *args, timeout=600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    d = tmp_path_factory.mktemp("attn")
+    cases = [_case(*c) for c in CASES]
+    torch.save(cases, d / "in.pt")
+    r = _run_child(_CHILD, d / "in.pt", d / "out.pt")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return cases, torch.load(d / "out.pt")
+
+
+@pytest.mark.parametrize("i", range(len(CASES)))
+def test_kernel_matches_fp32_attention(interpreted, i):
+    from binaryllm.kernels.attention import reference
+    cases, outs = interpreted
+    c, y = cases[i], outs[i]
+    B, H, _, D = c["q"].shape
+    assert y.shape == (B, 1, H, D) and y.dtype == torch.float16
+    ref = reference(c["q"], c["k"], c["v"], c["mask"], c["scale"]).float()
+    assert not y.isnan().any()
+    # p rounded to fp16 before p.v (as in flash attention) and one rounding of the output
+    assert torch.allclose(y.float(), ref, atol=2e-3, rtol=2e-3), (y.float() - ref).abs().max()
+    if CASES[i][5] == "empty-row":
+        assert y[0].abs().max() == 0 and y[1].abs().max() > 0
+
+
+def test_reference_agrees_with_torch_sdpa():
+    c = _case(2, 6, 2, 30, 32, "bool", None)
+    q, k, v, m = (t.float() if t.dtype != torch.bool else t for t in (c["q"], c["k"], c["v"], c["mask"]))
+    from binaryllm.kernels.attention import reference
+    sd = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True).transpose(1, 2)
+    assert torch.allclose(reference(q, k, v, m), sd, atol=1e-5)
+
+
+_DECODE_CHILD = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from conftest import tiny_model
+from binaryllm.decode import StaticDecoder
+from binaryllm.kernels import attention as A
+calls = []
+run = A.decode_attention
+A.decode_attention = lambda *a: calls.append(a[0].shape) or run(*a)
+res = {}
+for arch in ("llama", "qwen2"):
+    model = tiny_model(arch).half()
+    ids = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(4))
+    out = {}
+    for on in (False, True):
+        dec = StaticDecoder(model, 20, batch=2, attention=on)
+        assert dec.attention == on, (arch, on)
+        out[on] = (dec.generate(ids, 10), [])
+        dec.cache.reset()
+        dec._forward(ids, torch.arange(7))
+        dec.ids.copy_(ids[:, -1:]); dec.pos.fill_(7)
+        out[on][1].append(dec.step().clone())
+    assert model.config._attn_implementation == "binaryllm_decode"
+    res[arch] = out
+torch.save({"res": res, "calls": calls}, sys.argv[2])
+"""
+
+
+def test_decoder_with_the_kernel_keeps_tokens_and_logits(tmp_path):
+    """Under the interpreter, a tiny fp16 Llama and Qwen2 (GQA) decode the same tokens with the kernel as with SDPA,
+    and the logits of one step agree; the kernel ran for every one-token step of every layer, never for a prefill."""
+    r = _run_child(_DECODE_CHILD, os.path.dirname(__file__), tmp_path / "out.pt")
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt")
+    for arch, out in got["res"].items():
+        assert torch.equal(out[True][0], out[False][0]), arch
+        assert torch.allclose(out[True][1][0].float(), out[False][1][0].float(), atol=2e-2, rtol=1e-2), arch
+    layers = tiny_model("llama").config.num_hidden_layers + tiny_model("qwen2").config.num_hidden_layers
+    assert len(got["calls"]) == layers * (9 + 1) and all(s[2] == 1 for s in got["calls"])
+
+
+def test_calls_the_kernel_does_not_cover_go_to_sdpa():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from binaryllm.kernels.attention import attention_forward, covers
+    model = tiny_model("llama")
+    attn = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 4, 3, 16, generator=g), torch.randn(1, 2, 8, 16, generator=g), torch.randn(1, 2, 8, 16,
+                                                                                                         generator=g)
+    mask = torch.ones(1, 1, 3, 8, dtype=torch.bool).tril(5)
+    assert not covers(q, k, v, mask, 0.0, {})                                # three query tokens (a prefill)
+    assert not covers(q[:, :, :1].half(), k.half(), v.half(), None, 0.0, {})   # a CPU tensor, no interpreter
+    ours, _ = attention_forward(attn, q, k, v, mask, scaling=0.25)
+    ref, _ = sdpa_attention_forward(attn, q, k, v, mask, scaling=0.25)
+    assert torch.equal(ours, ref)
+
+
+def test_switching_a_model_and_back():
+    from binaryllm.kernels.attention import use_decode_attention
+    model = tiny_model("llama")
+    assert model.config._attn_implementation == "sdpa"
+    assert use_decode_attention(model) and model.config._attn_implementation == DECODE_ATTENTION
+    ids = torch.randint(3, 96, (1, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():                          # on the CPU every call falls back to SDPA: the same logits
+        a = model(ids).logits
+        model.set_attn_implementation("sdpa")
+        assert torch.equal(a, model(ids).logits)
+    model.set_attn_implementation("eager")
+    assert not use_decode_attention(model) and model.config._attn_implementation == "eager"   # left alone
+    StaticDecoder(model, 8)                        # the CPU default keeps the model's attention
+    assert model.config._attn_implementation == "eager"
+
+
+def test_bad_tile_setting_is_one_line_error(monkeypatch):
+    from binaryllm.kernels.attention import block_config
+    monkeypatch.setenv("BINARYLLM_ATTN_CONFIG", "100,4")
+    with pytest.raises(BinaryLLMError, match="BINARYLLM_ATTN_CONFIG='100,4' is not BLOCK_N,WARPS"):
+        block_config(144, 64)
+    monkeypatch.setenv("BINARYLLM_ATTN_CONFIG", "64,2,256")
+    assert block_config(1000, 64) == (64, 2, 256) and block_config(100, 64) == (64, 2, 128)
+    monkeypatch.delenv("BINARYLLM_ATTN_CONFIG")
+    assert block_config(144, 64) == (128, 4, 256) and block_config(144, 128) == (64, 4, 256)
+    assert block_config(5000, 64)[2] == 512
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the CPU runs the kernel interpreted)")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_gpu_bf16_kernel_and_compiled_decoder(compiled):
+    from binaryllm.kernels.attention import decode_attention, reference
+    for B, H, KVH, L, D, kind, cfg in CASES:
+        c = _case(B, H, KVH, L, D, kind, cfg)
+        if cfg:
+            continue
+        q, k, v = (c[n].cuda().bfloat16() for n in "qkv")
+        m = c["mask"].cuda().to(torch.bfloat16 if c["mask"].dtype == torch.float16 else torch.bool) \
+            if c["mask"] is not None else None
+        y = decode_attention(q, k, v, m, c["scale"])
+        ref = reference(q, k, v, m, c["scale"]).float()
+        assert torch.allclose(y.float(), ref, atol=2e-2, rtol=2e-2), (B, H, L, D, kind)
+    model = tiny_model("qwen2").to("cuda", torch.bfloat16)
+    ids = torch.randint(3, 96, (1, 6), device="cuda", generator=torch.Generator("cuda").manual_seed(5))
+    a = StaticDecoder(model, 30, compile=compiled, attention=False).generate(ids, 20)
+    dec = StaticDecoder(model, 30, compile=compiled, attention=True)
+    assert dec.attention
+    assert torch.equal(dec.generate(ids, 20), a)
