@@ -24,6 +24,8 @@ CASES = [
     (2, 2, 2, 900, 32, "additive", None),        # split with an additive mask
     (3, 4, 2, 50, 64, "bool-shared", None),      # one mask row for the whole batch (broadcast)
     (2, 4, 2, 40, 64, "empty-row", None),        # a sequence with every key masked: 0, not NaN
+    (2, 8, 2, 300, 64, "bool", "64,4,512,1"),    # masked keys not read
+    (2, 4, 2, 40, 64, "empty-row", "16,4,32,1"),
 ]
 
 _CHILD = r"""
@@ -171,10 +173,15 @@ def test_bad_tile_setting_is_one_line_error(monkeypatch):
     with pytest.raises(BinaryLLMError, match="BINARYLLM_ATTN_CONFIG='100,4' is not BLOCK_N,WARPS"):
         block_config(144, 64)
     monkeypatch.setenv("BINARYLLM_ATTN_CONFIG", "64,2,256")
-    assert block_config(1000, 64) == (64, 2, 256) and block_config(100, 64) == (64, 2, 128)
+    assert block_config(1000, 64) == (64, 2, 256, True) and block_config(100, 64) == (64, 2, 128, False)
+    monkeypatch.setenv("BINARYLLM_ATTN_CONFIG", "64,2,256,1")
+    assert block_config(100, 64) == (64, 2, 128, True)
+    monkeypatch.setenv("BINARYLLM_ATTN_CONFIG", "64,2,256,2")
+    with pytest.raises(BinaryLLMError, match="SKIP 0 or 1"):
+        block_config(144, 64)
     monkeypatch.delenv("BINARYLLM_ATTN_CONFIG")
-    assert block_config(144, 64) == (128, 4, 256) and block_config(144, 128) == (64, 4, 256)
-    assert block_config(5000, 64)[2] == 512
+    assert block_config(144, 64) == (128, 4, 256, False) and block_config(144, 128) == (64, 4, 256, False)
+    assert block_config(5000, 64)[2:] == (512, True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the CPU runs the kernel interpreted)")

@@ -43,10 +43,12 @@ _LOG2E = 1.4426950408889634
 def _attn_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, po_ptr, pml_ptr, L, KVH, qk_scale,
                  s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_mb, s_ml, s_ob, s_oh,
                  G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr,
-                 CHUNK_N: tl.constexpr, MASK: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr):
+                 CHUNK_N: tl.constexpr, MASK: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
+                 SKIP: tl.constexpr = True):
     """Program (b * KVH + h, c): query heads h G .. h G + G - 1 of sequence b over keys [c CHUNK_N, (c + 1)
-    CHUNK_N) of KV head h.  MASK: 0 none, 1 boolean (True = attend), 2 additive.  SPLIT: write the partial
-    (acc, max, sum) for ``_combine_kernel`` instead of the output."""
+    CHUNK_N) of KV head h.  MASK: 0 none, 1 boolean (True = attend), 2 additive.  SKIP (boolean mask): keys it
+    masks are not read (else keys and values load at once with the mask, which is shorter latency).  SPLIT: write
+    the partial (acc, max, sum) for ``_combine_kernel`` instead of the output."""
     bh = tl.program_id(0)
     c = tl.program_id(1)
     b = bh // KVH
@@ -69,8 +71,11 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, po_ptr, pml_ptr, L, KVH, qk_
         ok = n < L
         if MASK == 1:
             ok = ok & (tl.load(m_ptr + b * s_mb + n * s_ml, mask=ok, other=0) != 0)
-        kv_ok = ok[:, None] & d_ok[None, :]
+            kv_ok = (ok if SKIP else n < L)[:, None] & d_ok[None, :]
+        else:
+            kv_ok = ok[:, None] & d_ok[None, :]
         k = tl.load(k_ptr + b * s_kb + h * s_kh + n[:, None] * s_kl + d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(v_ptr + b * s_vb + h * s_vh + n[:, None] * s_vl + d[None, :], mask=kv_ok, other=0.0)
         s = tl.dot(q, tl.trans(k)) * qk_scale                       # log2 units: exp2 below
         if MASK == 2:
             add = tl.load(m_ptr + b * s_mb + n * s_ml, mask=ok, other=0.0).to(tl.float32)
@@ -81,7 +86,6 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, po_ptr, pml_ptr, L, KVH, qk_
         alpha = tl.exp2(m_i - m_ref)
         p = tl.exp2(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + b * s_vb + h * s_vh + n[:, None] * s_vl + d[None, :], mask=kv_ok, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     if SPLIT:
@@ -128,21 +132,23 @@ def _pow2(n: int, least: int) -> int:
     return max(least, triton.next_power_of_2(n))
 
 
-def block_config(L: int, D: int) -> tuple[int, int, int]:
-    """(BLOCK_N, warps, CHUNK_N) for L keys of head size D; BINARYLLM_ATTN_CONFIG=BLOCK_N,WARPS[,CHUNK] overrides."""
+def block_config(L: int, D: int) -> tuple[int, int, int, bool]:
+    """(BLOCK_N, warps, CHUNK_N, SKIP) for L keys of head size D; BINARYLLM_ATTN_CONFIG=BLOCK_N,WARPS[,CHUNK[,SKIP]]
+    overrides.  Default: SKIP (masked keys not read) only for caches longer than a chunk."""
     from . import env_ints
-    cfg = env_ints("BINARYLLM_ATTN_CONFIG", "128,4,512")
+    cfg = env_ints("BINARYLLM_ATTN_CONFIG", "128,4,512,0")
     if cfg is not None:
-        if len(cfg) not in (2, 3) or any(v < 1 or v & (v - 1) for v in cfg) or cfg[0] < 16 \
-                or (len(cfg) == 3 and cfg[2] < cfg[0]):
+        if len(cfg) not in (2, 3, 4) or any(v < 1 or v & (v - 1) for v in cfg[:3]) or cfg[0] < 16 \
+                or (len(cfg) >= 3 and cfg[2] < cfg[0]) or cfg[3:] not in ((), (0,), (1,)):
             from ..errors import BinaryLLMError
-            raise BinaryLLMError(f"BINARYLLM_ATTN_CONFIG={','.join(map(str, cfg))!r} is not BLOCK_N,WARPS[,CHUNK] "
-                                 "(powers of 2, BLOCK_N >= 16, CHUNK >= BLOCK_N; e.g. 128,4,512); fix or unset it")
-        bn, warps, chunk = (list(cfg) + [CHUNK])[:3]
+            raise BinaryLLMError(f"BINARYLLM_ATTN_CONFIG={','.join(map(str, cfg))!r} is not BLOCK_N,WARPS[,CHUNK"
+                                 "[,SKIP]] (powers of 2, BLOCK_N >= 16, CHUNK >= BLOCK_N, SKIP 0 or 1; e.g. 128,4,"
+                                 "512,0); fix or unset it")
+        bn, warps, chunk, skip = (list(cfg) + [CHUNK, int(L > CHUNK)][len(cfg) - 2:])[:4]
     else:
         bn = min(_pow2(L, 16), 128 if _pow2(D, 16) <= 64 else 64)
-        warps, chunk = 4, CHUNK
-    return bn, warps, max(bn, min(chunk, _pow2(L, 16)))
+        warps, chunk, skip = 4, CHUNK, L > CHUNK
+    return bn, warps, max(bn, min(chunk, _pow2(L, 16))), bool(skip)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -162,7 +168,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         s_mb, s_ml = mask.stride(0), mask.stride(3)
     else:
         s_mb = s_ml = 0
-    bn, warps, chunk = block_config(L, D)
+    bn, warps, chunk, skip = block_config(L, D)
     nc = triton.cdiv(L, chunk)
     GP, DP = _pow2(G, 16), _pow2(D, 16)
     pdl = not _INTERPRETED and q.is_cuda and _has_pdl(q.device.index or 0)
@@ -175,7 +181,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     _attn_kernel[(B * KVH, nc)](q, k, v, mask if mask is not None else q, out, po, pml, L, KVH, scale * _LOG2E,
                                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
                                 v.stride(1), v.stride(2), s_mb, s_ml, out.stride(0), out.stride(2),
-                                G=G, GP=GP, D=D, DP=DP, BLOCK_N=bn, CHUNK_N=chunk, MASK=kind, SPLIT=nc > 1, PDL=pdl,
+                                G=G, GP=GP, D=D, DP=DP, BLOCK_N=bn, CHUNK_N=chunk, MASK=kind, SPLIT=nc > 1, PDL=pdl, SKIP=skip,
                                 num_warps=warps, **extra)
     if nc > 1:
         _combine_kernel[(B * KVH,)](po, pml, out, nc, KVH, out.stride(0), out.stride(2), G=G, GP=GP, D=D, DP=DP,
