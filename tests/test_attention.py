@@ -180,8 +180,8 @@ def test_bad_tile_setting_is_one_line_error(monkeypatch):
     with pytest.raises(BinaryLLMError, match="SKIP 0 or 1"):
         block_config(144, 64)
     monkeypatch.delenv("BINARYLLM_ATTN_CONFIG")
-    assert block_config(144, 64) == (128, 4, 256, False) and block_config(144, 128) == (64, 4, 256, False)
-    assert block_config(5000, 64)[2:] == (512, True)
+    assert block_config(144, 64) == (256, 4, 256, False) == block_config(144, 128)
+    assert block_config(5000, 64) == (256, 4, 512, True) and block_config(5000, 128) == (64, 4, 512, True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the CPU runs the kernel interpreted)")

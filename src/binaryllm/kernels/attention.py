@@ -34,7 +34,12 @@ import triton.language as tl
 
 from . import DECODE_ATTENTION as NAME      # the name registered in transformers' attention interfaces
 
-CHUNK = 512                      # keys a program takes at most; longer caches are split (flash-decoding)
+# Tiles (H100 sweep, kernel alone in a CUDA graph, docs/RESULTS.md): a cache of up to ONE_BLOCK keys in one block
+# (144 keys: SmolLM2's heads 3.32 us against 3.82 with two blocks of 128; Llama-7B's 4.67 against 6.23 with three of
+# 64); longer ones in blocks of 256 (head size <= 64) or 64 (larger: the pipelined loop's shared memory), CHUNK keys a
+# program at most (longer caches are split over programs and added up: flash-decoding)
+ONE_BLOCK = 256
+CHUNK = 512
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
 
@@ -145,8 +150,8 @@ def block_config(L: int, D: int) -> tuple[int, int, int, bool]:
                                  "[,SKIP]] (powers of 2, BLOCK_N >= 16, CHUNK >= BLOCK_N, SKIP 0 or 1; e.g. 128,4,"
                                  "512,0); fix or unset it")
         bn, warps, chunk, skip = (list(cfg) + [CHUNK, int(L > CHUNK)][len(cfg) - 2:])[:4]
-    else:
-        bn = min(_pow2(L, 16), 128 if _pow2(D, 16) <= 64 else 64)
+    else:     # one block when the cache fits in ONE_BLOCK keys; else blocks of a size whose pipeline fits in smem
+        bn = _pow2(L, 16) if L <= ONE_BLOCK else (256 if _pow2(D, 16) <= 64 else 64)
         warps, chunk, skip = 4, CHUNK, L > CHUNK
     return bn, warps, max(bn, min(chunk, _pow2(L, 16))), bool(skip)
 
