@@ -162,6 +162,9 @@ def test_generate_streams_from_a_packed_folder(tmp_path, tokenizer, capsys):
     ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
                          pad_token_id=0, eos_token_id=tokenizer.eos_token_id)
     assert out.strip() == tokenizer.decode(ref[0]).strip()
+    assert main(["generate", str(tmp_path / "p"), "--prompt", "the program", "--max-new-tokens", "8",
+                 "--device", "cpu", "--sdpa"]) == 0          # SDPA for the one-token steps: the same text
+    assert capsys.readouterr().out == out
 
 
 def test_packed_folder_missing_scale_shape_mismatch_and_unfinished_run(tmp_path, tokenizer, capsys):

@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "kernels between the matmuls; compiling takes a while)")
     ge.add_argument("--no-fuse", action="store_true", help="run q/k/v and gate/up as separate packed matmuls "
                     "(default: one packed matmul per group of layers reading the same input)")
+    ge.add_argument("--sdpa", action="store_true", help="run the one-token attention through transformers' SDPA "
+                    "(default on a GPU: binaryllm's Triton decode attention, kernels/attention.py)")
 
     bn = sub.add_parser("bench", help="speed benchmarks against bf16 / fp32 in the same run (see binaryllm.bench)")
     bn.add_argument("what", choices=["kernels", "kernels-cpu", "train", "decode", "decode-cpu"])
@@ -300,7 +302,8 @@ def cmd_generate(args) -> int:
     streamer.put(ids[0].cpu())
     gen = torch.Generator(device=device).manual_seed(args.seed)
     # static KV cache; on a GPU the one-token step is captured as a CUDA graph (binaryllm.decode)
-    StaticDecoder(model, ids.shape[1] + args.max_new_tokens, compile=args.compile, fuse=not args.no_fuse).generate(
+    StaticDecoder(model, ids.shape[1] + args.max_new_tokens, compile=args.compile, fuse=not args.no_fuse,
+                  attention=False if args.sdpa else None).generate(
         ids, args.max_new_tokens, temperature=args.temperature, eos_token_id=tok.eos_token_id,
         on_token=lambda t: streamer.put(t.cpu()), generator=gen)
     streamer.end()
