@@ -87,6 +87,7 @@ def test_compiled_step_gives_the_same_tokens_on_a_packed_model():
     expect = {k: True for k, have in (("triton.enable_pdl", hasattr(ic.triton, "enable_pdl")),
                                       ("combo_kernels", hasattr(ic, "combo_kernels"))) if have}
     assert compile_options() == expect
+    assert compile_options(tune=True) == {**expect, "coordinate_descent_tuning": True}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="programmatic dependent launch needs a CUDA GPU")

@@ -358,7 +358,8 @@ def _decode_tok_s(model, prompt_len: int, new_tokens: int, path: str) -> float:
     one CUDA graph, packed q/k/v and gate/up fused), graph-unfused (the same, one packed matmul per projection) or
     graph-compiled (the fused step compiled first).  The graph paths run the one-token attention through the
     Triton decode attention (``kernels/attention.py``), graph-compiled-sdpa is graph-compiled with transformers'
-    SDPA instead; transformers' generate (eager, compiled) always runs SDPA."""
+    SDPA instead, graph-compiled-tuned with inductor's coordinate descent tuning too (``decode.compile_options``:
+    the fastest bf16 step at SmolLM2's size); transformers' generate (eager, compiled) always runs SDPA."""
     from .decode import StaticDecoder, _set_decode_attention
     from .nn.fuse import unfuse_projections
     ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), device="cuda")
@@ -366,7 +367,8 @@ def _decode_tok_s(model, prompt_len: int, new_tokens: int, path: str) -> float:
     _set_decode_attention(model, False)        # ... on SDPA
     if path.startswith("graph"):
         dec = StaticDecoder(model, prompt_len + new_tokens, compile=path.startswith("graph-compiled"),
-                            fuse=path != "graph-unfused", attention=not path.endswith("-sdpa"))
+                            fuse=path != "graph-unfused", attention=not path.endswith("-sdpa"),
+                            tune=path.endswith("-tuned"))
         run = lambda n: dec.generate(ids, n)  # noqa: E731
     else:
         from transformers import CompileConfig
@@ -430,7 +432,8 @@ def bench_decode_cpu(models=("smollm2-135m",), new_tokens: int = 32, prompt_len:
     return rows
 
 
-DECODE_PATHS = ("eager", "compiled", "graph-unfused", "graph", "graph-compiled", "graph-compiled-sdpa")  # _decode_tok_s
+DECODE_PATHS = ("eager", "compiled", "graph-unfused", "graph", "graph-compiled", "graph-compiled-sdpa",
+                "graph-compiled-tuned")   # see _decode_tok_s
 
 
 def bench_decode(models=("smollm2-135m", "llama-7b"), new_tokens: int = 128, prompt_len: int = 16,

@@ -22,7 +22,7 @@ import torch
 from .errors import BinaryLLMError
 
 
-def compile_options() -> dict:
+def compile_options(tune: bool = False) -> dict:
     """torch.compile options of the one-token step, each only where this torch has the switch:
 
     * programmatic dependent launch (``triton.enable_pdl``) in the kernels inductor generates.  Inductor emits it
@@ -35,14 +35,17 @@ def compile_options() -> dict:
       pairs: packed 1091-1169 -> 1343-1392 tokens/s, bf16 663-784 -> 694-780; Llama-7B shape: no change
       (641 -> 633 packed, 167 -> 164 bf16, within run-to-run spread).
 
-    Not set: ``coordinate_descent_tuning``.  It makes the bf16 step much faster at SmolLM2's size (1091-1161
-    tokens/s; 1308-1460 with combo kernels) and leaves the packed step where it is (docs/RESULTS.md)."""
+    Set only with ``tune``: ``coordinate_descent_tuning``.  It makes the bf16 step much faster at SmolLM2's size
+    (1091-1161 tokens/s; 1308-1460 with combo kernels), leaves the packed step where it is and compiles for minutes
+    longer (docs/RESULTS.md); ``bench decode`` measures it as the path ``graph-compiled-tuned``."""
     import torch._inductor.config as ic
     opts = {}
     if hasattr(ic.triton, "enable_pdl"):
         opts["triton.enable_pdl"] = True
     if hasattr(ic, "combo_kernels"):
         opts["combo_kernels"] = True
+    if tune and hasattr(ic, "coordinate_descent_tuning"):
+        opts["coordinate_descent_tuning"] = True
     return opts
 
 
@@ -72,7 +75,8 @@ class StaticDecoder:
 
     ``graph``: capture the decoding step as a CUDA graph (default: when the model is on a CUDA device).  The graph
     is captured at the first decoding step and replayed by every later one, across ``generate`` calls too.
-    ``compile``: run the one-token forward through ``torch.compile`` (static shapes, ``compile_options``) first,
+    ``compile``: run the one-token forward through ``torch.compile`` (static shapes, ``compile_options``; with
+    ``tune`` also coordinate descent tuning) first,
     which fuses the small norm / rope / activation kernels between the matmuls (packed layers stay single custom
     ops, ``kernels/ops.py``); on CUDA the compiled step is what the graph captures.  The prefill stays eager.
     ``fuse``: packed layers that read the same input (q/k/v, gate/up) run as one packed matmul
@@ -84,7 +88,7 @@ class StaticDecoder:
     """
 
     def __init__(self, model, max_len: int, batch: int = 1, graph: bool | None = None, compile: bool = False,
-                 fuse: bool = True, attention: bool | None = None):
+                 fuse: bool = True, attention: bool | None = None, tune: bool = False):
         from transformers import StaticCache
         self.fused = []
         if fuse:
@@ -106,7 +110,7 @@ class StaticDecoder:
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.out: torch.Tensor | None = None
         self._graph: torch.cuda.CUDAGraph | None = None
-        self._step_forward = torch.compile(self._forward, dynamic=False, options=compile_options()) if compile \
+        self._step_forward = torch.compile(self._forward, dynamic=False, options=compile_options(tune)) if compile \
             else self._forward
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
