@@ -108,9 +108,11 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, po_ptr, pml_ptr, L, KVH, qk_
 
 
 @triton.jit
-def _combine_kernel(po_ptr, pml_ptr, o_ptr, NC: tl.constexpr, KVH, s_ob, s_oh, G: tl.constexpr, GP: tl.constexpr,
-                    D: tl.constexpr, DP: tl.constexpr, PDL: tl.constexpr):
-    """Program b * KVH + h: the NC chunks' partial sums of its query heads, rescaled to one softmax."""
+def _combine_kernel(po_ptr, pml_ptr, o_ptr, NC, KVH, s_ob, s_oh, NCP: tl.constexpr, G: tl.constexpr,
+                    GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, PDL: tl.constexpr):
+    """Program b * KVH + h: the NC chunks' partial sums of its query heads, rescaled to one softmax.  The loop
+    runs to NCP (NC rounded up to a power of 2, masked beyond NC): a cache that grows recompiles it only when NC
+    passes a power of 2 (and Triton 3.6's interpreter cannot loop to a runtime bound)."""
     bh = tl.program_id(0)
     b = bh // KVH
     h = bh % KVH
@@ -120,16 +122,18 @@ def _combine_kernel(po_ptr, pml_ptr, o_ptr, NC: tl.constexpr, KVH, s_ob, s_oh, G
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     m = tl.full([GP], float("-inf"), tl.float32)
-    for c in range(0, NC):
-        m = tl.maximum(m, tl.load(pml_ptr + ((bh * NC + c) * GP + g) * 2))
+    for c in range(0, NCP):
+        ok = (g < GP) & (c < NC)
+        m = tl.maximum(m, tl.load(pml_ptr + ((bh * NC + c) * GP + g) * 2, mask=ok, other=float("-inf")))
     m_ref = tl.where(m == float("-inf"), 0.0, m)
     l_sum = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, DP], tl.float32)
-    for c in range(0, NC):
+    for c in range(0, NCP):
+        ok = (g < GP) & (c < NC)
         row = (bh * NC + c) * GP + g
-        w = tl.exp2(tl.load(pml_ptr + row * 2) - m_ref)
-        l_sum += w * tl.load(pml_ptr + row * 2 + 1)
-        acc += w[:, None] * tl.load(po_ptr + row[:, None] * DP + d[None, :])
+        w = tl.exp2(tl.load(pml_ptr + row * 2, mask=ok, other=float("-inf")) - m_ref)
+        l_sum += w * tl.load(pml_ptr + row * 2 + 1, mask=ok, other=0.0)
+        acc += w[:, None] * tl.load(po_ptr + row[:, None] * DP + d[None, :], mask=ok[:, None], other=0.0)
     out = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
     tl.store(o_ptr + b * s_ob + (h * G + g)[:, None] * s_oh + d[None, :], out.to(o_ptr.dtype.element_ty),
              mask=(g < G)[:, None] & (d < D)[None, :])
@@ -191,8 +195,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
                                 G=G, GP=GP, D=D, DP=DP, BLOCK_N=bn, CHUNK_N=chunk, MASK=kind, SPLIT=nc > 1, PDL=pdl, SKIP=skip,
                                 num_warps=warps, **extra)
     if nc > 1:
-        _combine_kernel[(B * KVH,)](po, pml, out, nc, KVH, out.stride(0), out.stride(2), G=G, GP=GP, D=D, DP=DP,
-                                    PDL=pdl, num_warps=4, **extra)
+        _combine_kernel[(B * KVH,)](po, pml, out, nc, KVH, out.stride(0), out.stride(2), NCP=_pow2(nc, 1), G=G,
+                                    GP=GP, D=D, DP=DP, PDL=pdl, num_warps=4, **extra)
     return out
 
 
