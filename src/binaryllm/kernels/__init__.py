@@ -42,6 +42,11 @@ def compute_major(device_index: int) -> int:
     return _MAJOR[device_index]
 
 
+def has_pdl(device_index: int) -> bool:
+    """Programmatic dependent launch (griddepcontrol) needs compute capability 9.0 (Hopper) or later."""
+    return compute_major(device_index) >= 9
+
+
 _USABLE: dict[int, bool] = {}
 
 

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from . import DECODE_ATTENTION as NAME      # the name registered in transformers' attention interfaces
+from . import has_pdl
 
 # Tiles (H100 sweep, kernel alone in a CUDA graph, docs/RESULTS.md): a cache of up to ONE_BLOCK keys in one block
 # (144 keys: SmolLM2's heads 3.32 us against 3.82 with two blocks of 128; Llama-7B's 4.67 against 6.23 with three of
@@ -182,7 +183,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     bn, warps, chunk, skip = block_config(L, D)
     nc = triton.cdiv(L, chunk)
     GP, DP = _pow2(G, 16), _pow2(D, 16)
-    pdl = not _INTERPRETED and q.is_cuda and _has_pdl(q.device.index or 0)
+    pdl = not _INTERPRETED and q.is_cuda and has_pdl(q.device.index or 0)
     extra = {"launch_pdl": True} if pdl else {}
     if nc > 1:
         po = torch.empty(B * KVH * nc * GP, DP, device=q.device, dtype=torch.float32)
@@ -198,11 +199,6 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         _combine_kernel[(B * KVH,)](po, pml, out, nc, KVH, out.stride(0), out.stride(2), NCP=_pow2(nc, 1), G=G,
                                     GP=GP, D=D, DP=DP, PDL=pdl, num_warps=4, **extra)
     return out
-
-
-def _has_pdl(device_index: int) -> bool:
-    from . import compute_major
-    return compute_major(device_index) >= 9
 
 
 def covers(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,

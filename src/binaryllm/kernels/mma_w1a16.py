@@ -360,18 +360,13 @@ def mma_matmul(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor, ou
     if input_scale is not None:
         # applied here, not in the kernel: the in-kernel version measured wrong on the H100 (docs/RESULTS.md)
         x2 = x2 * input_scale.to(x2.dtype)
+    from . import has_pdl
     grid, meta = launch_config(M, N, K, x.dtype == torch.bfloat16, bias is not None, config,
-                               _has_pdl(x.device.index or 0))
+                               has_pdl(x.device.index or 0))
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     _KERNEL[grid](x2, tiles, row_scale, bias if bias is not None else row_scale, y, M, N, K, x2.stride(0),
                   y.stride(0), 0, num_warps=meta["W"], launch_pdl=meta["PDL"], **meta)
     return y.reshape(*lead, N)
-
-
-def _has_pdl(device_index: int) -> bool:
-    """Programmatic dependent launch (griddepcontrol) needs compute capability 9.0 (Hopper) or later."""
-    from . import compute_major
-    return compute_major(device_index) >= 9
 
 
 def launch_config(M: int, N: int, K: int, bf16: bool, has_bias: bool, config: tuple | None = None,
