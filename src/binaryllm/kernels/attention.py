@@ -44,7 +44,7 @@ from . import has_pdl
 ONE_BLOCK = 256
 CHUNK = 512
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-_LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(1.4426950408889634)    # scores in log2 units: the kernels use exp2
 
 
 @triton.jit
@@ -87,7 +87,7 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, po_ptr, pml_ptr, L, KVH, qk_
         s = tl.dot(q, tl.trans(k)) * qk_scale                       # log2 units: exp2 below
         if MASK == 2:
             add = tl.load(m_ptr + b * s_mb + n * s_ml, mask=ok, other=0.0).to(tl.float32)
-            s += add[None, :] * 1.4426950408889634                  # to log2 units too
+            s += add[None, :] * _LOG2E                              # to log2 units too
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)        # all masked so far: no NaN from -inf - -inf
@@ -190,11 +190,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         pml = torch.empty(B * KVH * nc * GP, 2, device=q.device, dtype=torch.float32)
     else:
         po = pml = out
-    _attn_kernel[(B * KVH, nc)](q, k, v, mask if mask is not None else q, out, po, pml, L, KVH, scale * _LOG2E,
-                                q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
-                                v.stride(1), v.stride(2), s_mb, s_ml, out.stride(0), out.stride(2),
-                                G=G, GP=GP, D=D, DP=DP, BLOCK_N=bn, CHUNK_N=chunk, MASK=kind, SPLIT=nc > 1, PDL=pdl, SKIP=skip,
-                                num_warps=warps, **extra)
+    _attn_kernel[(B * KVH, nc)](q, k, v, mask if mask is not None else q, out, po, pml, L, KVH,
+                                scale * _LOG2E.value, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                                k.stride(2), v.stride(0), v.stride(1), v.stride(2), s_mb, s_ml, out.stride(0),
+                                out.stride(2), G=G, GP=GP, D=D, DP=DP, BLOCK_N=bn, CHUNK_N=chunk, MASK=kind,
+                                SPLIT=nc > 1, PDL=pdl, SKIP=skip, num_warps=warps, **extra)
     if nc > 1:
         _combine_kernel[(B * KVH,)](po, pml, out, nc, KVH, out.stride(0), out.stride(2), NCP=_pow2(nc, 1), G=G,
                                     GP=GP, D=D, DP=DP, PDL=pdl, num_warps=4, **extra)
