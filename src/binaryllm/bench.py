@@ -4,7 +4,9 @@ measured in the same process.  Prints a table and returns the rows (the CLI writ
 kernels -- W1A16 matmul (Triton, from packed bits) vs cuBLAS bf16 ``F.linear`` on the same shapes: batch 1, 4,
            16 (decode) and 2048 tokens (prefill).  Each timing cycles through enough distinct weight copies
            (>= 4x the L2 cache) that weights come from HBM, as in a real model, and takes the median of CUDA-
-           event timings of 50 back-to-back calls.  Every kernel output is checked against the dense reference.
+           event timings of 50 back-to-back calls.  Prefill rows (2048 tokens) also time bf16 and unpack + cuBLAS
+           in AB_PAIRS alternating pairs and report each pair's time ratio and their median (cuBLAS drifts by up
+           to ~10% between repetitions).  Every kernel output is checked against the dense reference.
            On the CPU: the C lookup-table kernel vs a dense fp32 matmul, batch 1.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ from .errors import BinaryLLMError
 from .kernels import DECODE_KERNELS
 
 SHAPES = [(8192, 8192), (16384, 16384), (4096, 4096), (11008, 4096), (4096, 11008), (1536, 576), (576, 1536)]
+AB_PAIRS = 5             # alternating (bf16, unpack) timing pairs of each prefill row
 
 
 def _gpu_time(fn_list, iters: int = 50, reps: int = 5, graph: bool = True) -> float:
@@ -150,6 +153,17 @@ def bench_kernels_gpu(shapes=SHAPES, batches=(1, 4, 16, 2048), log=print, sweep:
                         if best:
                             row[f"best_{mode}"] = best[0]
                             row[f"best_{mode}_speedup"] = round(t_bf * 1e6 / best[1], 2)
+            if M > 16:
+                # cuBLAS's own time moves by up to ~10% between back-to-back repetitions on the H100 (clocks
+                # under load), so one bf16 timing and one unpack timing taken one after the other can put the
+                # ratio anywhere in 1.0-1.3x: time them in alternating pairs and report every pair's ratio
+                pairs = []
+                for _ in range(AB_PAIRS):
+                    tb = _gpu_time([lambda w=w: F.linear(x, w) for w in dense], reps=3)
+                    tu = _gpu_time([lambda w=w: w1a16_matmul(x, w, scale, K, mode="unpack") for w in words], reps=3)
+                    pairs.append(tu / tb)
+                row["unpack_ab_ratios"] = [round(r, 3) for r in pairs]
+                row["unpack_ab_ratio_median"] = round(statistics.median(pairs), 3)
             row["eager_bf16_us"] = round(_gpu_time([lambda w=w: F.linear(x, w) for w in dense], graph=False) * 1e6, 2)
             row["eager_auto_us"] = round(_gpu_time([lambda w=w, t=t: w1a16_matmul(x, w, scale, K, tiles=t)
                                                     for w, t in zip(words, tiles)], graph=False) * 1e6, 2)
