@@ -1,0 +1,66 @@
+"""How much of the mma kernel's time is the bit -> +-1 conversion (shl + lop3 a register)?  The variant does one
+xor a register instead (wrong values, a distinct constant per pair so nothing is merged), with the same loads
+and tensor-core ops.  Back-to-back batch-1 timings (weights cycled past the L2 cache), against the real kernel
+in the same process.  CUDA only; results in docs/RESULTS.md (twelfth session).
+
+    PYTHONPATH=src OUT=. python bench/mma_noconv.py          # writes ./noconv.json
+"""
+import importlib.util
+import json
+import os
+import statistics
+
+import torch
+from binaryllm.export.bits import pack_signs
+from binaryllm.kernels import mma_w1a16 as mw
+
+src = open(mw.__file__).read()
+old = 'return (f"{{ .reg .b32 t; shl.b32 t, $1, {15 - i}; lop3.b32 $0, t, 0x80008000, {pair:#x}, 0x6a; }}")'
+assert old in src
+src = src.replace(old, 'return f"xor.b32 $0, $1, {pair ^ (i << 3):#x};"')
+path = os.path.join(os.environ.get("TMPDIR", "/tmp"), "mma_noconv.py")
+open(path, "w").write(src)
+spec = importlib.util.spec_from_file_location("binaryllm.kernels.mma_noconv", path)
+nc = importlib.util.module_from_spec(spec); nc.__package__ = "binaryllm.kernels"; spec.loader.exec_module(nc)
+dev = "cuda"
+
+
+def time_graph(fn, reps=7, iters=5):
+    fn(); torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(g):
+        for _ in range(iters):
+            fn()
+    g.replay(); torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(True), torch.cuda.Event(True)
+        a.record(); g.replay(); b.record(); torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b) / iters * 1e3)
+    return statistics.median(ts)
+
+
+out = {}
+for N, K in [(8192, 8192), (4096, 4096), (12288, 4096), (22016, 4096), (4096, 11008), (16384, 16384), (960, 576),
+             (3072, 576)]:
+    n = max(2, min(64, -(-200 * 2**20 // (N * K // 8))))
+    ts = [mw.prepare_tiles(pack_signs(torch.randn(N, K, device=dev)), K) for _ in range(n)]
+    sc = (torch.rand(N, device=dev) + 0.5).half()
+    x = torch.randn(1, K, device=dev, dtype=torch.bfloat16)
+    row = {}
+    for rep in range(2):
+        for name, mod in (("real", mw), ("noconv", nc)):
+            def chain(mod=mod, ts=ts):
+                for t in ts:
+                    mod.mma_matmul(x, t, sc, N, K)
+            row.setdefault(name, []).append(round(time_graph(chain) / n, 2))
+    row["weight_TBps_real"] = round(N * K / 8 / min(row["real"]) / 1e6, 2)
+    row["weight_TBps_noconv"] = round(N * K / 8 / min(row["noconv"]) / 1e6, 2)
+    out[f"{N}x{K}"] = row
+    print(f"{N}x{K}", row, flush=True)
+    del ts
+json.dump(out, open(os.path.join(os.environ.get("OUT", "."), "noconv.json"), "w"), indent=1)
