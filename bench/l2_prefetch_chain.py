@@ -8,9 +8,9 @@ not kept: ``git apply docs/data/l2-prefetch-experiment.patch`` first.  CUDA only
 """
 import json
 import os
-import statistics
 
 import torch
+from binaryllm.bench import _gpu_time
 from binaryllm.export.bits import pack_signs
 from binaryllm.kernels import mma_w1a16 as mw
 
@@ -29,31 +29,6 @@ for l in range(L):
     layers.append(ls)
 flat = [m for ls in layers for m in ls]
 out = {"layers": L, "shapes": SH, "device": torch.cuda.get_device_name()}
-
-
-def time_graph(fn, reps=7, iters=20):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(True), torch.cuda.Event(True)
-        a.record()
-        for _ in range(iters):
-            g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b) / iters * 1e3)
-    return statistics.median(ts), g
 
 
 x0 = torch.randn(1, 4096 if SH[0][1] == 4096 else SH[0][1], device=dev, dtype=torch.bfloat16)
@@ -81,16 +56,14 @@ for gaps in (0, 2, 6):
     for pf in (False, True):
         for rep in range(2):
             fn, res = make_step(pf, gaps)
-            t, g = time_graph(fn)
+            t = _gpu_time([fn], iters=20, reps=7) * 1e6
             key = f"gaps{gaps}_pf{int(pf)}_r{rep}"
             out[key] = round(t, 2)
             print(key, f"{t:.1f} us/step  {t / L:.2f} us/layer", flush=True)
-            del g
     fn, res = make_step(False, gaps, hot=True)
-    t, g = time_graph(fn)
+    t = _gpu_time([fn], iters=20, reps=7) * 1e6
     out[f"gaps{gaps}_hot"] = round(t, 2)
     print(f"gaps{gaps}_hot", f"{t:.1f} us/step  {t / L:.2f} us/layer", flush=True)
-    del g
 
 # correctness: prefetch changes nothing
 outs = []

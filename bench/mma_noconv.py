@@ -8,9 +8,9 @@ in the same process.  CUDA only; results in docs/RESULTS.md (twelfth session).
 import importlib.util
 import json
 import os
-import statistics
 
 import torch
+from binaryllm.bench import _gpu_time
 from binaryllm.export.bits import pack_signs
 from binaryllm.kernels import mma_w1a16 as mw
 
@@ -23,25 +23,6 @@ open(path, "w").write(src)
 spec = importlib.util.spec_from_file_location("binaryllm.kernels.mma_noconv", path)
 nc = importlib.util.module_from_spec(spec); nc.__package__ = "binaryllm.kernels"; spec.loader.exec_module(nc)
 dev = "cuda"
-
-
-def time_graph(fn, reps=7, iters=5):
-    fn(); torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    with torch.cuda.graph(g):
-        for _ in range(iters):
-            fn()
-    g.replay(); torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(True), torch.cuda.Event(True)
-        a.record(); g.replay(); b.record(); torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b) / iters * 1e3)
-    return statistics.median(ts)
 
 
 out = {}
@@ -57,7 +38,7 @@ for N, K in [(8192, 8192), (4096, 4096), (12288, 4096), (22016, 4096), (4096, 11
             def chain(mod=mod, ts=ts):
                 for t in ts:
                     mod.mma_matmul(x, t, sc, N, K)
-            row.setdefault(name, []).append(round(time_graph(chain) / n, 2))
+            row.setdefault(name, []).append(round(_gpu_time([chain], iters=5, reps=7) * 1e6 / n, 2))
     row["weight_TBps_real"] = round(N * K / 8 / min(row["real"]) / 1e6, 2)
     row["weight_TBps_noconv"] = round(N * K / 8 / min(row["noconv"]) / 1e6, 2)
     out[f"{N}x{K}"] = row
