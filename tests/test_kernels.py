@@ -1,7 +1,7 @@
 """The 1-bit kernels against the dense reference: the C lookup-table kernel (CPU) directly, and the Triton
 W1A16 kernel through Triton's interpreter (TRITON_INTERPRET=1, CPU tensors).  The interpreter of Triton 3.6
 computes tl.dot wrongly for bf16 inputs (a two-line bf16 dot already fails there), so these CPU tests use
-fp16; bf16 is checked on the GPU by bench/kernels.py, which also compares every output with the reference."""
+fp16; bf16 is checked on the GPU by `binaryllm bench kernels`, which also compares every output with the reference."""
 import os
 
 import pytest
