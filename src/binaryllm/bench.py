@@ -130,7 +130,8 @@ def bench_kernels_gpu(shapes=SHAPES, batches=(1, 4, 16, 2048), log=print, sweep:
         for M in batches:
             x = torch.randn(M, K, device=dev, dtype=torch.bfloat16, generator=g)
             ref = (x.float() @ unpack_signs(bits[0], K, torch.float32).t()) * scale.float()
-            t_bf = _gpu_time([lambda w=w: F.linear(x, w) for w in dense])
+            bf16_calls = [lambda w=w: F.linear(x, w) for w in dense]
+            t_bf = _gpu_time(bf16_calls)
             row = {"N": N, "K": K, "M": M, "bf16_us": round(t_bf * 1e6, 2)}
             modes = (("mma",) if has_mma else ()) + ("gemv", "tc") if M <= 16 else ("fused", "unpack")
             for mode in modes:
@@ -157,14 +158,14 @@ def bench_kernels_gpu(shapes=SHAPES, batches=(1, 4, 16, 2048), log=print, sweep:
                 # cuBLAS's own time moves by up to ~10% between back-to-back repetitions on the H100 (clocks
                 # under load), so one bf16 timing and one unpack timing taken one after the other can put the
                 # ratio anywhere in 1.0-1.3x: time them in alternating pairs and report every pair's ratio
+                unpack_calls = [lambda w=w: w1a16_matmul(x, w, scale, K, mode="unpack") for w in words]
                 pairs = []
                 for _ in range(AB_PAIRS):
-                    tb = _gpu_time([lambda w=w: F.linear(x, w) for w in dense], reps=3)
-                    tu = _gpu_time([lambda w=w: w1a16_matmul(x, w, scale, K, mode="unpack") for w in words], reps=3)
-                    pairs.append(tu / tb)
+                    tb = _gpu_time(bf16_calls, reps=3)
+                    pairs.append(_gpu_time(unpack_calls, reps=3) / tb)
                 row["unpack_ab_ratios"] = [round(r, 3) for r in pairs]
                 row["unpack_ab_ratio_median"] = round(statistics.median(pairs), 3)
-            row["eager_bf16_us"] = round(_gpu_time([lambda w=w: F.linear(x, w) for w in dense], graph=False) * 1e6, 2)
+            row["eager_bf16_us"] = round(_gpu_time(bf16_calls, graph=False) * 1e6, 2)
             row["eager_auto_us"] = round(_gpu_time([lambda w=w, t=t: w1a16_matmul(x, w, scale, K, tiles=t)
                                                     for w, t in zip(words, tiles)], graph=False) * 1e6, 2)
             row["bf16_weight_GBps"] = round(N * K * 2 / t_bf / 1e9, 1)
