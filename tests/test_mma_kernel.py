@@ -97,7 +97,7 @@ def test_auto_dispatch_uses_mma_when_tiles_are_given(monkeypatch):
 
 def test_bad_kernel_settings_are_one_line_errors(monkeypatch):
     from binaryllm.errors import BinaryLLMError
-    for bad in ("1,4", "1,3,4", "x,4,4", "1,4,16", "1,4,4,1,2", "1,4,4,1,1,2", "1,4,4,1,1,4,1"):
+    for bad in ("1,4", "1,3,4", "x,4,4", "1,4,16", "1,4,4,1,2", "1,4,4,1,1,2", "1,4,4,1,1,4,2", "1,4,4,0,1,4,1,0"):
         monkeypatch.setenv("BINARYLLM_MMA_CONFIG", bad)
         with pytest.raises(BinaryLLMError, match="BINARYLLM_MMA_CONFIG.*fix or unset it"):
             mw._env_config()
@@ -107,27 +107,40 @@ def test_bad_kernel_settings_are_one_line_errors(monkeypatch):
     assert mw._env_config() == (2, 4, 2, 1, 0)
     monkeypatch.setenv("BINARYLLM_MMA_CONFIG", "1,8,2,0,1,4")
     assert mw._env_config() == (1, 8, 2, 0, 1, 4)
+    monkeypatch.setenv("BINARYLLM_MMA_CONFIG", "1,4,4,0,1,4,1")
+    assert mw._env_config() == (1, 4, 4, 0, 1, 4, 1)
     r = subprocess.run([sys.executable, "-c", "import binaryllm.kernels.triton_w1a16"], capture_output=True,
                        text=True, env={**os.environ, "BINARYLLM_DECODE_MODE": "fast"})
     assert r.returncode != 0 and "BINARYLLM_DECODE_MODE='fast' is not one of auto, mma, gemv, tc" in r.stderr
 
 
-# (N, K, M, RT, warps, CH, bf16, bias, PDL[, CHAINS]): even and ragged shapes, both batch widths, both dtypes,
-# with and without programmatic dependent launch, one or four accumulator chains a warp
+# (N, K, M, RT, warps, CH, bf16, bias, PDL[, CHAINS[, XS]]): even and ragged shapes, both batch widths, both
+# dtypes, with and without programmatic dependent launch, one or four accumulator chains a warp, one row read
+# through shared memory or not
 COMPILE_CASES = [(8192, 8192, 1, 1, 4, 4, True, False, 1), (4096, 11008, 16, 2, 4, 2, True, True, 0),
                  (576, 576, 3, 1, 8, 1, False, False, 1), (1000, 300, 9, 2, 8, 2, False, True, 0),
                  (4096, 4096, 1, 1, 4, 4, True, False, 0), (576, 576, 1, 1, 4, 2, True, False, 1, 4),
-                 (4096, 11008, 1, 1, 4, 2, True, True, 1, 4), (100, 200, 9, 1, 1, 2, False, False, 0, 4)]
+                 (4096, 11008, 1, 1, 4, 2, True, True, 1, 4), (100, 200, 9, 1, 1, 2, False, False, 0, 4),
+                 (4096, 4096, 1, 1, 4, 4, True, False, 1, 4, 1), (4096, 11008, 1, 1, 4, 2, False, True, 1, 4, 1),
+                 (1000, 600, 1, 2, 4, 2, True, False, 0, 1, 1)]
 
 
 def test_default_tiles_follow_the_measured_rules():
-    """One k-group a warp and four chains for K <= 2048 at 1-8 rows, one chain above; the large and 16-row tiles
-    unchanged; explicit configs without a CHAINS field keep one chain."""
+    """One k-group a warp and four chains for K <= 2048 at 1-8 rows; XS and four chains for one row of the
+    matrices between, one chain otherwise; the large and 16-row tiles unchanged; explicit configs without a CHAINS
+    field keep one chain."""
     assert mw.default_config(1, 960, 576) == (1, 4, 2, 0, 1, 4)
     assert mw.default_config(8, 576, 1536) == (1, 8, 2, 0, 1, 4)
     assert mw.default_config(1, 64, 200) == (1, 1, 2, 0, 1, 4)
-    assert mw.default_config(1, 4096, 11008) == mw.MMA_CONFIG_1
-    assert mw.default_config(1, 8192, 8192) == mw.MMA_CONFIG_1
+    # one row of a matrix with K > 2048 below XS_MAX weights: x through shared memory, four chains, CH 2 past 16
+    # k-groups; 2-8 rows and larger matrices keep the one-chain tile
+    assert mw.default_config(1, 4096, 4096) == mw.MMA_CONFIG_1_XS == (1, 4, 4, 0, 1, 4, 1)
+    assert mw.default_config(1, 12288, 4096) == (1, 4, 4, 0, 1, 4, 1)
+    assert mw.default_config(1, 4096, 11008) == (1, 4, 2, 0, 1, 4, 1)
+    assert mw.default_config(1, 22016, 4096) == mw.default_config(1, 8192, 8192) == mw.MMA_CONFIG_1
+    assert mw.default_config(2, 4096, 4096) == mw.MMA_CONFIG_1
+    assert mw.launch_config(1, 4096, 4096, True, False)[1]["XS"] == 1
+    assert mw.launch_config(2, 4096, 4096, True, False, (1, 4, 4, 0, 1, 4, 1))[1]["XS"] == 0   # one row only
     assert mw.default_config(1, 16384, 16384) == mw.MMA_CONFIG_1_LARGE
     assert mw.default_config(9, 960, 576) == mw.MMA_CONFIG_16
     assert mw.launch_config(1, 960, 576, True, False)[1]["CHAINS"] == 4
@@ -142,13 +155,14 @@ def test_kernel_compiles_for_hopper_with_trivial_operand_layouts(case):
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
-    N, K, M, rt, warps, ch, bf16, bias, pdl, *chains = case
+    N, K, M, rt, warps, ch, bf16, bias, pdl, *rest = case
+    chains, xs = rest[:1], (rest[1:] or [0])[0]
     _, KB = mw.tile_shape(N, K)
     dt = "*bf16" if bf16 else "*fp16"
     sig = {"x_ptr": dt, "w_ptr": "*i32", "s_ptr": "*fp16", "b_ptr": dt, "y_ptr": dt,
            "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "zero": "i32"}
-    _, const = mw.launch_config(M, N, K, bf16, bias, (rt, warps, ch, 1, pdl, *chains), has_pdl=True)
-    assert const["PDL"] == bool(pdl) and const["CHAINS"] == (chains or [1])[0]
+    _, const = mw.launch_config(M, N, K, bf16, bias, (rt, warps, ch, 1, pdl, *rest), has_pdl=True)
+    assert const["PDL"] == bool(pdl) and const["CHAINS"] == (chains or [1])[0] and const["XS"] == xs
     assert not mw.launch_config(M, N, K, bf16, bias, (rt, warps, ch, 1, 1))[1]["PDL"]   # a GPU without PDL
     ch, kbl = const["CH"], -(-KB // warps)
     sig.update({k: "constexpr" for k in const})
@@ -165,6 +179,10 @@ def test_kernel_compiles_for_hopper_with_trivial_operand_layouts(case):
     assert n_mma == rounds * ch * 16 * rt * (1 if M <= 8 else 2)      # one per 16 x 16 weights x 8 columns
     assert ptx.count("lop3.b32") >= rounds * ch * 16 * rt * 4          # the +-1 pairs made in registers
     assert "st.local" not in ptx and "ld.local" not in ptx
+    # XS: x is copied into shared memory once, then every activation fragment is read from there; without it the
+    # fragments come straight from global memory and only the epilogue's warp reduction uses shared memory
+    n_lds = ptx.count("ld.shared")                  # 16-byte loads: 8 a k-group a thread, 8+ in the epilogue
+    assert n_lds >= rounds * ch * 8 + 8 if xs else (M > 8 or n_lds <= 16 * rt)
     if pdl:
         # the first round's weight words (RT x CH 16-byte loads a thread) are loaded before the wait for the
         # previous kernel, the activations and the store only after it; then the next kernel may launch
@@ -187,7 +205,8 @@ def test_kernel_on_the_gpu_matches_dense(M, N, K, dt):
     scale = (torch.rand(N, device="cuda", generator=g) + 0.5).half()
     s_in = (torch.rand(K, device="cuda", generator=g) + 0.5).half()
     bias = torch.randn(N, device="cuda", generator=g).to(dt)
-    for cfg in (None, (1, 8, 1, 1, 0), (1, 8, 1, 1, 1), (2, 4, 4, 0, 1), (1, 4, 2, 0, 1, 4), (2, 4, 4, 1, 1, 4)):
+    for cfg in (None, (1, 8, 1, 1, 0), (1, 8, 1, 1, 1), (2, 4, 4, 0, 1), (1, 4, 2, 0, 1, 4), (2, 4, 4, 1, 1, 4),
+                (1, 4, 4, 0, 1, 4, 1), (2, 4, 2, 1, 0, 1, 1), (1, 2, 8, 0, 1, 1, 1)):
         y = mw.mma_matmul(x, tiles, scale, N, K, s_in, bias, cfg)
         ref = _dense(x, bits, scale, K, s_in, bias)
         assert torch.allclose(y.float(), ref, rtol=2 ** -7, atol=1e-4 * K ** 0.5 * ref.abs().max().item())

@@ -16,6 +16,11 @@ stores of x as tensor-core ops).  Here every layout is spelled out, so
 * with CHAINS = 4 each warp keeps four accumulators (batch entries kg S + s: one per 64-column group kg) instead
   of one, so its tensor-core ops are four independent dependency chains rather than one, summed with the rest at
   the end; on the H100 this made the small, latency-bound matrices (SmolLM2's) about a quarter faster;
+* with XS (one row of activations only) the program first copies its K slice of x into shared memory, in the
+  order the fragments read it, and each round reads its activations from there instead of loading them from
+  global memory into registers ahead of use: lanes of the other seven batch columns read the same words, so
+  every column of the mma holds row 0 and only column 0 is stored.  That took the 1x4x4 tile from 126 to 54
+  registers a thread (at 8192^2), and made most one-row Llama-7B shapes faster on the H100;
 * on sm_90+ it is launched with programmatic dependent launch (PDL): the weights do not depend on the kernel
   before it, so the first round of them is loaded while that kernel is still running; ``griddepcontrol.wait``
   comes before x is read (and before anything is stored), then ``griddepcontrol.launch_dependents`` lets the next
@@ -54,11 +59,18 @@ GROUP_K = 64 * KG    # columns of a k-group
 # more (16384^2: 21.8 against 32.3 us), and for 9-16 rows; with 1-8 rows and K <= 2048 (SmolLM2) one k-group a
 # warp and four chains (``default_config``: 23-27% faster on its four fused shapes, +13% SmolLM2 decode).  Four
 # chains also made 4096x11008 faster alone (6.63 against 7.38 us) but the 7B decode step slower (about 580
-# against 630 tok/s), so larger K keeps one.  BINARYLLM_MMA_CONFIG overrides all
+# against 630 tok/s), so larger K kept one (2-8 rows still do).  [, XS (1: one row, read into shared memory
+# once)]: one row of a matrix with K > 2048 and fewer than XS_MAX weights reads x into shared memory and runs four
+# chains (MMA_CONFIG_1_XS, CH 2 above 16 k-groups): alone 19% faster on 4096^2, 16% on 4096x11008, 4% slower on
+# 12288x4096, and the Llama-7B decode step 4% faster in the same process; at 8192^2 it was 2-6% slower, so
+# matrices of XS_MAX weights and more keep their tiles (docs/RESULTS.md, thirteenth session).
+# BINARYLLM_MMA_CONFIG overrides all
 MMA_CONFIG_1 = (1, 4, 4, 0, 1)
 MMA_CONFIG_1_LARGE = (2, 4, 2, 1, 1)
+MMA_CONFIG_1_XS = (1, 4, 4, 0, 1, 4, 1)
 MMA_CONFIG_16 = (2, 4, 4, 1, 1)
 LARGE = 2 ** 27
+XS_MAX = 2 ** 26
 PDL_DEFAULT = 1
 
 
@@ -71,19 +83,21 @@ def default_config(M: int, N: int, K: int) -> tuple:
         return MMA_CONFIG_1_LARGE
     if KB <= 8:                                       # one k-group a warp: 1, 2, 4 or 8 warps
         return (1, 1 << (KB - 1).bit_length(), 2, 0, 1, 4)
+    if M == 1 and N * K < XS_MAX:
+        return MMA_CONFIG_1_XS if KB <= 16 else MMA_CONFIG_1_XS[:2] + (2,) + MMA_CONFIG_1_XS[3:]
     return MMA_CONFIG_1
 
 
 def _env_config() -> tuple | None:
     from . import env_ints
     cfg = env_ints("BINARYLLM_MMA_CONFIG", "1,4,4,0,1")
-    if cfg is not None and (len(cfg) not in (3, 4, 5, 6) or cfg[1] not in (1, 2, 4, 8, 16)
+    if cfg is not None and (len(cfg) not in (3, 4, 5, 6, 7) or cfg[1] not in (1, 2, 4, 8, 16)
                             or cfg[2] not in (1, 2, 4, 8) or cfg[0] < 1 or any(f not in (0, 1) for f in cfg[3:5])
-                            or cfg[5:] not in ((), (1,), (4,))):
+                            or cfg[5:6] not in ((), (1,), (4,)) or cfg[6:] not in ((), (0,), (1,))):
         from ..errors import BinaryLLMError
         raise BinaryLLMError(f"BINARYLLM_MMA_CONFIG={','.join(map(str, cfg))!r} is not RT,WARPS,CH[,FENCE[,PDL"
-                             f"[,CHAINS]]] (e.g. 1,4,4,0,1; WARPS a power of 2 up to 16, CH one of 1, 2, 4, 8, "
-                             f"FENCE and PDL 0 or 1, CHAINS 1 or 4); fix or unset it")
+                             f"[,CHAINS[,XS]]]] (e.g. 1,4,4,0,1; WARPS a power of 2 up to 16, CH one of 1, 2, 4, "
+                             f"8, FENCE, PDL and XS 0 or 1, CHAINS 1 or 4); fix or unset it")
     return cfg
 
 
@@ -228,6 +242,10 @@ def _build():
                 layout = gl.SliceLayout(d, layout)
         return layout
 
+    @gluon.constexpr_function
+    def _p2(n):
+        return 1 << (n - 1).bit_length()
+
     @gluon.jit
     def _ar(n: gl.constexpr, DIM: gl.constexpr, RANK: gl.constexpr, layout: gl.constexpr):
         """arange(n) along dimension DIM of a rank-RANK tensor in ``layout`` (size 1 along the others)."""
@@ -250,7 +268,7 @@ def _build():
     def kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym, zero,
                KB: gl.constexpr, RT: gl.constexpr, NB: gl.constexpr, W: gl.constexpr, CH: gl.constexpr,
                BF16: gl.constexpr, HAS_BIAS: gl.constexpr, EVEN: gl.constexpr,
-               FENCE: gl.constexpr, PDL: gl.constexpr, CHAINS: gl.constexpr = 1):
+               FENCE: gl.constexpr, PDL: gl.constexpr, CHAINS: gl.constexpr = 1, XS: gl.constexpr = 0):
         """Program: 16 RT rows; warp s: k-groups s KBL ... s KBL + KBL - 1, CH of them per round (all of a
         round's loads are issued before its tensor-core work: ptxas does not hoist loads across rounds)."""
         S: gl.constexpr = W
@@ -281,6 +299,18 @@ def _build():
         m_ok = xm < M
 
         acc = gl.zeros([S * CHAINS, BN, NB], gl.float32, mma)
+        if XS:
+            # one row (M = 1): x goes to shared memory once, in the order the fragments read it; each round's
+            # activations are then read from there (lanes of other batch columns read the same words, so every
+            # column of the mma holds row 0 and only column 0 is stored): far fewer registers than loading the
+            # whole K slice of x from global memory ahead of its use
+            KBLP: gl.constexpr = _p2(ROUNDS * CH)
+            xsl: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [4, 3, 2, 1, 0])
+            x_smem = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [S, KBLP, 4, 4, 16], xsl)
+            fl: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 8], [1, 1, 4, 4, 2], [S, 1, 1, 1, 1], [4, 3, 2, 1, 0])
+            fcol = ((_ar(S, 0, 5, fl) * KBL + _ar(KBLP, 1, 5, fl)) * 256 + _ar(4, 2, 5, fl) * 64
+                    + _ar(4, 3, 5, fl) * 16 + _ar(16, 4, 5, fl))
+            f_ok = (_ar(KBLP, 1, 5, fl) < KBL) & (fcol < K)
         if PDL:
             # programmatic dependent launch: the weights do not depend on the kernel before this one, so the
             # first round's are loaded while it finishes; x (its output) only after griddepcontrol.wait, which
@@ -291,12 +321,18 @@ def _build():
                                       pack=1)
             gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
                                       is_pure=False, pack=1)
+        if XS:
+            x_smem.store(gl.load(x_ptr + fcol, mask=f_ok, other=0.0))
+            gl.thread_barrier()
         for rnd in gl.static_range(ROUNDS):
             if PDL and rnd == 0:
                 words = words0
             else:
                 words = _load_words(w_ptr, woff, rnd, s, rt, ch, KB, KBL, CH, N, EVEN)
-            if EVEN:
+            if XS:
+                xv = x_smem.slice(rnd * CH, CH, dim=1).load(gl.SliceLayout(1, xl))
+                xv = gl.expand_dims(xv, 1).broadcast_to(S, NB, CH, 4, 4, 16)
+            elif EVEN:
                 xv = gl.load(x_ptr + xoff + rnd * CH * 256, mask=m_ok, other=0.0)
             else:
                 k_ok = (rnd * CH + xch < KBL) & (xcol + rnd * CH * 256 < K)
@@ -376,11 +412,11 @@ def launch_config(M: int, N: int, K: int, bf16: bool, has_bias: bool, config: tu
     mask is needed, PDL when the config asks for it (default PDL_DEFAULT) and the GPU has it (``has_pdl``)."""
     import triton
     rt, warps, ch, *rest = config or _ENV_CONFIG or default_config(M, N, K)
-    fence, pdl, chains = (list(rest) + [1, PDL_DEFAULT, 1][len(rest):])[:3]
+    fence, pdl, chains, xs = (list(rest) + [1, PDL_DEFAULT, 1, 0][len(rest):])[:4]
     NT, KB = tile_shape(N, K)
     kbl = triton.cdiv(KB, warps)
     ch = min(ch, triton.next_power_of_2(kbl))
     even = K == KB * GROUP_K and KB % warps == 0 and kbl % ch == 0 and NT % rt == 0 and N == NT * 16
     return (triton.cdiv(NT, rt),), dict(KB=KB, RT=rt, NB=8 if M <= 8 else 16, W=warps, CH=ch, BF16=bf16,
                                         HAS_BIAS=has_bias, EVEN=even, FENCE=bool(fence), PDL=bool(pdl) and has_pdl,
-                                        CHAINS=chains)
+                                        CHAINS=chains, XS=int(bool(xs) and M == 1))

@@ -1,0 +1,76 @@
+"""Batch-1 tile sweep of the mma kernel with and without XS (the activation row read once into shared memory
+instead of each round's K slice loaded into registers from global memory).  Back to back in one CUDA graph,
+weights cycled past the L2 cache (as ``bench kernels``), every output checked against the dense reference
+first.  CUDA only; results in docs/RESULTS.md (thirteenth session).
+
+    PYTHONPATH=src OUT=. python bench/mma_xs.py large|chains|small    # writes ./mma_xs_<set>.json
+"""
+import json
+import os
+import sys
+
+import torch
+
+from binaryllm.bench import _gpu_time
+from binaryllm.export.bits import pack_signs
+from binaryllm.kernels import mma_w1a16 as mw
+
+SETS = {
+    "large": ([(8192, 8192), (4096, 4096), (12288, 4096), (22016, 4096), (4096, 11008), (16384, 16384)],
+              [None, (1, 4, 4, 0, 1), (2, 4, 2, 1, 1), (4, 8, 4, 1, 1),
+               (1, 4, 4, 0, 1, 1, 1), (2, 4, 4, 1, 1, 1, 1), (2, 8, 4, 1, 1, 1, 1), (4, 8, 4, 1, 1, 1, 1),
+               (4, 8, 4, 0, 1, 1, 1), (4, 8, 2, 1, 1, 1, 1), (2, 4, 8, 1, 1, 1, 1), (1, 8, 4, 0, 1, 1, 1),
+               (4, 16, 2, 1, 1, 1, 1), (2, 8, 2, 1, 1, 1, 1)]),
+    "chains": ([(8192, 8192), (4096, 4096), (12288, 4096), (22016, 4096), (4096, 11008), (16384, 16384)],
+               [None, (1, 4, 4, 0, 1, 1, 1), (2, 4, 4, 1, 1, 1, 1), (1, 8, 4, 0, 1, 1, 1),
+                (1, 4, 4, 0, 1, 4, 1), (1, 4, 8, 0, 1, 4, 1), (1, 4, 8, 1, 1, 1, 1), (1, 4, 8, 1, 1, 4, 1),
+                (2, 4, 4, 1, 1, 4, 1), (2, 4, 8, 1, 1, 4, 1), (1, 8, 4, 0, 1, 4, 1), (1, 8, 2, 0, 1, 4, 1),
+                (2, 8, 4, 1, 1, 4, 1), (1, 2, 8, 0, 1, 4, 1), (1, 4, 2, 0, 1, 4, 1)]),
+    "small": ([(960, 576), (576, 576), (3072, 576), (576, 1536)],
+              [None, (1, 4, 2, 0, 1, 4), (1, 4, 2, 0, 1, 4, 1), (1, 2, 2, 0, 1, 4, 1), (1, 8, 2, 0, 1, 4, 1),
+               (1, 4, 2, 0, 1, 1, 1), (2, 4, 2, 0, 1, 4, 1), (1, 4, 1, 0, 1, 4, 1), (1, 2, 4, 0, 1, 4, 1)]),
+}
+
+
+def main(which: str) -> None:
+    dev = "cuda"
+    shapes, configs = SETS[which]
+    res = {"device": torch.cuda.get_device_name(), "rows": {}}
+    for N, K in shapes:
+        n = max(2, min(64, -(-200 * 2**20 // (N * K // 8))))
+        g = torch.Generator(device=dev).manual_seed(N + K)
+        bits = [pack_signs(torch.randn(N, K, device=dev, generator=g)) for _ in range(n)]
+        ts = [mw.prepare_tiles(b, K) for b in bits]
+        sc = (torch.rand(N, device=dev, generator=g) + 0.5).half()
+        x = torch.randn(1, K, device=dev, generator=g).to(torch.bfloat16)
+        signs = ((bits[0][:, :, None] >> torch.arange(8, device=dev, dtype=torch.uint8)) & 1).reshape(N, -1)[:, :K]
+        ref = (x.float() @ (signs.float() * 2 - 1).t()) * sc.float()
+        row = {}
+        for rep in range(2):
+            for cfg in configs:
+                key = "default" if cfg is None else ",".join(map(str, cfg))
+                try:
+                    if rep == 0:
+                        y = mw.mma_matmul(x, ts[0], sc, N, K, config=cfg).float()
+                        err = ((y - ref).abs().max() / ref.abs().max()).item()
+                        if err > 1e-2:
+                            row[key] = f"WRONG {err:.3g}"
+                            continue
+
+                    def chain(cfg=cfg, ts=ts):
+                        for t in ts:
+                            mw.mma_matmul(x, t, sc, N, K, config=cfg)
+                    if isinstance(row.get(key), str):
+                        continue
+                    row.setdefault(key, []).append(round(_gpu_time([chain], iters=5, reps=7) * 1e6 / n, 2))
+                except Exception as e:  # a tile that does not build on this shape
+                    row[key] = f"FAIL {type(e).__name__}: {str(e)[:160]}"
+        print(f"{N}x{K}", row, flush=True)
+        res["rows"][f"{N}x{K}"] = row
+        del ts, bits
+        torch.cuda.empty_cache()
+    json.dump(res, open(os.path.join(os.environ.get("OUT", "."), f"mma_xs_{which}.json"), "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "large")
