@@ -1,0 +1,89 @@
+"""The batch-1 decode step alone, without the generation loop around it: compiled, graph-captured steps
+(``binaryllm.decode.StaticDecoder``) of random-weight models, each captured once, their graph replays timed in
+rotating blocks of 50 (CUDA events) in one process, so that clock drift hits every variant alike (the
+``bench decode`` figures, one generate call after another, moved by up to 20% between runs).  CUDA only; results
+in docs/RESULTS.md (thirteenth session).
+
+    # packed step with the committed tiles ("default") against other one-row tile tables for the mma kernel,
+    # {"name": {"NxK": [RT, warps, CH, FENCE, PDL, CHAINS, XS], ...}, ...}
+    PYTHONPATH=src OUT=. python bench/decode_step.py tiles llama-7b 8 variants.json [max_len]
+    # the bf16 step against the packed one
+    PYTHONPATH=src OUT=. python bench/decode_step.py bf16 llama-7b 6 [max_len]
+"""
+import json
+import os
+import statistics
+import sys
+
+import torch
+import torch._dynamo
+
+from binaryllm import bench
+from binaryllm.decode import StaticDecoder
+from binaryllm.kernels import mma_w1a16 as mw
+
+
+def capture(model, max_len: int) -> StaticDecoder:
+    torch._dynamo.reset()
+    ids = torch.randint(0, model.config.vocab_size, (1, 16), device="cuda",
+                        generator=torch.Generator("cuda").manual_seed(0))
+    dec = StaticDecoder(model, max_len, compile=True)
+    dec.generate(ids, 4)          # the graph is captured at the first step (position 16 onwards)
+    return dec
+
+
+def time_blocks(decs: dict, blocks: int) -> dict:
+    us = {}
+    labels = list(decs)
+    for b in range(blocks):
+        for label in labels[b % len(labels):] + labels[:b % len(labels)]:
+            g = decs[label]._graph
+            for _ in range(3):
+                g.replay()
+            a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(50):
+                g.replay()
+            e.record()
+            torch.cuda.synchronize()
+            us.setdefault(label, []).append(round(a.elapsed_time(e) * 1e3 / 50, 1))
+    med = {k: statistics.median(v) for k, v in us.items()}
+    return {"us": us, "median_us": med, "step_tok_s": {k: round(1e6 / v, 1) for k, v in med.items()}}
+
+
+def main() -> None:
+    mode, name, blocks = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    decs = {}
+    with torch.no_grad():
+        if mode == "tiles":
+            variants = json.load(open(sys.argv[4]))
+            max_len = int(sys.argv[5]) if len(sys.argv) > 5 else 64
+            model = bench.random_model(name, torch.bfloat16, "cuda").eval()
+            bench.random_packed_(model)
+            default = mw.default_config
+            for label, table in [("default", None)] + list(variants.items()):
+                t = {tuple(map(int, k.split("x"))): tuple(v) for k, v in (table or {}).items()}
+                mw.default_config = lambda M, N, K, t=t: t[(N, K)] if M == 1 and (N, K) in t else default(M, N, K)
+                decs[label] = capture(model, max_len)       # the tiles are fixed in the captured graph
+            mw.default_config = default
+            res = {"variants": variants, **time_blocks(decs, blocks)}
+            res["speedup_vs_default"] = {k: round(res["median_us"]["default"] / v, 3)
+                                         for k, v in res["median_us"].items()}
+        elif mode == "bf16":
+            max_len = int(sys.argv[4]) if len(sys.argv) > 4 else 144
+            for label in ("bf16", "packed"):
+                model = bench.random_model(name, torch.bfloat16, "cuda").eval()
+                if label == "packed":
+                    bench.random_packed_(model)
+                decs[label] = capture(model, max_len)
+            res = time_blocks(decs, blocks)
+            res["ratio"] = round(res["median_us"]["bf16"] / res["median_us"]["packed"], 3)
+        else:
+            raise SystemExit(f"mode {mode!r} is not tiles or bf16")
+    res.update(model=name, max_len=max_len, device=torch.cuda.get_device_name())
+    print(json.dumps({k: v for k, v in res.items() if k != "us"}), flush=True)
+    json.dump(res, open(os.path.join(os.environ.get("OUT", "."), f"decode_step-{mode}-{name}.json"), "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
