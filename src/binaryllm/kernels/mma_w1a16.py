@@ -62,7 +62,7 @@ GROUP_K = 64 * KG    # columns of a k-group
 # against 630 tok/s), so larger K kept one (2-8 rows still do).  [, XS (1: one row, read into shared memory
 # once)]: one row of a matrix with K > 2048 and fewer than XS_MAX weights reads x into shared memory and runs four
 # chains (MMA_CONFIG_1_XS, CH 2 above 16 k-groups): alone 19% faster on 4096^2, 16% on 4096x11008, 4% slower on
-# 12288x4096, and the Llama-7B decode step 4% faster in the same process; at 8192^2 it was 2-6% slower, so
+# 12288x4096, and the Llama-7B decode step 4% faster in the same process; at 8192^2 it was 1-5% slower, so
 # matrices of XS_MAX weights and more keep their tiles (docs/RESULTS.md, thirteenth session).
 # BINARYLLM_MMA_CONFIG overrides all
 MMA_CONFIG_1 = (1, 4, 4, 0, 1)
