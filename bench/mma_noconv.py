@@ -10,7 +10,7 @@ import json
 import os
 
 import torch
-from binaryllm.bench import _gpu_time
+from binaryllm.bench import _copies, _gpu_time
 from binaryllm.export.bits import pack_signs
 from binaryllm.kernels import mma_w1a16 as mw
 
@@ -28,7 +28,7 @@ dev = "cuda"
 out = {}
 for N, K in [(8192, 8192), (4096, 4096), (12288, 4096), (22016, 4096), (4096, 11008), (16384, 16384), (960, 576),
              (3072, 576)]:
-    n = max(2, min(64, -(-200 * 2**20 // (N * K // 8))))
+    n = _copies(N * K // 8, 64)
     ts = [mw.prepare_tiles(pack_signs(torch.randn(N, K, device=dev)), K) for _ in range(n)]
     sc = (torch.rand(N, device=dev) + 0.5).half()
     x = torch.randn(1, K, device=dev, dtype=torch.bfloat16)

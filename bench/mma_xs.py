@@ -11,8 +11,8 @@ import sys
 
 import torch
 
-from binaryllm.bench import _gpu_time
-from binaryllm.export.bits import pack_signs
+from binaryllm.bench import _copies, _gpu_time, _rel_err
+from binaryllm.export.bits import pack_signs, unpack_signs
 from binaryllm.kernels import mma_w1a16 as mw
 
 SETS = {
@@ -37,22 +37,22 @@ def main(which: str) -> None:
     shapes, configs = SETS[which]
     res = {"device": torch.cuda.get_device_name(), "rows": {}}
     for N, K in shapes:
-        n = max(2, min(64, -(-200 * 2**20 // (N * K // 8))))
+        n = _copies(N * K // 8, 64)
         g = torch.Generator(device=dev).manual_seed(N + K)
         bits = [pack_signs(torch.randn(N, K, device=dev, generator=g)) for _ in range(n)]
         ts = [mw.prepare_tiles(b, K) for b in bits]
         sc = (torch.rand(N, device=dev, generator=g) + 0.5).half()
         x = torch.randn(1, K, device=dev, generator=g).to(torch.bfloat16)
-        signs = ((bits[0][:, :, None] >> torch.arange(8, device=dev, dtype=torch.uint8)) & 1).reshape(N, -1)[:, :K]
-        ref = (x.float() @ (signs.float() * 2 - 1).t()) * sc.float()
+        ref = (x.float() @ unpack_signs(bits[0], K, torch.float32).t()) * sc.float()
         row = {}
         for rep in range(2):
             for cfg in configs:
                 key = "default" if cfg is None else ",".join(map(str, cfg))
+                if isinstance(row.get(key), str):          # wrong or failed on the first pass
+                    continue
                 try:
                     if rep == 0:
-                        y = mw.mma_matmul(x, ts[0], sc, N, K, config=cfg).float()
-                        err = ((y - ref).abs().max() / ref.abs().max()).item()
+                        err = _rel_err(mw.mma_matmul(x, ts[0], sc, N, K, config=cfg), ref)
                         if err > 1e-2:
                             row[key] = f"WRONG {err:.3g}"
                             continue
@@ -60,8 +60,6 @@ def main(which: str) -> None:
                     def chain(cfg=cfg, ts=ts):
                         for t in ts:
                             mw.mma_matmul(x, t, sc, N, K, config=cfg)
-                    if isinstance(row.get(key), str):
-                        continue
                     row.setdefault(key, []).append(round(_gpu_time([chain], iters=5, reps=7) * 1e6 / n, 2))
                 except Exception as e:  # a tile that does not build on this shape
                     row[key] = f"FAIL {type(e).__name__}: {str(e)[:160]}"

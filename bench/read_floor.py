@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from binaryllm.bench import _gpu_time
+from binaryllm.bench import _copies, _gpu_time
 
 
 @triton.jit
@@ -79,7 +79,7 @@ def main() -> None:
     rows = {}
     for N, K in [(4096, 4096), (12288, 4096), (8192, 8192), (22016, 4096), (16384, 16384)]:
         nbytes = N * K // 8
-        n = max(2, min(64, -(-200 * 2**20 // nbytes)))
+        n = _copies(nbytes, 64)
         bufs = [torch.randint(-2**31, 2**31 - 1, (nbytes // 4,), device=dev, dtype=torch.int32) for _ in range(n)]
         row = {"MB": round(nbytes / 2**20, 2), "read": {}}
         for block, warps in ((1024, 4), (2048, 8), (512, 4)):
@@ -105,7 +105,7 @@ def main() -> None:
                 mw.mma_matmul(x, t, sc, N, K)
         row["mma_us"] = round(_gpu_time([mma_chain], iters=5, reps=7) * 1e6 / n, 2)
         del ts
-        nb = max(2, min(16, -(-200 * 2**20 // (N * K * 2))))
+        nb = _copies(N * K * 2, 16)
         ws = [torch.randn(N, K, device=dev, dtype=torch.bfloat16) for _ in range(nb)]
 
         def bf16_chain(ws=ws):

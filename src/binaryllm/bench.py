@@ -78,6 +78,14 @@ FUSED_SWEEP = ((128, 128, 32, 8, 1), (128, 64, 32, 4, 1), (64, 128, 16, 4, 1), (
                (128, 256, 16, 8, 1))                                            # prefill, 2048 rows
 
 
+def _copies(nbytes: int, cap: int) -> int:
+    """How many distinct copies of an ``nbytes`` operand to cycle through so that together they are >= 4x the
+    L2 cache (each call reads from HBM, as in a real model): at least 2, at most ``cap``."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    l2 = getattr(props, "L2_cache_size", 50 * 2**20)
+    return max(2, min(cap, -(-4 * l2 // nbytes)))
+
+
 def _rel_err(y, ref) -> float:
     return ((y.float() - ref).abs().max() / ref.abs().max()).item()
 
@@ -116,15 +124,11 @@ def bench_kernels_gpu(shapes=SHAPES, batches=(1, 4, 16, 2048), log=print, sweep:
     from .kernels.triton_w1a16 import prepare_weight, w1a16_matmul
     dev = torch.device("cuda")
     has_mma = mma_w1a16.usable(dev.index or 0)
-    props = torch.cuda.get_device_properties(dev)
-    l2 = getattr(props, "L2_cache_size", 50 * 2**20)
     rows = []
     for N, K in shapes:
         g = torch.Generator(device=dev).manual_seed(N + K)
-        n_bf = max(2, -(-4 * l2 // (N * K * 2)))
-        n_bits = max(2, -(-4 * l2 // (N * K // 8)))
-        dense = [torch.randn(N, K, device=dev, generator=g, dtype=torch.bfloat16) for _ in range(min(n_bf, 8))]
-        bits = [pack_signs(torch.randn(N, K, device=dev, generator=g)) for _ in range(min(n_bits, 64))]
+        dense = [torch.randn(N, K, device=dev, generator=g, dtype=torch.bfloat16) for _ in range(_copies(N * K * 2, 8))]
+        bits = [pack_signs(torch.randn(N, K, device=dev, generator=g)) for _ in range(_copies(N * K // 8, 64))]
         words = [prepare_weight(b, K) for b in bits]
         tiles = [mma_w1a16.prepare_tiles(b, K) for b in bits] if has_mma else [None] * len(bits)
         scale = (torch.rand(N, device=dev, generator=g) + 0.5).half()
