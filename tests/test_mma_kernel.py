@@ -136,7 +136,7 @@ def test_default_tiles_follow_the_measured_rules():
     # k-groups; 2-8 rows and larger matrices keep the one-chain tile
     assert mw.default_config(1, 4096, 4096) == mw.MMA_CONFIG_1_XS == (1, 4, 4, 0, 1, 4, 1)
     assert mw.default_config(1, 12288, 4096) == (1, 4, 4, 0, 1, 4, 1)
-    assert mw.default_config(1, 4096, 11008) == (1, 4, 2, 0, 1, 4, 1)
+    assert mw.default_config(1, 4096, 11008) == mw.MMA_CONFIG_1_XS_LONG == (1, 4, 2, 0, 1, 4, 1)
     assert mw.default_config(1, 22016, 4096) == mw.default_config(1, 8192, 8192) == mw.MMA_CONFIG_1
     assert mw.default_config(2, 4096, 4096) == mw.MMA_CONFIG_1
     assert mw.launch_config(1, 4096, 4096, True, False)[1]["XS"] == 1

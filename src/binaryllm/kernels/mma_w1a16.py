@@ -61,13 +61,14 @@ GROUP_K = 64 * KG    # columns of a k-group
 # chains also made 4096x11008 faster alone (6.63 against 7.38 us) but the 7B decode step slower (about 580
 # against 630 tok/s), so larger K kept one (2-8 rows still do).  [, XS (1: one row, read into shared memory
 # once)]: one row of a matrix with K > 2048 and fewer than XS_MAX weights reads x into shared memory and runs four
-# chains (MMA_CONFIG_1_XS, CH 2 above 16 k-groups): alone 19% faster on 4096^2, 16% on 4096x11008, 4% slower on
-# 12288x4096, and the Llama-7B decode step 4% faster in the same process; at 8192^2 it was 1-5% slower, so
-# matrices of XS_MAX weights and more keep their tiles (docs/RESULTS.md, thirteenth session).
+# chains (MMA_CONFIG_1_XS; MMA_CONFIG_1_XS_LONG, CH 2, above 16 k-groups): alone 19% faster on 4096^2, 16% on
+# 4096x11008, 4% slower on 12288x4096, and the Llama-7B decode step 4% faster in the same process; at 8192^2 it
+# was 1-5% slower, so matrices of XS_MAX weights and more keep their tiles (docs/RESULTS.md, thirteenth session).
 # BINARYLLM_MMA_CONFIG overrides all
 MMA_CONFIG_1 = (1, 4, 4, 0, 1)
 MMA_CONFIG_1_LARGE = (2, 4, 2, 1, 1)
 MMA_CONFIG_1_XS = (1, 4, 4, 0, 1, 4, 1)
+MMA_CONFIG_1_XS_LONG = (1, 4, 2, 0, 1, 4, 1)         # above 16 k-groups
 MMA_CONFIG_16 = (2, 4, 4, 1, 1)
 LARGE = 2 ** 27
 XS_MAX = 2 ** 26
@@ -84,7 +85,7 @@ def default_config(M: int, N: int, K: int) -> tuple:
     if KB <= 8:                                       # one k-group a warp: 1, 2, 4 or 8 warps
         return (1, 1 << (KB - 1).bit_length(), 2, 0, 1, 4)
     if M == 1 and N * K < XS_MAX:
-        return MMA_CONFIG_1_XS if KB <= 16 else MMA_CONFIG_1_XS[:2] + (2,) + MMA_CONFIG_1_XS[3:]
+        return MMA_CONFIG_1_XS if KB <= 16 else MMA_CONFIG_1_XS_LONG
     return MMA_CONFIG_1
 
 
@@ -308,9 +309,10 @@ def _build():
             xsl: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [4, 3, 2, 1, 0])
             x_smem = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [S, KBLP, 4, 4, 16], xsl)
             fl: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 8], [1, 1, 4, 4, 2], [S, 1, 1, 1, 1], [4, 3, 2, 1, 0])
-            fcol = ((_ar(S, 0, 5, fl) * KBL + _ar(KBLP, 1, 5, fl)) * 256 + _ar(4, 2, 5, fl) * 64
-                    + _ar(4, 3, 5, fl) * 16 + _ar(16, 4, 5, fl))
-            f_ok = (_ar(KBLP, 1, 5, fl) < KBL) & (fcol < K)
+            fkb = _ar(KBLP, 1, 5, fl)                   # the warp's k-group (past KBL: padding, zeros)
+            fcol = ((_ar(S, 0, 5, fl) * KBL + fkb) * 256 + _ar(4, 2, 5, fl) * 64 + _ar(4, 3, 5, fl) * 16
+                    + _ar(16, 4, 5, fl))
+            f_ok = (fkb < KBL) & (fcol < K)
         if PDL:
             # programmatic dependent launch: the weights do not depend on the kernel before this one, so the
             # first round's are loaded while it finishes; x (its output) only after griddepcontrol.wait, which
