@@ -86,8 +86,12 @@ def test_compiled_step_gives_the_same_tokens_on_a_packed_model():
     # the generate calls above ran with them)
     expect = {k: True for k, have in (("triton.enable_pdl", hasattr(ic.triton, "enable_pdl")),
                                       ("combo_kernels", hasattr(ic, "combo_kernels"))) if have}
-    assert compile_options() == expect
-    assert compile_options(tune=True) == {**expect, "coordinate_descent_tuning": True}
+    from binaryllm.kernels.fusion import GluIntoPackedLinear
+    opts, tuned = compile_options(), compile_options(tune=True)
+    # and the graph pass that makes silu(gate) * up inside the packed down projection (tests/test_fusion.py)
+    assert all(isinstance(o.pop("post_grad_custom_post_pass"), GluIntoPackedLinear) for o in (opts, tuned))
+    assert opts == expect == compile_options(glu=False)
+    assert tuned == {**expect, "coordinate_descent_tuning": True}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="programmatic dependent launch needs a CUDA GPU")
@@ -111,6 +115,31 @@ def test_compiled_gpu_step_gives_the_same_logits_with_and_without_pdl(monkeypatc
         dec = StaticDecoder(model, max_len=40, compile=True)
         outs.append((dec.generate(ids, 24), dec.out.clone()))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the mma kernel's GLU input needs a CUDA GPU")
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_compiled_gpu_step_makes_the_gating_in_the_down_projection(arch, monkeypatch):
+    """The compile pass rewrites every block's packed down projection to read [gate | up] (kernels/fusion.py), and
+    the step's logits stay those of the step without it, up to the rounding of silu(gate) between them."""
+    import torch._dynamo
+
+    import binaryllm.decode as decode
+    from binaryllm.bench import random_packed_
+    model = tiny_model(arch).to("cuda", torch.bfloat16)
+    random_packed_(model)
+    ids = torch.randint(3, 96, (1, 6), device="cuda", generator=torch.Generator("cuda").manual_seed(5))
+    real = decode.compile_options
+    outs = []
+    for glu in (True, False):
+        torch._dynamo.reset()
+        monkeypatch.setattr(decode, "compile_options", lambda tune=False, glu=glu: real(tune, glu=glu))
+        dec = StaticDecoder(model, max_len=16, compile=True)
+        dec.generate(ids, 2)
+        outs.append(dec.out.float().clone())
+        p = dec.compile_options.get("post_grad_custom_post_pass")
+        assert (p.rewrites if glu else p) == (model.config.num_hidden_layers if glu else None)
+    assert torch.allclose(outs[0], outs[1], rtol=0.02, atol=0.02 * outs[1].abs().max().item())
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -244,3 +244,60 @@ def test_chained_kernels_in_a_cuda_graph_see_each_others_output(pdl):
         ref = chain(x.clone(), (1, 4, 4, 1, 0))
         torch.cuda.synchronize()
         assert torch.equal(y, ref), (seed, (y.float() - ref.float()).abs().max().item())
+
+
+def _ptx(N, K, M, config, bf16=True, glu=False):
+    """sm_90 PTX of the kernel for M rows of an (N, K) matrix (compiled on this CPU box)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    dt = "*bf16" if bf16 else "*fp16"
+    sig = {"x_ptr": dt, "w_ptr": "*i32", "s_ptr": "*fp16", "b_ptr": dt, "y_ptr": dt,
+           "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "zero": "i32"}
+    _, const = mw.launch_config(M, N, K, bf16, False, config, has_pdl=True)
+    const["GLU"] = int(glu)
+    sig.update({k: "constexpr" for k in const})
+    names = list(sig)
+    ints = {"N": N, "K": K, "stride_xm": 2 * K if glu else K, "stride_ym": N}
+    aligned = ["x_ptr", "w_ptr", "s_ptr", "y_ptr"] + [n for n, v in ints.items() if v % 16 == 0]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    src = GluonASTSource(mw._build(), sig, constexprs=const, attrs=attrs)
+    cc = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                        options={"num_warps": const["W"], "launch_pdl": const["PDL"]})
+    return cc.asm["ptx"], const
+
+
+@pytest.mark.parametrize("N,K,M,config", [(4096, 11008, 1, None), (576, 1536, 1, None), (576, 1536, 5, None),
+                                          (1000, 600, 1, (1, 4, 2, 0, 1, 1, 1))])
+def test_glu_input_is_made_in_the_kernel(N, K, M, config):
+    """GLU (a gated MLP's down projection reading [gate | up]): the kernel loads gate and up, makes silu(gate) * up
+    with one exp each (ex2 in PTX), and its tensor-core work and register budget (no spills) stay as without it;
+    with XS the gating happens once, in the shared-memory fill."""
+    plain, const = _ptx(N, K, M, config, glu=False)
+    glu, _ = _ptx(N, K, M, config, glu=True)
+    mma = "mma.sync.aligned.m16n8k16"
+    assert glu.count(mma) == plain.count(mma) > 0
+    assert "ex2.approx" in glu and "ex2.approx" not in plain
+    assert "st.local" not in glu and "ld.local" not in glu
+    assert glu.count("ld.global") > plain.count("ld.global")
+    if const["XS"]:
+        before, after = glu.split("bar.sync", 1)     # gating before the fill's barrier, none in the rounds
+        assert "ex2.approx" in before and "ex2.approx" not in after
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel itself needs a CUDA GPU")
+@pytest.mark.parametrize("M,N,K", [(1, 4096, 11008), (1, 576, 1536), (3, 576, 1536), (16, 1000, 600), (1, 1000, 600)])
+def test_glu_kernel_on_the_gpu_matches_the_gating_then_the_layer(M, N, K):
+    """GLU input (x = [gate | up]): the kernel's output against silu(gate) * up made in PyTorch and the dense
+    layer, over the default tile, XS and register tiles."""
+    from binaryllm.kernels.triton_w1a16 import silu_mul
+    g = torch.Generator(device="cuda").manual_seed(N + K)
+    bits = pack_signs(torch.randn(N, K, device="cuda", generator=g))
+    tiles = mw.prepare_tiles(bits, K)
+    gu = (torch.randn(M, 2 * K, device="cuda", generator=g) * 2).to(torch.bfloat16)
+    scale = (torch.rand(N, device="cuda", generator=g) + 0.5).half()
+    bias = torch.randn(N, device="cuda", generator=g).to(torch.bfloat16)
+    ref = _dense(silu_mul(gu, K), bits, scale, K, None, bias)
+    for cfg in (None, (1, 4, 4, 0, 1, 4, 1), (2, 4, 2, 1, 0, 1, 1), (1, 8, 1, 1, 1), (2, 4, 4, 0, 1, 4)):
+        y = mw.mma_matmul(gu, tiles, scale, N, K, None, bias, cfg, glu=True)
+        assert torch.allclose(y.float(), ref, rtol=2 ** -7, atol=1e-4 * K ** 0.5 * ref.abs().max().item()), cfg

@@ -22,7 +22,7 @@ import torch
 from .errors import BinaryLLMError
 
 
-def compile_options(tune: bool = False) -> dict:
+def compile_options(tune: bool = False, glu: bool = True) -> dict:
     """torch.compile options of the one-token step, each only where this torch has the switch:
 
     * programmatic dependent launch (``triton.enable_pdl``) in the kernels inductor generates.  Inductor emits it
@@ -35,6 +35,9 @@ def compile_options(tune: bool = False) -> dict:
       pairs: packed 1091-1169 -> 1343-1392 tokens/s, bf16 663-784 -> 694-780; Llama-7B shape: no change
       (641 -> 633 packed, 167 -> 164 bf16, within run-to-run spread).
 
+    * with ``glu`` (default), the graph pass ``kernels/fusion.py``: a gated MLP's ``silu(gate) * up`` is made
+      inside the packed down projection's kernel as it reads its input, one elementwise kernel a layer fewer.
+
     Set only with ``tune``: ``coordinate_descent_tuning``.  It makes the bf16 step much faster at SmolLM2's size
     (1091-1161 tokens/s; 1308-1460 with combo kernels), leaves the packed step where it is and compiles for minutes
     longer (docs/RESULTS.md); ``bench decode`` measures it as the path ``graph-compiled-tuned``."""
@@ -46,6 +49,9 @@ def compile_options(tune: bool = False) -> dict:
         opts["combo_kernels"] = True
     if tune and hasattr(ic, "coordinate_descent_tuning"):
         opts["coordinate_descent_tuning"] = True
+    if glu and hasattr(ic, "post_grad_custom_post_pass"):
+        from .kernels.fusion import GluIntoPackedLinear
+        opts["post_grad_custom_post_pass"] = GluIntoPackedLinear()
     return opts
 
 
@@ -110,7 +116,8 @@ class StaticDecoder:
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.out: torch.Tensor | None = None
         self._graph: torch.cuda.CUDAGraph | None = None
-        self._step_forward = torch.compile(self._forward, dynamic=False, options=compile_options(tune)) if compile \
+        self.compile_options = compile_options(tune) if compile else None
+        self._step_forward = torch.compile(self._forward, dynamic=False, options=self.compile_options) if compile \
             else self._forward
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

@@ -266,10 +266,25 @@ def _build():
             return gl.load(w_ptr + woff + rnd * CH * 128, mask=g_ok, other=0)
 
     @gluon.jit
+    def _load_x(x_ptr, off, mask, K, GLU: gl.constexpr):
+        """Activations at ``off``; with GLU the row holds [gate | up] (2 K wide) and the activation is
+        silu(gate) * up, rounded as eager PyTorch rounds it: silu in fp32 rounded to x's dtype, the product
+        in fp32 rounded again."""
+        if GLU:
+            g = gl.load(x_ptr + off, mask=mask, other=0.0)
+            u = gl.load(x_ptr + K + off, mask=mask, other=0.0)
+            gf = g.to(gl.float32)
+            sg = (gf / (1.0 + gl.exp(-gf))).to(g.dtype)
+            return (sg.to(gl.float32) * u.to(gl.float32)).to(g.dtype)
+        else:
+            return gl.load(x_ptr + off, mask=mask, other=0.0)
+
+    @gluon.jit
     def kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym, zero,
                KB: gl.constexpr, RT: gl.constexpr, NB: gl.constexpr, W: gl.constexpr, CH: gl.constexpr,
                BF16: gl.constexpr, HAS_BIAS: gl.constexpr, EVEN: gl.constexpr,
-               FENCE: gl.constexpr, PDL: gl.constexpr, CHAINS: gl.constexpr = 1, XS: gl.constexpr = 0):
+               FENCE: gl.constexpr, PDL: gl.constexpr, CHAINS: gl.constexpr = 1, XS: gl.constexpr = 0,
+               GLU: gl.constexpr = 0):
         """Program: 16 RT rows; warp s: k-groups s KBL ... s KBL + KBL - 1, CH of them per round (all of a
         round's loads are issued before its tensor-core work: ptxas does not hoist loads across rounds)."""
         S: gl.constexpr = W
@@ -324,7 +339,7 @@ def _build():
             gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
                                       is_pure=False, pack=1)
         if XS:
-            x_smem.store(gl.load(x_ptr + fcol, mask=f_ok, other=0.0))
+            x_smem.store(_load_x(x_ptr, fcol, f_ok, K, GLU))
             gl.thread_barrier()
         for rnd in gl.static_range(ROUNDS):
             if PDL and rnd == 0:
@@ -335,10 +350,10 @@ def _build():
                 xv = x_smem.slice(rnd * CH, CH, dim=1).load(gl.SliceLayout(1, xl))
                 xv = gl.expand_dims(xv, 1).broadcast_to(S, NB, CH, 4, 4, 16)
             elif EVEN:
-                xv = gl.load(x_ptr + xoff + rnd * CH * 256, mask=m_ok, other=0.0)
+                xv = _load_x(x_ptr, xoff + rnd * CH * 256, m_ok, K, GLU)
             else:
                 k_ok = (rnd * CH + xch < KBL) & (xcol + rnd * CH * 256 < K)
-                xv = gl.load(x_ptr + xoff + rnd * CH * 256, mask=m_ok & k_ok, other=0.0)
+                xv = _load_x(x_ptr, xoff + rnd * CH * 256, m_ok & k_ok, K, GLU)
             if FENCE:
                 # every word of the round now depends on all of them (zero is a runtime 0 ptxas cannot see
                 # through), so all the round's weight loads are in flight before its first tensor-core op;
@@ -380,14 +395,19 @@ def _build():
 
 def mma_matmul(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor, out_features: int,
                in_features: int, input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-               config: tuple | None = None) -> torch.Tensor:
-    """x (..., K) bf16/fp16 on CUDA with at most 16 rows; tiles from ``prepare_tiles``; (..., N) in x's dtype."""
+               config: tuple | None = None, glu: bool = False) -> torch.Tensor:
+    """x (..., K) bf16/fp16 on CUDA with at most 16 rows; tiles from ``prepare_tiles``; (..., N) in x's dtype.
+    ``glu``: x is (..., 2 K), [gate | up], and the layer's input is silu(gate) * up, made as the kernel reads x
+    (``_load_x``: a gated MLP's down projection without the elementwise kernel before it; no input scale)."""
     global _KERNEL
     if _KERNEL is None:
         _KERNEL = _build()
     K, N = in_features, out_features
+    KX = 2 * K if glu else K
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
+    if x.shape[-1] != KX:
+        raise ValueError(f"mma expected {KX} input columns, got {x.shape[-1]}")
+    x2 = x.reshape(-1, KX)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
@@ -395,12 +415,15 @@ def mma_matmul(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor, ou
         raise ValueError("mma takes at most 16 rows of activations")
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError("mma takes bf16 or fp16 activations")
+    if glu and input_scale is not None:
+        raise ValueError("mma with glu takes no input scale")
     if input_scale is not None:
         # applied here, not in the kernel: the in-kernel version measured wrong on the H100 (docs/RESULTS.md)
         x2 = x2 * input_scale.to(x2.dtype)
     from . import has_pdl
     grid, meta = launch_config(M, N, K, x.dtype == torch.bfloat16, bias is not None, config,
                                has_pdl(x.device.index or 0))
+    meta["GLU"] = int(glu)
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     _KERNEL[grid](x2, tiles, row_scale, bias if bias is not None else row_scale, y, M, N, K, x2.stride(0),
                   y.stride(0), 0, num_warps=meta["W"], launch_pdl=meta["PDL"], **meta)

@@ -17,7 +17,8 @@ import torch
 def w1a16(x: torch.Tensor, words: torch.Tensor, row_scale: torch.Tensor, in_features: int,
           input_scale: Optional[torch.Tensor], bias: Optional[torch.Tensor],
           tiles: Optional[torch.Tensor]) -> torch.Tensor:
-    """CUDA: ``triton_w1a16.w1a16_matmul`` (bf16/fp16 in and out; ``tiles``: the mma decode kernel's layout)."""
+    """CUDA: ``triton_w1a16.w1a16_matmul`` (bf16/fp16 in and out; ``tiles``: the mma decode kernel's layout); CPU:
+    the same arithmetic in PyTorch (``_reference``)."""
     from .triton_w1a16 import w1a16_matmul
     return w1a16_matmul(x, words, row_scale, in_features, input_scale, bias, tiles=tiles)
 
@@ -25,6 +26,43 @@ def w1a16(x: torch.Tensor, words: torch.Tensor, row_scale: torch.Tensor, in_feat
 @w1a16.register_fake
 def _(x, words, row_scale, in_features, input_scale, bias, tiles):
     return x.new_empty(*x.shape[:-1], words.shape[0])
+
+
+def _reference(x, words, row_scale, in_features, input_scale, bias):
+    """The packed layer's arithmetic in PyTorch (fp32 sums and scales, rounded once to x's dtype)."""
+    from ..export.bits import unpack_signs
+    if input_scale is not None:
+        x = x * input_scale.to(x.dtype)
+    w = unpack_signs(words.contiguous().view(torch.uint8), in_features)
+    y = (x.float() @ w.T) * row_scale.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+@w1a16.register_kernel("cpu")
+def _(x, words, row_scale, in_features, input_scale, bias, tiles):
+    return _reference(x, words, row_scale, in_features, input_scale, bias)
+
+
+@torch.library.custom_op("binaryllm::w1a16_glu", mutates_args=())
+def w1a16_glu(gu: torch.Tensor, words: torch.Tensor, row_scale: torch.Tensor, in_features: int,
+              bias: Optional[torch.Tensor], tiles: Optional[torch.Tensor]) -> torch.Tensor:
+    """``w1a16(silu(gate) * up, ...)`` with gu = [gate | up] (..., 2 K): a gated MLP's down projection, put in
+    by the compile pass ``kernels/fusion.py``.  CUDA: ``triton_w1a16.w1a16_glu_matmul``."""
+    from .triton_w1a16 import w1a16_glu_matmul
+    return w1a16_glu_matmul(gu, words, row_scale, in_features, bias, tiles)
+
+
+@w1a16_glu.register_fake
+def _(gu, words, row_scale, in_features, bias, tiles):
+    return gu.new_empty(*gu.shape[:-1], words.shape[0])
+
+
+@w1a16_glu.register_kernel("cpu")
+def _(gu, words, row_scale, in_features, bias, tiles):
+    h = torch.nn.functional.silu(gu[..., :in_features]) * gu[..., in_features:]
+    return _reference(h, words, row_scale, in_features, None, bias)
 
 
 @torch.library.custom_op("binaryllm::w1_cpu", mutates_args=())

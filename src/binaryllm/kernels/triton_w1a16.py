@@ -362,3 +362,25 @@ def w1a16_matmul(x: torch.Tensor, words: torch.Tensor, row_scale: torch.Tensor, 
                            HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, WORDS=wds, GROUP_M=8,
                            num_warps=warps, num_stages=stages)
     return y.reshape(*lead, N)
+
+
+def silu_mul(gu: torch.Tensor, in_features: int) -> torch.Tensor:
+    """silu(gate) * up of a [gate | up] row (..., 2 K), in gu's dtype, rounded as eager PyTorch rounds it."""
+    return torch.nn.functional.silu(gu[..., :in_features]) * gu[..., in_features:]
+
+
+def w1a16_glu_matmul(gu: torch.Tensor, words: torch.Tensor, row_scale: torch.Tensor, in_features: int,
+                     bias: torch.Tensor | None = None, tiles: torch.Tensor | None = None) -> torch.Tensor:
+    """``w1a16_matmul(silu_mul(gu, K), ...)`` for gu (..., 2 K) bf16/fp16 on CUDA: below PREFILL_M rows with the
+    ``mma`` tiles the gating is made as the kernel reads its input (no elementwise kernel before it), otherwise
+    in PyTorch first."""
+    K = in_features
+    M = gu.numel() // (2 * K)
+    if tiles is not None and M < PREFILL_M and DECODE_MODE in ("auto", "mma") and mma_w1a16.usable(gu.device.index or 0):
+        try:
+            return mma_w1a16.mma_matmul(gu, tiles, row_scale, words.shape[0], K, None, bias, glu=True)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # a Triton whose Gluon differs from the one this was written for
+            mma_w1a16.disable(gu.device.index or 0, e)
+    return w1a16_matmul(silu_mul(gu, K), words, row_scale, K, None, bias, tiles=tiles)
