@@ -98,7 +98,7 @@ def test_compiled_step_gives_the_same_tokens_on_a_packed_model():
 def test_compiled_gpu_step_gives_the_same_logits_with_and_without_pdl(monkeypatch):
     """PDL only changes when kernels may start (inductor's kernels and the mma kernel), combo kernels only how
     many launches there are: the compiled CUDA-graph step must give the same tokens and the same last logits,
-    bit for bit, as without either."""
+    bit for bit, as without either (both with the gating pass)."""
     import torch._dynamo
 
     import binaryllm.decode as decode
@@ -107,11 +107,13 @@ def test_compiled_gpu_step_gives_the_same_logits_with_and_without_pdl(monkeypatc
     model = tiny_model("llama").to("cuda", torch.bfloat16)
     random_packed_(model)
     ids = torch.randint(3, 96, (1, 6), device="cuda", generator=torch.Generator("cuda").manual_seed(5))
+    real = decode.compile_options
     outs = []
     for pdl in (1, 0):
         torch._dynamo.reset()
         monkeypatch.setattr(mma_w1a16, "PDL_DEFAULT", pdl)
-        monkeypatch.setattr(decode, "compile_options", decode.compile_options if pdl else lambda tune=False: {})
+        monkeypatch.setattr(decode, "compile_options", real if pdl else
+                            lambda tune=False: {k: v for k, v in real(tune).items() if k == "post_grad_custom_post_pass"})
         dec = StaticDecoder(model, max_len=40, compile=True)
         outs.append((dec.generate(ids, 24), dec.out.clone()))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
@@ -120,8 +122,9 @@ def test_compiled_gpu_step_gives_the_same_logits_with_and_without_pdl(monkeypatc
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the mma kernel's GLU input needs a CUDA GPU")
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_compiled_gpu_step_makes_the_gating_in_the_down_projection(arch, monkeypatch):
-    """The compile pass rewrites every block's packed down projection to read [gate | up] (kernels/fusion.py), and
-    the step's logits stay those of the step without it, up to the rounding of silu(gate) between them."""
+    """The compile pass makes every block's silu(gate) * up in the packed gate/up projection's kernel
+    (kernels/fusion.py), and the step's logits stay those of the step without it, up to the rounding of gate, up
+    and silu(gate) to bf16 between them (inductor's own fused silu-mul does not round)."""
     import torch._dynamo
 
     import binaryllm.decode as decode
@@ -167,6 +170,10 @@ def test_fused_projections_compute_the_same_with_fewer_packed_matmuls(arch, monk
     p = "model.layers.0."
     assert [p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"] in groups
     assert [p + "mlp.gate_proj", p + "mlp.up_proj"] in groups and len(groups) == 2 * 2
+    # two equal halves (gate, up) get paired mma tiles, for the gated epilogue (kernels/fusion.py); q/k/v do not
+    layer = model.model.layers[0]
+    assert layer.mlp.gate_proj._fused[0].core.tile_pairs == model.config.intermediate_size
+    assert layer.self_attn.q_proj._fused[0].core.tile_pairs == 0
     assert fuse_projections(model) == []          # idempotent
     with pytest.raises(BinaryLLMError, match="unfuse_projections"):
         bl.export.save_packed(model, None, tmp_path / "x")

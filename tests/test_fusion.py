@@ -1,12 +1,14 @@
-"""The compile pass that moves a gated MLP's silu(gate) * up into the packed down projection (kernels/fusion.py):
-what it rewrites, what it must leave alone, and that the rewritten graph computes the same thing (on the CPU,
-through the ops' PyTorch kernels; the GPU kernel's GLU input is checked in tests/test_mma_kernel.py)."""
+"""The compile pass that makes a gated MLP's silu(gate) * up in the packed gate/up projection's kernel
+(kernels/fusion.py): what it rewrites, what it must leave alone, and that the rewritten graph computes the same
+thing (on the CPU, through the ops' PyTorch kernels; the GPU kernel's gated epilogue is checked in
+tests/test_mma_kernel.py)."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from binaryllm.export.bits import pack_signs
+from binaryllm.kernels import mma_w1a16 as mw
 from binaryllm.kernels import ops
 from binaryllm.kernels.fusion import GluIntoPackedLinear, fuse_glu
 from binaryllm.kernels.triton_w1a16 import prepare_weight
@@ -14,64 +16,69 @@ from binaryllm.kernels.triton_w1a16 import prepare_weight
 D, I = 64, 96
 
 
-def _layer(n, k, seed):
+def _layer(n, k, seed, pairs=0):
     g = torch.Generator().manual_seed(seed)
-    return prepare_weight(pack_signs(torch.randn(n, k, generator=g)), k), (torch.rand(n, generator=g) + 0.5).half()
+    bits = pack_signs(torch.randn(n, k, generator=g))
+    return (prepare_weight(bits, k), (torch.rand(n, generator=g) + 0.5).half(), mw.prepare_tiles(bits, k, pairs))
 
 
-W = (*_layer(2 * I, D, 0), *_layer(D, I, 1), torch.randn(D).to(torch.bfloat16), torch.full((I,), 0.5).half())
-WD, SD, BIAS = W[2:5]
+# stacked [gate | up] with paired tiles, the down projection, its bias, an input scale
+W = (*_layer(2 * I, D, 0, pairs=I), *_layer(D, I, 1), torch.randn(D).to(torch.bfloat16),
+     (torch.rand(D) + 0.5).half())
 
 
-def mlp_split(x, WGU, SGU, WD, SD, BIAS, SIN):            # nn/fuse.py's stacked gate/up, split as the members return it (the HF Llama MLP form)
-    g, u = ops.w1a16(x, WGU, SGU, D, None, None, None).split([I, I], -1)
-    return ops.w1a16(F.silu(g) * u, WD, SD, I, None, BIAS, None)
+def mlp_split(x, WGU, SGU, TGU, WD, SD, TD, BIAS, SIN):   # nn/fuse.py's stack, split as the HF Llama MLP sees it
+    g, u = ops.w1a16(x, WGU, SGU, D, None, None, TGU, I).split([I, I], -1)
+    return ops.w1a16(F.silu(g) * u, WD, SD, I, None, BIAS, TD)
 
 
-def mlp_slices_up_first(x, WGU, SGU, WD, SD, BIAS, SIN):  # sliced, the product written the other way round
-    gu = ops.w1a16(x, WGU, SGU, D, None, None, None)
-    return ops.w1a16(gu[..., I:] * F.silu(gu[..., :I]), WD, SD, I, None, None, None)
+def mlp_slices_up_first(x, WGU, SGU, TGU, WD, SD, TD, BIAS, SIN):   # sliced, the product the other way round
+    gu = ops.w1a16(x, WGU, SGU, D, SIN, None, TGU, I)
+    return gu[..., I:] * F.silu(gu[..., :I])
 
 
-def mlp_swapped(x, WGU, SGU, WD, SD, BIAS, SIN):          # [up | gate]: not the kernel's order, must stay as it is
-    gu = ops.w1a16(x, WGU, SGU, D, None, None, None)
-    return ops.w1a16(F.silu(gu[..., I:]) * gu[..., :I], WD, SD, I, None, None, None)
+def mlp_swapped(x, WGU, SGU, TGU, WD, SD, TD, BIAS, SIN):           # [up | gate]: not the kernel's order
+    gu = ops.w1a16(x, WGU, SGU, D, None, None, TGU, I)
+    return F.silu(gu[..., I:]) * gu[..., :I]
 
 
-def mlp_input_scale(x, WGU, SGU, WD, SD, BIAS, SIN):      # an input scale on the down projection: not rewritten
-    g, u = ops.w1a16(x, WGU, SGU, D, None, None, None).split([I, I], -1)
-    return ops.w1a16(F.silu(g) * u, WD, SD, I, SIN, None, None)
+def mlp_unpaired(x, WGU, SGU, TGU, WD, SD, TD, BIAS, SIN):          # tiles without pairs (or none at all)
+    a = ops.w1a16(x, WGU, SGU, D, None, None, TGU, 0).split([I, I], -1)
+    b = ops.w1a16(x, WGU, SGU, D, None, None, None, I).split([I, I], -1)
+    return F.silu(a[0]) * a[1] + F.silu(b[0]) * b[1]
 
 
-def mlp_two_uses(x, WGU, SGU, WD, SD, BIAS, SIN):         # the product is used again: no kernel would be saved, left alone
-    g, u = ops.w1a16(x, WGU, SGU, D, None, None, None).split([I, I], -1)
-    h = F.silu(g) * u
-    return ops.w1a16(h, WD, SD, I, None, None, None) + h[..., :D]
+def mlp_other_use(x, WGU, SGU, TGU, WD, SD, TD, BIAS, SIN):         # gate/up read again: its kernel would stay
+    gu = ops.w1a16(x, WGU, SGU, D, None, None, TGU, I)
+    g, u = gu.split([I, I], -1)
+    return F.silu(g) * u + gu[..., :I]
 
 
-def mlp_separate(x, WGU, SGU, WD, SD, BIAS, SIN):         # gate and up from two ops (not fused): nothing to read both from
+def mlp_separate(x, WGU, SGU, TGU, WD, SD, TD, BIAS, SIN):          # gate and up from two ops
     g = ops.w1a16(x, WGU[:I], SGU[:I], D, None, None, None)
     u = ops.w1a16(x, WGU[I:], SGU[I:], D, None, None, None)
-    return ops.w1a16(F.silu(g) * u, WD, SD, I, None, None, None)
+    return F.silu(g) * u
 
 
 X = torch.randn(1, 1, D).to(torch.bfloat16)
-CASES = [(mlp_split, 1), (mlp_slices_up_first, 1), (mlp_swapped, 0), (mlp_input_scale, 0), (mlp_two_uses, 0),
+CASES = [(mlp_split, 1), (mlp_slices_up_first, 1), (mlp_swapped, 0), (mlp_unpaired, 0), (mlp_other_use, 0),
          (mlp_separate, 0)]
 
 
 @pytest.mark.parametrize("f,expect", CASES)
 def test_pass_on_aten_graphs(f, expect):
-    """On the ATen graph (silu as aten.silu, slices or split): rewritten only where it should be, the silu and the
-    product gone with it, the same output."""
+    """On the ATen graph (silu as aten.silu, slices or split): rewritten only where it should be, the plain op,
+    the silu and the product gone with it, the same output."""
     gm = make_fx(f, tracing_mode="fake")(X, *W)
+    n_plain = sum(n.target is torch.ops.binaryllm.w1a16.default for n in gm.graph.nodes)
     assert fuse_glu(gm.graph) == expect
     gm.graph.lint()
     gm.recompile()
-    ops_left = [n.target for n in gm.graph.nodes if n.op == "call_function"]
-    assert (torch.ops.binaryllm.w1a16_glu.default in ops_left) == bool(expect)
+    left = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert left.count(torch.ops.binaryllm.w1a16_gated.default) == expect
+    assert left.count(torch.ops.binaryllm.w1a16.default) == n_plain - expect
     if expect:
-        assert torch.ops.aten.silu.default not in ops_left and torch.ops.aten.mul.Tensor not in ops_left
+        assert torch.ops.aten.silu.default not in left and torch.ops.aten.mul.Tensor not in left
     assert torch.equal(gm(X, *W), f(X, *W))
 
 
@@ -91,10 +98,30 @@ def test_pass_inside_torch_compile(f, expect):
         assert torch.allclose(y.float(), ref.float(), rtol=2 ** -6, atol=2 ** -6 * ref.abs().max().item())
 
 
-def test_glu_op_matches_the_two_ops_it_replaces():
-    gu = torch.randn(3, 2 * I).to(torch.bfloat16)
-    ref = ops.w1a16(F.silu(gu[:, :I]) * gu[:, I:], WD, SD, I, None, BIAS, None)
-    assert torch.equal(ops.w1a16_glu(gu, WD, SD, I, BIAS, None), ref)
+def test_gated_op_is_the_gating_of_the_plain_op():
+    x = torch.randn(3, D).to(torch.bfloat16)
+    y = ops.w1a16(x, W[0], W[1], D, W[-1], None, W[2], I)
+    assert torch.equal(ops.w1a16_gated(x, W[0], W[1], D, W[-1], None, W[2], I), F.silu(y[:, :I]) * y[:, I:])
+
+
+def test_paired_tiles_round_trip_and_compute_the_plain_output():
+    """Paired tiles hold gate row j and up row j in one 16-row tile (rows g and 8 + g); unpacked, and through the
+    kernel's arithmetic in PyTorch, they give the unpaired layer back."""
+    g = torch.Generator().manual_seed(3)
+    N, K = 2 * 24, 300
+    bits = pack_signs(torch.randn(N, K, generator=g))
+    tiles = mw.prepare_tiles(bits, K, pairs=24)
+    assert not torch.equal(tiles, mw.prepare_tiles(bits, K))
+    from binaryllm.export.bits import unpack_signs
+    dense = unpack_signs(bits, K)
+    assert torch.equal(mw.unpack_tiles(tiles, N, K, pairs=24), (dense > 0).to(torch.uint8))
+    order = mw.pair_order(24)
+    assert order[:16].tolist() == list(range(8)) + list(range(24, 32))
+    x, scale = torch.randn(2, K, generator=g), torch.rand(N, generator=g) + 0.5
+    ref = x @ dense.T * scale
+    assert torch.allclose(mw.reference_tiles(x, tiles, scale, N, K, pairs=24), ref, atol=1e-4)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        mw.prepare_tiles(bits[:40], K, pairs=20)
 
 
 def test_decode_compile_options_install_the_pass():

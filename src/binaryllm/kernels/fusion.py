@@ -1,22 +1,27 @@
-"""A torch.compile graph pass that moves a gated MLP's activation into the packed down projection's kernel.
+"""A torch.compile graph pass that moves a gated MLP's activation into the packed gate/up projection's kernel.
 
 Why: in a compiled batch-1 decode step every packed layer is one opaque custom op (``kernels/ops.py``), so inductor
 cannot fuse the small elementwise work around it into it, and each such piece costs a kernel launch of its own (on
-the H100, about 2 us of a Llama-7B step's 1.35 ms a layer for ``silu(gate) * up`` alone, docs/RESULTS.md).  The
-``mma`` kernel can make that input itself as it reads it (``mma_w1a16._load_x``: GLU): its x row is then the
-stacked gate/up projection's output, [gate | up].
+the H100 about 2 us a layer, of a Llama-7B step's 1.35 ms, for ``silu(gate) * up`` alone; docs/RESULTS.md).
+``nn/fuse.py`` stacks a block's gate and up projections into one packed layer whose ``mma`` tiles pair the rows
+(``tile_pairs``: each thread of the kernel's epilogue holds gate row j and up row j), so the kernel can write
+silu(gate) * up itself (``mma_w1a16``: GATED) instead of [gate | up].
 
 ``GluIntoPackedLinear`` is an inductor post-grad pass (``decode.compile_options`` installs it).  It finds, by
 dataflow only (no module or model names),
 
-    y = binaryllm::w1a16(silu(gu[..., :K]) * gu[..., K:], words, row_scale, K, None, bias, tiles)
+    y = binaryllm::w1a16(x, words, row_scale, K, input_scale, bias, tiles, P)      # 2 P columns, paired tiles
+    h = silu(y[..., :P]) * y[..., P:]                                                # split or sliced
 
-where ``gu`` is one tensor of 2 K contiguous columns (``nn/fuse.py``'s stacked gate/up output, split or sliced)
-and the product has no other use, and replaces it with ``binaryllm::w1a16_glu(gu, words, row_scale, K, bias,
-tiles)``.  The silu may appear as ``aten.silu`` or as inductor's decomposition (fp32 ``c / (1 + exp(-c))`` or
-``c * sigmoid(c)``, rounded back to gu's dtype).  Anything else is left as it is: separate gate and up tensors,
-an input scale, other uses of the product.  The rewritten op rounds like eager PyTorch (silu rounded to the
-activation dtype, then the product), so outputs match the unfused graph to within the fp32 order of sums.
+where nothing else reads y or the pieces between, and replaces both with ``h = binaryllm::w1a16_gated(x, words,
+row_scale, K, input_scale, bias, tiles, P)``.  The silu may appear as ``aten.silu`` or as inductor's decomposition
+(fp32 ``c / (1 + exp(-c))`` or ``c * sigmoid(c)``, rounded back to y's dtype).  Anything else is left as it is:
+unpaired or missing tiles, [up | gate] order, other uses of y.  The gated op rounds like eager PyTorch (y, then
+silu, then the product, each to y's dtype), so its output matches the unfused graph up to those roundings.
+
+(A first version made silu(gate) * up in the *down* projection's kernel as it read its input instead: every
+program of that kernel then gated the whole row again, and the H100 decode step got slower, Llama-7B shape 1457 ->
+1759 us, SmolLM2 549 -> 564 us; docs/RESULTS.md, fourteenth session.)
 """
 from __future__ import annotations
 
@@ -106,35 +111,58 @@ def _erase_dead(node) -> None:
         _erase_dead(n)
 
 
+def _reach(node: torch.fx.Node, step, limit: int = 12) -> set:
+    """Nodes reachable from ``node`` by ``step`` (inputs or users), up to ``limit`` steps (matched chains are
+    short)."""
+    seen, frontier = set(), [node]
+    for _ in range(limit):
+        frontier = [m for n in frontier for m in step(n) if m not in seen]
+        seen.update(frontier)
+        if not frontier:
+            break
+    return seen
+
+
+def _private_chain(src: torch.fx.Node, dst: torch.fx.Node) -> bool:
+    """Whether ``src`` and every node between it and ``dst`` are used only inside that chain: then replacing
+    ``dst`` leaves them all dead."""
+    chain = {src} | (_reach(src, lambda n: n.users) & _reach(dst, lambda n: n.all_input_nodes))
+    return all(set(n.users) <= chain | {dst} for n in chain)
+
+
+def _pairs_arg(node: torch.fx.Node):
+    if len(node.args) > 7:
+        return node.args[7]
+    return node.kwargs.get("pairs", 0)
+
+
 def fuse_glu(graph: torch.fx.Graph) -> int:
     """Rewrite every match (see the module docstring) in ``graph``; returns how many."""
     from . import ops  # noqa: F401  (registers the binaryllm ops)
     w1a16 = torch.ops.binaryllm.w1a16.default
-    glu = torch.ops.binaryllm.w1a16_glu.default
+    gated = torch.ops.binaryllm.w1a16_gated.default
     done = 0
     for node in list(graph.nodes):
-        if not _is(node, w1a16) or node.kwargs or len(node.args) != 7:
+        if not _is(node, aten.mul.Tensor) or _val(node) is None:
             continue
-        x, words, row_scale, K, input_scale, bias, tiles = node.args
-        if input_scale is not None or not _is(x, aten.mul.Tensor) or len(x.users) != 1 or _val(x) is None:
-            continue
-        for a, b in (x.args[:2], x.args[1::-1]):
+        for a, b in (node.args[:2], node.args[1::-1]):
             g = _silu_input(a)
             cg, cu = _columns(g), _columns(b)
-            if g is None or cg is None or cu is None or cg[0] is not cu[0]:
+            if g is None or cg is None or cu is None or cg[0] is not cu[0] or not _is(cg[0], w1a16):
                 continue
-            gu = cg[0]
-            v = _val(gu)
-            if cg[1:] != (0, K) or cu[1:] != (K, 2 * K) or v.shape[-1] != 2 * K or not v.is_contiguous() \
-                    or v.dtype != _val(x).dtype:
+            y = cg[0]
+            P = _pairs_arg(y)
+            if not P or len(y.args) < 7 or y.args[6] is None or cg[1:] != (0, P) or cu[1:] != (P, 2 * P) \
+                    or _val(y).shape[-1] != 2 * P or not _private_chain(y, node):
                 continue
             with graph.inserting_before(node):
-                new = graph.call_function(glu, (gu, words, row_scale, K, bias, tiles))
-            # the output's fake value and where it came from; not the old op's recorded input values
+                new = graph.call_function(gated, (*y.args[:7], P))
+            # the output's fake value and where it came from; not the old ops' recorded input values
             new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "stack_trace", "nn_module_stack")})
             node.replace_all_uses_with(new)
             graph.erase_node(node)
-            _erase_dead(x)
+            for n in (a, b):
+                _erase_dead(n)
             done += 1
             break
     return done

@@ -21,6 +21,11 @@ stores of x as tensor-core ops).  Here every layout is spelled out, so
   global memory into registers ahead of use: lanes of the other seven batch columns read the same words, so
   every column of the mma holds row 0 and only column 0 is stored.  That took the 1x4x4 tile from 126 to 54
   registers a thread (at 8192^2), and made most one-row Llama-7B shapes faster on the H100;
+* with paired tiles (``prepare_tiles(pairs=P)``, a stacked [gate | up] layer of 2 P rows: ``pair_order``) each
+  16-row tile holds gate rows j .. j + 7 and the matching up rows, which the mma accumulator gives to the same
+  thread (rows g and 8 + g); the epilogue stores them back in weight-row order, or with GATED silu(gate) * up
+  (P columns) instead: a gated MLP without the elementwise kernel after its gate/up projection
+  (``kernels/fusion.py`` rewrites the compiled decode step to use it);
 * on sm_90+ it is launched with programmatic dependent launch (PDL): the weights do not depend on the kernel
   before it, so the first round of them is loaded while that kernel is still running; ``griddepcontrol.wait``
   comes before x is read (and before anything is stored), then ``griddepcontrol.launch_dependents`` lets the next
@@ -144,12 +149,28 @@ def tile_shape(out_features: int, in_features: int) -> tuple[int, int]:
     return (out_features + 15) // 16, (in_features + GROUP_K - 1) // GROUP_K
 
 
+def pair_order(pairs: int) -> torch.Tensor:
+    """Paired tiles (two stacked halves of ``pairs`` rows each, e.g. a gated MLP's gate and up): tile row
+    16 r + 8 h + g holds weight row h pairs + 8 r + g, so that each thread of the kernel's epilogue holds a gate
+    row and its up row (the accumulator rows g and 8 + g).  Returns that weight row for every tile row."""
+    return torch.arange(2 * pairs).view(2, pairs // 8, 8).transpose(0, 1).reshape(-1)
+
+
+def check_pairs(N: int, pairs: int) -> None:
+    if pairs and not (pairs * 2 == N and pairs % 8 == 0):
+        raise ValueError(f"paired tiles need N = 2 pairs with pairs a multiple of 8 (N {N}, pairs {pairs})")
+
+
 @torch.no_grad()
-def prepare_tiles(packed_u8: torch.Tensor, in_features: int) -> torch.Tensor:
+def prepare_tiles(packed_u8: torch.Tensor, in_features: int, pairs: int = 0) -> torch.Tensor:
     """(N, ceil(K/8)) uint8 sign bits (binaryllm's layout, least significant bit first) -> the kernel's int32
     tile words (a flat tensor, see the module docstring), on the same device.  Padded rows and columns get 0
-    bits; the kernel never lets them reach the output (rows are masked at the store, columns meet x = 0)."""
+    bits; the kernel never lets them reach the output (rows are masked at the store, columns meet x = 0).
+    ``pairs``: rows in ``pair_order`` (the kernel then needs ``pairs`` too)."""
     N = packed_u8.shape[0]
+    check_pairs(N, pairs)
+    if pairs:
+        packed_u8 = packed_u8[pair_order(pairs).to(packed_u8.device)]
     NT, KB = tile_shape(N, in_features)
     bits = ((packed_u8[..., None] >> torch.arange(8, device=packed_u8.device, dtype=torch.uint8)) & 1)
     bits = bits.reshape(N, -1)[:, :in_features]
@@ -165,18 +186,21 @@ def prepare_tiles(packed_u8: torch.Tensor, in_features: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def unpack_tiles(tiles: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+def unpack_tiles(tiles: torch.Tensor, out_features: int, in_features: int, pairs: int = 0) -> torch.Tensor:
     """The inverse of ``prepare_tiles``: (N, K) sign bits as uint8 0/1 (tests and debugging)."""
     NT, KB = tile_shape(out_features, in_features)
     w = tiles.to(torch.int64).view(NT, KB, 8, 4, KG) & 0xFFFFFFFF               # [rt, kb, g, t, kg]
     pos = _bit_positions().to(tiles.device)
     b = (w[:, None, :, :, :, :, None] >> pos[None, :, None, None, None, None, :]) & 1   # [rt, h, kb, g, t, kg, q]
     b = b.permute(0, 1, 3, 2, 5, 4, 6).reshape(NT * 16, KB * GROUP_K)          # [rt, h, g, kb, kg, t, q]
-    return b[:out_features, :in_features].to(torch.uint8)
+    b = b[:out_features, :in_features].to(torch.uint8)
+    if pairs:
+        b = b[torch.argsort(pair_order(pairs)).to(b.device)]
+    return b
 
 
 def reference_tiles(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor, out_features: int,
-                    in_features: int) -> torch.Tensor:
+                    in_features: int, pairs: int = 0) -> torch.Tensor:
     """The kernel's arithmetic in PyTorch, as its registers see it: for every k-group each lane (g, t) turns
     pair i of its word into two +-1 values with the same shift/mask as the inline PTX, and the m16n8k16 A
     fragment positions (row 8 h + g, logical column 16 c + 8 hk + 2 t + e) are multiplied with x read at the
@@ -197,6 +221,8 @@ def reference_tiles(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tenso
             xv = xp[:, cols]                                                     # [m, kb, t, kg]
             acc[:, :, h] += torch.einsum("rbgtk,mbtk->mrg", sign, xv)
     y = acc.reshape(M, NT * 16)[:, :out_features]
+    if pairs:                                 # tile rows back to weight rows, as the epilogue stores them
+        y = y[:, torch.argsort(pair_order(pairs)).to(y.device)]
     return y * row_scale.float()[None, :]
 
 
@@ -266,25 +292,11 @@ def _build():
             return gl.load(w_ptr + woff + rnd * CH * 128, mask=g_ok, other=0)
 
     @gluon.jit
-    def _load_x(x_ptr, off, mask, K, GLU: gl.constexpr):
-        """Activations at ``off``; with GLU the row holds [gate | up] (2 K wide) and the activation is
-        silu(gate) * up, rounded as eager PyTorch rounds it: silu in fp32 rounded to x's dtype, the product
-        in fp32 rounded again."""
-        if GLU:
-            g = gl.load(x_ptr + off, mask=mask, other=0.0)
-            u = gl.load(x_ptr + K + off, mask=mask, other=0.0)
-            gf = g.to(gl.float32)
-            sg = (gf / (1.0 + gl.exp(-gf))).to(g.dtype)
-            return (sg.to(gl.float32) * u.to(gl.float32)).to(g.dtype)
-        else:
-            return gl.load(x_ptr + off, mask=mask, other=0.0)
-
-    @gluon.jit
     def kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym, zero,
                KB: gl.constexpr, RT: gl.constexpr, NB: gl.constexpr, W: gl.constexpr, CH: gl.constexpr,
                BF16: gl.constexpr, HAS_BIAS: gl.constexpr, EVEN: gl.constexpr,
                FENCE: gl.constexpr, PDL: gl.constexpr, CHAINS: gl.constexpr = 1, XS: gl.constexpr = 0,
-               GLU: gl.constexpr = 0):
+               PAIRS: gl.constexpr = 0, GATED: gl.constexpr = 0):
         """Program: 16 RT rows; warp s: k-groups s KBL ... s KBL + KBL - 1, CH of them per round (all of a
         round's loads are issued before its tensor-core work: ptxas does not hoist loads across rounds)."""
         S: gl.constexpr = W
@@ -339,7 +351,7 @@ def _build():
             gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
                                       is_pure=False, pack=1)
         if XS:
-            x_smem.store(_load_x(x_ptr, fcol, f_ok, K, GLU))
+            x_smem.store(gl.load(x_ptr + fcol, mask=f_ok, other=0.0))
             gl.thread_barrier()
         for rnd in gl.static_range(ROUNDS):
             if PDL and rnd == 0:
@@ -350,10 +362,10 @@ def _build():
                 xv = x_smem.slice(rnd * CH, CH, dim=1).load(gl.SliceLayout(1, xl))
                 xv = gl.expand_dims(xv, 1).broadcast_to(S, NB, CH, 4, 4, 16)
             elif EVEN:
-                xv = _load_x(x_ptr, xoff + rnd * CH * 256, m_ok, K, GLU)
+                xv = gl.load(x_ptr + xoff + rnd * CH * 256, mask=m_ok, other=0.0)
             else:
                 k_ok = (rnd * CH + xch < KBL) & (xcol + rnd * CH * 256 < K)
-                xv = _load_x(x_ptr, xoff + rnd * CH * 256, m_ok & k_ok, K, GLU)
+                xv = gl.load(x_ptr + xoff + rnd * CH * 256, mask=m_ok & k_ok, other=0.0)
             if FENCE:
                 # every word of the round now depends on all of them (zero is a runtime 0 ptxas cannot see
                 # through), so all the round's weight loads are in flight before its first tensor-core op;
@@ -384,30 +396,48 @@ def _build():
         offs_n = pid * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, ol))
         om = gl.arange(0, NB, layout=gl.SliceLayout(0, ol))
         n_ok = offs_n < N
-        out = out * gl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(gl.float32)[:, None]
+        if PAIRS:
+            # paired tiles (prepare_tiles(pairs=N / 2)): tile row 16 r + 8 h + g holds weight row h N / 2 + 8 r + g
+            wrow = (offs_n // 16) * 8 + offs_n % 8 + ((offs_n // 8) % 2) * (N // 2)
+        else:
+            wrow = offs_n
+        out = out * gl.load(s_ptr + wrow, mask=n_ok, other=0.0).to(gl.float32)[:, None]
         if HAS_BIAS:
-            out += gl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(gl.float32)[:, None]
-        gl.store(y_ptr + om[None, :] * stride_ym + offs_n[:, None], out.to(y_ptr.dtype.element_ty),
-                 mask=(om[None, :] < M) & n_ok[:, None])
+            out += gl.load(b_ptr + wrow, mask=n_ok, other=0.0).to(gl.float32)[:, None]
+        out = out.to(y_ptr.dtype.element_ty)
+        if GATED:
+            # y = silu(gate) * up of the two halves, each thread holding rows g (gate) and 8 + g (up) of its
+            # 16-row blocks: no data moves.  Rounded as eager PyTorch rounds gate_up -> silu -> product.
+            yoff = om[None, :] * stride_ym + ((offs_n // 16) * 8 + offs_n % 8)[:, None]
+            ok = (om[None, :] < M) & n_ok[:, None]
+            gate, up = gl.split(gl.permute(gl.reshape(out, [RT, 2, 8, NB]), (0, 2, 3, 1)))
+            yoff, _ = gl.split(gl.permute(gl.reshape(yoff, [RT, 2, 8, NB]), (0, 2, 3, 1)))
+            ok, _ = gl.split(gl.permute(gl.reshape(ok, [RT, 2, 8, NB]), (0, 2, 3, 1)))
+            gf = gate.to(gl.float32)
+            sg = (gf / (1.0 + gl.exp(-gf))).to(y_ptr.dtype.element_ty)
+            gl.store(y_ptr + yoff, (sg.to(gl.float32) * up.to(gl.float32)).to(y_ptr.dtype.element_ty), mask=ok)
+        else:
+            gl.store(y_ptr + om[None, :] * stride_ym + wrow[:, None], out, mask=(om[None, :] < M) & n_ok[:, None])
 
     return kernel
 
 
 def mma_matmul(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor, out_features: int,
                in_features: int, input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-               config: tuple | None = None, glu: bool = False) -> torch.Tensor:
+               config: tuple | None = None, pairs: int = 0, gated: bool = False) -> torch.Tensor:
     """x (..., K) bf16/fp16 on CUDA with at most 16 rows; tiles from ``prepare_tiles``; (..., N) in x's dtype.
-    ``glu``: x is (..., 2 K), [gate | up], and the layer's input is silu(gate) * up, made as the kernel reads x
-    (``_load_x``: a gated MLP's down projection without the elementwise kernel before it; no input scale)."""
+    ``pairs``: the tiles were made with ``prepare_tiles(pairs=N // 2)``; then ``gated`` gives (..., N / 2),
+    silu(y[:, :N/2]) * y[:, N/2:] made in the kernel's epilogue (a gated MLP's gate/up projection without the
+    elementwise kernel after it)."""
     global _KERNEL
     if _KERNEL is None:
         _KERNEL = _build()
     K, N = in_features, out_features
-    KX = 2 * K if glu else K
+    check_pairs(N, pairs)
+    if gated and not pairs:
+        raise ValueError("mma's gated output needs paired tiles (prepare_tiles(pairs=N // 2))")
     lead = x.shape[:-1]
-    if x.shape[-1] != KX:
-        raise ValueError(f"mma expected {KX} input columns, got {x.shape[-1]}")
-    x2 = x.reshape(-1, KX)
+    x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
@@ -415,19 +445,18 @@ def mma_matmul(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor, ou
         raise ValueError("mma takes at most 16 rows of activations")
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError("mma takes bf16 or fp16 activations")
-    if glu and input_scale is not None:
-        raise ValueError("mma with glu takes no input scale")
     if input_scale is not None:
         # applied here, not in the kernel: the in-kernel version measured wrong on the H100 (docs/RESULTS.md)
         x2 = x2 * input_scale.to(x2.dtype)
     from . import has_pdl
     grid, meta = launch_config(M, N, K, x.dtype == torch.bfloat16, bias is not None, config,
                                has_pdl(x.device.index or 0))
-    meta["GLU"] = int(glu)
-    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    meta.update(PAIRS=int(bool(pairs)), GATED=int(gated))
+    NY = N // 2 if gated else N
+    y = torch.empty(M, NY, device=x.device, dtype=x.dtype)
     _KERNEL[grid](x2, tiles, row_scale, bias if bias is not None else row_scale, y, M, N, K, x2.stride(0),
                   y.stride(0), 0, num_warps=meta["W"], launch_pdl=meta["PDL"], **meta)
-    return y.reshape(*lead, N)
+    return y.reshape(*lead, NY)
 
 
 def launch_config(M: int, N: int, K: int, bf16: bool, has_bias: bool, config: tuple | None = None,

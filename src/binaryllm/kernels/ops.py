@@ -16,15 +16,15 @@ import torch
 @torch.library.custom_op("binaryllm::w1a16", mutates_args=())
 def w1a16(x: torch.Tensor, words: torch.Tensor, row_scale: torch.Tensor, in_features: int,
           input_scale: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-          tiles: Optional[torch.Tensor]) -> torch.Tensor:
-    """CUDA: ``triton_w1a16.w1a16_matmul`` (bf16/fp16 in and out; ``tiles``: the mma decode kernel's layout); CPU:
-    the same arithmetic in PyTorch (``_reference``)."""
+          tiles: Optional[torch.Tensor], pairs: int = 0) -> torch.Tensor:
+    """CUDA: ``triton_w1a16.w1a16_matmul`` (bf16/fp16 in and out; ``tiles``: the mma decode kernel's layout, made
+    with ``pairs``); CPU: the same arithmetic in PyTorch (``_reference``)."""
     from .triton_w1a16 import w1a16_matmul
-    return w1a16_matmul(x, words, row_scale, in_features, input_scale, bias, tiles=tiles)
+    return w1a16_matmul(x, words, row_scale, in_features, input_scale, bias, tiles=tiles, pairs=pairs)
 
 
 @w1a16.register_fake
-def _(x, words, row_scale, in_features, input_scale, bias, tiles):
+def _(x, words, row_scale, in_features, input_scale, bias, tiles, pairs=0):
     return x.new_empty(*x.shape[:-1], words.shape[0])
 
 
@@ -41,28 +41,29 @@ def _reference(x, words, row_scale, in_features, input_scale, bias):
 
 
 @w1a16.register_kernel("cpu")
-def _(x, words, row_scale, in_features, input_scale, bias, tiles):
+def _(x, words, row_scale, in_features, input_scale, bias, tiles, pairs=0):
     return _reference(x, words, row_scale, in_features, input_scale, bias)
 
 
-@torch.library.custom_op("binaryllm::w1a16_glu", mutates_args=())
-def w1a16_glu(gu: torch.Tensor, words: torch.Tensor, row_scale: torch.Tensor, in_features: int,
-              bias: Optional[torch.Tensor], tiles: Optional[torch.Tensor]) -> torch.Tensor:
-    """``w1a16(silu(gate) * up, ...)`` with gu = [gate | up] (..., 2 K): a gated MLP's down projection, put in
-    by the compile pass ``kernels/fusion.py``.  CUDA: ``triton_w1a16.w1a16_glu_matmul``."""
-    from .triton_w1a16 import w1a16_glu_matmul
-    return w1a16_glu_matmul(gu, words, row_scale, in_features, bias, tiles)
+@torch.library.custom_op("binaryllm::w1a16_gated", mutates_args=())
+def w1a16_gated(x: torch.Tensor, words: torch.Tensor, row_scale: torch.Tensor, in_features: int,
+                input_scale: Optional[torch.Tensor], bias: Optional[torch.Tensor], tiles: Optional[torch.Tensor],
+                pairs: int) -> torch.Tensor:
+    """silu(y[..., :pairs]) * y[..., pairs:] of ``y = w1a16(x, ...)``, a stacked [gate | up] layer: put in by the
+    compile pass ``kernels/fusion.py``.  CUDA: ``triton_w1a16.w1a16_gated_matmul``; CPU: in PyTorch."""
+    from .triton_w1a16 import w1a16_gated_matmul
+    return w1a16_gated_matmul(x, words, row_scale, in_features, input_scale, bias, tiles, pairs)
 
 
-@w1a16_glu.register_fake
-def _(gu, words, row_scale, in_features, bias, tiles):
-    return gu.new_empty(*gu.shape[:-1], words.shape[0])
+@w1a16_gated.register_fake
+def _(x, words, row_scale, in_features, input_scale, bias, tiles, pairs):
+    return x.new_empty(*x.shape[:-1], pairs)
 
 
-@w1a16_glu.register_kernel("cpu")
-def _(gu, words, row_scale, in_features, bias, tiles):
-    h = torch.nn.functional.silu(gu[..., :in_features]) * gu[..., in_features:]
-    return _reference(h, words, row_scale, in_features, None, bias)
+@w1a16_gated.register_kernel("cpu")
+def _(x, words, row_scale, in_features, input_scale, bias, tiles, pairs):
+    y = _reference(x, words, row_scale, in_features, input_scale, bias)
+    return torch.nn.functional.silu(y[..., :pairs]) * y[..., pairs:]
 
 
 @torch.library.custom_op("binaryllm::w1_cpu", mutates_args=())

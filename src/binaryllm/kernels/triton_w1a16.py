@@ -284,12 +284,14 @@ PREFILL_M = 17                  # from this many rows on: unpack + cuBLAS (faste
 
 def w1a16_matmul(x: torch.Tensor, words: torch.Tensor, row_scale: torch.Tensor, in_features: int,
                  input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                 mode: str = "auto", config: tuple | None = None, tiles: torch.Tensor | None = None) -> torch.Tensor:
+                 mode: str = "auto", config: tuple | None = None, tiles: torch.Tensor | None = None,
+                 pairs: int = 0) -> torch.Tensor:
     """x (..., K) bf16/fp16 on CUDA; words from ``prepare_weight``; returns (..., N) in x's dtype.
     mode: ``mma`` (needs ``tiles`` from ``mma_w1a16.prepare_tiles``), ``gemv``, ``tc``, ``fused``, ``unpack`` or
     ``auto``: below PREFILL_M rows ``mma`` when tiles are given (the fastest decode kernel, docs/RESULTS.md), else
     DECODE_MODE; from PREFILL_M rows on unpack + cuBLAS (on the H100 the tensor-core kernel ran at 0.2-0.5x
-    cuBLAS, unpack + cuBLAS at 0.82-0.95x)."""
+    cuBLAS, unpack + cuBLAS at 0.82-0.95x).  ``pairs``: ``tiles`` were made with ``prepare_tiles(pairs=...)``
+    (the output is the same; only the mma kernel reads tiles)."""
     K = in_features
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
@@ -300,7 +302,7 @@ def w1a16_matmul(x: torch.Tensor, words: torch.Tensor, row_scale: torch.Tensor, 
         else:
             if tiles is not None and DECODE_MODE in ("auto", "mma") and mma_w1a16.usable(x.device.index or 0):
                 try:
-                    return mma_w1a16.mma_matmul(x, tiles, row_scale, N, K, input_scale, bias)
+                    return mma_w1a16.mma_matmul(x, tiles, row_scale, N, K, input_scale, bias, pairs=pairs)
                 except torch.OutOfMemoryError:
                     raise
                 except Exception as e:  # a Triton whose Gluon differs from the one this was written for
@@ -309,7 +311,7 @@ def w1a16_matmul(x: torch.Tensor, words: torch.Tensor, row_scale: torch.Tensor, 
     if mode == "mma":
         if tiles is None:
             raise ValueError("mode mma needs the tile layout (mma_w1a16.prepare_tiles)")
-        return mma_w1a16.mma_matmul(x, tiles, row_scale, N, K, input_scale, bias, config)
+        return mma_w1a16.mma_matmul(x, tiles, row_scale, N, K, input_scale, bias, config, pairs=pairs)
     if mode == "unpack":
         if input_scale is not None:
             x2 = x2 * input_scale.to(x2.dtype)
@@ -364,23 +366,26 @@ def w1a16_matmul(x: torch.Tensor, words: torch.Tensor, row_scale: torch.Tensor, 
     return y.reshape(*lead, N)
 
 
-def silu_mul(gu: torch.Tensor, in_features: int) -> torch.Tensor:
-    """silu(gate) * up of a [gate | up] row (..., 2 K), in gu's dtype, rounded as eager PyTorch rounds it."""
-    return torch.nn.functional.silu(gu[..., :in_features]) * gu[..., in_features:]
+
+def silu_mul(y: torch.Tensor, pairs: int) -> torch.Tensor:
+    """silu(gate) * up of [gate | up] (..., 2 pairs), in y's dtype, rounded as eager PyTorch rounds it."""
+    return torch.nn.functional.silu(y[..., :pairs]) * y[..., pairs:]
 
 
-def w1a16_glu_matmul(gu: torch.Tensor, words: torch.Tensor, row_scale: torch.Tensor, in_features: int,
-                     bias: torch.Tensor | None = None, tiles: torch.Tensor | None = None) -> torch.Tensor:
-    """``w1a16_matmul(silu_mul(gu, K), ...)`` for gu (..., 2 K) bf16/fp16 on CUDA: below PREFILL_M rows with the
-    ``mma`` tiles the gating is made as the kernel reads its input (no elementwise kernel before it), otherwise
-    in PyTorch first."""
+def w1a16_gated_matmul(x: torch.Tensor, words: torch.Tensor, row_scale: torch.Tensor, in_features: int,
+                       input_scale: torch.Tensor | None, bias: torch.Tensor | None, tiles: torch.Tensor | None,
+                       pairs: int) -> torch.Tensor:
+    """``silu_mul(w1a16_matmul(x, ...), pairs)`` for a stacked [gate | up] layer of 2 pairs rows: below PREFILL_M
+    rows with paired ``mma`` tiles the gating is the kernel's epilogue (no elementwise kernel after it),
+    otherwise it runs in PyTorch after the matmul."""
     K = in_features
-    M = gu.numel() // (2 * K)
-    if tiles is not None and M < PREFILL_M and DECODE_MODE in ("auto", "mma") and mma_w1a16.usable(gu.device.index or 0):
+    M = x.numel() // K
+    if tiles is not None and M < PREFILL_M and DECODE_MODE in ("auto", "mma") and mma_w1a16.usable(x.device.index or 0):
         try:
-            return mma_w1a16.mma_matmul(gu, tiles, row_scale, words.shape[0], K, None, bias, glu=True)
+            return mma_w1a16.mma_matmul(x, tiles, row_scale, words.shape[0], K, input_scale, bias, pairs=pairs,
+                                        gated=True)
         except torch.OutOfMemoryError:
             raise
         except Exception as e:  # a Triton whose Gluon differs from the one this was written for
-            mma_w1a16.disable(gu.device.index or 0, e)
-    return w1a16_matmul(silu_mul(gu, K), words, row_scale, K, None, bias, tiles=tiles)
+            mma_w1a16.disable(x.device.index or 0, e)
+    return silu_mul(w1a16_matmul(x, words, row_scale, K, input_scale, bias, tiles=tiles, pairs=pairs), pairs)

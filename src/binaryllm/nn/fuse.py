@@ -42,6 +42,10 @@ class FusedProjection:
                 core.bias.copy_(torch.cat([m.bias.to(core.bias.dtype) if m.bias is not None
                                            else core.bias.new_zeros(m.out_features) for m in members]))
         core.use_kernels = first.use_kernels
+        if len(self.sizes) == 2 and self.sizes[0] == self.sizes[1] and self.sizes[0] % 8 == 0:
+            # two equal halves (a gated MLP's gate and up): the mma tiles pair their rows, so that a compiled step
+            # can make silu(gate) * up in the kernel's epilogue (kernels/fusion.py); the output is the same
+            core.tile_pairs = self.sizes[0]
         self.core = core
         self._x: torch.Tensor | None = None
         self._version = -1

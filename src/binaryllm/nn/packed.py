@@ -32,6 +32,7 @@ class PackedBinaryLinear(nn.Module):
         self.use_kernels = True
         self._words = None   # the Triton kernel's int32 word layout, made by words()
         self._tiles = None   # the mma decode kernel's tile layout, made by tiles()
+        self.tile_pairs = 0  # > 0: two stacked halves of this many rows (a gate/up stack), tiled in pairs (nn/fuse.py)
         self._fused = None   # (FusedProjection, index) while fused with its siblings (nn/fuse.py)
 
     @classmethod
@@ -69,7 +70,7 @@ class PackedBinaryLinear(nn.Module):
         from ..kernels import mma_w1a16
         if not mma_w1a16.usable(self.weight.device.index or 0):
             return None
-        self._tiles = mma_w1a16.prepare_tiles(self.weight, self.in_features)
+        self._tiles = mma_w1a16.prepare_tiles(self.weight, self.in_features, self.tile_pairs)
         return self._tiles
 
     def _load_from_state_dict(self, *args, **kwargs):
@@ -89,10 +90,11 @@ class PackedBinaryLinear(nn.Module):
                 tiles = self.tiles() if x.numel() <= 16 * self.in_features else None
                 if torch.compiler.is_compiling():          # one opaque op for torch.compile (kernels/ops.py)
                     from ..kernels import ops
-                    return ops.w1a16(x.to(dt), self.words(), self.weight_scale, self.in_features, s_in, b, tiles)
+                    return ops.w1a16(x.to(dt), self.words(), self.weight_scale, self.in_features, s_in, b, tiles,
+                                     self.tile_pairs)
                 from ..kernels.triton_w1a16 import w1a16_matmul
                 return w1a16_matmul(x.to(dt), self.words(), self.weight_scale, self.in_features, s_in, b,
-                                    tiles=tiles)
+                                    tiles=tiles, pairs=self.tile_pairs)
         elif x.device.type == "cpu" and x.numel() // self.in_features <= 8:
             from ..kernels import cpu, warn_once
             if cpu.available():
