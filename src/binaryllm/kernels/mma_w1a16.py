@@ -78,6 +78,11 @@ MMA_CONFIG_16 = (2, 4, 4, 1, 1)
 LARGE = 2 ** 27
 XS_MAX = 2 ** 26
 PDL_DEFAULT = 1
+# the gated epilogue's kernel (a gate/up projection, the down projection after it) with GATED_PDL_MAX weights or more
+# is launched without PDL.  H100 decode steps, same process (docs/RESULTS.md, fourteenth session): Llama-7B
+# (22016x4096, 1376 programs) 1608 us with PDL, 1437 without, 1458 without the gating pass; SmolLM2 (3072x576, 192
+# programs) 506 us with PDL, 548 without, 550 without the pass.  Sizes in between were not measured.
+GATED_PDL_MAX = XS_MAX
 
 
 def default_config(M: int, N: int, K: int) -> tuple:
@@ -452,6 +457,8 @@ def mma_matmul(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor, ou
     grid, meta = launch_config(M, N, K, x.dtype == torch.bfloat16, bias is not None, config,
                                has_pdl(x.device.index or 0))
     meta.update(PAIRS=int(bool(pairs)), GATED=int(gated))
+    if gated and N * K >= GATED_PDL_MAX:
+        meta["PDL"] = False
     NY = N // 2 if gated else N
     y = torch.empty(M, NY, device=x.device, dtype=x.dtype)
     _KERNEL[grid](x2, tiles, row_scale, bias if bias is not None else row_scale, y, M, N, K, x2.stride(0),
