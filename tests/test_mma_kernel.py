@@ -140,6 +140,10 @@ def test_default_tiles_follow_the_measured_rules():
     assert mw.default_config(1, 22016, 4096) == mw.default_config(1, 8192, 8192) == mw.MMA_CONFIG_1
     assert mw.default_config(2, 4096, 4096) == mw.MMA_CONFIG_1
     assert mw.launch_config(1, 4096, 4096, True, False)[1]["XS"] == 1
+    # a gated gate/up kernel keeps PDL when small (SmolLM2's), not when large (Llama-7B's): the H100 decode steps
+    assert mw.launch_config(1, 3072, 576, True, False, has_pdl=True, gated=True)[1]["PDL"]
+    assert not mw.launch_config(1, 22016, 4096, True, False, has_pdl=True, gated=True)[1]["PDL"]
+    assert mw.launch_config(1, 22016, 4096, True, False, has_pdl=True)[1]["PDL"]
     assert mw.launch_config(2, 4096, 4096, True, False, (1, 4, 4, 0, 1, 4, 1))[1]["XS"] == 0   # one row only
     assert mw.default_config(1, 16384, 16384) == mw.MMA_CONFIG_1_LARGE
     assert mw.default_config(9, 960, 576) == mw.MMA_CONFIG_16

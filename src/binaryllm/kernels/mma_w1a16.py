@@ -455,10 +455,8 @@ def mma_matmul(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor, ou
         x2 = x2 * input_scale.to(x2.dtype)
     from . import has_pdl
     grid, meta = launch_config(M, N, K, x.dtype == torch.bfloat16, bias is not None, config,
-                               has_pdl(x.device.index or 0))
+                               has_pdl(x.device.index or 0), gated)
     meta.update(PAIRS=int(bool(pairs)), GATED=int(gated))
-    if gated and N * K >= GATED_PDL_MAX:
-        meta["PDL"] = False
     NY = N // 2 if gated else N
     y = torch.empty(M, NY, device=x.device, dtype=x.dtype)
     _KERNEL[grid](x2, tiles, row_scale, bias if bias is not None else row_scale, y, M, N, K, x2.stride(0),
@@ -467,10 +465,11 @@ def mma_matmul(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor, ou
 
 
 def launch_config(M: int, N: int, K: int, bf16: bool, has_bias: bool, config: tuple | None = None,
-                  has_pdl: bool = False) -> tuple:
+                  has_pdl: bool = False, gated: bool = False) -> tuple:
     """(grid, the kernel's constexpr arguments) for M rows of a (N, K) matrix: the tile config (argument, else
     BINARYLLM_MMA_CONFIG, else ``default_config``), CH capped at the k-groups a warp has, EVEN when no
-    mask is needed, PDL when the config asks for it (default PDL_DEFAULT) and the GPU has it (``has_pdl``)."""
+    mask is needed, PDL when the config asks for it (default PDL_DEFAULT) and the GPU has it (``has_pdl``), and
+    for a ``gated`` epilogue only below GATED_PDL_MAX weights."""
     import triton
     rt, warps, ch, *rest = config or _ENV_CONFIG or default_config(M, N, K)
     fence, pdl, chains, xs = (list(rest) + [1, PDL_DEFAULT, 1, 0][len(rest):])[:4]
@@ -479,5 +478,6 @@ def launch_config(M: int, N: int, K: int, bf16: bool, has_bias: bool, config: tu
     ch = min(ch, triton.next_power_of_2(kbl))
     even = K == KB * GROUP_K and KB % warps == 0 and kbl % ch == 0 and NT % rt == 0 and N == NT * 16
     return (triton.cdiv(NT, rt),), dict(KB=KB, RT=rt, NB=8 if M <= 8 else 16, W=warps, CH=ch, BF16=bf16,
-                                        HAS_BIAS=has_bias, EVEN=even, FENCE=bool(fence), PDL=bool(pdl) and has_pdl,
+                                        HAS_BIAS=has_bias, EVEN=even, FENCE=bool(fence),
+                                        PDL=bool(pdl) and has_pdl and not (gated and N * K >= GATED_PDL_MAX),
                                         CHAINS=chains, XS=int(bool(xs) and M == 1))
