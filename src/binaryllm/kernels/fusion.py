@@ -178,7 +178,7 @@ def _pass_base():
 
 class GluIntoPackedLinear(_pass_base()):
     """The post-grad pass (``torch._inductor.config.post_grad_custom_post_pass``); ``rewrites`` counts the ops it
-    replaced over every graph it saw."""
+    replaced over every graph it saw (a graph inductor takes from its cache is not seen again)."""
 
     def __init__(self):
         self.rewrites = 0
