@@ -13,7 +13,7 @@ import torch
 from binaryllm.bench import _copies, _gpu_time, _rel_err
 from binaryllm.export.bits import pack_signs, unpack_signs
 from binaryllm.kernels import mma_w1a16 as mw
-from binaryllm.kernels.triton_w1a16 import silu_mul
+from binaryllm.kernels import silu_mul
 
 MLPS = {"llama-7b": (4096, 11008), "smollm2-135m": (576, 1536)}
 

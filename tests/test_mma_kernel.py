@@ -68,7 +68,7 @@ def test_auto_dispatch_uses_mma_when_tiles_are_given(monkeypatch):
     from binaryllm.kernels import triton_w1a16 as tw
     calls = []
     monkeypatch.setattr(mw, "usable", lambda i: True)
-    monkeypatch.setattr(mw, "mma_matmul", lambda x, t, s, N, K, si, b, cfg=None, pairs=0:
+    monkeypatch.setattr(mw, "mma_matmul", lambda x, t, s, N, K, si, b, cfg=None, pairs=0, gated=False:
                         calls.append((x.shape, N, K)) or torch.zeros(*x.shape[:-1], N))
     bits = pack_signs(torch.randn(40, 96))
     words = tw.prepare_weight(bits, 96)
@@ -151,33 +151,40 @@ def test_default_tiles_follow_the_measured_rules():
     assert mw.launch_config(1, 960, 576, True, False, (1, 4, 4, 0, 1))[1]["CHAINS"] == 1
 
 
+def _ptx(N, K, M, config, bf16=True, bias=False, pairs=0, gated=False):
+    """(sm_90 PTX, constexpr arguments) of the kernel for M rows of an (N, K) matrix, compiled on this CPU box as
+    it would be launched on a Hopper GPU (``launch_config`` with PDL available)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    dt = "*bf16" if bf16 else "*fp16"
+    sig = {"x_ptr": dt, "w_ptr": "*i32", "s_ptr": "*fp16", "b_ptr": dt, "y_ptr": dt,
+           "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "zero": "i32"}
+    _, const = mw.launch_config(M, N, K, bf16, bias, config, has_pdl=True, pairs=pairs, gated=gated)
+    sig.update({k: "constexpr" for k in const})
+    names = list(sig)
+    # what Triton's launcher specializes at run time: 16-byte aligned pointers, multiples of 16
+    ints = {"N": N, "K": K, "stride_xm": K, "stride_ym": N // 2 if gated else N}        # x and y contiguous
+    aligned = ["x_ptr", "w_ptr", "s_ptr", "y_ptr"] + [n for n, v in ints.items() if v % 16 == 0]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    src = GluonASTSource(mw._build(), sig, constexprs=const, attrs=attrs)
+    cc = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                        options={"num_warps": const["W"], "launch_pdl": const["PDL"]})
+    return cc.asm["ptx"], const
+
+
 @pytest.mark.parametrize("case", COMPILE_CASES)
 def test_kernel_compiles_for_hopper_with_trivial_operand_layouts(case):
     """Triton's compiler builds the kernel for sm_90 on this CPU box (no GPU needed): the operand layouts must
     convert without data movement (assert_trivial), and the SASS must hold the expected tensor-core ops and no
     local-memory spills."""
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
     N, K, M, rt, warps, ch, bf16, bias, pdl, *rest = case
     chains, xs = rest[:1], (rest[1:] or [0])[0]
     _, KB = mw.tile_shape(N, K)
-    dt = "*bf16" if bf16 else "*fp16"
-    sig = {"x_ptr": dt, "w_ptr": "*i32", "s_ptr": "*fp16", "b_ptr": dt, "y_ptr": dt,
-           "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "zero": "i32"}
-    _, const = mw.launch_config(M, N, K, bf16, bias, (rt, warps, ch, 1, pdl, *rest), has_pdl=True)
+    ptx, const = _ptx(N, K, M, (rt, warps, ch, 1, pdl, *rest), bf16, bias)
     assert const["PDL"] == bool(pdl) and const["CHAINS"] == (chains or [1])[0] and const["XS"] == xs
     assert not mw.launch_config(M, N, K, bf16, bias, (rt, warps, ch, 1, 1))[1]["PDL"]   # a GPU without PDL
     ch, kbl = const["CH"], -(-KB // warps)
-    sig.update({k: "constexpr" for k in const})
-    names = list(sig)
-    # what Triton's launcher specializes at run time: 16-byte aligned pointers, multiples of 16
-    ints = {"N": N, "K": K, "stride_xm": K, "stride_ym": N}        # x and y contiguous
-    aligned = ["x_ptr", "w_ptr", "s_ptr", "y_ptr"] + [n for n, v in ints.items() if v % 16 == 0]
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    src = GluonASTSource(mw._build(), sig, constexprs=const, attrs=attrs)
-    cc = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "launch_pdl": bool(pdl)})
-    ptx = cc.asm["ptx"]
     n_mma = ptx.count("mma.sync.aligned.m16n8k16.row.col.f32." + ("bf16.bf16" if bf16 else "f16.f16"))
     rounds = -(-kbl // ch)
     assert n_mma == rounds * ch * 16 * rt * (1 if M <= 8 else 2)      # one per 16 x 16 weights x 8 columns
@@ -251,36 +258,15 @@ def test_chained_kernels_in_a_cuda_graph_see_each_others_output(pdl):
 
 
 
-def _ptx(N, K, M, config, bf16=True, pairs=0, gated=False):
-    """sm_90 PTX of the kernel for M rows of an (N, K) matrix (compiled on this CPU box)."""
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-    dt = "*bf16" if bf16 else "*fp16"
-    sig = {"x_ptr": dt, "w_ptr": "*i32", "s_ptr": "*fp16", "b_ptr": dt, "y_ptr": dt,
-           "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "zero": "i32"}
-    _, const = mw.launch_config(M, N, K, bf16, False, config, has_pdl=True)
-    const.update(PAIRS=int(bool(pairs)), GATED=int(gated))
-    sig.update({k: "constexpr" for k in const})
-    names = list(sig)
-    ints = {"N": N, "K": K, "stride_xm": K, "stride_ym": N // 2 if gated else N}
-    aligned = ["x_ptr", "w_ptr", "s_ptr", "y_ptr"] + [n for n, v in ints.items() if v % 16 == 0]
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    src = GluonASTSource(mw._build(), sig, constexprs=const, attrs=attrs)
-    cc = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                        options={"num_warps": const["W"], "launch_pdl": const["PDL"]})
-    return cc.asm["ptx"]
-
-
 @pytest.mark.parametrize("N,K,M,config", [(22016, 4096, 1, None), (3072, 576, 1, None), (3072, 576, 5, None),
                                           (1024, 600, 12, (2, 4, 2, 1, 1, 1, 0))])
 def test_gated_epilogue_compiles_without_moving_data(N, K, M, config):
     """Paired tiles (gate row j and up row j in the accumulator rows g and 8 + g of one thread): the gated epilogue
     makes silu(gate) * up with one exp a pair and no shared memory beyond the warps' reduction, and stores half
     as many outputs; the tensor-core work is the plain kernel's."""
-    plain = _ptx(N, K, M, config)
-    paired = _ptx(N, K, M, config, pairs=N // 2)
-    gated = _ptx(N, K, M, config, pairs=N // 2, gated=True)
+    plain = _ptx(N, K, M, config)[0]
+    paired = _ptx(N, K, M, config, pairs=N // 2)[0]
+    gated = _ptx(N, K, M, config, pairs=N // 2, gated=True)[0]
     mma = "mma.sync.aligned.m16n8k16"
     assert gated.count(mma) == paired.count(mma) == plain.count(mma) > 0
     assert "ex2.approx" in gated and "ex2.approx" not in paired
@@ -294,7 +280,7 @@ def test_gated_epilogue_compiles_without_moving_data(N, K, M, config):
 def test_paired_and_gated_kernel_on_the_gpu(M, N, K):
     """Paired tiles give the plain output (stored back in weight-row order); gated gives silu(gate) * up of it,
     over the default tile, XS and register tiles, with bias and input scale."""
-    from binaryllm.kernels.triton_w1a16 import silu_mul
+    from binaryllm.kernels import silu_mul
     P = N // 2
     g = torch.Generator(device="cuda").manual_seed(N + K)
     bits = pack_signs(torch.randn(N, K, device="cuda", generator=g))

@@ -6,9 +6,17 @@ from __future__ import annotations
 import os
 import warnings
 
+import torch
+
 _WARNED: set[str] = set()
 DECODE_KERNELS = ("mma", "gemv", "tc")     # the CUDA decode kernels (1-16 rows); see triton_w1a16.DECODE_MODE
 DECODE_ATTENTION = "binaryllm_decode"      # the decode attention's name in transformers' interfaces (attention.py)
+
+
+def silu_mul(y: torch.Tensor, pairs: int) -> torch.Tensor:
+    """silu(gate) * up of [gate | up] (..., 2 pairs), in y's dtype, rounded as eager PyTorch rounds it: the
+    gated epilogue's arithmetic (``mma_w1a16``: GATED) for the paths without it."""
+    return torch.nn.functional.silu(y[..., :pairs]) * y[..., pairs:]
 
 
 def warn_once(key: str, msg: str) -> None:

@@ -288,6 +288,12 @@ def _build():
         return v
 
     @gluon.jit
+    def _halves(t, RT: gl.constexpr, NB: gl.constexpr):
+        """[16 RT, NB] rows of paired tiles -> (rows 16 r + g, rows 16 r + 8 + g) as [RT, 8, NB] each: in the mma
+        layout a thread holds both, so this moves no data."""
+        return gl.split(gl.permute(gl.reshape(t, [RT, 2, 8, NB]), (0, 2, 3, 1)))
+
+    @gluon.jit
     def _load_words(w_ptr, woff, rnd: gl.constexpr, s, rt, ch, KB: gl.constexpr, KBL: gl.constexpr,
                     CH: gl.constexpr, N, EVEN: gl.constexpr):
         if EVEN:
@@ -415,9 +421,9 @@ def _build():
             # 16-row blocks: no data moves.  Rounded as eager PyTorch rounds gate_up -> silu -> product.
             yoff = om[None, :] * stride_ym + ((offs_n // 16) * 8 + offs_n % 8)[:, None]
             ok = (om[None, :] < M) & n_ok[:, None]
-            gate, up = gl.split(gl.permute(gl.reshape(out, [RT, 2, 8, NB]), (0, 2, 3, 1)))
-            yoff, _ = gl.split(gl.permute(gl.reshape(yoff, [RT, 2, 8, NB]), (0, 2, 3, 1)))
-            ok, _ = gl.split(gl.permute(gl.reshape(ok, [RT, 2, 8, NB]), (0, 2, 3, 1)))
+            gate, up = _halves(out, RT, NB)
+            yoff, _ = _halves(yoff, RT, NB)
+            ok, _ = _halves(ok, RT, NB)
             gf = gate.to(gl.float32)
             sg = (gf / (1.0 + gl.exp(-gf))).to(y_ptr.dtype.element_ty)
             gl.store(y_ptr + yoff, (sg.to(gl.float32) * up.to(gl.float32)).to(y_ptr.dtype.element_ty), mask=ok)
@@ -455,8 +461,7 @@ def mma_matmul(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor, ou
         x2 = x2 * input_scale.to(x2.dtype)
     from . import has_pdl
     grid, meta = launch_config(M, N, K, x.dtype == torch.bfloat16, bias is not None, config,
-                               has_pdl(x.device.index or 0), gated)
-    meta.update(PAIRS=int(bool(pairs)), GATED=int(gated))
+                               has_pdl(x.device.index or 0), pairs, gated)
     NY = N // 2 if gated else N
     y = torch.empty(M, NY, device=x.device, dtype=x.dtype)
     _KERNEL[grid](x2, tiles, row_scale, bias if bias is not None else row_scale, y, M, N, K, x2.stride(0),
@@ -465,11 +470,11 @@ def mma_matmul(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor, ou
 
 
 def launch_config(M: int, N: int, K: int, bf16: bool, has_bias: bool, config: tuple | None = None,
-                  has_pdl: bool = False, gated: bool = False) -> tuple:
+                  has_pdl: bool = False, pairs: int = 0, gated: bool = False) -> tuple:
     """(grid, the kernel's constexpr arguments) for M rows of a (N, K) matrix: the tile config (argument, else
     BINARYLLM_MMA_CONFIG, else ``default_config``), CH capped at the k-groups a warp has, EVEN when no
     mask is needed, PDL when the config asks for it (default PDL_DEFAULT) and the GPU has it (``has_pdl``), and
-    for a ``gated`` epilogue only below GATED_PDL_MAX weights."""
+    for a ``gated`` epilogue only below GATED_PDL_MAX weights; PAIRS and GATED for paired tiles (``pairs``)."""
     import triton
     rt, warps, ch, *rest = config or _ENV_CONFIG or default_config(M, N, K)
     fence, pdl, chains, xs = (list(rest) + [1, PDL_DEFAULT, 1, 0][len(rest):])[:4]
@@ -480,4 +485,5 @@ def launch_config(M: int, N: int, K: int, bf16: bool, has_bias: bool, config: tu
     return (triton.cdiv(NT, rt),), dict(KB=KB, RT=rt, NB=8 if M <= 8 else 16, W=warps, CH=ch, BF16=bf16,
                                         HAS_BIAS=has_bias, EVEN=even, FENCE=bool(fence),
                                         PDL=bool(pdl) and has_pdl and not (gated and N * K >= GATED_PDL_MAX),
-                                        CHAINS=chains, XS=int(bool(xs) and M == 1))
+                                        CHAINS=chains, XS=int(bool(xs) and M == 1), PAIRS=int(bool(pairs)),
+                                        GATED=int(gated))

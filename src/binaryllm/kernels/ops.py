@@ -62,8 +62,8 @@ def _(x, words, row_scale, in_features, input_scale, bias, tiles, pairs):
 
 @w1a16_gated.register_kernel("cpu")
 def _(x, words, row_scale, in_features, input_scale, bias, tiles, pairs):
-    y = _reference(x, words, row_scale, in_features, input_scale, bias)
-    return torch.nn.functional.silu(y[..., :pairs]) * y[..., pairs:]
+    from . import silu_mul
+    return silu_mul(_reference(x, words, row_scale, in_features, input_scale, bias), pairs)
 
 
 @torch.library.custom_op("binaryllm::w1_cpu", mutates_args=())

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from ..errors import BinaryLLMError
-from . import DECODE_KERNELS, env_ints, mma_w1a16
+from . import DECODE_KERNELS, env_ints, mma_w1a16, silu_mul
 
 
 def prepare_weight(packed_u8: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -300,13 +300,9 @@ def w1a16_matmul(x: torch.Tensor, words: torch.Tensor, row_scale: torch.Tensor, 
         if M >= PREFILL_M:
             mode = "unpack"
         else:
-            if tiles is not None and DECODE_MODE in ("auto", "mma") and mma_w1a16.usable(x.device.index or 0):
-                try:
-                    return mma_w1a16.mma_matmul(x, tiles, row_scale, N, K, input_scale, bias, pairs=pairs)
-                except torch.OutOfMemoryError:
-                    raise
-                except Exception as e:  # a Triton whose Gluon differs from the one this was written for
-                    mma_w1a16.disable(x.device.index or 0, e)
+            y = _auto_mma(x, tiles, row_scale, N, K, input_scale, bias, pairs)
+            if y is not None:
+                return y
             mode = decode_mode(M, N, K)
     if mode == "mma":
         if tiles is None:
@@ -366,10 +362,19 @@ def w1a16_matmul(x: torch.Tensor, words: torch.Tensor, row_scale: torch.Tensor, 
     return y.reshape(*lead, N)
 
 
-
-def silu_mul(y: torch.Tensor, pairs: int) -> torch.Tensor:
-    """silu(gate) * up of [gate | up] (..., 2 pairs), in y's dtype, rounded as eager PyTorch rounds it."""
-    return torch.nn.functional.silu(y[..., :pairs]) * y[..., pairs:]
+def _auto_mma(x, tiles, row_scale, N: int, K: int, input_scale, bias, pairs: int, gated: bool = False):
+    """The ``mma`` kernel's output where ``auto`` dispatch takes it (tiles given, DECODE_MODE allows it, the
+    kernel usable here), else None; a kernel that fails (a Triton whose Gluon differs from the one this was
+    written for) is disabled with one warning and None returned."""
+    if tiles is None or DECODE_MODE not in ("auto", "mma") or not mma_w1a16.usable(x.device.index or 0):
+        return None
+    try:
+        return mma_w1a16.mma_matmul(x, tiles, row_scale, N, K, input_scale, bias, pairs=pairs, gated=gated)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:
+        mma_w1a16.disable(x.device.index or 0, e)
+        return None
 
 
 def w1a16_gated_matmul(x: torch.Tensor, words: torch.Tensor, row_scale: torch.Tensor, in_features: int,
@@ -379,13 +384,8 @@ def w1a16_gated_matmul(x: torch.Tensor, words: torch.Tensor, row_scale: torch.Te
     rows with paired ``mma`` tiles the gating is the kernel's epilogue (no elementwise kernel after it),
     otherwise it runs in PyTorch after the matmul."""
     K = in_features
-    M = x.numel() // K
-    if tiles is not None and M < PREFILL_M and DECODE_MODE in ("auto", "mma") and mma_w1a16.usable(x.device.index or 0):
-        try:
-            return mma_w1a16.mma_matmul(x, tiles, row_scale, words.shape[0], K, input_scale, bias, pairs=pairs,
-                                        gated=True)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as e:  # a Triton whose Gluon differs from the one this was written for
-            mma_w1a16.disable(x.device.index or 0, e)
+    if x.numel() // K < PREFILL_M:
+        y = _auto_mma(x, tiles, row_scale, words.shape[0], K, input_scale, bias, pairs, gated=True)
+        if y is not None:
+            return y
     return silu_mul(w1a16_matmul(x, words, row_scale, K, input_scale, bias, tiles=tiles, pairs=pairs), pairs)
