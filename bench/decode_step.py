@@ -9,9 +9,12 @@ in docs/RESULTS.md (thirteenth session).
     PYTHONPATH=src OUT=. python bench/decode_step.py tiles llama-7b 8 variants.json [max_len]
     # the bf16 step against the packed one
     PYTHONPATH=src OUT=. python bench/decode_step.py bf16 llama-7b 6 [max_len]
-    # the packed step with the compile pass that makes silu(gate) * up in the down projection's kernel against
+    # the packed step with the compile pass that makes silu(gate) * up in the gate/up projection's kernel against
     # the step without it (kernels/fusion.py), and with "bf16" the bf16 step too
     PYTHONPATH=src OUT=. python bench/decode_step.py glu llama-7b 6 [max_len [bf16]]
+    # every graph pass (gating, and residual add + RMSNorm into the packed kernels) against the gating alone and
+    # none
+    PYTHONPATH=src OUT=. python bench/decode_step.py passes llama-7b 6 [max_len [bf16]]
 """
 import json
 import os
@@ -81,27 +84,31 @@ def main() -> None:
                 decs[label] = capture(model, max_len)
             res = time_blocks(decs, blocks)
             res["ratio"] = round(res["median_us"]["bf16"] / res["median_us"]["packed"], 3)
-        elif mode == "glu":
+        elif mode in ("glu", "passes"):
+            # glu: the gating pass alone against no pass; passes: every graph pass (kernels/fusion.py) against
+            # the gating pass alone and none
             max_len = int(sys.argv[4]) if len(sys.argv) > 4 else 144
             import binaryllm.decode as decode
             real = decode.compile_options
             model = bench.random_model(name, torch.bfloat16, "cuda").eval()
             bench.random_packed_(model)
-            for label, glu in (("glu", True), ("no-glu", False)):
-                decode.compile_options = lambda tune=False, glu=glu: real(tune, glu=glu)
+            variants = {"glu": (True, False), "no-glu": (False, False)} if mode == "glu" else \
+                {"all": (True, True), "glu": (True, False), "none": (False, False)}
+            for label, (glu, norm) in variants.items():
+                decode.compile_options = lambda tune=False, glu=glu, norm=norm: real(tune, glu=glu, norm=norm)
                 decs[label] = capture(model, max_len)
                 p = decs[label].compile_options.get("post_grad_custom_post_pass")
-                print(label, "rewrites", p.rewrites if p is not None else None, flush=True)
+                print(label, "rewrites", p.counts if p is not None else None, flush=True)
             decode.compile_options = real
             if "bf16" in sys.argv[5:]:
                 decs["bf16"] = capture(bench.random_model(name, torch.bfloat16, "cuda").eval(), max_len)
             res = time_blocks(decs, blocks)
-            res["speedup_vs_no_glu"] = round(res["median_us"]["no-glu"] / res["median_us"]["glu"], 3)
+            base = "no-glu" if mode == "glu" else "none"
+            res["speedup_vs_" + base] = {k: round(res["median_us"][base] / v, 3) for k, v in res["median_us"].items()}
             if "bf16" in decs:
-                res["ratio_bf16"] = {k: round(res["median_us"]["bf16"] / res["median_us"][k], 3)
-                                     for k in ("glu", "no-glu")}
+                res["ratio_bf16"] = {k: round(res["median_us"]["bf16"] / res["median_us"][k], 3) for k in variants}
         else:
-            raise SystemExit(f"mode {mode!r} is not tiles, bf16 or glu")
+            raise SystemExit(f"mode {mode!r} is not tiles, bf16, glu or passes")
     res.update(model=name, max_len=max_len, device=torch.cuda.get_device_name())
     print(json.dumps({k: v for k, v in res.items() if k != "us"}), flush=True)
     json.dump(res, open(os.path.join(os.environ.get("OUT", "."), f"decode_step-{mode}-{name}.json"), "w"), indent=1)

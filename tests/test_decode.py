@@ -86,11 +86,11 @@ def test_compiled_step_gives_the_same_tokens_on_a_packed_model():
     # the generate calls above ran with them)
     expect = {k: True for k, have in (("triton.enable_pdl", hasattr(ic.triton, "enable_pdl")),
                                       ("combo_kernels", hasattr(ic, "combo_kernels"))) if have}
-    from binaryllm.kernels.fusion import GluIntoPackedLinear
+    from binaryllm.kernels.fusion import FusePackedLinear
     opts, tuned = compile_options(), compile_options(tune=True)
     # and the graph pass that makes silu(gate) * up inside the packed down projection (tests/test_fusion.py)
-    assert all(isinstance(o.pop("post_grad_custom_post_pass"), GluIntoPackedLinear) for o in (opts, tuned))
-    assert opts == expect == compile_options(glu=False)
+    assert all(isinstance(o.pop("post_grad_custom_post_pass"), FusePackedLinear) for o in (opts, tuned))
+    assert opts == expect == compile_options(glu=False, norm=False)
     assert tuned == {**expect, "coordinate_descent_tuning": True}
 
 
@@ -119,30 +119,36 @@ def test_compiled_gpu_step_gives_the_same_logits_with_and_without_pdl(monkeypatc
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the mma kernel's GLU input needs a CUDA GPU")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the mma kernel's fused epilogues need a CUDA GPU")
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_compiled_gpu_step_makes_the_gating_in_the_down_projection(arch, monkeypatch):
-    """The compile pass makes every block's silu(gate) * up in the packed gate/up projection's kernel
-    (kernels/fusion.py), and the step's logits stay those of the step without it, up to the rounding of gate, up
-    and silu(gate) to bf16 between them (inductor's own fused silu-mul does not round)."""
+def test_compiled_gpu_step_fuses_gating_and_norms_into_the_packed_kernels(arch, monkeypatch):
+    """The compile passes (kernels/fusion.py) make every block's silu(gate) * up in the packed gate/up kernel, and
+    each residual add + RMSNorm between two packed layers in their kernels (the add and partial sums of squares in
+    the o / down epilogue, the norm as q/k/v and gate/up read it); the step's logits stay those of the step
+    without them, up to the rounding between the fused ops (inductor's own fused kernels do not round)."""
     import torch._dynamo
 
     import binaryllm.decode as decode
     from binaryllm.bench import random_packed_
     model = tiny_model(arch).to("cuda", torch.bfloat16)
     random_packed_(model)
+    L = model.config.num_hidden_layers
     ids = torch.randint(3, 96, (1, 6), device="cuda", generator=torch.Generator("cuda").manual_seed(5))
     real = decode.compile_options
+    import torch._inductor.config as ic
+    monkeypatch.setattr(ic, "fx_graph_cache", False)     # every graph goes through the pass (and is counted)
     outs = []
-    for glu in (True, False):
+    for glu, norm in ((True, True), (True, False), (False, False)):
         torch._dynamo.reset()
-        monkeypatch.setattr(decode, "compile_options", lambda tune=False, glu=glu: real(tune, glu=glu))
+        monkeypatch.setattr(decode, "compile_options", lambda tune=False, g=glu, n=norm: real(tune, glu=g, norm=n))
         dec = StaticDecoder(model, max_len=16, compile=True)
-        dec.generate(ids, 2)
+        dec.generate(ids, 2)                # one compiled step, on the same (eager prefill) token
         outs.append(dec.out.float().clone())
         p = dec.compile_options.get("post_grad_custom_post_pass")
-        assert (p.rewrites if glu else p) == (model.config.num_hidden_layers if glu else None)
-    assert torch.allclose(outs[0], outs[1], rtol=0.02, atol=0.02 * outs[1].abs().max().item())
+        # per block: the gate/up; o and down produce, gate/up and the next block's q/k/v consume
+        assert (p.counts if p else None) == ({"glu": L * glu, "norm": (4 * L - 2) * norm} if glu else None)
+    for out in outs[:-1]:
+        assert torch.allclose(out, outs[-1], rtol=0.02, atol=0.02 * outs[-1].abs().max().item())
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

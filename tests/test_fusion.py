@@ -10,7 +10,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from binaryllm.export.bits import pack_signs
 from binaryllm.kernels import mma_w1a16 as mw
 from binaryllm.kernels import ops
-from binaryllm.kernels.fusion import GluIntoPackedLinear, fuse_glu
+from binaryllm.kernels.fusion import FusePackedLinear, fuse_glu
 from binaryllm.kernels.triton_w1a16 import prepare_weight
 
 D, I = 64, 96
@@ -87,7 +87,7 @@ def test_pass_inside_torch_compile(f, expect):
     """Installed as inductor's post-grad pass (silu decomposed to fp32 there): the compiled function rewrites the
     same matches.  Rewritten, it gives the eager output exactly (the op rounds as eager does); left alone, inductor
     fuses silu and the product without rounding between them, so it is only close."""
-    p = GluIntoPackedLinear()
+    p = FusePackedLinear(norm=False)
     torch._dynamo.reset()
     y = torch.compile(f, options={"post_grad_custom_post_pass": p, "fx_graph_cache": False})(X, *W)
     assert p.rewrites == expect
@@ -126,5 +126,99 @@ def test_paired_tiles_round_trip_and_compute_the_plain_output():
 
 def test_decode_compile_options_install_the_pass():
     from binaryllm.decode import compile_options
-    assert isinstance(compile_options()["post_grad_custom_post_pass"], GluIntoPackedLinear)
-    assert "post_grad_custom_post_pass" not in compile_options(glu=False)
+    assert isinstance(compile_options()["post_grad_custom_post_pass"], FusePackedLinear)
+    assert "post_grad_custom_post_pass" not in compile_options(glu=False, norm=False)
+
+
+# ---- the residual add + RMSNorm between two packed layers (fuse_norm) ----
+
+def _rms(h, w, eps=1e-5):            # transformers' LlamaRMSNorm.forward, written out
+    v = h.float().pow(2).mean(-1, keepdim=True)
+    return w * (h.float() * torch.rsqrt(v + eps)).to(h.dtype)
+
+
+NW = (torch.rand(D, generator=torch.Generator().manual_seed(7)) + 0.5).to(torch.bfloat16)
+O, Q, GU = _layer(D, D, 5), _layer(3 * D, D, 6), _layer(2 * I, D, 8, pairs=I)
+
+
+def blk(a, r):                       # o projection, residual add, RMSNorm, fused q/k/v
+    h = r + ops.w1a16(a, *O[:2], D, None, None, O[2])
+    return ops.w1a16(_rms(h, NW), *Q[:2], D, None, None, Q[2]), h
+
+
+def blk_gated(a, r):                 # ... then the gated gate/up (the gating pass makes it w1a16_gated first)
+    h = ops.w1a16(a, *O[:2], D, None, None, O[2]) + r
+    g, u = ops.w1a16(_rms(h, NW), *GU[:2], D, None, None, GU[2], I).split([I, I], -1)
+    return F.silu(g) * u, h
+
+
+def blk_two_readers(a, r):           # q and k as two packed layers reading one norm: one producer, two consumers
+    h = r + ops.w1a16(a, *O[:2], D, None, None, O[2])
+    x = _rms(h, NW)
+    return ops.w1a16(x, Q[0][:D], Q[1][:D], D, None, None, Q[2]) + ops.w1a16(x, Q[0][D:2 * D], Q[1][D:2 * D], D,
+                                                                             None, None, Q[2]), h
+
+
+def blk_in_scale(a, r):              # the consumer has an input scale: left alone
+    h = r + ops.w1a16(a, *O[:2], D, None, None, O[2])
+    return ops.w1a16(_rms(h, NW), *Q[:2], D, W[-1], None, Q[2]), h
+
+
+def blk_out_read(a, r):              # the producer's output is read elsewhere too: left alone
+    o = ops.w1a16(a, *O[:2], D, None, None, O[2])
+    h = r + o
+    return ops.w1a16(_rms(h, NW), *Q[:2], D, None, None, Q[2]) + o.sum(), h
+
+
+def blk_no_tiles(a, r):              # no mma tiles on the consumer: left alone
+    h = r + ops.w1a16(a, *O[:2], D, None, None, O[2])
+    return ops.w1a16(_rms(h, NW), *Q[:2], D, None, None, None), h
+
+
+def blk_fp32_weight(a, r):           # a norm weight in another dtype (not the Llama-style rounding): left alone
+    h = r + ops.w1a16(a, *O[:2], D, None, None, O[2])
+    return ops.w1a16(_rms(h, NW.float()).to(h.dtype), *Q[:2], D, None, None, Q[2]), h
+
+
+A, R = torch.randn(1, 1, D).to(torch.bfloat16), (torch.randn(1, 1, D) * 4).to(torch.bfloat16)
+NORM_CASES = [(blk, 2, 0), (blk_gated, 2, 1), (blk_two_readers, 3, 0), (blk_in_scale, 0, 0), (blk_out_read, 0, 0),
+              (blk_no_tiles, 0, 0), (blk_fp32_weight, 0, 0)]
+
+
+@pytest.mark.parametrize("f,expect,glu", NORM_CASES)
+def test_norm_pass_inside_torch_compile(f, expect, glu):
+    """Inside torch.compile (RMSNorm decomposed to prims there): the producer becomes w1a16_res and each consumer
+    w1a16_norm, the add and the norm's ops gone; the output is the eager one up to the last bit of the normed x (the
+    sum of squares in another order); h, the residual stream, is exact."""
+    p = FusePackedLinear()
+    seen = []
+    torch._dynamo.reset()
+
+    def spy(graph):
+        p(graph)
+        seen.extend(n.target for n in graph.nodes if n.op == "call_function")
+    y, h = torch.compile(f, options={"post_grad_custom_post_pass": spy, "fx_graph_cache": False})(A, R)
+    assert p.counts == {"glu": glu, "norm": expect}
+    b = torch.ops.binaryllm
+    if expect:
+        assert seen.count(b.w1a16_res.default) == 1 and seen.count(b.w1a16_norm.default) == expect - 1
+        assert torch.ops.aten.rsqrt.default not in seen and torch.ops.aten.mean.dim not in seen
+    else:
+        assert b.w1a16_res.default not in seen and b.w1a16_norm.default not in seen
+    y0, h0 = f(A, R)
+    assert torch.equal(h, h0)
+    assert torch.allclose(y.float(), y0.float(), rtol=2 ** -6, atol=2 ** -6 * y0.abs().max().item())
+
+
+def test_norm_ops_are_the_unfused_arithmetic():
+    """w1a16_res is residual + w1a16 and the partial sums of its squares; w1a16_norm is w1a16 (or w1a16_gated) of
+    rms_norm from those partials (the CPU kernels; the GPU ones: tests/test_mma_kernel.py)."""
+    a, r = torch.randn(2, D).to(torch.bfloat16), torch.randn(2, D).to(torch.bfloat16)
+    h, part = ops.w1a16_res(a, *O[:2], D, None, None, O[2], r)
+    assert torch.equal(h, r + ops.w1a16(a, *O[:2], D, None, None, O[2]))
+    assert part.shape == (2, mw.res_parts(2, D, D)[0]) and torch.allclose(part.sum(-1), (h.float() ** 2).sum(-1))
+    x = mw.rms_norm(h, part, NW, 1e-5)
+    assert torch.equal(ops.w1a16_norm(h, part, NW, 1e-5, *Q[:2], D, None, Q[2], 0, False),
+                       ops.w1a16(x, *Q[:2], D, None, None, Q[2]))
+    assert torch.equal(ops.w1a16_norm(h, part, NW, 1e-5, *GU[:2], D, None, GU[2], I, True),
+                       ops.w1a16_gated(x, *GU[:2], D, None, None, GU[2], I))

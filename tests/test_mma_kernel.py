@@ -151,7 +151,7 @@ def test_default_tiles_follow_the_measured_rules():
     assert mw.launch_config(1, 960, 576, True, False, (1, 4, 4, 0, 1))[1]["CHAINS"] == 1
 
 
-def _ptx(N, K, M, config, bf16=True, bias=False, pairs=0, gated=False):
+def _ptx(N, K, M, config, bf16=True, bias=False, pairs=0, gated=False, res=False, norm_parts=0):
     """(sm_90 PTX, constexpr arguments) of the kernel for M rows of an (N, K) matrix, compiled on this CPU box as
     it would be launched on a Hopper GPU (``launch_config`` with PDL available)."""
     triton = pytest.importorskip("triton")
@@ -159,13 +159,16 @@ def _ptx(N, K, M, config, bf16=True, bias=False, pairs=0, gated=False):
     from triton.experimental.gluon._runtime import GluonASTSource
     dt = "*bf16" if bf16 else "*fp16"
     sig = {"x_ptr": dt, "w_ptr": "*i32", "s_ptr": "*fp16", "b_ptr": dt, "y_ptr": dt,
-           "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "zero": "i32"}
-    _, const = mw.launch_config(M, N, K, bf16, bias, config, has_pdl=True, pairs=pairs, gated=gated)
+           "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "zero": "i32",
+           "r_ptr": dt, "p_ptr": "*fp32", "nw_ptr": dt, "eps": "fp32", "stride_rm": "i32", "NP": "i32"}
+    _, const = mw.launch_config(M, N, K, bf16, bias, config, has_pdl=True, pairs=pairs, gated=gated, res=res,
+                                norm_parts=norm_parts)
     sig.update({k: "constexpr" for k in const})
     names = list(sig)
     # what Triton's launcher specializes at run time: 16-byte aligned pointers, multiples of 16
-    ints = {"N": N, "K": K, "stride_xm": K, "stride_ym": N // 2 if gated else N}        # x and y contiguous
-    aligned = ["x_ptr", "w_ptr", "s_ptr", "y_ptr"] + [n for n, v in ints.items() if v % 16 == 0]
+    ints = {"N": N, "K": K, "stride_xm": K, "stride_ym": N // 2 if gated else N, "stride_rm": N}   # contiguous
+    aligned = ["x_ptr", "w_ptr", "s_ptr", "y_ptr", "r_ptr", "p_ptr", "nw_ptr"] + [n for n, v in ints.items()
+                                                                                 if v % 16 == 0]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = GluonASTSource(mw._build(), sig, constexprs=const, attrs=attrs)
     cc = triton.compile(src, target=GPUTarget("cuda", 90, 32),
@@ -273,6 +276,99 @@ def test_gated_epilogue_compiles_without_moving_data(N, K, M, config):
     assert gated.count("st.shared") == plain.count("st.shared")        # the split along h is within registers
     assert "st.local" not in gated and "ld.local" not in gated
     assert 0 < gated.count("st.global") <= paired.count("st.global")
+
+
+@pytest.mark.parametrize("N,K,M", [(4096, 4096, 1), (576, 1536, 1), (576, 576, 3)])
+def test_residual_epilogue_compiles_to_one_add_and_partial_sums(N, K, M):
+    """RES: the plain kernel's tensor-core work, then the residual loaded and added, and one more store (the
+    program's partial sums of y^2 a row of x)."""
+    plain, res = _ptx(N, K, M, None)[0], _ptx(N, K, M, None, res=True)[0]
+    mma = "mma.sync.aligned.m16n8k16"
+    assert res.count(mma) == plain.count(mma) > 0
+    assert res.count("ld.global") > plain.count("ld.global") and res.count("st.global") > plain.count("st.global")
+    assert "st.local" not in res and "ld.local" not in res
+
+
+@pytest.mark.parametrize("N,K,pairs", [(12288, 4096, 0), (22016, 4096, 11008), (960, 576, 0), (3072, 576, 1536)])
+def test_norm_prologue_compiles_with_the_weight_before_the_wait(N, K, pairs):
+    """NORM (one row; it turns XS on): the norm weight is loaded before griddepcontrol.wait (it is a weight), the
+    partial sums and x after it, one rsqrt a thread; the tensor-core work is the XS kernel's."""
+    ptx, const = _ptx(N, K, 1, None, pairs=pairs, gated=bool(pairs), norm_parts=256)
+    rt, w, ch, *rest = mw.default_config(1, N, K)
+    fence, pdl, chains = (list(rest) + [1, 1, 1][len(rest):])[:3]
+    xs = _ptx(N, K, 1, (rt, w, ch, fence, pdl, chains, 1), pairs=pairs, gated=bool(pairs))[0]   # the same, no norm
+    assert const["NORM"] == const["XS"] == 1 and const["NPP"] == 256
+    mma = "mma.sync.aligned.m16n8k16"
+    assert ptx.count(mma) == xs.count(mma) > 0
+    assert "rsqrt.approx" in ptx and "rsqrt" not in xs
+    assert "st.local" not in ptx and "ld.local" not in ptx
+    if const["PDL"]:
+        before = ptx.split("griddepcontrol.wait", 1)[0]
+        assert before.count("ld.global") > xs.split("griddepcontrol.wait", 1)[0].count("ld.global")
+    with pytest.raises(ValueError, match="one row"):
+        mw.mma_matmul(torch.zeros(2, K, dtype=torch.bfloat16), torch.zeros(1, dtype=torch.int32),
+                      torch.ones(N).half(), N, K, norm=(torch.zeros(2, 3), torch.ones(K), 1e-5))
+
+
+def test_partial_sums_and_norm_reference():
+    """res_partials are sums of y^2 over each program's rows; rms_norm from them is transformers' RMSNorm."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    g = torch.Generator().manual_seed(0)
+    y = (torch.randn(3, 100, generator=g) * 4).to(torch.bfloat16)
+    part = mw.res_partials(y, 7, 16)
+    assert part.shape == (3, 7) and part.dtype == torch.float32
+    assert torch.allclose(part[:, 1], (y[:, 16:32].float() ** 2).sum(-1)) and torch.all(part[:, 6:] > 0)
+    assert torch.allclose(part.sum(-1), (y.float() ** 2).sum(-1), rtol=1e-5)
+    norm = LlamaRMSNorm(100, eps=1e-5).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(100, generator=g) + 0.5)
+    out = mw.rms_norm(y, part, norm.weight, 1e-5)
+    ref = norm(y)
+    assert out.dtype == ref.dtype and (out != ref).float().mean() < 0.02      # the sum's order: a last bit at most
+    assert torch.allclose(out.float(), ref.float(), rtol=2 ** -7)
+    assert mw.res_parts(1, 100, 300) == (7, 16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel itself needs a CUDA GPU")
+@pytest.mark.parametrize("M,N,K", [(1, 4096, 4096), (1, 4096, 11008), (1, 576, 1536), (3, 576, 576), (1, 1000, 300)])
+def test_residual_epilogue_on_the_gpu(M, N, K):
+    """RES: y is the residual plus the plain kernel's output, bit for bit (the same sums, rounded as eager), and the
+    partial sums are those of y^2 over each program's rows."""
+    g = torch.Generator(device="cuda").manual_seed(N + K)
+    bits = pack_signs(torch.randn(N, K, device="cuda", generator=g))
+    tiles = mw.prepare_tiles(bits, K)
+    x = torch.randn(M, K, device="cuda", generator=g).to(torch.bfloat16)
+    r = (torch.randn(M, N, device="cuda", generator=g) * 30).to(torch.bfloat16)
+    scale = (torch.rand(N, device="cuda", generator=g) + 0.5).half()
+    for cfg in (None, (1, 4, 4, 0, 1, 4, 1), (2, 4, 2, 1, 0, 1, 0)):
+        h, part = mw.mma_matmul(x, tiles, scale, N, K, config=cfg, residual=r)
+        y = mw.mma_matmul(x, tiles, scale, N, K, config=cfg)
+        assert torch.equal(h, r + y), cfg
+        assert part.shape == (M, mw.res_parts(M, N, K, cfg)[0])
+        assert torch.allclose(part, mw.res_partials(h, *mw.res_parts(M, N, K, cfg)), rtol=1e-5), cfg
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel itself needs a CUDA GPU")
+@pytest.mark.parametrize("N,K,pairs", [(12288, 4096, 0), (22016, 4096, 11008), (4096, 4096, 0), (960, 576, 0),
+                                       (3072, 576, 1536), (1000, 300, 0)])
+def test_norm_prologue_on_the_gpu(N, K, pairs):
+    """NORM: the kernel's output is the plain (or gated) kernel's on ``rms_norm`` of x, up to the last bit of the
+    normed x (the partial sums' order, rsqrt.approx)."""
+    g = torch.Generator(device="cuda").manual_seed(N + K)
+    bits = pack_signs(torch.randn(N, K, device="cuda", generator=g))
+    tiles = mw.prepare_tiles(bits, K, pairs=pairs)
+    h = (torch.randn(1, K, device="cuda", generator=g) * 20).to(torch.bfloat16)
+    part = mw.res_partials(h, 37, 16 * (K // 256 + 1))
+    nw = (torch.rand(K, device="cuda", generator=g) + 0.5).to(torch.bfloat16)
+    scale = (torch.rand(N, device="cuda", generator=g) + 0.5).half()
+    for cfg in (None, (1, 4, 4, 0, 1, 4, 1), (1, 4, 2, 0, 0, 1, 1)):
+        y = mw.mma_matmul(h, tiles, scale, N, K, config=cfg, pairs=pairs, gated=bool(pairs),
+                          norm=(part, nw, 1e-5))
+        ref = mw.mma_matmul(mw.rms_norm(h, part, nw, 1e-5), tiles, scale, N, K, config=cfg, pairs=pairs,
+                            gated=bool(pairs))
+        tol = 2 ** -7 * K ** 0.5 * (nw.float().max().item() * 3)
+        assert y.shape == ref.shape and torch.allclose(y.float(), ref.float(), rtol=2 ** -6, atol=tol), cfg
+        assert (y != ref).float().mean() < 0.5, cfg
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel itself needs a CUDA GPU")

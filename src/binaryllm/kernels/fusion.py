@@ -1,14 +1,14 @@
-"""A torch.compile graph pass that moves a gated MLP's activation into the packed gate/up projection's kernel.
+"""torch.compile graph passes that move the small elementwise work around packed layers into their kernels.
 
 Why: in a compiled batch-1 decode step every packed layer is one opaque custom op (``kernels/ops.py``), so inductor
-cannot fuse the small elementwise work around it into it, and each such piece costs a kernel launch of its own (on
-the H100 about 2 us a layer, of a Llama-7B step's 1.35 ms, for ``silu(gate) * up`` alone; docs/RESULTS.md).
-``nn/fuse.py`` stacks a block's gate and up projections into one packed layer whose ``mma`` tiles pair the rows
-(``tile_pairs``: each thread of the kernel's epilogue holds gate row j and up row j), so the kernel can write
-silu(gate) * up itself (``mma_w1a16``: GATED) instead of [gate | up].
+cannot fuse the small elementwise work around it into it, and each such piece costs a kernel launch of its own
+(on the H100 about 1-2 us each in a Llama-7B step of 1.35-1.45 ms; docs/RESULTS.md).  ``FusePackedLinear`` is an
+inductor post-grad pass (``decode.compile_options`` installs it) that runs two rewrites, each found by dataflow
+only (no module or model names):
 
-``GluIntoPackedLinear`` is an inductor post-grad pass (``decode.compile_options`` installs it).  It finds, by
-dataflow only (no module or model names),
+**Gating** (``fuse_glu``).  ``nn/fuse.py`` stacks a block's gate and up projections into one packed layer whose
+``mma`` tiles pair the rows (``tile_pairs``: each thread of the kernel's epilogue holds gate row j and up row j),
+so the kernel can write silu(gate) * up itself (``mma_w1a16``: GATED) instead of [gate | up].  It finds
 
     y = binaryllm::w1a16(x, words, row_scale, K, input_scale, bias, tiles, P)      # 2 P columns, paired tiles
     h = silu(y[..., :P]) * y[..., P:]                                                # split or sliced
@@ -22,6 +22,21 @@ silu, then the product, each to y's dtype), so its output matches the unfused gr
 (A first version made silu(gate) * up in the *down* projection's kernel as it read its input instead: every
 program of that kernel then gated the whole row again, and the H100 decode step got slower, Llama-7B shape 1457 ->
 1759 us, SmolLM2 549 -> 564 us; docs/RESULTS.md, fourteenth session.)
+
+**Residual add + RMSNorm** (``fuse_norm``).  Between two packed layers a block has
+
+    h = r + binaryllm::w1a16(a, ...)                  # the o (down) projection and the residual stream
+    y = binaryllm::w1a16(RMSNorm(h) * weight, ...)    # q/k/v (gate/up, or the w1a16_gated above)
+
+with RMSNorm as transformers' Llama-style modules write it (fp32 mean of squares, rsqrt, rounded to h's dtype, then
+the weight).  RMSNorm needs the whole row of h before any of it can be used, so it cannot be made by one program
+of either kernel alone.  The first kernel's epilogue (``binaryllm::w1a16_res``) adds the residual and writes each
+program's sum of h^2 over its rows; the second (``binaryllm::w1a16_norm``) adds those few partial sums up in every
+program, and normalizes h as it copies it to shared memory (one row only: the XS path of ``mma_w1a16``).  One
+fused add + RMSNorm kernel fewer between them.  The residual stream h is exact; the normed x can differ from
+eager in its last bit (the order of the sum of squares, the kernel's rsqrt.approx).  Left alone: more than one
+row, an input scale on the second layer, a first layer whose output is read elsewhere, other norms (Gemma's
+1 + weight, an fp32 weight), layers without ``mma`` tiles.
 """
 from __future__ import annotations
 
@@ -137,7 +152,7 @@ def _pairs_arg(node: torch.fx.Node):
 
 
 def fuse_glu(graph: torch.fx.Graph) -> int:
-    """Rewrite every match (see the module docstring) in ``graph``; returns how many."""
+    """Rewrite every gating match (see the module docstring) in ``graph``; returns how many."""
     from . import ops  # noqa: F401  (registers the binaryllm ops)
     w1a16 = torch.ops.binaryllm.w1a16.default
     gated = torch.ops.binaryllm.w1a16_gated.default
@@ -168,6 +183,100 @@ def fuse_glu(graph: torch.fx.Graph) -> int:
     return done
 
 
+def _rms_norm(x):
+    """(h, weight, eps) where ``x`` is transformers' Llama-style RMSNorm of h as ATen ops,
+    ``weight * to(h.dtype)(f32(h) * rsqrt(mean(f32(h) ** 2, -1, keepdim) + eps))``; else None."""
+    if not _is(x, aten.mul.Tensor) or _val(x) is None:
+        return None
+    for w, c in (x.args[:2], x.args[1::-1]):
+        if not (_is(c, prims.convert_element_type.default) and _is(c.args[0], aten.mul.Tensor)):
+            continue
+        for cf, rs in (c.args[0].args[:2], c.args[0].args[1::-1]):
+            if not (_is(cf, prims.convert_element_type.default) and cf.args[1] == torch.float32
+                    and _is(rs, aten.rsqrt.default) and _is(rs.args[0], aten.add.Tensor)):
+                continue
+            for mean, eps in (rs.args[0].args[:2], rs.args[0].args[1::-1]):
+                if not (_is(mean, aten.mean.dim) and isinstance(eps, (int, float))
+                        and _is(mean.args[0], aten.pow.Tensor_Scalar) and mean.args[0].args[1] == 2):
+                    continue
+                sq = mean.args[0].args[0]           # f32(h) itself, or a second conversion of the same h
+                if sq is not cf and not (_is(sq, prims.convert_element_type.default) and sq.args[0] is cf.args[0]
+                                         and sq.args[1] == torch.float32):
+                    continue
+                h, hv, wv = cf.args[0], _val(cf.args[0]), _val(w)
+                dims = list(mean.args[1])
+                keep = mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False)
+                if hv is None or wv is None or dims not in ([-1], [hv.dim() - 1]) or not keep \
+                        or hv.dtype != c.args[1] or wv.dtype != hv.dtype or tuple(wv.shape) != (hv.shape[-1],):
+                    continue
+                return h, w, float(eps)
+    return None
+
+
+def _fake(target, args):
+    """The op's fake output for these (node) arguments, made in their fake mode."""
+    vals = [_val(a) if isinstance(a, torch.fx.Node) else a for a in args]
+    mode = next(v.fake_mode for v in vals if isinstance(v, torch.Tensor))
+    with mode:
+        return target(*vals)
+
+
+def fuse_norm(graph: torch.fx.Graph) -> int:
+    """Rewrite every match of ``h = r + w1a16(...)`` followed by ``w1a16(RMSNorm(h))`` (or ``w1a16_gated``), one
+    row, mma tiles on both, no input scale on the second: the first becomes ``w1a16_res`` (h and the partial sums
+    of h^2), the second ``w1a16_norm`` (the norm made as its kernel reads h).  Returns how many packed layers it
+    rewrote (producers and consumers)."""
+    from . import ops  # noqa: F401  (registers the binaryllm ops)
+    b = torch.ops.binaryllm
+    plain, gated = b.w1a16.default, b.w1a16_gated.default
+    made: dict = {}                         # producer add node -> (h, partials) nodes of its w1a16_res
+    done = 0
+    for c in list(graph.nodes):
+        if not (_is(c, plain, gated) and len(c.args) >= 7 and c.args[4] is None and c.args[6] is not None):
+            continue
+        norm = _rms_norm(c.args[0])
+        if norm is None:
+            continue
+        h, w, eps = norm
+        K = c.args[3]
+        if h not in made:
+            if not _is(h, aten.add.Tensor) or _val(h) is None or _val(h).numel() != K:
+                continue
+            for y, r in (h.args[:2], h.args[1::-1]):
+                if _is(y, plain) and len(y.args) >= 7 and y.args[6] is not None and not _pairs_arg(y) \
+                        and list(y.users) == [h] and isinstance(r, torch.fx.Node) and _val(r) is not None \
+                        and _val(r).shape == _val(h).shape and _val(r).dtype == _val(h).dtype:
+                    break
+            else:
+                continue
+            args = (*y.args[:7], r)
+            with graph.inserting_before(h):
+                res = graph.call_function(b.w1a16_res.default, args)
+                res.meta["val"] = _fake(b.w1a16_res.default, args)
+                hn = graph.call_function(operator.getitem, (res, 0))
+                part = graph.call_function(operator.getitem, (res, 1))
+            hn.meta.update({k: v for k, v in h.meta.items() if k in ("val", "stack_trace", "nn_module_stack")})
+            part.meta["val"] = res.meta["val"][1]
+            h.replace_all_uses_with(hn)
+            graph.erase_node(h)
+            _erase_dead(y)
+            made[h] = made[hn] = (hn, part)
+            done += 1
+        hn, part = made[h]
+        is_gated = c.target is gated
+        P = c.args[7] if is_gated else _pairs_arg(c)
+        with graph.inserting_before(c):
+            new = graph.call_function(b.w1a16_norm.default,
+                                      (hn, part, w, eps, c.args[1], c.args[2], K, c.args[5], c.args[6], P, is_gated))
+        new.meta.update({k: v for k, v in c.meta.items() if k in ("val", "stack_trace", "nn_module_stack")})
+        x = c.args[0]
+        c.replace_all_uses_with(new)
+        graph.erase_node(c)
+        _erase_dead(x)
+        done += 1
+    return done
+
+
 def _pass_base():
     try:
         from torch._inductor.custom_graph_pass import CustomGraphPass
@@ -176,17 +285,27 @@ def _pass_base():
         return object
 
 
-class GluIntoPackedLinear(_pass_base()):
-    """The post-grad pass (``torch._inductor.config.post_grad_custom_post_pass``); ``rewrites`` counts the ops it
-    replaced over every graph it saw (a graph inductor takes from its cache is not seen again)."""
+class FusePackedLinear(_pass_base()):
+    """The post-grad pass (``torch._inductor.config.post_grad_custom_post_pass``): ``fuse_glu`` with ``glu``,
+    then ``fuse_norm`` with ``norm``.  ``rewrites`` counts the matches over every graph it saw, ``counts`` by
+    rewrite (a graph inductor takes from its cache is not seen again)."""
 
-    def __init__(self):
-        self.rewrites = 0
+    def __init__(self, glu: bool = True, norm: bool = True):
+        self.glu, self.norm = glu, norm
+        self.counts = {"glu": 0, "norm": 0}
+
+    @property
+    def rewrites(self) -> int:
+        return sum(self.counts.values())
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        self.rewrites += fuse_glu(graph)
+        if self.glu:
+            self.counts["glu"] += fuse_glu(graph)
+        if self.norm:
+            self.counts["norm"] += fuse_norm(graph)
 
     def uuid(self):
-        # part of inductor's cache key: a compiled graph from a different version of this pass is not reused
+        # part of inductor's cache key: a compiled graph from a different version of this pass (or other
+        # switches) is not reused
         from torch._inductor.custom_graph_pass import get_hash_for_files
-        return get_hash_for_files((__file__,))
+        return get_hash_for_files((__file__,)) + f"-{int(self.glu)}{int(self.norm)}".encode()

@@ -26,6 +26,11 @@ stores of x as tensor-core ops).  Here every layout is spelled out, so
   thread (rows g and 8 + g); the epilogue stores them back in weight-row order, or with GATED silu(gate) * up
   (P columns) instead: a gated MLP without the elementwise kernel after its gate/up projection
   (``kernels/fusion.py`` rewrites the compiled decode step to use it);
+* with RES the epilogue adds a residual (y = r + the product, rounded as eager) and writes the program's sum of
+  y^2 over its rows, one float a row of x; with NORM (one row: XS) the kernel adds up such partial sums (a few
+  hundred floats) in every program and RMS-normalizes x with a norm weight as it copies x to shared memory.  A
+  pair of them is a block's residual add + RMSNorm between two packed layers without a kernel of its own
+  (``kernels/fusion.py`` rewrites the compiled decode step to use them);
 * on sm_90+ it is launched with programmatic dependent launch (PDL): the weights do not depend on the kernel
   before it, so the first round of them is loaded while that kernel is still running; ``griddepcontrol.wait``
   comes before x is read (and before anything is stored), then ``griddepcontrol.launch_dependents`` lets the next
@@ -304,12 +309,17 @@ def _build():
 
     @gluon.jit
     def kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym, zero,
+               r_ptr, p_ptr, nw_ptr, eps, stride_rm, NP,
                KB: gl.constexpr, RT: gl.constexpr, NB: gl.constexpr, W: gl.constexpr, CH: gl.constexpr,
                BF16: gl.constexpr, HAS_BIAS: gl.constexpr, EVEN: gl.constexpr,
                FENCE: gl.constexpr, PDL: gl.constexpr, CHAINS: gl.constexpr = 1, XS: gl.constexpr = 0,
-               PAIRS: gl.constexpr = 0, GATED: gl.constexpr = 0):
+               PAIRS: gl.constexpr = 0, GATED: gl.constexpr = 0, RES: gl.constexpr = 0, NORM: gl.constexpr = 0,
+               NPP: gl.constexpr = 1):
         """Program: 16 RT rows; warp s: k-groups s KBL ... s KBL + KBL - 1, CH of them per round (all of a
-        round's loads are issued before its tensor-core work: ptxas does not hoist loads across rounds)."""
+        round's loads are issued before its tensor-core work: ptxas does not hoist loads across rounds).
+        RES: y = residual (r_ptr) + the product, and the program's sum of y^2 over its rows, one float a row of x,
+        at p_ptr[m NP' + pid] (NP' = programs).  NORM (with XS): x is RMSNorm(x) * weight (nw_ptr), its rstd made
+        from the NP partial sums at p_ptr that a RES kernel wrote."""
         S: gl.constexpr = W
         BN: gl.constexpr = RT * 16
         BK: gl.constexpr = CH * 256               # columns a warp takes per round
@@ -351,6 +361,8 @@ def _build():
             fcol = ((_ar(S, 0, 5, fl) * KBL + fkb) * 256 + _ar(4, 2, 5, fl) * 64 + _ar(4, 3, 5, fl) * 16
                     + _ar(16, 4, 5, fl))
             f_ok = (fkb < KBL) & (fcol < K)
+        if NORM:
+            nwv = gl.load(nw_ptr + fcol, mask=f_ok, other=0.0)     # a weight: needs nothing of the kernel before
         if PDL:
             # programmatic dependent launch: the weights do not depend on the kernel before this one, so the
             # first round's are loaded while it finishes; x (its output) only after griddepcontrol.wait, which
@@ -362,7 +374,17 @@ def _build():
             gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
                                       is_pure=False, pack=1)
         if XS:
-            x_smem.store(gl.load(x_ptr + fcol, mask=f_ok, other=0.0))
+            xv0 = gl.load(x_ptr + fcol, mask=f_ok, other=0.0)
+            if NORM:
+                # RMSNorm as eager PyTorch rounds it: rstd = rsqrt(mean(x^2) + eps) in fp32 (the mean from the
+                # producer's partial sums), x * rstd rounded to x's dtype, times the weight, rounded again
+                pl: gl.constexpr = gl.BlockedLayout([1], [32], [S], [0])
+                pi = gl.arange(0, NPP, layout=pl)
+                ss = gl.sum(gl.load(p_ptr + pi, mask=pi < NP, other=0.0), axis=0)
+                rstd = gl.rsqrt(ss / K + eps)
+                xv0 = ((xv0.to(gl.float32) * rstd).to(x_ptr.dtype.element_ty).to(gl.float32)
+                       * nwv.to(gl.float32)).to(x_ptr.dtype.element_ty)
+            x_smem.store(xv0)
             gl.thread_barrier()
         for rnd in gl.static_range(ROUNDS):
             if PDL and rnd == 0:
@@ -428,18 +450,51 @@ def _build():
             sg = (gf / (1.0 + gl.exp(-gf))).to(y_ptr.dtype.element_ty)
             gl.store(y_ptr + yoff, (sg.to(gl.float32) * up.to(gl.float32)).to(y_ptr.dtype.element_ty), mask=ok)
         else:
-            gl.store(y_ptr + om[None, :] * stride_ym + wrow[:, None], out, mask=(om[None, :] < M) & n_ok[:, None])
+            ok = (om[None, :] < M) & n_ok[:, None]
+            if RES:
+                # the residual add after the layer (rounded as eager: the product to y's dtype, then the sum), and
+                # this program's share of sum(y^2) for the RMSNorm that reads y next (a NORM kernel)
+                r = gl.load(r_ptr + om[None, :] * stride_rm + wrow[:, None], mask=ok, other=0.0)
+                out = (out.to(gl.float32) + r.to(gl.float32)).to(y_ptr.dtype.element_ty)
+                hf = gl.where(ok, out.to(gl.float32), 0.0)
+                gl.store(p_ptr + om * gl.num_programs(0) + pid, gl.sum(hf * hf, axis=0), mask=om < M)
+            gl.store(y_ptr + om[None, :] * stride_ym + wrow[:, None], out, mask=ok)
 
     return kernel
 
 
+def res_parts(M: int, N: int, K: int, config: tuple | None = None) -> tuple[int, int]:
+    """(programs, rows a program) of the kernel for M rows of an (N, K) matrix: a RES kernel's partial sums of
+    y^2 are one per program and row of x, over that program's output rows (``res_partials`` in PyTorch)."""
+    rt = (config or _ENV_CONFIG or default_config(M, N, K))[0]
+    return -(-tile_shape(N, K)[0] // rt), 16 * rt
+
+
+def res_partials(y: torch.Tensor, parts: int, rows: int) -> torch.Tensor:
+    """(M, parts) fp32: sum of y^2 over output rows [p rows, (p + 1) rows) for each row of y (..., N)."""
+    y2 = y.reshape(-1, y.shape[-1]).float()
+    y2 = torch.nn.functional.pad(y2, (0, parts * rows - y2.shape[-1]))
+    return (y2 * y2).view(y2.shape[0], parts, rows).sum(-1)
+
+
+def rms_norm(x: torch.Tensor, partials: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm(x) * weight with the mean square from ``partials`` (M, parts) of x (..., K), rounded as eager
+    PyTorch (and transformers' Llama-style RMSNorm) rounds it: x * rstd in fp32 to x's dtype, then the weight."""
+    K = x.shape[-1]
+    rstd = torch.rsqrt(partials.sum(-1) / K + eps).view(*x.shape[:-1], 1)
+    return weight.to(x.dtype) * (x.float() * rstd).to(x.dtype)
+
+
 def mma_matmul(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor, out_features: int,
                in_features: int, input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-               config: tuple | None = None, pairs: int = 0, gated: bool = False) -> torch.Tensor:
+               config: tuple | None = None, pairs: int = 0, gated: bool = False,
+               residual: torch.Tensor | None = None, norm: tuple | None = None):
     """x (..., K) bf16/fp16 on CUDA with at most 16 rows; tiles from ``prepare_tiles``; (..., N) in x's dtype.
     ``pairs``: the tiles were made with ``prepare_tiles(pairs=N // 2)``; then ``gated`` gives (..., N / 2),
     silu(y[:, :N/2]) * y[:, N/2:] made in the kernel's epilogue (a gated MLP's gate/up projection without the
-    elementwise kernel after it)."""
+    elementwise kernel after it).  ``residual`` (..., N): returns (residual + y, partials), the partials (M,
+    programs) fp32 sums of its squares (``res_parts``, ``res_partials``).  ``norm`` = (partials, weight, eps), one
+    row of x only: x is ``rms_norm(x, partials, weight, eps)`` first, made as the kernel reads x."""
     global _KERNEL
     if _KERNEL is None:
         _KERNEL = _build()
@@ -447,6 +502,8 @@ def mma_matmul(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor, ou
     check_pairs(N, pairs)
     if gated and not pairs:
         raise ValueError("mma's gated output needs paired tiles (prepare_tiles(pairs=N // 2))")
+    if residual is not None and (pairs or norm is not None):
+        raise ValueError("mma's residual epilogue takes unpaired tiles and no norm")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
@@ -456,25 +513,41 @@ def mma_matmul(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor, ou
         raise ValueError("mma takes at most 16 rows of activations")
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError("mma takes bf16 or fp16 activations")
+    if norm is not None and (M != 1 or input_scale is not None):
+        raise ValueError("mma's RMSNorm prologue takes one row of activations and no input scale")
     if input_scale is not None:
         # applied here, not in the kernel: the in-kernel version measured wrong on the H100 (docs/RESULTS.md)
         x2 = x2 * input_scale.to(x2.dtype)
     from . import has_pdl
     grid, meta = launch_config(M, N, K, x.dtype == torch.bfloat16, bias is not None, config,
-                               has_pdl(x.device.index or 0), pairs, gated)
+                               has_pdl(x.device.index or 0), pairs, gated, residual is not None,
+                               0 if norm is None else norm[0].shape[-1])
     NY = N // 2 if gated else N
     y = torch.empty(M, NY, device=x.device, dtype=x.dtype)
+    r, part, nw, eps = row_scale, row_scale, row_scale, 0.0       # unused pointers: any tensor
+    if residual is not None:
+        r = residual.reshape(M, N)
+        if r.stride(-1) != 1:
+            r = r.contiguous()
+        part = torch.empty(M, grid[0], device=x.device, dtype=torch.float32)
+    elif norm is not None:
+        part, nw, eps = norm[0].contiguous(), norm[1].contiguous(), float(norm[2])
     _KERNEL[grid](x2, tiles, row_scale, bias if bias is not None else row_scale, y, M, N, K, x2.stride(0),
-                  y.stride(0), 0, num_warps=meta["W"], launch_pdl=meta["PDL"], **meta)
-    return y.reshape(*lead, NY)
+                  y.stride(0), 0, r, part, nw, eps, r.stride(0) if residual is not None else 0, part.shape[-1],
+                  num_warps=meta["W"], launch_pdl=meta["PDL"], **meta)
+    y = y.reshape(*lead, NY)
+    return (y, part) if residual is not None else y
 
 
 def launch_config(M: int, N: int, K: int, bf16: bool, has_bias: bool, config: tuple | None = None,
-                  has_pdl: bool = False, pairs: int = 0, gated: bool = False) -> tuple:
+                  has_pdl: bool = False, pairs: int = 0, gated: bool = False, res: bool = False,
+                  norm_parts: int = 0) -> tuple:
     """(grid, the kernel's constexpr arguments) for M rows of a (N, K) matrix: the tile config (argument, else
     BINARYLLM_MMA_CONFIG, else ``default_config``), CH capped at the k-groups a warp has, EVEN when no
     mask is needed, PDL when the config asks for it (default PDL_DEFAULT) and the GPU has it (``has_pdl``), and
-    for a ``gated`` epilogue only below GATED_PDL_MAX weights; PAIRS and GATED for paired tiles (``pairs``)."""
+    for a ``gated`` epilogue only below GATED_PDL_MAX weights; PAIRS and GATED for paired tiles (``pairs``); RES
+    for the residual epilogue; NORM (and XS, which it needs) for an RMSNorm of x from ``norm_parts`` partial
+    sums."""
     import triton
     rt, warps, ch, *rest = config or _ENV_CONFIG or default_config(M, N, K)
     fence, pdl, chains, xs = (list(rest) + [1, PDL_DEFAULT, 1, 0][len(rest):])[:4]
@@ -485,5 +558,6 @@ def launch_config(M: int, N: int, K: int, bf16: bool, has_bias: bool, config: tu
     return (triton.cdiv(NT, rt),), dict(KB=KB, RT=rt, NB=8 if M <= 8 else 16, W=warps, CH=ch, BF16=bf16,
                                         HAS_BIAS=has_bias, EVEN=even, FENCE=bool(fence),
                                         PDL=bool(pdl) and has_pdl and not (gated and N * K >= GATED_PDL_MAX),
-                                        CHAINS=chains, XS=int(bool(xs) and M == 1), PAIRS=int(bool(pairs)),
-                                        GATED=int(gated))
+                                        CHAINS=chains, XS=int((bool(xs) or norm_parts > 0) and M == 1),
+                                        PAIRS=int(bool(pairs)), GATED=int(gated), RES=int(res),
+                                        NORM=int(norm_parts > 0), NPP=triton.next_power_of_2(max(norm_parts, 1)))

@@ -66,6 +66,60 @@ def _(x, words, row_scale, in_features, input_scale, bias, tiles, pairs):
     return silu_mul(_reference(x, words, row_scale, in_features, input_scale, bias), pairs)
 
 
+@torch.library.custom_op("binaryllm::w1a16_res", mutates_args=())
+def w1a16_res(x: torch.Tensor, words: torch.Tensor, row_scale: torch.Tensor, in_features: int,
+              input_scale: Optional[torch.Tensor], bias: Optional[torch.Tensor], tiles: Optional[torch.Tensor],
+              residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, partials): h = residual + w1a16(x, ...) (rounded as eager: the product, then the sum) and the (M,
+    parts) fp32 partial sums of h^2 (``mma_w1a16.res_parts``) that ``w1a16_norm`` reads: put in by the compile
+    pass ``kernels/fusion.py``.  CUDA: ``triton_w1a16.w1a16_res_matmul``; CPU: in PyTorch."""
+    from .triton_w1a16 import w1a16_res_matmul
+    return w1a16_res_matmul(x, words, row_scale, in_features, input_scale, bias, tiles, residual)
+
+
+def _parts(x, words, in_features):
+    from .mma_w1a16 import res_parts
+    return res_parts(x.numel() // in_features, words.shape[0], in_features)
+
+
+@w1a16_res.register_fake
+def _(x, words, row_scale, in_features, input_scale, bias, tiles, residual):
+    return (residual.new_empty(residual.shape),
+            x.new_empty(x.numel() // in_features, _parts(x, words, in_features)[0], dtype=torch.float32))
+
+
+@w1a16_res.register_kernel("cpu")
+def _(x, words, row_scale, in_features, input_scale, bias, tiles, residual):
+    from .mma_w1a16 import res_partials
+    h = residual + _reference(x, words, row_scale, in_features, input_scale, bias)
+    return h, res_partials(h, *_parts(x, words, in_features))
+
+
+@torch.library.custom_op("binaryllm::w1a16_norm", mutates_args=())
+def w1a16_norm(h: torch.Tensor, partials: torch.Tensor, norm_weight: torch.Tensor, eps: float, words: torch.Tensor,
+               row_scale: torch.Tensor, in_features: int, bias: Optional[torch.Tensor], tiles: Optional[torch.Tensor],
+               pairs: int, gated: bool) -> torch.Tensor:
+    """w1a16 (``gated``: w1a16_gated) of ``mma_w1a16.rms_norm(h, partials, norm_weight, eps)``, the partials from
+    ``w1a16_res``: put in by the compile pass ``kernels/fusion.py``.  CUDA: ``triton_w1a16.w1a16_norm_matmul``;
+    CPU: in PyTorch."""
+    from .triton_w1a16 import w1a16_norm_matmul
+    return w1a16_norm_matmul(h, partials, norm_weight, eps, words, row_scale, in_features, bias, tiles, pairs,
+                             gated)
+
+
+@w1a16_norm.register_fake
+def _(h, partials, norm_weight, eps, words, row_scale, in_features, bias, tiles, pairs, gated):
+    return h.new_empty(*h.shape[:-1], pairs if gated else words.shape[0])
+
+
+@w1a16_norm.register_kernel("cpu")
+def _(h, partials, norm_weight, eps, words, row_scale, in_features, bias, tiles, pairs, gated):
+    from . import silu_mul
+    from .mma_w1a16 import rms_norm
+    y = _reference(rms_norm(h, partials, norm_weight, eps), words, row_scale, in_features, None, bias)
+    return silu_mul(y, pairs) if gated else y
+
+
 @torch.library.custom_op("binaryllm::w1_cpu", mutates_args=())
 def w1_cpu(x: torch.Tensor, packed: torch.Tensor, row_scale: torch.Tensor, in_features: int) -> torch.Tensor:
     """CPU: ``cpu.w1_matmul_cpu`` (any float input, fp32 out, row scales applied)."""

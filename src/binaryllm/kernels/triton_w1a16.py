@@ -362,14 +362,14 @@ def w1a16_matmul(x: torch.Tensor, words: torch.Tensor, row_scale: torch.Tensor, 
     return y.reshape(*lead, N)
 
 
-def _auto_mma(x, tiles, row_scale, N: int, K: int, input_scale, bias, pairs: int, gated: bool = False):
+def _auto_mma(x, tiles, row_scale, N: int, K: int, input_scale, bias, pairs: int, gated: bool = False, **kw):
     """The ``mma`` kernel's output where ``auto`` dispatch takes it (tiles given, DECODE_MODE allows it, the
     kernel usable here), else None; a kernel that fails (a Triton whose Gluon differs from the one this was
     written for) is disabled with one warning and None returned."""
     if tiles is None or DECODE_MODE not in ("auto", "mma") or not mma_w1a16.usable(x.device.index or 0):
         return None
     try:
-        return mma_w1a16.mma_matmul(x, tiles, row_scale, N, K, input_scale, bias, pairs=pairs, gated=gated)
+        return mma_w1a16.mma_matmul(x, tiles, row_scale, N, K, input_scale, bias, pairs=pairs, gated=gated, **kw)
     except torch.OutOfMemoryError:
         raise
     except Exception as e:
@@ -389,3 +389,37 @@ def w1a16_gated_matmul(x: torch.Tensor, words: torch.Tensor, row_scale: torch.Te
         if y is not None:
             return y
     return silu_mul(w1a16_matmul(x, words, row_scale, K, input_scale, bias, tiles=tiles, pairs=pairs), pairs)
+
+
+def w1a16_res_matmul(x: torch.Tensor, words: torch.Tensor, row_scale: torch.Tensor, in_features: int,
+                     input_scale: torch.Tensor | None, bias: torch.Tensor | None, tiles: torch.Tensor | None,
+                     residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, partials): h = residual + ``w1a16_matmul(x, ...)`` and the (M, parts) fp32 partial sums of h^2 that an
+    RMSNorm of h needs (``mma_w1a16.res_parts``).  With ``mma`` tiles both are made in the kernel's epilogue (no
+    add + RMSNorm kernel after it); otherwise in PyTorch after the matmul."""
+    K, N = in_features, words.shape[0]
+    M = x.numel() // K
+    if M < PREFILL_M:
+        out = _auto_mma(x, tiles, row_scale, N, K, input_scale, bias, 0, residual=residual)
+        if out is not None:
+            return out
+    h = residual + w1a16_matmul(x, words, row_scale, K, input_scale, bias, tiles=tiles)
+    return h, mma_w1a16.res_partials(h, *mma_w1a16.res_parts(M, N, K))
+
+
+def w1a16_norm_matmul(h: torch.Tensor, partials: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                      words: torch.Tensor, row_scale: torch.Tensor, in_features: int, bias: torch.Tensor | None,
+                      tiles: torch.Tensor | None, pairs: int, gated: bool) -> torch.Tensor:
+    """The packed layer (gated with ``gated``) of ``mma_w1a16.rms_norm(h, partials, norm_weight, eps)``: for one
+    row with ``mma`` tiles the norm is made as the kernel reads h (no RMSNorm kernel before it); otherwise in
+    PyTorch first."""
+    K = in_features
+    if h.numel() == K:
+        y = _auto_mma(h, tiles, row_scale, words.shape[0], K, None, bias, pairs, gated=gated,
+                      norm=(partials, norm_weight, eps))
+        if y is not None:
+            return y
+    x = mma_w1a16.rms_norm(h, partials, norm_weight, eps)
+    if gated:
+        return w1a16_gated_matmul(x, words, row_scale, K, None, bias, tiles, pairs)
+    return w1a16_matmul(x, words, row_scale, K, None, bias, tiles=tiles, pairs=pairs)
