@@ -27,6 +27,35 @@ def test_greedy_tokens_equal_transformers_generate(arch):
     assert torch.equal(dec.generate(ids[:, :5], 16), hf_greedy(model, ids[:, :5], 16))   # the cache is reset
 
 
+def test_step_writes_at_the_position_without_advancing_the_counters():
+    """The step's own cache update (decode.py): keys and values land at the position buffer, as transformers'
+    update would write them, and the layers' counters (one kernel each to advance in a compiled step) stay where
+    the step set them; the prefill still goes through transformers' update."""
+    from transformers.cache_utils import StaticLayer
+    model = tiny_model("llama")
+    ids = torch.randint(3, 96, (1, 7), generator=torch.Generator().manual_seed(2))
+    dec = StaticDecoder(model, max_len=12)
+    dec.generate(ids, 3)
+    layers = dec.cache.layers
+    assert all(type(lay) is StaticLayer and "update" in vars(lay) for lay in layers)
+    keys = [lay.keys.clone() for lay in layers]
+    dec.ids.fill_(5)
+    dec.pos.fill_(9)
+    dec.step()
+    for lay, before in zip(layers, keys):
+        assert int(lay.cumulative_length) == 9                    # set by the step, not advanced to 10
+        assert torch.equal(lay.keys[:, :, :9], before[:, :, :9]) and lay.keys[:, :, 9].abs().sum() > 0
+        assert lay.keys[:, :, 10:].abs().sum() == 0
+    ref = StaticDecoder(model, max_len=12)                        # transformers' update on the same tokens
+    ref._step_updates = lambda: 0
+    ref.generate(ids, 3)
+    ref.ids.fill_(5)
+    ref.pos.fill_(9)
+    ref.step()
+    assert torch.equal(ref.out, dec.out) and torch.equal(ref.cache.layers[1].keys, layers[1].keys)
+    assert int(ref.cache.layers[0].cumulative_length) == 10
+
+
 def test_packed_model_and_batch_of_two():
     model = pack(bl.freeze(bl.binarize(tiny_model("llama"), bl.BinaryConfig())))
     ids = torch.randint(3, 96, (2, 6), generator=torch.Generator().manual_seed(2))

@@ -9,7 +9,10 @@ The step reads two static device buffers (the token ids and the cache position),
 only sync is the one the caller asks for (streaming text, an end-of-sequence check).  transformers' ``StaticLayer``
 (5.x) writes new keys at its own device counter (``cumulative_length``), not at ``cache_position``, and advances it
 on every forward: the step first sets every such counter to the position, so the warm-up runs before the capture
-(and any replay) write exactly where the position says.  Works for any Hugging Face
+(and any replay) write exactly where the position says.  Plain ``StaticLayer`` layers (not sliding-window ones)
+instead get a one-token ``update`` for the step that writes at the position buffer itself and advances nothing:
+each counter's advance was a kernel of its own in the compiled step (32 kernels a Llama-7B step); the counters
+are still set before the step (transformers' mask reads them).  The prefill keeps transformers' own ``update``.  Works for any Hugging Face
 causal LM whose forward accepts ``cache_position`` with a ``StaticCache`` (Llama, Mistral, Qwen2/3, ...).  On the CPU
 the same code runs the step eagerly (no graph).
 """
@@ -119,6 +122,7 @@ class StaticDecoder:
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.out: torch.Tensor | None = None
+        self._stepping = False
         self._graph: torch.cuda.CUDAGraph | None = None
         self.compile_options = compile_options(tune) if compile else None
         self._step_forward = torch.compile(self._forward, dynamic=False, options=self.compile_options) if compile \
@@ -130,14 +134,48 @@ class StaticDecoder:
         return out.logits[:, -1, :]
 
     def _counters(self) -> list[torch.Tensor]:
-        layers = getattr(self.cache, "layers", [])
+        layers = getattr(self.cache, "layers", [])     # the mask reads them (the query offset): set them all
         return [c for c in (getattr(lay, "cumulative_length", None) for lay in layers) if isinstance(c, torch.Tensor)]
 
+    def _step_updates(self) -> int:
+        """Give every initialized plain ``StaticLayer`` of the cache a step ``update`` that writes the token's keys and
+        values at ``self.pos`` and leaves ``cumulative_length`` alone (see the module docstring); returns how many
+        layers have one.  Other calls (the prefill, more than one token) go to transformers' own ``update``."""
+        try:
+            from transformers.cache_utils import StaticLayer
+        except ImportError:
+            return 0
+        n = 0
+        for lay in getattr(self.cache, "layers", []):
+            if "update" in vars(lay):
+                n += 1
+            elif type(lay) is StaticLayer and getattr(lay, "is_initialized", False) \
+                    and all(isinstance(getattr(lay, a, None), torch.Tensor) for a in ("keys", "values")):
+                lay.update = self._one_token_update(lay)
+                n += 1
+        return n
+
+    def _one_token_update(self, lay) -> Callable:
+        own = type(lay).update.__get__(lay)
+
+        def update(key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            if not self._stepping or key_states.shape[-2] != 1:
+                return own(key_states, value_states, *args, **kwargs)
+            lay.keys.index_copy_(2, self.pos, key_states)
+            lay.values.index_copy_(2, self.pos, value_states)
+            return lay.keys, lay.values
+        return update
+
     def _step(self) -> None:
+        self._step_updates()
         counters = self._counters()       # allocated with the cache, at the prefill: same tensors for every step
         if counters:
             torch._foreach_copy_(counters, [self.pos[0]] * len(counters))
-        logits = self._step_forward(self.ids, self.pos)
+        self._stepping = True
+        try:
+            logits = self._step_forward(self.ids, self.pos)
+        finally:
+            self._stepping = False
         if self.out is None:
             self.out = torch.empty_like(logits)
         self.out.copy_(logits)
