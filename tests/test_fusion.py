@@ -180,9 +180,14 @@ def blk_fp32_weight(a, r):           # a norm weight in another dtype (not the L
     return ops.w1a16(_rms(h, NW.float()).to(h.dtype), *Q[:2], D, None, None, Q[2]), h
 
 
+def blk_fp32_stream(a, r):           # an fp32 residual stream (h is not the kernel's dtype): left alone
+    h = r.float() + ops.w1a16(a, *O[:2], D, None, None, O[2])
+    return ops.w1a16(_rms(h, NW.float()).to(a.dtype), *Q[:2], D, None, None, Q[2]), h
+
+
 A, R = torch.randn(1, 1, D).to(torch.bfloat16), (torch.randn(1, 1, D) * 4).to(torch.bfloat16)
 NORM_CASES = [(blk, 2, 0), (blk_gated, 2, 1), (blk_two_readers, 3, 0), (blk_in_scale, 0, 0), (blk_out_read, 0, 0),
-              (blk_no_tiles, 0, 0), (blk_fp32_weight, 0, 0)]
+              (blk_no_tiles, 0, 0), (blk_fp32_weight, 0, 0), (blk_fp32_stream, 0, 0)]
 
 
 @pytest.mark.parametrize("f,expect,glu", NORM_CASES)

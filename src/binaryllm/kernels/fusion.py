@@ -245,7 +245,8 @@ def fuse_norm(graph: torch.fx.Graph) -> int:
             for y, r in (h.args[:2], h.args[1::-1]):
                 if _is(y, plain) and len(y.args) >= 7 and y.args[6] is not None and not _pairs_arg(y) \
                         and list(y.users) == [h] and isinstance(r, torch.fx.Node) and _val(r) is not None \
-                        and _val(r).shape == _val(h).shape and _val(r).dtype == _val(h).dtype:
+                        and _val(r).shape == _val(h).shape \
+                        and _val(r).dtype == _val(y).dtype == _val(h).dtype:      # the kernel stores h as y
                     break
             else:
                 continue
