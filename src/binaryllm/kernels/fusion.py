@@ -57,6 +57,16 @@ def _val(node):
     return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
 
 
+def _has_tiles(node) -> bool:
+    """A packed op node called with the mma tile layout (argument 6)."""
+    return len(node.args) >= 7 and node.args[6] is not None
+
+
+def _keep_meta(new: torch.fx.Node, old: torch.fx.Node) -> None:
+    """``new`` takes ``old``'s place: its fake value and where it came from (not the old op's recorded inputs)."""
+    new.meta.update({k: v for k, v in old.meta.items() if k in ("val", "stack_trace", "nn_module_stack")})
+
+
 def _silu_core(node):
     """c where ``node`` is silu(c): ``aten.silu(c)``, ``c / (1 + exp(-c))`` or ``c * sigmoid(c)``; else None."""
     if _is(node, aten.silu.default):
@@ -167,13 +177,12 @@ def fuse_glu(graph: torch.fx.Graph) -> int:
                 continue
             y = cg[0]
             P = _pairs_arg(y)
-            if not P or len(y.args) < 7 or y.args[6] is None or cg[1:] != (0, P) or cu[1:] != (P, 2 * P) \
+            if not P or not _has_tiles(y) or cg[1:] != (0, P) or cu[1:] != (P, 2 * P) \
                     or _val(y).shape[-1] != 2 * P or not _private_chain(y, node):
                 continue
             with graph.inserting_before(node):
                 new = graph.call_function(gated, (*y.args[:7], P))
-            # the output's fake value and where it came from; not the old ops' recorded input values
-            new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "stack_trace", "nn_module_stack")})
+            _keep_meta(new, node)
             node.replace_all_uses_with(new)
             graph.erase_node(node)
             for n in (a, b):
@@ -229,10 +238,10 @@ def fuse_norm(graph: torch.fx.Graph) -> int:
     from . import ops  # noqa: F401  (registers the binaryllm ops)
     b = torch.ops.binaryllm
     plain, gated = b.w1a16.default, b.w1a16_gated.default
-    made: dict = {}                         # producer add node -> (h, partials) nodes of its w1a16_res
+    made: dict = {}                         # h of a w1a16_res -> (h, partials): its consumers so far
     done = 0
     for c in list(graph.nodes):
-        if not (_is(c, plain, gated) and len(c.args) >= 7 and c.args[4] is None and c.args[6] is not None):
+        if not (_is(c, plain, gated) and _has_tiles(c) and c.args[4] is None):
             continue
         norm = _rms_norm(c.args[0])
         if norm is None:
@@ -243,7 +252,7 @@ def fuse_norm(graph: torch.fx.Graph) -> int:
             if not _is(h, aten.add.Tensor) or _val(h) is None or _val(h).numel() != K:
                 continue
             for y, r in (h.args[:2], h.args[1::-1]):
-                if _is(y, plain) and len(y.args) >= 7 and y.args[6] is not None and not _pairs_arg(y) \
+                if _is(y, plain) and _has_tiles(y) and not _pairs_arg(y) \
                         and list(y.users) == [h] and isinstance(r, torch.fx.Node) and _val(r) is not None \
                         and _val(r).shape == _val(h).shape \
                         and _val(r).dtype == _val(y).dtype == _val(h).dtype:      # the kernel stores h as y
@@ -256,12 +265,13 @@ def fuse_norm(graph: torch.fx.Graph) -> int:
                 res.meta["val"] = _fake(b.w1a16_res.default, args)
                 hn = graph.call_function(operator.getitem, (res, 0))
                 part = graph.call_function(operator.getitem, (res, 1))
-            hn.meta.update({k: v for k, v in h.meta.items() if k in ("val", "stack_trace", "nn_module_stack")})
+            _keep_meta(hn, h)
             part.meta["val"] = res.meta["val"][1]
             h.replace_all_uses_with(hn)
             graph.erase_node(h)
             _erase_dead(y)
-            made[h] = made[hn] = (hn, part)
+            made[hn] = (hn, part)
+            h = hn                          # later consumers of the same norm read hn now
             done += 1
         hn, part = made[h]
         is_gated = c.target is gated
@@ -269,7 +279,7 @@ def fuse_norm(graph: torch.fx.Graph) -> int:
         with graph.inserting_before(c):
             new = graph.call_function(b.w1a16_norm.default,
                                       (hn, part, w, eps, c.args[1], c.args[2], K, c.args[5], c.args[6], P, is_gated))
-        new.meta.update({k: v for k, v in c.meta.items() if k in ("val", "stack_trace", "nn_module_stack")})
+        _keep_meta(new, c)
         x = c.args[0]
         c.replace_all_uses_with(new)
         graph.erase_node(c)

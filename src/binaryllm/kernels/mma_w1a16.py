@@ -463,10 +463,15 @@ def _build():
     return kernel
 
 
+def tile_config(M: int, N: int, K: int, config: tuple | None = None) -> tuple:
+    """The tile config a launch uses: ``config``, else BINARYLLM_MMA_CONFIG, else ``default_config``."""
+    return config or _ENV_CONFIG or default_config(M, N, K)
+
+
 def res_parts(M: int, N: int, K: int, config: tuple | None = None) -> tuple[int, int]:
     """(programs, rows a program) of the kernel for M rows of an (N, K) matrix: a RES kernel's partial sums of
     y^2 are one per program and row of x, over that program's output rows (``res_partials`` in PyTorch)."""
-    rt = (config or _ENV_CONFIG or default_config(M, N, K))[0]
+    rt = tile_config(M, N, K, config)[0]
     return -(-tile_shape(N, K)[0] // rt), 16 * rt
 
 
@@ -549,7 +554,7 @@ def launch_config(M: int, N: int, K: int, bf16: bool, has_bias: bool, config: tu
     for the residual epilogue; NORM (and XS, which it needs) for an RMSNorm of x from ``norm_parts`` partial
     sums."""
     import triton
-    rt, warps, ch, *rest = config or _ENV_CONFIG or default_config(M, N, K)
+    rt, warps, ch, *rest = tile_config(M, N, K, config)
     fence, pdl, chains, xs = (list(rest) + [1, PDL_DEFAULT, 1, 0][len(rest):])[:4]
     NT, KB = tile_shape(N, K)
     kbl = triton.cdiv(KB, warps)
