@@ -15,6 +15,10 @@ in docs/RESULTS.md (thirteenth session).
     # every graph pass (gating, and residual add + RMSNorm into the packed kernels) against the gating alone and
     # none
     PYTHONPATH=src OUT=. python bench/decode_step.py passes llama-7b 6 [max_len [bf16]]
+    # the rotary embedding and the cache writes made in the attention kernel (the pass fuse_rope) against the step
+    # without it, packed and bf16 (the bf16 step takes the same attention); prints the greedy tokens and logits of
+    # each arm
+    PYTHONPATH=src OUT=. python bench/decode_step.py rope llama-7b 6 [max_len]
 """
 import json
 import os
@@ -34,7 +38,7 @@ def capture(model, max_len: int) -> StaticDecoder:
     ids = torch.randint(0, model.config.vocab_size, (1, 16), device="cuda",
                         generator=torch.Generator("cuda").manual_seed(0))
     dec = StaticDecoder(model, max_len, compile=True)
-    dec.generate(ids, 4)          # the graph is captured at the first step (position 16 onwards)
+    dec.tokens = dec.generate(ids, 4)[0].tolist()     # the graph is captured at the first step (position 16 onwards)
     return dec
 
 
@@ -107,8 +111,34 @@ def main() -> None:
             res["speedup_vs_" + base] = {k: round(res["median_us"][base] / v, 3) for k, v in res["median_us"].items()}
             if "bf16" in decs:
                 res["ratio_bf16"] = {k: round(res["median_us"]["bf16"] / res["median_us"][k], 3) for k in variants}
+        elif mode == "rope":
+            max_len = int(sys.argv[4]) if len(sys.argv) > 4 else 144
+            import binaryllm.decode as decode
+            real = decode.compile_options
+            out = {}
+            for kind in ("packed", "bf16"):
+                model = bench.random_model(name, torch.bfloat16, "cuda").eval()
+                if kind == "packed":
+                    bench.random_packed_(model)
+                for rope in (True, False):
+                    label = kind + ("" if rope else "-norope")
+                    decode.compile_options = lambda tune=False, r=rope: real(tune, rope=r)
+                    decs[label] = capture(model, max_len)
+                    p = decs[label].compile_options.get("post_grad_custom_post_pass")
+                    out[label] = decs[label].out.float().clone()
+                    print(label, "rewrites", p.counts if p is not None else None, "tokens", decs[label].tokens,
+                          flush=True)
+                print(kind, "logits max |diff| with and without", (out[kind] - out[kind + "-norope"]).abs().max().item(),
+                      "of max", out[kind].abs().max().item(), flush=True)
+                model = None
+            decode.compile_options = real
+            res = time_blocks(decs, blocks)
+            res["speedup_vs_norope"] = {k: round(res["median_us"][k + "-norope"] / res["median_us"][k], 3)
+                                        for k in ("packed", "bf16")}
+            res["ratio_bf16"] = {k: round(res["median_us"]["bf16" + k] / res["median_us"]["packed" + k], 3)
+                                 for k in ("", "-norope")}
         else:
-            raise SystemExit(f"mode {mode!r} is not tiles, bf16, glu or passes")
+            raise SystemExit(f"mode {mode!r} is not tiles, bf16, glu, passes or rope")
     res.update(model=name, max_len=max_len, device=torch.cuda.get_device_name())
     print(json.dumps({k: v for k, v in res.items() if k != "us"}), flush=True)
     json.dump(res, open(os.path.join(os.environ.get("OUT", "."), f"decode_step-{mode}-{name}.json"), "w"), indent=1)

@@ -85,6 +85,137 @@ def test_kernel_matches_fp32_attention(interpreted, i):
         assert y[0].abs().max() == 0 and y[1].abs().max() > 0
 
 
+# ---- decode_attention_rope: the rotary embedding of q and the token's key and both cache writes in the kernel ----
+
+# (B, H, KVH, L, D, mask kind, BINARYLLM_ATTN_CONFIG or None, position, cos/sin per sequence)
+ROPE_CASES = [
+    (1, 9, 3, 144, 64, "bool", None, 100, False),      # SmolLM2's heads: one block of 256 keys loaded before the wait
+    (1, 4, 4, 144, 128, "bool", None, 140, False),     # Llama-7B's head size: blocks of 128, the token in the second
+    (1, 4, 4, 144, 128, "bool", None, 3, True),        # ... and in the first
+    (2, 4, 2, 700, 32, "additive", None, 600, True),   # chunks + the combine kernel, the token in the second chunk
+    (1, 2, 1, 300, 64, "bool", "16,4,32", 31, False),  # many chunks, the token on a chunk's last row
+    (2, 6, 2, 40, 48, "none", None, 0, False),         # head size not a power of 2, no mask
+]
+
+_ROPE_CHILD = r"""
+import os, sys, torch
+from binaryllm.kernels import attention as A
+cases = torch.load(sys.argv[1])
+out = []
+for c in cases:
+    if c["cfg"]:
+        os.environ["BINARYLLM_ATTN_CONFIG"] = c["cfg"]
+    else:
+        os.environ.pop("BINARYLLM_ATTN_CONFIG", None)
+    kc, vc = c["kc"].clone(), c["vc"].clone()
+    y = A.decode_attention_rope(c["q"], c["kn"], c["vn"], c["cos"], c["sin"], kc, vc, c["pos"], c["mask"], c["scale"])
+    out.append((y, kc, vc))
+torch.save(out, sys.argv[2])
+"""
+
+
+def _rope_case(B, H, KVH, L, D, kind, cfg, pos, per_seq, dtype=torch.float16, device="cpu"):
+    """q, k, v of the token as views of one projection output (B, 1, (H + 2 KVH) D), as the fused q/k/v layer
+    gives them; cos/sin of a position (B or 1, 1, 1, D); caches filled with noise."""
+    g = torch.Generator().manual_seed(L + D + pos)
+    qkv = torch.randn(B, 1, (H + 2 * KVH) * D, generator=g)
+    ang = (torch.randn(B if per_seq else 1, 1, 1, D // 2, generator=g) * 3).repeat(1, 1, 1, 2)
+    kc, vc = torch.randn(B, KVH, L, D, generator=g), torch.randn(B, KVH, L, D, generator=g)
+    qkv, cos, sin, kc, vc = (t.to(device, dtype) for t in (qkv, ang.cos(), ang.sin(), kc, vc))
+    heads = lambda a, n: qkv[..., a * D:(a + n) * D].reshape(B, 1, n, D).transpose(1, 2)   # noqa: E731
+    filled = (torch.arange(L) <= pos).view(1, 1, 1, L).to(device)
+    mask = {"none": None, "bool": filled,
+            "additive": torch.zeros(1, 1, 1, L, device=device).masked_fill(~filled, -1e4).to(dtype)}[kind]
+    return {"q": heads(0, H), "kn": heads(H, KVH), "vn": heads(H + KVH, KVH), "cos": cos, "sin": sin, "kc": kc,
+            "vc": vc, "pos": torch.tensor([pos], device=device), "mask": mask, "scale": None, "cfg": cfg}
+
+
+def _rope_expected(c):
+    """The unfused step: the rotary embedding (fp32, one rounding) of q and of the key written by index_copy_."""
+    from binaryllm.kernels.attention import rope_reference
+    kc, vc = c["kc"].clone(), c["vc"].clone()
+    kc.index_copy_(2, c["pos"], rope_reference(c["kn"], c["cos"], c["sin"]))
+    vc.index_copy_(2, c["pos"], c["vn"])
+    return rope_reference(c["q"], c["cos"], c["sin"]), kc, vc
+
+
+@pytest.fixture(scope="module")
+def interpreted_rope(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rope")
+    cases = [_rope_case(*c) for c in ROPE_CASES]
+    torch.save(cases, d / "in.pt")
+    r = _run_child(_ROPE_CHILD, d / "in.pt", d / "out.pt")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return cases, torch.load(d / "out.pt")
+
+
+@pytest.mark.parametrize("i", range(len(ROPE_CASES)))
+def test_rope_kernel_writes_the_cache_and_attends_like_the_unfused_step(interpreted_rope, i):
+    """The caches are bit for bit those of rotary embedding + ``index_copy_`` (only row ``pos`` changes), and the
+    output is the attention of the roped query over them (fp32 reference, fp16 rounding)."""
+    from binaryllm.kernels.attention import reference
+    cases, outs = interpreted_rope
+    c, (y, kc, vc) = cases[i], outs[i]
+    qr, kc_ref, vc_ref = _rope_expected(c)
+    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
+    pos = int(c["pos"])
+    assert torch.equal(kc[:, :, :pos], c["kc"][:, :, :pos]) and not torch.equal(kc[:, :, pos], c["kc"][:, :, pos])
+    ref = reference(qr, kc_ref, vc_ref, c["mask"], c["scale"]).float()
+    assert torch.allclose(y.float(), ref, atol=2e-3, rtol=2e-3), (y.float() - ref).abs().max()
+
+
+def test_rope_op_pytorch_path_is_the_unfused_step():
+    """Off CUDA and outside the interpreter the op runs the same steps in PyTorch (what ``fuse_rope`` relies on
+    when a compiled step runs on the CPU)."""
+    from binaryllm.kernels import ops  # noqa: F401
+    from binaryllm.kernels.attention import reference
+    c = _rope_case(*ROPE_CASES[1])
+    kc, vc = c["kc"].clone(), c["vc"].clone()
+    y = torch.ops.binaryllm.decode_attention_rope(c["q"], c["kn"], c["vn"], c["cos"], c["sin"], kc, vc, c["pos"],
+                                                  c["mask"], None)
+    qr, kc_ref, vc_ref = _rope_expected(c)
+    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
+    assert torch.equal(y, reference(qr, kc_ref, vc_ref, c["mask"], None))
+
+
+_ROPE_DECODER_CHILD = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from conftest import tiny_model
+import binaryllm.decode as decode
+import torch._inductor.config as ic
+ic.fx_graph_cache = False
+real = decode.compile_options
+model = tiny_model("llama").half()
+ids = torch.randint(3, 96, (1, 5), generator=torch.Generator().manual_seed(3))
+res = {}
+for rope in (True, False):
+    torch._dynamo.reset()
+    decode.compile_options = lambda tune=False, r=rope: real(tune, rope=r)
+    dec = decode.StaticDecoder(model, max_len=12, compile=True, attention=True)
+    toks = dec.generate(ids, 3)
+    res[rope] = {"tokens": toks, "logits": dec.out.clone(), "keys": [l.keys.clone() for l in dec.cache.layers],
+                 "values": [l.values.clone() for l in dec.cache.layers],
+                 "counts": dec.compile_options["post_grad_custom_post_pass"].counts, "attention": dec.attention}
+torch.save(res, sys.argv[2])
+"""
+
+
+def test_compiled_decoder_with_rope_in_the_attention_keeps_tokens_and_caches(tmp_path):
+    """A compiled decode step (CPU, the kernel interpreted) with ``fuse_rope`` against the same step without it:
+    every layer rewritten, the same tokens, the caches equal up to the last bit of the roped keys (eager-free
+    fp32 rotation in both; the CPU compiler may contract x cos + r sin into an fma) and the logits close."""
+    r = _run_child(_ROPE_DECODER_CHILD, os.path.dirname(__file__), tmp_path / "out.pt")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = torch.load(tmp_path / "out.pt")
+    on, off = res[True], res[False]
+    assert on["attention"] and on["counts"]["rope"] > 0 and off["counts"]["rope"] == 0
+    assert torch.equal(on["tokens"], off["tokens"])
+    for a, b in zip(on["keys"] + on["values"], off["keys"] + off["values"]):
+        assert torch.allclose(a.float(), b.float(), atol=4e-3, rtol=4e-3)
+    assert torch.allclose(on["logits"].float(), off["logits"].float(), atol=2e-2, rtol=2e-2)
+
+
 def test_reference_agrees_with_torch_sdpa():
     c = _case(2, 6, 2, 30, 32, "bool", None)
     q, k, v, m = (t.float() if t.dtype != torch.bool else t for t in (c["q"], c["k"], c["v"], c["mask"]))
@@ -204,3 +335,20 @@ def test_gpu_bf16_kernel_and_compiled_decoder(compiled):
     dec = StaticDecoder(model, 30, compile=compiled, attention=True)
     assert dec.attention
     assert torch.equal(dec.generate(ids, 20), a)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the CPU runs the kernel interpreted)")
+def test_gpu_bf16_rope_kernel_is_the_plain_kernel_on_roped_inputs():
+    """bf16 on the GPU: the caches bit for bit as the unfused step writes them, and the output the plain kernel's on
+    the roped query and the written caches, up to bf16 rounding (its blocks and warps differ)."""
+    from binaryllm.kernels.attention import decode_attention, decode_attention_rope
+    for case in ROPE_CASES:
+        c = _rope_case(*case[:-1], case[-1], dtype=torch.bfloat16, device="cuda")
+        if c["cfg"]:
+            continue
+        kc, vc = c["kc"].clone(), c["vc"].clone()
+        y = decode_attention_rope(c["q"], c["kn"], c["vn"], c["cos"], c["sin"], kc, vc, c["pos"], c["mask"])
+        qr, kc_ref, vc_ref = _rope_expected(c)
+        assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref), case
+        assert torch.allclose(y.float(), decode_attention(qr, kc_ref, vc_ref, c["mask"]).float(), atol=1e-2,
+                              rtol=1e-2), case

@@ -117,9 +117,9 @@ def test_compiled_step_gives_the_same_tokens_on_a_packed_model():
                                       ("combo_kernels", hasattr(ic, "combo_kernels"))) if have}
     from binaryllm.kernels.fusion import FusePackedLinear
     opts, tuned = compile_options(), compile_options(tune=True)
-    # and the graph pass that makes silu(gate) * up inside the packed down projection (tests/test_fusion.py)
+    # and the graph passes of kernels/fusion.py (tests/test_fusion.py)
     assert all(isinstance(o.pop("post_grad_custom_post_pass"), FusePackedLinear) for o in (opts, tuned))
-    assert opts == expect == compile_options(glu=False, norm=False)
+    assert opts == expect == compile_options(glu=False, norm=False, rope=False)
     assert tuned == {**expect, "coordinate_descent_tuning": True}
 
 
@@ -154,7 +154,8 @@ def test_compiled_gpu_step_fuses_gating_and_norms_into_the_packed_kernels(arch, 
     """The compile passes (kernels/fusion.py) make every block's silu(gate) * up in the packed gate/up kernel, and
     each residual add + RMSNorm between two packed layers in their kernels (the add and partial sums of squares in
     the o / down epilogue, the norm as q/k/v and gate/up read it); the step's logits stay those of the step
-    without them, up to the rounding between the fused ops (inductor's own fused kernels do not round)."""
+    without them, up to the rounding between the fused ops (inductor's own fused kernels do not round).  The
+    rotary embedding + cache writes (``fuse_rope``) are in all three: tests/test_attention.py compares it."""
     import torch._dynamo
 
     import binaryllm.decode as decode
@@ -174,8 +175,9 @@ def test_compiled_gpu_step_fuses_gating_and_norms_into_the_packed_kernels(arch, 
         dec.generate(ids, 2)                # one compiled step, on the same (eager prefill) token
         outs.append(dec.out.float().clone())
         p = dec.compile_options.get("post_grad_custom_post_pass")
-        # per block: the gate/up; o and down produce, gate/up and the next block's q/k/v consume
-        assert (p.counts if p else None) == ({"glu": L * glu, "norm": (4 * L - 2) * norm} if glu else None)
+        # per block: the gate/up; o and down produce, gate/up and the next block's q/k/v consume; the rotary
+        # embedding and cache writes go into every block's decode attention either way
+        assert p.counts == {"glu": L * glu, "norm": (4 * L - 2) * norm, "rope": L}
     for out in outs[:-1]:
         assert torch.allclose(out, outs[-1], rtol=0.02, atol=0.02 * outs[-1].abs().max().item())
 

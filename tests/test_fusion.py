@@ -127,7 +127,8 @@ def test_paired_tiles_round_trip_and_compute_the_plain_output():
 def test_decode_compile_options_install_the_pass():
     from binaryllm.decode import compile_options
     assert isinstance(compile_options()["post_grad_custom_post_pass"], FusePackedLinear)
-    assert "post_grad_custom_post_pass" not in compile_options(glu=False, norm=False)
+    assert "post_grad_custom_post_pass" not in compile_options(glu=False, norm=False, rope=False)
+    assert compile_options(glu=False, norm=False)["post_grad_custom_post_pass"].counts == {"glu": 0, "norm": 0, "rope": 0}
 
 
 # ---- the residual add + RMSNorm between two packed layers (fuse_norm) ----
@@ -203,7 +204,7 @@ def test_norm_pass_inside_torch_compile(f, expect, glu):
         p(graph)
         seen.extend(n.target for n in graph.nodes if n.op == "call_function")
     y, h = torch.compile(f, options={"post_grad_custom_post_pass": spy, "fx_graph_cache": False})(A, R)
-    assert p.counts == {"glu": glu, "norm": expect}
+    assert p.counts == {"glu": glu, "norm": expect, "rope": 0}
     b = torch.ops.binaryllm
     if expect:
         assert seen.count(b.w1a16_res.default) == 1 and seen.count(b.w1a16_norm.default) == expect - 1
@@ -227,3 +228,98 @@ def test_norm_ops_are_the_unfused_arithmetic():
                        ops.w1a16(x, *Q[:2], D, None, None, Q[2]))
     assert torch.equal(ops.w1a16_norm(h, part, NW, 1e-5, *GU[:2], D, None, GU[2], I, True),
                        ops.w1a16_gated(x, *GU[:2], D, None, None, GU[2], I))
+
+
+# ---- the rotary embedding and the cache writes into the decode attention (fuse_rope) ----
+
+HQ, HKV, HD, CL = 4, 2, 16, 12          # query heads, KV heads, head size, cache length
+
+
+def _rotate_half(x):                    # transformers' Llama rotate_half / apply_rotary_pos_emb, written out
+    return torch.cat((-x[..., x.shape[-1] // 2:], x[..., : x.shape[-1] // 2]), dim=-1)
+
+
+def _heads(t, n):
+    return t.view(1, 1, n, HD).transpose(1, 2)
+
+
+def attn_step(qkv, cos, sin, kc, vc, pos, mask):          # one token, as a Llama attention layer sees it
+    q, k, v = qkv.split([HQ * HD, HKV * HD, HKV * HD], -1)
+    q, k, v = _heads(q, HQ), _heads(k, HKV), _heads(v, HKV)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    kc.index_copy_(2, pos, k)
+    vc.index_copy_(2, pos, v)
+    return ops.decode_attention(q, kc, vc, mask, None)
+
+
+def attn_step_cache_read_again(qkv, cos, sin, kc, vc, pos, mask):     # the cache also read by something else
+    return attn_step(qkv, cos, sin, kc, vc, pos, mask).sum() + kc.sum()
+
+
+def attn_step_other_rotation(qkv, cos, sin, kc, vc, pos, mask):       # not rotate-half (halves the other way)
+    q, k, v = qkv.split([HQ * HD, HKV * HD, HKV * HD], -1)
+    q, k, v = _heads(q, HQ), _heads(k, HKV), _heads(v, HKV)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    q, k = q * cos - _rotate_half(q) * sin, k * cos - _rotate_half(k) * sin
+    kc.index_copy_(2, pos, k)
+    vc.index_copy_(2, pos, v)
+    return ops.decode_attention(q, kc, vc, mask, None)
+
+
+def attn_step_unroped_key(qkv, cos, sin, kc, vc, pos, mask):          # the key written without the rotation
+    q, k, v = qkv.split([HQ * HD, HKV * HD, HKV * HD], -1)
+    q, k, v = _heads(q, HQ), _heads(k, HKV), _heads(v, HKV)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    q = q * cos + _rotate_half(q) * sin
+    kc.index_copy_(2, pos, k)
+    vc.index_copy_(2, pos, v)
+    return ops.decode_attention(q, kc, vc, mask, None)
+
+
+def _rope_inputs(dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(11)
+    ang = torch.randn(1, 1, HD // 2, generator=g).repeat(1, 1, 2)
+    return (torch.randn(1, 1, (HQ + 2 * HKV) * HD, generator=g).to(dtype), ang.cos().to(dtype), ang.sin().to(dtype),
+            torch.randn(1, HKV, CL, HD, generator=g).to(dtype), torch.randn(1, HKV, CL, HD, generator=g).to(dtype),
+            torch.tensor([5]), (torch.arange(CL) <= 5).view(1, 1, 1, CL))
+
+
+@pytest.mark.parametrize("f,expect", [(attn_step, 1), (attn_step_cache_read_again, 0), (attn_step_other_rotation, 0),
+                                      (attn_step_unroped_key, 0)])
+def test_rope_pass_inside_torch_compile(f, expect):
+    """Compiled with the pass: rewritten only where the query and the written key are the rotate-half rotary
+    embedding and the caches are read by the attention alone; the output and both caches as in eager."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    p = FusePackedLinear(glu=False, norm=False, rope=True)
+    args = _rope_inputs()
+    eager_caches = [t.clone() for t in args[3:5]]
+    y_eager = f(*args[:3], *eager_caches, *args[5:])
+    caches = [t.clone() for t in args[3:5]]
+    with torch.no_grad():
+        y = torch.compile(f, options={"post_grad_custom_post_pass": p, "fx_graph_cache": False})(
+            *args[:3], *caches, *args[5:])
+    assert p.counts["rope"] == expect
+    # the rotation in fp32, rounded once (as inductor computes it); eager rounds each product: a last-bit difference
+    for got, want in zip(caches, eager_caches):
+        assert torch.allclose(got.float(), want.float(), atol=2e-2, rtol=1e-2)
+        assert torch.equal(got[:, :, :5], want[:, :, :5]) and torch.equal(got[:, :, 6:], want[:, :, 6:])
+    assert torch.allclose(y.float(), y_eager.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_rope_pass_writes_what_the_unfused_compiled_step_writes():
+    """Against the same function compiled without the pass, the caches are bit for bit the same (both make the
+    rotation in fp32 and round once)."""
+    import torch._dynamo
+    outs = []
+    for rope in (True, False):
+        torch._dynamo.reset()
+        args = _rope_inputs()
+        p = FusePackedLinear(glu=False, norm=False, rope=rope)
+        with torch.no_grad():
+            y = torch.compile(attn_step, options={"post_grad_custom_post_pass": p, "fx_graph_cache": False})(*args)
+        assert p.counts["rope"] == int(rope)
+        outs.append((y, args[3], args[4]))
+    assert torch.equal(outs[0][1], outs[1][1]) and torch.equal(outs[0][2], outs[1][2])
+    assert torch.allclose(outs[0][0].float(), outs[1][0].float(), atol=1e-2, rtol=1e-2)

@@ -14,6 +14,11 @@ static cache costs the positions filled so far.  Shorter caches load keys, value
 shorter latency chain).  In the H100 decode step of SmolLM2 this kernel took 3.76 us a layer against cuDNN's 4.66,
 and the step 508 against 596 us (docs/RESULTS.md).
 
+``decode_attention_rope`` also makes the rotary embedding of q and of the token's key and writes the token's key
+and value into the caches (``kernels/fusion.py`` puts it into compiled steps in place of inductor's kernel for
+them); it loads its first block of the cache before the PDL wait, since only the token's row changes in the step.
+In the H100 decode step that took Llama-7B from 1340 to 1268 us and SmolLM2 from 451 to 415 us (docs/RESULTS.md).
+
 Hooked into transformers through its attention interface (``register``; ``use_decode_attention(model)`` switches
 a model from ``sdpa`` to it): no model code is touched, and every call the kernel does not cover (more than one
 query token: the prefill; dropout; soft-capping, attention sinks, a per-head mask; not a CUDA tensor) goes to
@@ -43,8 +48,53 @@ from . import has_pdl
 # program at most (longer caches are split over programs and added up: flash-decoding)
 ONE_BLOCK = 256
 CHUNK = 512
+# with the rotary embedding and the cache write in the kernel (``decode_attention_rope``) the first block of keys
+# and values is loaded before the PDL wait: at most PREFETCH elements each, over ROPE_WARPS warps (H100 decode steps,
+# same process: SmolLM2 411.9 us against 427.1 with 4 warps; Llama-7B 1266.8 (128 keys a block) against 1374.1 with
+# 4 warps and against 1340.9 without the pass; docs/RESULTS.md, sixteenth session)
+PREFETCH = 16384
+ROPE_WARPS = 8
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = tl.constexpr(1.4426950408889634)    # scores in log2 units: the kernels use exp2
+
+
+@triton.jit
+def _block_ok(m_ptr, b, n, L, s_mb, s_ml, d_ok, MASK: tl.constexpr, SKIP: tl.constexpr):
+    """(ok, kv_ok) of keys n: attended (in the cache, not masked out) and loaded."""
+    ok = n < L
+    if MASK == 1:
+        ok = ok & (tl.load(m_ptr + b * s_mb + n * s_ml, mask=ok, other=0) != 0)
+        kv_ok = (ok if SKIP else n < L)[:, None] & d_ok[None, :]
+    else:
+        kv_ok = ok[:, None] & d_ok[None, :]
+    return ok, kv_ok
+
+
+@triton.jit
+def _online(q, k, v, ok, n, m_ptr, b, s_mb, s_ml, m_i, l_i, acc, qk_scale, MASK: tl.constexpr):
+    """One block of keys into the online softmax (m_i, l_i, acc)."""
+    s = tl.dot(q, tl.trans(k)) * qk_scale                           # log2 units: exp2 below
+    if MASK == 2:
+        add = tl.load(m_ptr + b * s_mb + n * s_ml, mask=ok, other=0.0).to(tl.float32)
+        s += add[None, :] * _LOG2E                                  # to log2 units too
+    s = tl.where(ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)            # all masked so far: no NaN from -inf - -inf
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(s - m_ref[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _rope(x_ptr, d, D: tl.constexpr, ok, c, s):
+    """x * cos + rotate_half(x) * sin in fp32 for a row of D values at x_ptr (2-D offsets in ``d``)."""
+    HALF: tl.constexpr = D // 2
+    x = tl.load(x_ptr + d, mask=ok, other=0.0).to(tl.float32)
+    lo = d % D < HALF
+    xr = tl.load(x_ptr + tl.where(lo, d + HALF, d - HALF), mask=ok, other=0.0).to(tl.float32)
+    return x * c + tl.where(lo, -xr, xr) * s
 
 
 @triton.jit
@@ -52,11 +102,18 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, po_ptr, pml_ptr, L, KVH, qk_
                  s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_mb, s_ml, s_ob, s_oh,
                  G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr,
                  CHUNK_N: tl.constexpr, MASK: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
-                 SKIP: tl.constexpr = True):
+                 SKIP: tl.constexpr = True, ROPE: tl.constexpr = False, kn_ptr=None, vn_ptr=None, cos_ptr=None,
+                 sin_ptr=None, pos_ptr=None, s_knb=0, s_knh=0, s_vnb=0, s_vnh=0, s_cb=0, s_sb=0):
     """Program (b * KVH + h, c): query heads h G .. h G + G - 1 of sequence b over keys [c CHUNK_N, (c + 1)
     CHUNK_N) of KV head h.  MASK: 0 none, 1 boolean (True = attend), 2 additive.  SKIP (boolean mask): keys it
     masks are not read (else keys and values load at once with the mask, which is shorter latency).  SPLIT: write
-    the partial (acc, max, sum) for ``_combine_kernel`` instead of the output."""
+    the partial (acc, max, sum) for ``_combine_kernel`` instead of the output.
+
+    ROPE: q (at q_ptr) and the token's key (kn_ptr) are before the rotary embedding, which is made here (rotate
+    half: x cos + rotate_half(x) sin, fp32, rounded once); the token's key and value (vn_ptr) are written into the
+    caches (k_ptr, v_ptr) at row pos (pos_ptr) by the program whose chunk holds it, and used from registers there.
+    Every other cache row was written by an earlier step, so the first block of keys and values is loaded before
+    the PDL wait, while the kernel before this one is still running."""
     bh = tl.program_id(0)
     c = tl.program_id(1)
     b = bh // KVH
@@ -65,37 +122,50 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, po_ptr, pml_ptr, L, KVH, qk_
     d = tl.arange(0, DP)
     g_ok = g < G
     d_ok = d < D
+    start = c * CHUNK_N
+    kbase = k_ptr + b * s_kb + h * s_kh
+    vbase = v_ptr + b * s_vb + h * s_vh
+    if ROPE:
+        n = start + tl.arange(0, BLOCK_N)
+        pre_ok = (n < L)[:, None] & d_ok[None, :]
+        k0 = tl.load(kbase + n[:, None] * s_kl + d[None, :], mask=pre_ok, other=0.0)
+        v0 = tl.load(vbase + n[:, None] * s_vl + d[None, :], mask=pre_ok, other=0.0)
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    q = tl.load(q_ptr + b * s_qb + (h * G + g)[:, None] * s_qh + d[None, :], mask=g_ok[:, None] & d_ok[None, :],
-                other=0.0)
+    q_ok = g_ok[:, None] & d_ok[None, :]
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, DP], tl.float32)
-    start = c * CHUNK_N
-    for n0 in range(0, CHUNK_N, BLOCK_N):
+    if ROPE:
+        pos = tl.load(pos_ptr)
+        cs = tl.load(cos_ptr + b * s_cb + d, mask=d_ok, other=0.0).to(tl.float32)
+        sn = tl.load(sin_ptr + b * s_sb + d, mask=d_ok, other=0.0).to(tl.float32)
+        q = _rope(q_ptr + b * s_qb + (h * G + g)[:, None] * s_qh, d[None, :], D, q_ok, cs[None, :],
+                  sn[None, :]).to(q_ptr.dtype.element_ty)
+        kr = _rope(kn_ptr + b * s_knb + h * s_knh, d, D, d_ok, cs, sn).to(k_ptr.dtype.element_ty)
+        vr = tl.load(vn_ptr + b * s_vnb + h * s_vnh + d, mask=d_ok, other=0.0)
+        mine = (pos >= start) & (pos < start + CHUNK_N) & (pos < L)
+        tl.store(kbase + pos * s_kl + d, kr, mask=d_ok & mine)
+        tl.store(vbase + pos * s_vl + d, vr, mask=d_ok & mine)
+        at = (n == pos)[:, None]
+        ok, kv_ok = _block_ok(m_ptr, b, n, L, s_mb, s_ml, d_ok, MASK, False)
+        k = tl.where(at, kr[None, :], k0)
+        v = tl.where(at, vr[None, :], v0)
+        m_i, l_i, acc = _online(q, k, v, ok, n, m_ptr, b, s_mb, s_ml, m_i, l_i, acc, qk_scale, MASK)
+    else:
+        q = tl.load(q_ptr + b * s_qb + (h * G + g)[:, None] * s_qh + d[None, :], mask=q_ok, other=0.0)
+    FIRST: tl.constexpr = BLOCK_N if ROPE else 0         # ROPE: the first block is done above
+    for n0 in range(FIRST, CHUNK_N, BLOCK_N):
         n = start + n0 + tl.arange(0, BLOCK_N)
-        ok = n < L
-        if MASK == 1:
-            ok = ok & (tl.load(m_ptr + b * s_mb + n * s_ml, mask=ok, other=0) != 0)
-            kv_ok = (ok if SKIP else n < L)[:, None] & d_ok[None, :]
-        else:
-            kv_ok = ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + b * s_kb + h * s_kh + n[:, None] * s_kl + d[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(v_ptr + b * s_vb + h * s_vh + n[:, None] * s_vl + d[None, :], mask=kv_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale                       # log2 units: exp2 below
-        if MASK == 2:
-            add = tl.load(m_ptr + b * s_mb + n * s_ml, mask=ok, other=0.0).to(tl.float32)
-            s += add[None, :] * _LOG2E                              # to log2 units too
-        s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)        # all masked so far: no NaN from -inf - -inf
-        alpha = tl.exp2(m_i - m_ref)
-        p = tl.exp2(s - m_ref[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        ok, kv_ok = _block_ok(m_ptr, b, n, L, s_mb, s_ml, d_ok, MASK, SKIP)
+        k = tl.load(kbase + n[:, None] * s_kl + d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(vbase + n[:, None] * s_vl + d[None, :], mask=kv_ok, other=0.0)
+        if ROPE:
+            at = (n == pos)[:, None]
+            k = tl.where(at, kr[None, :], k)
+            v = tl.where(at, vr[None, :], v)
+        m_i, l_i, acc = _online(q, k, v, ok, n, m_ptr, b, s_mb, s_ml, m_i, l_i, acc, qk_scale, MASK)
     if SPLIT:
         nc = tl.num_programs(1)
         row = (bh * nc + c) * GP + g
@@ -168,11 +238,33 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     """softmax(q k^T * scale [+ mask]) v for q (B, H, 1, D) and k, v (B, KVH, L, D) (H a multiple of KVH, query
     head i reading KV head i // (H / KVH)); mask None (every key), boolean (B or 1, 1, 1, L), True = attend, or
     additive of that shape.  Returns (B, 1, H, D), the layout transformers' attention functions return."""
+    return _launch(q, k, v, mask, scale, None)
+
+
+def decode_attention_rope(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cos: torch.Tensor,
+                          sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                          mask: torch.Tensor | None, scale: float | None = None) -> torch.Tensor:
+    """``decode_attention`` with the rotary embedding and the cache write made in the kernel: q (B, H, 1, D) and
+    the token's key k_new (B, KVH, 1, D) before the rotary embedding (rotate half, cos and sin (B or 1, 1, 1, D)),
+    its value v_new; the roped key and the value are written into k_cache, v_cache (B, KVH, L, D) at row ``pos``
+    (one element), as ``cache.index_copy_(2, pos, ...)`` would, and attended to with the rest of the cache."""
+    return _launch(q, k_cache, v_cache, mask, scale, (k_new, v_new, cos, sin, pos))
+
+
+def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x cos + rotate_half(x) sin in fp32, rounded once to x's dtype (as inductor computes it)."""
+    h = x.shape[-1] // 2
+    xf = x.float()
+    return (xf * cos.float() + torch.cat([-xf[..., h:], xf[..., :h]], -1) * sin.float()).to(x.dtype)
+
+
+def _launch(q, k, v, mask, scale, rope):
     B, H, _, D = q.shape
     KVH, L = k.shape[1], k.shape[2]
     G = H // KVH
     scale = D ** -0.5 if scale is None else scale
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if rope is None:
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty(B, 1, H, D, device=q.device, dtype=q.dtype)
     kind = 0 if mask is None else (1 if mask.dtype == torch.bool else 2)
     if mask is not None:
@@ -181,10 +273,27 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     else:
         s_mb = s_ml = 0
     bn, warps, chunk, skip = block_config(L, D)
-    nc = triton.cdiv(L, chunk)
     GP, DP = _pow2(G, 16), _pow2(D, 16)
+    if rope is not None:
+        # the first block's keys and values are held in registers from before the PDL wait to their use: keep them
+        # to PREFETCH elements each (Llama-7B's 256 x 128 spilled and took 99 us a layer on the H100), over
+        # ROPE_WARPS warps unless BINARYLLM_ATTN_CONFIG says otherwise
+        if bn * DP > PREFETCH:
+            bn = max(16, PREFETCH // DP)
+            chunk = max(chunk, bn)
+        if not os.environ.get("BINARYLLM_ATTN_CONFIG"):
+            warps = ROPE_WARPS
+    nc = triton.cdiv(L, chunk)
     pdl = not _INTERPRETED and q.is_cuda and has_pdl(q.device.index or 0)
     extra = {"launch_pdl": True} if pdl else {}
+    if rope is not None:
+        k_new, v_new, cos, sin, pos = rope
+        q, k_new, v_new, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_new, v_new, cos, sin))
+        if k.stride(-1) != 1 or v.stride(-1) != 1:
+            raise ValueError("decode_attention_rope writes into the caches: their last dimension must be contiguous")
+        extra.update(ROPE=True, kn_ptr=k_new, vn_ptr=v_new, cos_ptr=cos, sin_ptr=sin, pos_ptr=pos,
+                     s_knb=k_new.stride(0), s_knh=k_new.stride(1), s_vnb=v_new.stride(0), s_vnh=v_new.stride(1),
+                     s_cb=cos.stride(0) if cos.shape[0] > 1 else 0, s_sb=sin.stride(0) if sin.shape[0] > 1 else 0)
     if nc > 1:
         po = torch.empty(B * KVH * nc * GP, DP, device=q.device, dtype=torch.float32)
         pml = torch.empty(B * KVH * nc * GP, 2, device=q.device, dtype=torch.float32)
@@ -197,7 +306,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
                                 SPLIT=nc > 1, PDL=pdl, SKIP=skip, num_warps=warps, **extra)
     if nc > 1:
         _combine_kernel[(B * KVH,)](po, pml, out, nc, KVH, out.stride(0), out.stride(2), NCP=_pow2(nc, 1), G=G,
-                                    GP=GP, D=D, DP=DP, PDL=pdl, num_warps=4, **extra)
+                                    GP=GP, D=D, DP=DP, PDL=pdl, num_warps=4,
+                                    **({"launch_pdl": True} if pdl else {}))
     return out
 
 

@@ -3,7 +3,7 @@
 Why: in a compiled batch-1 decode step every packed layer is one opaque custom op (``kernels/ops.py``), so inductor
 cannot fuse the small elementwise work around it into it, and each such piece costs a kernel launch of its own
 (on the H100 about 1-2 us each in a Llama-7B step of 1.35-1.45 ms; docs/RESULTS.md).  ``FusePackedLinear`` is an
-inductor post-grad pass (``decode.compile_options`` installs it) that runs two rewrites, each found by dataflow
+inductor post-grad pass (``decode.compile_options`` installs it) that runs three rewrites, each found by dataflow
 only (no module or model names):
 
 **Gating** (``fuse_glu``).  ``nn/fuse.py`` stacks a block's gate and up projections into one packed layer whose
@@ -37,6 +37,20 @@ fused add + RMSNorm kernel fewer between them.  The residual stream h is exact; 
 eager in its last bit (the order of the sum of squares, the kernel's rsqrt.approx).  Left alone: more than one
 row, an input scale on the second layer, a first layer whose output is read elsewhere, other norms (Gemma's
 1 + weight, an fp32 weight), layers without ``mma`` tiles.
+
+**Rotary embedding + cache writes** (``fuse_rope``).  In a one-token step each attention layer has
+
+    q, k = rope(q_pre), rope(k_pre)                    # rotate half: x cos + rotate_half(x) sin
+    K = index_put(k_cache, [:, :, pos], k); V = index_put(v_cache, [:, :, pos], v)     # functionalized index_copy_
+    o = binaryllm::decode_attention(q, K, V, mask, scale)
+
+with the caches graph inputs (copied back at the end of the graph).  Inductor made the rotary embedding and both
+writes one kernel before the attention.  The pass gives ``binaryllm::decode_attention_rope(q_pre, k_pre, v, cos,
+sin, k_cache, v_cache, pos, mask, scale)`` instead, which mutates the caches itself (the copies back are erased):
+the attention kernel makes the rotation in fp32 and rounds once, as inductor's kernel did (so the caches are bit
+for bit the same), writes the token's row, and since every other row of the cache was written by an earlier step,
+loads its first block of keys and values before its PDL wait (``kernels/attention.py``).  Not packed-specific: the
+bf16 step gets it too.  Left alone: another rotation, a cache read elsewhere, a cache that is not a graph input.
 """
 from __future__ import annotations
 
@@ -288,6 +302,99 @@ def fuse_norm(graph: torch.fx.Graph) -> int:
     return done
 
 
+def _rope_of(node):
+    """(x, cos, sin) where ``node`` is transformers' rotate-half rotary embedding of x (B, H, T, D) as ATen ops,
+    ``x * cos + cat([-x[..., D/2:], x[..., :D/2]], -1) * sin`` (either order of each product and of the sum); else
+    None."""
+    if not _is(node, aten.add.Tensor):
+        return None
+    for m1, m2 in (node.args[:2], node.args[1::-1]):
+        if not (_is(m1, aten.mul.Tensor) and _is(m2, aten.mul.Tensor)):
+            continue
+        for cat, sin in (m2.args[:2], m2.args[1::-1]):
+            if not (_is(cat, aten.cat.default) and len(cat.args[0]) == 2):
+                continue
+            dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+            neg, lo = cat.args[0]
+            if not _is(neg, aten.neg.default):
+                continue
+            hi, clo = _columns(neg.args[0]), _columns(lo)
+            if hi is None or clo is None or hi[0] is not clo[0]:
+                continue
+            x, xv = hi[0], _val(hi[0])
+            D = xv.shape[-1] if xv is not None else 0
+            if dim not in (-1, xv.dim() - 1 if xv is not None else -1) or D % 2 or hi[1:] != (D // 2, D) \
+                    or clo[1:] != (0, D // 2):
+                continue
+            for a, cos in (m1.args[:2], m1.args[1::-1]):
+                if a is x and isinstance(cos, torch.fx.Node) and isinstance(sin, torch.fx.Node):
+                    return x, cos, sin
+    return None
+
+
+def _cache_write(node, pos=None):
+    """(cache, pos, value) where ``node`` is ``index_put(cache, [None, None, pos], value)`` into a graph input (the
+    functionalized ``cache.index_copy_(2, pos, value)`` of a one-token step), read only by one attention and the
+    copy back into the input; else None."""
+    if not (_is(node, aten.index_put.default) and len(node.args) >= 3 and not (node.args[3:4] or [False])[0]):
+        return None
+    cache, idx, value = node.args[:3]
+    if not (isinstance(cache, torch.fx.Node) and cache.op == "placeholder" and len(idx) == 3
+            and idx[0] is None and idx[1] is None and isinstance(idx[2], torch.fx.Node)):
+        return None
+    p = idx[2]
+    if (pos is not None and p is not pos) or _val(p) is None or _val(p).numel() != 1:
+        return None
+    copies = [u for u in node.users if _is(u, aten.copy_.default) and u.args[0] is cache and u.args[1] is node]
+    if len(copies) != 1 or len(node.users) != 2:
+        return None
+    return cache, p, value, copies[0]
+
+
+def fuse_rope(graph: torch.fx.Graph) -> int:
+    """Rewrite every ``binaryllm::decode_attention`` whose query is the rotary embedding of q, whose keys are the
+    cache with the roped key of the token written at its position, and whose values the cache with the token's value
+    written there, into one ``binaryllm::decode_attention_rope`` that makes the rotary embedding and both cache
+    writes in the attention kernel (which mutates the caches).  Returns how many."""
+    from . import ops  # noqa: F401  (registers the binaryllm ops)
+    att, fused = torch.ops.binaryllm.decode_attention.default, torch.ops.binaryllm.decode_attention_rope.default
+    done = 0
+    for a in list(graph.nodes):
+        if not _is(a, att) or len(a.args) < 5:
+            continue
+        q, k, v, mask, scale = a.args[:5]
+        kw = _cache_write(k)
+        vw = _cache_write(v, kw[1] if kw else None)
+        rq = _rope_of(q)
+        rk = _rope_of(kw[2]) if kw else None
+        if kw is None or vw is None or rq is None or rk is None or rq[1:] != rk[1:]:
+            continue
+        (xq, cos, sin), xk = rq, rk[0]
+        vals = [_val(n) for n in (xq, xk, vw[2], kw[0], vw[0], q, cos, sin)]
+        if any(t is None for t in vals):
+            continue
+        vq, vk, vv, kc, vc, vqr, vcos, vsin = vals
+        B, D = vq.shape[0], vq.shape[-1]
+        dt = vq.dtype
+        if not (vq.dim() == vk.dim() == vv.dim() == 4 and vq.shape[2] == vk.shape[2] == vv.shape[2] == 1
+                and vk.shape == vv.shape and kc.shape == vc.shape and vk.shape[:2] == kc.shape[:2]
+                and kc.shape[3] == D and vk.shape[3] == D and vqr.dtype == dt
+                and all(t.dtype == dt for t in (vk, vv, kc, vc)) and _val(kw[2]).dtype == dt
+                and all(t.dim() == 4 and t.shape[1:] == (1, 1, D) and t.shape[0] in (1, B) for t in (vcos, vsin))):
+            continue
+        with graph.inserting_before(a):
+            new = graph.call_function(fused, (xq, xk, vw[2], cos, sin, kw[0], vw[0], kw[1], mask, scale))
+        _keep_meta(new, a)
+        a.replace_all_uses_with(new)
+        graph.erase_node(a)
+        for w in (kw, vw):
+            graph.erase_node(w[3])          # the copy back: the kernel writes the cache itself
+        for n in (q, k, v):
+            _erase_dead(n)
+        done += 1
+    return done
+
+
 def _pass_base():
     try:
         from torch._inductor.custom_graph_pass import CustomGraphPass
@@ -298,12 +405,12 @@ def _pass_base():
 
 class FusePackedLinear(_pass_base()):
     """The post-grad pass (``torch._inductor.config.post_grad_custom_post_pass``): ``fuse_glu`` with ``glu``,
-    then ``fuse_norm`` with ``norm``.  ``rewrites`` counts the matches over every graph it saw, ``counts`` by
+    then ``fuse_norm`` with ``norm``, then ``fuse_rope`` with ``rope``.  ``rewrites`` counts the matches over every graph it saw, ``counts`` by
     rewrite (a graph inductor takes from its cache is not seen again)."""
 
-    def __init__(self, glu: bool = True, norm: bool = True):
-        self.glu, self.norm = glu, norm
-        self.counts = {"glu": 0, "norm": 0}
+    def __init__(self, glu: bool = True, norm: bool = True, rope: bool = True):
+        self.glu, self.norm, self.rope = glu, norm, rope
+        self.counts = {"glu": 0, "norm": 0, "rope": 0}
 
     @property
     def rewrites(self) -> int:
@@ -314,9 +421,11 @@ class FusePackedLinear(_pass_base()):
             self.counts["glu"] += fuse_glu(graph)
         if self.norm:
             self.counts["norm"] += fuse_norm(graph)
+        if self.rope:
+            self.counts["rope"] += fuse_rope(graph)
 
     def uuid(self):
         # part of inductor's cache key: a compiled graph from a different version of this pass (or other
         # switches) is not reused
         from torch._inductor.custom_graph_pass import get_hash_for_files
-        return get_hash_for_files((__file__,)) + f"-{int(self.glu)}{int(self.norm)}".encode()
+        return get_hash_for_files((__file__,)) + f"-{int(self.glu)}{int(self.norm)}{int(self.rope)}".encode()

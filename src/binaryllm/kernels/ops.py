@@ -135,11 +135,34 @@ def _(x, packed, row_scale, in_features):
 @torch.library.custom_op("binaryllm::decode_attention", mutates_args=())
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                      scale: Optional[float]) -> torch.Tensor:
-    """CUDA: ``attention.decode_attention`` (one query token over a KV cache; (B, 1, H, D) out)."""
-    from .attention import decode_attention as run
-    return run(q, k, v, mask, scale)
+    """``attention.decode_attention`` (one query token over a KV cache; (B, 1, H, D) out) on CUDA or in Triton's
+    interpreter; elsewhere the same in PyTorch (``attention.reference``)."""
+    from . import attention as at
+    if q.is_cuda or at._INTERPRETED:
+        return at.decode_attention(q, k, v, mask, scale)
+    return at.reference(q, k, v, mask, scale)
 
 
 @decode_attention.register_fake
 def _(q, k, v, mask, scale):
+    return q.new_empty(q.shape[0], 1, q.shape[1], q.shape[3])
+
+
+@torch.library.custom_op("binaryllm::decode_attention_rope", mutates_args=("k_cache", "v_cache"))
+def decode_attention_rope(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cos: torch.Tensor,
+                          sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                          mask: Optional[torch.Tensor], scale: Optional[float]) -> torch.Tensor:
+    """``attention.decode_attention_rope``: the rotary embedding of q and the token's key, the key and value
+    written into the caches at ``pos``, and the attention, in one kernel (CUDA, or Triton's interpreter); elsewhere
+    the same in PyTorch.  (B, 1, H, D) out.  ``kernels/fusion.py`` (``fuse_rope``) puts it into compiled steps."""
+    from . import attention as at
+    if q.is_cuda or at._INTERPRETED:
+        return at.decode_attention_rope(q, k_new, v_new, cos, sin, k_cache, v_cache, pos, mask, scale)
+    k_cache.index_copy_(2, pos, at.rope_reference(k_new, cos, sin))
+    v_cache.index_copy_(2, pos, v_new)
+    return at.reference(at.rope_reference(q, cos, sin), k_cache, v_cache, mask, scale)
+
+
+@decode_attention_rope.register_fake
+def _(q, k_new, v_new, cos, sin, k_cache, v_cache, pos, mask, scale):
     return q.new_empty(q.shape[0], 1, q.shape[1], q.shape[3])
