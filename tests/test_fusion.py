@@ -323,3 +323,21 @@ def test_rope_pass_writes_what_the_unfused_compiled_step_writes():
         outs.append((y, args[3], args[4]))
     assert torch.equal(outs[0][1], outs[1][1]) and torch.equal(outs[0][2], outs[1][2])
     assert torch.allclose(outs[0][0].float(), outs[1][0].float(), atol=1e-2, rtol=1e-2)
+
+
+def test_rope_pass_leaves_a_cache_read_before_the_write_alone():
+    """The kernel writes the cache where the attention was: a read of the cache before the write must keep the
+    unfused graph (it would see the new row otherwise)."""
+    import torch._dynamo
+
+    def f(qkv, cos, sin, kc, vc, pos, mask):
+        before = kc[:, :, 5].float().sum()
+        return attn_step(qkv, cos, sin, kc, vc, pos, mask).float().sum() + before
+    torch._dynamo.reset()
+    p = FusePackedLinear(glu=False, norm=False, rope=True)
+    args = _rope_inputs()
+    want = f(*args[:3], *[t.clone() for t in args[3:5]], *args[5:])
+    with torch.no_grad():
+        got = torch.compile(f, options={"post_grad_custom_post_pass": p, "fx_graph_cache": False})(*args)
+    assert p.counts["rope"] == 0
+    assert torch.allclose(got, want, rtol=1e-2)

@@ -333,9 +333,10 @@ def _rope_of(node):
 
 
 def _cache_write(node, pos=None):
-    """(cache, pos, value) where ``node`` is ``index_put(cache, [None, None, pos], value)`` into a graph input (the
-    functionalized ``cache.index_copy_(2, pos, value)`` of a one-token step), read only by one attention and the
-    copy back into the input; else None."""
+    """(cache, pos, value, the copy back) where ``node`` is ``index_put(cache, [None, None, pos], value)`` into a
+    graph input (the functionalized ``cache.index_copy_(2, pos, value)`` of a one-token step), read only by one
+    other node (the attention) and the copy back into the input; else None.  ``pos``: the position node it must
+    use."""
     if not (_is(node, aten.index_put.default) and len(node.args) >= 3 and not (node.args[3:4] or [False])[0]):
         return None
     cache, idx, value = node.args[:3]
@@ -346,8 +347,8 @@ def _cache_write(node, pos=None):
     if (pos is not None and p is not pos) or _val(p) is None or _val(p).numel() != 1:
         return None
     copies = [u for u in node.users if _is(u, aten.copy_.default) and u.args[0] is cache and u.args[1] is node]
-    if len(copies) != 1 or len(node.users) != 2:
-        return None
+    if len(copies) != 1 or len(node.users) != 2 or set(cache.users) != {node, copies[0]}:
+        return None                     # (nothing else may read the cache before or after the write either)
     return cache, p, value, copies[0]
 
 
@@ -405,7 +406,8 @@ def _pass_base():
 
 class FusePackedLinear(_pass_base()):
     """The post-grad pass (``torch._inductor.config.post_grad_custom_post_pass``): ``fuse_glu`` with ``glu``,
-    then ``fuse_norm`` with ``norm``, then ``fuse_rope`` with ``rope``.  ``rewrites`` counts the matches over every graph it saw, ``counts`` by
+    then ``fuse_norm`` with ``norm``, then ``fuse_rope`` with ``rope``.  ``rewrites`` counts the matches over
+    every graph it saw, ``counts`` by
     rewrite (a graph inductor takes from its cache is not seen again)."""
 
     def __init__(self, glu: bool = True, norm: bool = True, rope: bool = True):
