@@ -38,7 +38,13 @@ for c in cases:
         os.environ["BINARYLLM_ATTN_CONFIG"] = c["cfg"]
     else:
         os.environ.pop("BINARYLLM_ATTN_CONFIG", None)
-    out.append(A.decode_attention(c["q"], c["k"], c["v"], c["mask"], c["scale"]))
+    if "kn" in c:         # decode_attention_rope: the output and the caches it wrote into
+        kc, vc = c["kc"].clone(), c["vc"].clone()
+        y = A.decode_attention_rope(c["q"], c["kn"], c["vn"], c["cos"], c["sin"], kc, vc, c["pos"], c["mask"],
+                                    c["scale"])
+        out.append((y, kc, vc))
+    else:
+        out.append(A.decode_attention(c["q"], c["k"], c["v"], c["mask"], c["scale"]))
 torch.save(out, sys.argv[2])
 """
 
@@ -60,14 +66,17 @@ def _run_child(code: str, *args, timeout=600) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def interpreted(tmp_path_factory):
-    d = tmp_path_factory.mktemp("attn")
-    cases = [_case(*c) for c in CASES]
+def _interpret(d, cases):
+    """(cases, the kernel's outputs on them) from a child process under Triton's interpreter."""
     torch.save(cases, d / "in.pt")
     r = _run_child(_CHILD, d / "in.pt", d / "out.pt")
     assert r.returncode == 0, r.stderr[-3000:]
     return cases, torch.load(d / "out.pt")
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    return _interpret(tmp_path_factory.mktemp("attn"), [_case(*c) for c in CASES])
 
 
 @pytest.mark.parametrize("i", range(len(CASES)))
@@ -97,23 +106,6 @@ ROPE_CASES = [
     (2, 6, 2, 40, 48, "none", None, 0, False),         # head size not a power of 2, no mask
 ]
 
-_ROPE_CHILD = r"""
-import os, sys, torch
-from binaryllm.kernels import attention as A
-cases = torch.load(sys.argv[1])
-out = []
-for c in cases:
-    if c["cfg"]:
-        os.environ["BINARYLLM_ATTN_CONFIG"] = c["cfg"]
-    else:
-        os.environ.pop("BINARYLLM_ATTN_CONFIG", None)
-    kc, vc = c["kc"].clone(), c["vc"].clone()
-    y = A.decode_attention_rope(c["q"], c["kn"], c["vn"], c["cos"], c["sin"], kc, vc, c["pos"], c["mask"], c["scale"])
-    out.append((y, kc, vc))
-torch.save(out, sys.argv[2])
-"""
-
-
 def _rope_case(B, H, KVH, L, D, kind, cfg, pos, per_seq, dtype=torch.float16, device="cpu"):
     """q, k, v of the token as views of one projection output (B, 1, (H + 2 KVH) D), as the fused q/k/v layer
     gives them; cos/sin of a position (B or 1, 1, 1, D); caches filled with noise."""
@@ -141,12 +133,7 @@ def _rope_expected(c):
 
 @pytest.fixture(scope="module")
 def interpreted_rope(tmp_path_factory):
-    d = tmp_path_factory.mktemp("rope")
-    cases = [_rope_case(*c) for c in ROPE_CASES]
-    torch.save(cases, d / "in.pt")
-    r = _run_child(_ROPE_CHILD, d / "in.pt", d / "out.pt")
-    assert r.returncode == 0, r.stderr[-3000:]
-    return cases, torch.load(d / "out.pt")
+    return _interpret(tmp_path_factory.mktemp("rope"), [_rope_case(*c) for c in ROPE_CASES])
 
 
 @pytest.mark.parametrize("i", range(len(ROPE_CASES)))
