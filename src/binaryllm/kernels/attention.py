@@ -92,7 +92,7 @@ def _rope(x_ptr, d, D: tl.constexpr, ok, c, s):
     """x * cos + rotate_half(x) * sin in fp32 for a row of D values at x_ptr (2-D offsets in ``d``)."""
     HALF: tl.constexpr = D // 2
     x = tl.load(x_ptr + d, mask=ok, other=0.0).to(tl.float32)
-    lo = d % D < HALF
+    lo = d < HALF                                       # (offsets past D are masked)
     xr = tl.load(x_ptr + tl.where(lo, d + HALF, d - HALF), mask=ok, other=0.0).to(tl.float32)
     return x * c + tl.where(lo, -xr, xr) * s
 
@@ -286,14 +286,15 @@ def _launch(q, k, v, mask, scale, rope):
     nc = triton.cdiv(L, chunk)
     pdl = not _INTERPRETED and q.is_cuda and has_pdl(q.device.index or 0)
     extra = {"launch_pdl": True} if pdl else {}
+    rope_args = {}
     if rope is not None:
         k_new, v_new, cos, sin, pos = rope
         q, k_new, v_new, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_new, v_new, cos, sin))
         if k.stride(-1) != 1 or v.stride(-1) != 1:
             raise ValueError("decode_attention_rope writes into the caches: their last dimension must be contiguous")
-        extra.update(ROPE=True, kn_ptr=k_new, vn_ptr=v_new, cos_ptr=cos, sin_ptr=sin, pos_ptr=pos,
-                     s_knb=k_new.stride(0), s_knh=k_new.stride(1), s_vnb=v_new.stride(0), s_vnh=v_new.stride(1),
-                     s_cb=cos.stride(0) if cos.shape[0] > 1 else 0, s_sb=sin.stride(0) if sin.shape[0] > 1 else 0)
+        rope_args = dict(ROPE=True, kn_ptr=k_new, vn_ptr=v_new, cos_ptr=cos, sin_ptr=sin, pos_ptr=pos,
+                         s_knb=k_new.stride(0), s_knh=k_new.stride(1), s_vnb=v_new.stride(0), s_vnh=v_new.stride(1),
+                         s_cb=cos.stride(0) if cos.shape[0] > 1 else 0, s_sb=sin.stride(0) if sin.shape[0] > 1 else 0)
     if nc > 1:
         po = torch.empty(B * KVH * nc * GP, DP, device=q.device, dtype=torch.float32)
         pml = torch.empty(B * KVH * nc * GP, 2, device=q.device, dtype=torch.float32)
@@ -303,11 +304,10 @@ def _launch(q, k, v, mask, scale, rope):
                                 scale * _LOG2E.value, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                                 k.stride(2), v.stride(0), v.stride(1), v.stride(2), s_mb, s_ml, out.stride(0),
                                 out.stride(2), G=G, GP=GP, D=D, DP=DP, BLOCK_N=bn, CHUNK_N=chunk, MASK=kind,
-                                SPLIT=nc > 1, PDL=pdl, SKIP=skip, num_warps=warps, **extra)
+                                SPLIT=nc > 1, PDL=pdl, SKIP=skip, num_warps=warps, **extra, **rope_args)
     if nc > 1:
         _combine_kernel[(B * KVH,)](po, pml, out, nc, KVH, out.stride(0), out.stride(2), NCP=_pow2(nc, 1), G=G,
-                                    GP=GP, D=D, DP=DP, PDL=pdl, num_warps=4,
-                                    **({"launch_pdl": True} if pdl else {}))
+                                    GP=GP, D=D, DP=DP, PDL=pdl, num_warps=4, **extra)
     return out
 
 

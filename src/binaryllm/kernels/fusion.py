@@ -322,9 +322,10 @@ def _rope_of(node):
             if hi is None or clo is None or hi[0] is not clo[0]:
                 continue
             x, xv = hi[0], _val(hi[0])
-            D = xv.shape[-1] if xv is not None else 0
-            if dim not in (-1, xv.dim() - 1 if xv is not None else -1) or D % 2 or hi[1:] != (D // 2, D) \
-                    or clo[1:] != (0, D // 2):
+            if xv is None or dim not in (-1, xv.dim() - 1):
+                continue
+            D = xv.shape[-1]
+            if D % 2 or hi[1:] != (D // 2, D) or clo[1:] != (0, D // 2):
                 continue
             for a, cos in (m1.args[:2], m1.args[1::-1]):
                 if a is x and isinstance(cos, torch.fx.Node) and isinstance(sin, torch.fx.Node):
