@@ -73,7 +73,8 @@ def main() -> None:
             default = mw.default_config
             for label, table in [("default", None)] + list(variants.items()):
                 t = {tuple(map(int, k.split("x"))): tuple(v) for k, v in (table or {}).items()}
-                mw.default_config = lambda M, N, K, t=t: t[(N, K)] if M == 1 and (N, K) in t else default(M, N, K)
+                mw.default_config = lambda M, N, K, norm=False, t=t: (t[(N, K)] if M == 1 and (N, K) in t
+                                                                     else default(M, N, K, norm))
                 decs[label] = capture(model, max_len)       # the tiles are fixed in the captured graph
             mw.default_config = default
             res = {"variants": variants, **time_blocks(decs, blocks)}

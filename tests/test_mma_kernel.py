@@ -136,8 +136,16 @@ def test_default_tiles_follow_the_measured_rules():
     # k-groups; 2-8 rows and larger matrices keep the one-chain tile
     assert mw.default_config(1, 4096, 4096) == mw.MMA_CONFIG_1_XS == (1, 4, 4, 0, 1, 4, 1)
     assert mw.default_config(1, 12288, 4096) == (1, 4, 4, 0, 1, 4, 1)
-    assert mw.default_config(1, 4096, 11008) == mw.MMA_CONFIG_1_XS_LONG == (1, 4, 2, 0, 1, 4, 1)
+    assert mw.default_config(1, 4096, 11008) == mw.MMA_CONFIG_1_XS_LONG == (1, 8, 2, 0, 1, 4, 1)
     assert mw.default_config(1, 22016, 4096) == mw.default_config(1, 8192, 8192) == mw.MMA_CONFIG_1
+    # a large matrix read through the RMSNorm prologue (Llama-7B's gate/up) takes 32-row programs: one wave
+    assert mw.default_config(1, 22016, 4096, norm=True) == mw.MMA_CONFIG_1_NORM == (2, 2, 8, 0, 1, 1, 1)
+    assert mw.default_config(1, 12288, 4096, norm=True) == mw.MMA_CONFIG_1_NORM_XS == (1, 2, 8, 0, 1, 4, 1)
+    assert mw.default_config(1, 3072, 576, norm=True) == mw.default_config(1, 3072, 576)   # one k-group a warp
+    grid, meta = mw.launch_config(1, 22016, 4096, True, False, has_pdl=True, pairs=11008, gated=True,
+                                  norm_parts=256)
+    assert grid == (688,) and meta["RT"] == 2 and meta["XS"] == meta["NORM"] == 1 and meta["CHAINS"] == 1
+    assert mw.launch_config(1, 22016, 4096, True, False)[0] == (1376,)                  # without the prologue
     assert mw.default_config(2, 4096, 4096) == mw.MMA_CONFIG_1
     assert mw.launch_config(1, 4096, 4096, True, False)[1]["XS"] == 1
     # a gated gate/up kernel keeps PDL when small (SmolLM2's), not when large (Llama-7B's): the H100 decode steps
@@ -294,7 +302,7 @@ def test_norm_prologue_compiles_with_the_weight_before_the_wait(N, K, pairs):
     """NORM (one row; it turns XS on): the norm weight is loaded before griddepcontrol.wait (it is a weight), the
     partial sums and x after it, one rsqrt a thread; the tensor-core work is the XS kernel's."""
     ptx, const = _ptx(N, K, 1, None, pairs=pairs, gated=bool(pairs), norm_parts=256)
-    rt, w, ch, *rest = mw.default_config(1, N, K)
+    rt, w, ch, *rest = mw.default_config(1, N, K, norm=True)
     fence, pdl, chains = (list(rest) + [1, 1, 1][len(rest):])[:3]
     xs = _ptx(N, K, 1, (rt, w, ch, fence, pdl, chains, 1), pairs=pairs, gated=bool(pairs))[0]   # the same, no norm
     assert const["NORM"] == const["XS"] == 1 and const["NPP"] == 256

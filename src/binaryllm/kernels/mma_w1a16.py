@@ -74,11 +74,19 @@ GROUP_K = 64 * KG    # columns of a k-group
 # chains (MMA_CONFIG_1_XS; MMA_CONFIG_1_XS_LONG, CH 2, above 16 k-groups): alone 19% faster on 4096^2, 16% on
 # 4096x11008, 4% slower on 12288x4096, and the Llama-7B decode step 4% faster in the same process; at 8192^2 it
 # was 1-5% slower, so matrices of XS_MAX weights and more keep their tiles (docs/RESULTS.md, thirteenth session).
+# Seventeenth session, H100 Llama-7B decode steps in one process (docs/RESULTS.md): above 16 k-groups the XS tile
+# splits K 8 ways, not 4 (4096x11008, 256 programs: 6 rounds a warp became 3; step 1265 -> 1223 us); one row read
+# through the RMSNorm prologue (NORM, which needs XS) takes 2 warps of 8 k-groups: for a matrix of XS_MAX weights
+# or more (Llama-7B's gate/up, 22016x4096) in 32-row programs with one chain (MMA_CONFIG_1_NORM: its 1376 16-row
+# programs at 48 registers a thread were 1.04 waves of the 1320 that fit at once; 4 warps 1207, 2 warps 1190-1194
+# us with the down tile), below it with four chains (12288x4096, MMA_CONFIG_1_NORM_XS: 0.4% in two runs).
 # BINARYLLM_MMA_CONFIG overrides all
 MMA_CONFIG_1 = (1, 4, 4, 0, 1)
 MMA_CONFIG_1_LARGE = (2, 4, 2, 1, 1)
 MMA_CONFIG_1_XS = (1, 4, 4, 0, 1, 4, 1)
-MMA_CONFIG_1_XS_LONG = (1, 4, 2, 0, 1, 4, 1)         # above 16 k-groups
+MMA_CONFIG_1_XS_LONG = (1, 8, 2, 0, 1, 4, 1)         # above 16 k-groups
+MMA_CONFIG_1_NORM = (2, 2, 8, 0, 1, 1, 1)            # XS_MAX weights or more, RMSNorm prologue
+MMA_CONFIG_1_NORM_XS = (1, 2, 8, 0, 1, 4, 1)         # fewer, up to 16 k-groups, RMSNorm prologue
 MMA_CONFIG_16 = (2, 4, 4, 1, 1)
 LARGE = 2 ** 27
 XS_MAX = 2 ** 26
@@ -88,10 +96,16 @@ PDL_DEFAULT = 1
 # (22016x4096, 1376 programs) 1608 us with PDL, 1437 without, 1458 without the gating pass; SmolLM2 (3072x576, 192
 # programs) 506 us with PDL, 548 without, 550 without the pass.  Sizes in between were not measured.
 GATED_PDL_MAX = XS_MAX
+# where a kernel lets the next one launch (griddepcontrol.launch_dependents): 1 right after its own wait, 2 after its
+# tensor-core loop, 0 not at all (then the next kernel launches when this one ends).  GATED_TRIGGER: the same for a
+# kernel that GATED_PDL_MAX launches without PDL (the instruction does not need this kernel launched with PDL)
+TRIGGER = 1
+GATED_TRIGGER = 0
 
 
-def default_config(M: int, N: int, K: int) -> tuple:
-    """The measured default tile for M rows of an (N, K) matrix (see the constants above)."""
+def default_config(M: int, N: int, K: int, norm: bool = False) -> tuple:
+    """The measured default tile for M rows of an (N, K) matrix, ``norm`` for a kernel with the RMSNorm prologue
+    (see the constants above)."""
     KB = tile_shape(N, K)[1]
     if M > 8:
         return MMA_CONFIG_16
@@ -99,6 +113,10 @@ def default_config(M: int, N: int, K: int) -> tuple:
         return MMA_CONFIG_1_LARGE
     if KB <= 8:                                       # one k-group a warp: 1, 2, 4 or 8 warps
         return (1, 1 << (KB - 1).bit_length(), 2, 0, 1, 4)
+    if M == 1 and norm and N * K >= XS_MAX:
+        return MMA_CONFIG_1_NORM
+    if M == 1 and norm and KB <= 16:
+        return MMA_CONFIG_1_NORM_XS
     if M == 1 and N * K < XS_MAX:
         return MMA_CONFIG_1_XS if KB <= 16 else MMA_CONFIG_1_XS_LONG
     return MMA_CONFIG_1
@@ -314,7 +332,7 @@ def _build():
                BF16: gl.constexpr, HAS_BIAS: gl.constexpr, EVEN: gl.constexpr,
                FENCE: gl.constexpr, PDL: gl.constexpr, CHAINS: gl.constexpr = 1, XS: gl.constexpr = 0,
                PAIRS: gl.constexpr = 0, GATED: gl.constexpr = 0, RES: gl.constexpr = 0, NORM: gl.constexpr = 0,
-               NPP: gl.constexpr = 1):
+               NPP: gl.constexpr = 1, TRIG: gl.constexpr = 0):
         """Program: 16 RT rows; warp s: k-groups s KBL ... s KBL + KBL - 1, CH of them per round (all of a
         round's loads are issued before its tensor-core work: ptxas does not hoist loads across rounds).
         RES: y = residual (r_ptr) + the product, and the program's sum of y^2 over its rows, one float a row of x,
@@ -371,6 +389,7 @@ def _build():
             words0 = _load_words(w_ptr, woff, 0, s, rt, ch, KB, KBL, CH, N, EVEN)
             gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False,
                                       pack=1)
+        if TRIG == 1:
             gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
                                       is_pure=False, pack=1)
         if XS:
@@ -424,6 +443,9 @@ def _build():
                 xv = gl.convert_layout(gl.reshape(xv, [4 * S, BK // 4, NB]), lb, assert_trivial=True)
             acc = mma_v2(a, xv, acc)
 
+        if TRIG == 2:
+            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
+                                      is_pure=False, pack=1)
         out = gl.sum(acc, axis=0)                                   # [BN, NB]: the warps' K slices added
         ol: gl.constexpr = gl.SliceLayout(0, mma)
         offs_n = pid * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, ol))
@@ -463,9 +485,9 @@ def _build():
     return kernel
 
 
-def tile_config(M: int, N: int, K: int, config: tuple | None = None) -> tuple:
+def tile_config(M: int, N: int, K: int, config: tuple | None = None, norm: bool = False) -> tuple:
     """The tile config a launch uses: ``config``, else BINARYLLM_MMA_CONFIG, else ``default_config``."""
-    return config or _ENV_CONFIG or default_config(M, N, K)
+    return config or _ENV_CONFIG or default_config(M, N, K, norm)
 
 
 def res_parts(M: int, N: int, K: int, config: tuple | None = None) -> tuple[int, int]:
@@ -554,15 +576,17 @@ def launch_config(M: int, N: int, K: int, bf16: bool, has_bias: bool, config: tu
     for the residual epilogue; NORM (and XS, which it needs) for an RMSNorm of x from ``norm_parts`` partial
     sums."""
     import triton
-    rt, warps, ch, *rest = tile_config(M, N, K, config)
+    rt, warps, ch, *rest = tile_config(M, N, K, config, norm_parts > 0)
     fence, pdl, chains, xs = (list(rest) + [1, PDL_DEFAULT, 1, 0][len(rest):])[:4]
     NT, KB = tile_shape(N, K)
     kbl = triton.cdiv(KB, warps)
     ch = min(ch, triton.next_power_of_2(kbl))
     even = K == KB * GROUP_K and KB % warps == 0 and kbl % ch == 0 and NT % rt == 0 and N == NT * 16
+    pdl_ok = bool(pdl) and has_pdl
+    launch = pdl_ok and not (gated and N * K >= GATED_PDL_MAX)
     return (triton.cdiv(NT, rt),), dict(KB=KB, RT=rt, NB=8 if M <= 8 else 16, W=warps, CH=ch, BF16=bf16,
                                         HAS_BIAS=has_bias, EVEN=even, FENCE=bool(fence),
-                                        PDL=bool(pdl) and has_pdl and not (gated and N * K >= GATED_PDL_MAX),
+                                        PDL=launch, TRIG=(TRIGGER if launch else GATED_TRIGGER) if pdl_ok else 0,
                                         CHAINS=chains, XS=int((bool(xs) or norm_parts > 0) and M == 1),
                                         PAIRS=int(bool(pairs)), GATED=int(gated), RES=int(res),
                                         NORM=int(norm_parts > 0), NPP=triton.next_power_of_2(max(norm_parts, 1)))
