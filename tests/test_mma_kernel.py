@@ -318,6 +318,19 @@ def test_norm_prologue_compiles_with_the_weight_before_the_wait(N, K, pairs):
                       torch.ones(N).half(), N, K, norm=(torch.zeros(2, 3), torch.ones(K), 1e-5))
 
 
+def test_large_gated_kernel_lets_the_next_launch_after_its_loop_without_waiting_itself():
+    """Llama-7B's gate/up (norm + gated, GATED_PDL_MAX weights or more) is launched without PDL, so it has no
+    griddepcontrol.wait; it still lets the next kernel (the down projection) launch, after its last tensor-core op
+    (GATED_TRIGGER 2); the smaller gated kernel (SmolLM2's) waits and triggers at the start as every other one."""
+    big, const = _ptx(22016, 4096, 1, None, pairs=11008, gated=True, norm_parts=256)
+    assert not const["PDL"] and const["TRIG"] == mw.GATED_TRIGGER == 2
+    assert "griddepcontrol.wait" not in big
+    assert big.index("griddepcontrol.launch_dependents") > big.rindex("mma.sync")
+    small, const = _ptx(3072, 576, 1, None, pairs=1536, gated=True, norm_parts=64)
+    assert const["PDL"] and const["TRIG"] == 1
+    assert small.index("griddepcontrol.wait") < small.index("griddepcontrol.launch_dependents") < small.index("mma.sync")
+
+
 def test_partial_sums_and_norm_reference():
     """res_partials are sums of y^2 over each program's rows; rms_norm from them is transformers' RMSNorm."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm

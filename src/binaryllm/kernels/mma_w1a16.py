@@ -96,11 +96,15 @@ PDL_DEFAULT = 1
 # (22016x4096, 1376 programs) 1608 us with PDL, 1437 without, 1458 without the gating pass; SmolLM2 (3072x576, 192
 # programs) 506 us with PDL, 548 without, 550 without the pass.  Sizes in between were not measured.
 GATED_PDL_MAX = XS_MAX
-# where a kernel lets the next one launch (griddepcontrol.launch_dependents): 1 right after its own wait, 2 after its
-# tensor-core loop, 0 not at all (then the next kernel launches when this one ends).  GATED_TRIGGER: the same for a
-# kernel that GATED_PDL_MAX launches without PDL (the instruction does not need this kernel launched with PDL)
+# GATED_PDL: launch it with PDL all the same (off).  Where a kernel lets the next one launch
+# (griddepcontrol.launch_dependents, which does not need the kernel itself launched with PDL): TRIGGER 1 right after
+# its own wait, 2 after its tensor-core loop, 0 not at all (the next kernel launches when this one ends);
+# GATED_TRIGGER the same for the large gated kernel.  Seventeenth session, Llama-7B step with the one-wave gate/up
+# tile (MMA_CONFIG_1_NORM): GATED_TRIGGER 2 1173 us, 0 or 1 1193 (with the earlier two-wave tile 1 was 10% slower
+# and 2 equal); TRIGGER 2 for every kernel 9% slower
+GATED_PDL = False
 TRIGGER = 1
-GATED_TRIGGER = 0
+GATED_TRIGGER = 2
 
 
 def default_config(M: int, N: int, K: int, norm: bool = False) -> tuple:
@@ -583,10 +587,11 @@ def launch_config(M: int, N: int, K: int, bf16: bool, has_bias: bool, config: tu
     ch = min(ch, triton.next_power_of_2(kbl))
     even = K == KB * GROUP_K and KB % warps == 0 and kbl % ch == 0 and NT % rt == 0 and N == NT * 16
     pdl_ok = bool(pdl) and has_pdl
-    launch = pdl_ok and not (gated and N * K >= GATED_PDL_MAX)
+    large_gated = gated and N * K >= GATED_PDL_MAX
+    launch = pdl_ok and (GATED_PDL or not large_gated)
     return (triton.cdiv(NT, rt),), dict(KB=KB, RT=rt, NB=8 if M <= 8 else 16, W=warps, CH=ch, BF16=bf16,
                                         HAS_BIAS=has_bias, EVEN=even, FENCE=bool(fence),
-                                        PDL=launch, TRIG=(TRIGGER if launch else GATED_TRIGGER) if pdl_ok else 0,
+                                        PDL=launch, TRIG=(GATED_TRIGGER if large_gated else TRIGGER) if pdl_ok else 0,
                                         CHAINS=chains, XS=int((bool(xs) or norm_parts > 0) and M == 1),
                                         PAIRS=int(bool(pairs)), GATED=int(gated), RES=int(res),
                                         NORM=int(norm_parts > 0), NPP=triton.next_power_of_2(max(norm_parts, 1)))
