@@ -34,7 +34,9 @@ stores of x as tensor-core ops).  Here every layout is spelled out, so
 * on sm_90+ it is launched with programmatic dependent launch (PDL): the weights do not depend on the kernel
   before it, so the first round of them is loaded while that kernel is still running; ``griddepcontrol.wait``
   comes before x is read (and before anything is stored), then ``griddepcontrol.launch_dependents`` lets the next
-  kernel start early in the same way.  Kernels launched without PDL are ordered as usual.  On the H100 this took
+  kernel start early in the same way (TRIG: where, or whether, a kernel does that is apart from how it is launched;
+  Llama-7B's gate/up kernel is launched without PDL but lets the down projection launch after its tensor-core
+  loop).  Kernels launched without PDL are ordered as usual.  On the H100 this took
   the back-to-back batch-1 time at 8192^2 from 8.9 to 6.9 us (best tiles); in a compiled decode step it only
   pays together with torch.compile's own PDL (``decode.compile_options``): its neighbours must take part.
 
@@ -96,7 +98,8 @@ PDL_DEFAULT = 1
 # (22016x4096, 1376 programs) 1608 us with PDL, 1437 without, 1458 without the gating pass; SmolLM2 (3072x576, 192
 # programs) 506 us with PDL, 548 without, 550 without the pass.  Sizes in between were not measured.
 GATED_PDL_MAX = XS_MAX
-# GATED_PDL: launch it with PDL all the same (off).  Where a kernel lets the next one launch
+# GATED_PDL: launch it with PDL all the same (off: with the one-wave tile and GATED_TRIGGER 2, 1190 against 1172 us
+# in a Llama-7B step).  Where a kernel lets the next one launch
 # (griddepcontrol.launch_dependents, which does not need the kernel itself launched with PDL): TRIGGER 1 right after
 # its own wait, 2 after its tensor-core loop, 0 not at all (the next kernel launches when this one ends);
 # GATED_TRIGGER the same for the large gated kernel.  Seventeenth session, Llama-7B step with the one-wave gate/up
@@ -576,9 +579,10 @@ def launch_config(M: int, N: int, K: int, bf16: bool, has_bias: bool, config: tu
     """(grid, the kernel's constexpr arguments) for M rows of a (N, K) matrix: the tile config (argument, else
     BINARYLLM_MMA_CONFIG, else ``default_config``), CH capped at the k-groups a warp has, EVEN when no
     mask is needed, PDL when the config asks for it (default PDL_DEFAULT) and the GPU has it (``has_pdl``), and
-    for a ``gated`` epilogue only below GATED_PDL_MAX weights; PAIRS and GATED for paired tiles (``pairs``); RES
-    for the residual epilogue; NORM (and XS, which it needs) for an RMSNorm of x from ``norm_parts`` partial
-    sums."""
+    for a ``gated`` epilogue only below GATED_PDL_MAX weights (unless GATED_PDL); TRIG, where the kernel lets the
+    next one launch (TRIGGER, GATED_TRIGGER for the large gated kernel; 0 without PDL on the GPU); PAIRS and GATED
+    for paired tiles (``pairs``); RES for the residual epilogue; NORM (and XS, which it needs) for an RMSNorm of x
+    from ``norm_parts`` partial sums, with its own default tiles (``default_config(norm=True)``)."""
     import triton
     rt, warps, ch, *rest = tile_config(M, N, K, config, norm_parts > 0)
     fence, pdl, chains, xs = (list(rest) + [1, PDL_DEFAULT, 1, 0][len(rest):])[:4]
