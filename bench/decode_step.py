@@ -19,6 +19,9 @@ in docs/RESULTS.md (thirteenth session).
     # without it, packed and bf16 (the bf16 step takes the same attention); prints the greedy tokens and logits of
     # each arm
     PYTHONPATH=src OUT=. python bench/decode_step.py rope llama-7b 6 [max_len]
+    # where the large gated kernel lets the next kernel launch (kernels/mma_w1a16.py TRIG), with or without PDL on
+    # its own launch, and optionally the bf16 step (seventeenth session)
+    PYTHONPATH=src OUT=. python bench/decode_step.py trigger llama-7b 8 [max_len [bf16]]
 """
 import json
 import os
@@ -138,8 +141,32 @@ def main() -> None:
                                         for k in ("packed", "bf16")}
             res["ratio_bf16"] = {k: round(res["median_us"]["bf16" + k] / res["median_us"]["packed" + k], 3)
                                  for k in ("", "-norope")}
+        elif mode == "trigger":
+            # where the large gated kernel (Llama-7B's gate/up) lets the down projection launch, and whether it is
+            # launched with PDL itself: (GATED_PDL, TRIGGER, GATED_TRIGGER) of kernels/mma_w1a16.py per variant
+            max_len = int(sys.argv[4]) if len(sys.argv) > 4 else 144
+            model = bench.random_model(name, torch.bfloat16, "cuda").eval()
+            bench.random_packed_(model)
+            keep = (mw.GATED_PDL, mw.TRIGGER, mw.GATED_TRIGGER)
+            variants = {"default": keep, "gate/up no trigger": (False, 1, 0),
+                        "gate/up trigger after wait": (False, 1, 1),
+                        "gate/up trigger after loop": (False, 1, 2), "gate/up PDL, trigger after wait": (True, 1, 1),
+                        "gate/up PDL, trigger after loop": (True, 1, 2), "every trigger after loop": (False, 2, 2)}
+            for label, v in variants.items():
+                mw.GATED_PDL, mw.TRIGGER, mw.GATED_TRIGGER = v
+                decs[label] = capture(model, max_len)       # fixed in the captured graph
+                print(label, "tokens", decs[label].tokens, flush=True)
+            mw.GATED_PDL, mw.TRIGGER, mw.GATED_TRIGGER = keep
+            if "bf16" in sys.argv[5:]:
+                model = None
+                decs["bf16"] = capture(bench.random_model(name, torch.bfloat16, "cuda").eval(), max_len)
+            res = {"variants": {k: list(v) for k, v in variants.items()}, **time_blocks(decs, blocks)}
+            res["speedup_vs_default"] = {k: round(res["median_us"]["default"] / v, 3)
+                                         for k, v in res["median_us"].items()}
+            if "bf16" in decs:
+                res["ratio_bf16"] = {k: round(res["median_us"]["bf16"] / v, 3) for k, v in res["median_us"].items()}
         else:
-            raise SystemExit(f"mode {mode!r} is not tiles, bf16, glu, passes or rope")
+            raise SystemExit(f"mode {mode!r} is not tiles, bf16, glu, passes, rope or trigger")
     res.update(model=name, max_len=max_len, device=torch.cuda.get_device_name())
     print(json.dumps({k: v for k, v in res.items() if k != "us"}), flush=True)
     json.dump(res, open(os.path.join(os.environ.get("OUT", "."), f"decode_step-{mode}-{name}.json"), "w"), indent=1)

@@ -328,7 +328,8 @@ def test_large_gated_kernel_lets_the_next_launch_after_its_loop_without_waiting_
     assert big.index("griddepcontrol.launch_dependents") > big.rindex("mma.sync")
     small, const = _ptx(3072, 576, 1, None, pairs=1536, gated=True, norm_parts=64)
     assert const["PDL"] and const["TRIG"] == 1
-    assert small.index("griddepcontrol.wait") < small.index("griddepcontrol.launch_dependents") < small.index("mma.sync")
+    wait, trigger = small.index("griddepcontrol.wait"), small.index("griddepcontrol.launch_dependents")
+    assert wait < trigger < small.index("mma.sync")
 
 
 def test_partial_sums_and_norm_reference():
@@ -415,3 +416,20 @@ def test_paired_and_gated_kernel_on_the_gpu(M, N, K):
         # the rounding of eager PyTorch on y, up to the last bit of silu (the kernel's exp is ex2.approx)
         ref_h = silu_mul(y, P).float()
         assert h.shape == (M, P) and torch.allclose(h.float(), ref_h, rtol=2 ** -7, atol=1e-6), cfg
+
+
+def test_bench_kernel_patches_still_apply():
+    """bench/mma_hot.py and bench/mma_noconv.py time patched copies of the kernel source: each anchor must be in it
+    exactly once, and the patched copy must import with the patches in place (the row tile folded to program 0's,
+    no shl conversion), so that a change to the kernel breaks here rather than on the GPU."""
+    import importlib.util
+    root = os.path.join(os.path.dirname(__file__), "..", "bench")
+    spec = importlib.util.spec_from_file_location("mma_hot_script", os.path.join(root, "mma_hot.py"))
+    hot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hot)                               # imports only; main() is not run
+    assert hot.SRC.count(hot.WOFF) == 1 and hot.SRC.count(hot.CONV) == 1
+    both = hot.patched("test_hot_noconv", True, True)
+    src = open(both.__file__).read()
+    assert "(rt % RT) * KB" in src and "shl.b32" not in src and both.KG == mw.KG
+    noconv = open(os.path.join(root, "mma_noconv.py")).read()
+    assert hot.CONV in noconv
