@@ -5,7 +5,6 @@ in the same process.  CUDA only; results in docs/RESULTS.md (twelfth session).
 
     PYTHONPATH=src OUT=. python bench/mma_noconv.py          # writes ./noconv.json
 """
-import importlib.util
 import json
 import os
 
@@ -13,15 +12,9 @@ import torch
 from binaryllm.bench import _copies, _gpu_time
 from binaryllm.export.bits import pack_signs
 from binaryllm.kernels import mma_w1a16 as mw
+from mma_hot import patched          # bench/ is the script's directory: the same patch as mma_hot.py's "noconv"
 
-src = open(mw.__file__).read()
-old = 'return (f"{{ .reg .b32 t; shl.b32 t, $1, {15 - i}; lop3.b32 $0, t, 0x80008000, {pair:#x}, 0x6a; }}")'
-assert old in src
-src = src.replace(old, 'return f"xor.b32 $0, $1, {pair ^ (i << 3):#x};"')
-path = os.path.join(os.environ.get("TMPDIR", "/tmp"), "mma_noconv.py")
-open(path, "w").write(src)
-spec = importlib.util.spec_from_file_location("binaryllm.kernels.mma_noconv", path)
-nc = importlib.util.module_from_spec(spec); nc.__package__ = "binaryllm.kernels"; spec.loader.exec_module(nc)
+nc = patched("noconv", hot=False, noconv=True)
 dev = "cuda"
 
 
