@@ -324,6 +324,12 @@ def _build():
         return gl.split(gl.permute(gl.reshape(t, [RT, 2, 8, NB]), (0, 2, 3, 1)))
 
     @gluon.jit
+    def _launch_dependents():
+        # PDL: the next kernel may launch now (it still waits for this one to end before it reads what it wrote)
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
+                                  pack=1)
+
+    @gluon.jit
     def _load_words(w_ptr, woff, rnd: gl.constexpr, s, rt, ch, KB: gl.constexpr, KBL: gl.constexpr,
                     CH: gl.constexpr, N, EVEN: gl.constexpr):
         if EVEN:
@@ -397,8 +403,7 @@ def _build():
             gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False,
                                       pack=1)
         if TRIG == 1:
-            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
-                                      is_pure=False, pack=1)
+            _launch_dependents()
         if XS:
             xv0 = gl.load(x_ptr + fcol, mask=f_ok, other=0.0)
             if NORM:
@@ -451,8 +456,7 @@ def _build():
             acc = mma_v2(a, xv, acc)
 
         if TRIG == 2:
-            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
-                                      is_pure=False, pack=1)
+            _launch_dependents()
         out = gl.sum(acc, axis=0)                                   # [BN, NB]: the warps' K slices added
         ol: gl.constexpr = gl.SliceLayout(0, mma)
         offs_n = pid * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, ol))
