@@ -252,7 +252,7 @@ def fuse_norm(graph: torch.fx.Graph) -> int:
     from . import ops  # noqa: F401  (registers the binaryllm ops)
     b = torch.ops.binaryllm
     plain, gated = b.w1a16.default, b.w1a16_gated.default
-    made: dict = {}                         # h of a w1a16_res -> (h, partials): its consumers so far
+    made: dict = {}                         # h of a w1a16_res -> its partial sums, for the other consumers
     done = 0
     for c in list(graph.nodes):
         if not (_is(c, plain, gated) and _has_tiles(c) and c.args[4] is None):
@@ -284,15 +284,15 @@ def fuse_norm(graph: torch.fx.Graph) -> int:
             h.replace_all_uses_with(hn)
             graph.erase_node(h)
             _erase_dead(y)
-            made[hn] = (hn, part)
+            made[hn] = part
             h = hn                          # later consumers of the same norm read hn now
             done += 1
-        hn, part = made[h]
+        part = made[h]
         is_gated = c.target is gated
         P = c.args[7] if is_gated else _pairs_arg(c)
         with graph.inserting_before(c):
             new = graph.call_function(b.w1a16_norm.default,
-                                      (hn, part, w, eps, c.args[1], c.args[2], K, c.args[5], c.args[6], P, is_gated))
+                                      (h, part, w, eps, c.args[1], c.args[2], K, c.args[5], c.args[6], P, is_gated))
         _keep_meta(new, c)
         x = c.args[0]
         c.replace_all_uses_with(new)
@@ -408,8 +408,7 @@ def _pass_base():
 class FusePackedLinear(_pass_base()):
     """The post-grad pass (``torch._inductor.config.post_grad_custom_post_pass``): ``fuse_glu`` with ``glu``,
     then ``fuse_norm`` with ``norm``, then ``fuse_rope`` with ``rope``.  ``rewrites`` counts the matches over
-    every graph it saw, ``counts`` by
-    rewrite (a graph inductor takes from its cache is not seen again)."""
+    every graph it saw, ``counts`` by rewrite (a graph inductor takes from its cache is not seen again)."""
 
     def __init__(self, glu: bool = True, norm: bool = True, rope: bool = True):
         self.glu, self.norm, self.rope = glu, norm, rope
