@@ -22,8 +22,6 @@ in docs/RESULTS.md (thirteenth session).
     # where the large gated kernel lets the next kernel launch (kernels/mma_w1a16.py TRIG), with or without PDL on
     # its own launch, and optionally the bf16 step (seventeenth session)
     PYTHONPATH=src OUT=. python bench/decode_step.py trigger llama-7b 8 [max_len [bf16]]
-    # the mma kernel's class conversion against the sign conversion (CLASS_CONV; eighteenth session)
-    PYTHONPATH=src OUT=. python bench/decode_step.py conv llama-7b 8 [max_len [bf16]]
 """
 import json
 import os
@@ -167,33 +165,8 @@ def main() -> None:
                                          for k, v in res["median_us"].items()}
             if "bf16" in decs:
                 res["ratio_bf16"] = {k: round(res["median_us"]["bf16"] / v, 3) for k, v in res["median_us"].items()}
-        elif mode == "conv":
-            # the mma kernel's "class" conversion of the sign bits (one lop3 a register, with x doubled in two of
-            # four column classes and a sum of x subtracted at the end; kernels/mma_w1a16.py CLASS_CONV) against
-            # the shift + lop3 "sign" conversion, on the same tiles
-            max_len = int(sys.argv[4]) if len(sys.argv) > 4 else 144
-            model = bench.random_model(name, torch.bfloat16, "cuda").eval()
-            bench.random_packed_(model)
-            keep = (mw.CLASS_CONV, mw.CLASS_NORM_ONLY)
-            variants = {"class": (True, False), "sign": (False, False), "class in NORM kernels": (True, True)}
-            logits = {}
-            for label, v in variants.items():
-                mw.CLASS_CONV, mw.CLASS_NORM_ONLY = v
-                decs[label] = capture(model, max_len)       # fixed in the captured graph
-                logits[label] = decs[label].out.float().clone()
-                print(label, "tokens", decs[label].tokens, flush=True)
-            mw.CLASS_CONV, mw.CLASS_NORM_ONLY = keep
-            print("logits max |diff|", (logits["class"] - logits["sign"]).abs().max().item(), "of max",
-                  logits["sign"].abs().max().item(), flush=True)
-            if "bf16" in sys.argv[5:]:
-                model = None
-                decs["bf16"] = capture(bench.random_model(name, torch.bfloat16, "cuda").eval(), max_len)
-            res = {"variants": variants, **time_blocks(decs, blocks)}
-            res["speedup_vs_sign"] = {k: round(res["median_us"]["sign"] / v, 3) for k, v in res["median_us"].items()}
-            if "bf16" in decs:
-                res["ratio_bf16"] = {k: round(res["median_us"]["bf16"] / v, 3) for k, v in res["median_us"].items()}
         else:
-            raise SystemExit(f"mode {mode!r} is not tiles, bf16, glu, passes, rope, trigger or conv")
+            raise SystemExit(f"mode {mode!r} is not tiles, bf16, glu, passes, rope or trigger")
     res.update(model=name, max_len=max_len, device=torch.cuda.get_device_name())
     print(json.dumps({k: v for k, v in res.items() if k != "us"}), flush=True)
     json.dump(res, open(os.path.join(os.environ.get("OUT", "."), f"decode_step-{mode}-{name}.json"), "w"), indent=1)

@@ -36,31 +36,6 @@ def test_tiles_round_trip_and_replayed_kernel_matches_dense(M, N, K):
     scale = (torch.rand(N, generator=g) + 0.5).half()
     got = mw.reference_tiles(x, tiles, scale, N, K)
     assert torch.allclose(got, _dense(x, bits, scale, K), rtol=1e-5, atol=1e-5 * K ** 0.5)
-    # the class conversion's arithmetic (lop3 values, x doubled in two classes, T subtracted) gives the same
-    cls = mw.reference_tiles(x, tiles, scale, N, K, cls=True)
-    assert torch.allclose(cls, got, rtol=1e-5, atol=1e-5 * K ** 0.5)
-
-
-def test_class_conversion_values():
-    """Each class's lop3 turns a set bit into 2 (times its x factor) and a clear one into ~0 (or -1 for the sign
-    class), in both halves of the register, whatever the word's other bits are."""
-    g = torch.Generator().manual_seed(3)
-    w = torch.randint(0, 2 ** 32, (4096,), generator=g, dtype=torch.int64)
-    for c in range(4):
-        pos = 12 + c
-        v = mw._class_values(w, c) * (2 if c < mw.CLASS_X2 else 1)
-        for e in range(2):
-            bit = (w >> (pos + 16 * e)) & 1
-            clear = -1.0 if c == 3 else 0.0
-            assert torch.equal(v[:, e][bit == 1], torch.full_like(v[:, e][bit == 1], 2.0 if c < 3 else 1.0))
-            assert (v[:, e][bit == 0] - clear).abs().max() <= 2 ** -30, c
-    # a word shifted by CLASS_SHIFT[j] holds pair 4 j + c (bits 4 j + c and 20 + 4 j + c) at bits 12 + c, 28 + c
-    for j, sh in enumerate(mw.CLASS_SHIFT):
-        for c in range(4):
-            i = 4 * j + c
-            assert mw.pair_bits(i)[0] == c and 2 * mw.pair_bits(i)[1] + mw.pair_bits(i)[2] == j
-            for e in range(2):
-                assert (((1 << (i + 16 * e)) << sh) & 0xFFFFFFFF) == 1 << (12 + c + 16 * e)
 
 
 @pytest.mark.parametrize("n,k", [(0, 0), (5, 17), (8 + 3, 64 + 16 * 2 + 4 * 3 + 2 * 1 + 1), (31, 1023), (16, 256)])
@@ -75,7 +50,7 @@ def test_one_bit_lands_where_the_docstring_says(n, k):
     c, hk, e = q // 4, (q // 2) % 2, q % 2
     KB = K // 256
     word = ((rt * KB + kb) * 32 + g * 4 + t) * 4 + kg
-    bit = 8 * hk + 4 * h + c + 16 * e
+    bit = 4 * c + 2 * hk + h + 16 * e
     expect = torch.zeros_like(tiles)
     expect[word] = torch.tensor(1 << bit, dtype=torch.int64).to(torch.int32) if bit < 31 else -2 ** 31
     assert torch.equal(tiles, expect)
@@ -257,31 +232,6 @@ def test_kernel_on_the_gpu_matches_dense(M, N, K, dt):
         y = mw.mma_matmul(x, tiles, scale, N, K, s_in, bias, cfg)
         ref = _dense(x, bits, scale, K, s_in, bias)
         assert torch.allclose(y.float(), ref, rtol=2 ** -7, atol=1e-4 * K ** 0.5 * ref.abs().max().item())
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel itself needs a CUDA GPU")
-@pytest.mark.parametrize("N,K", [(300, 1000), (4096, 4096), (4096, 11008)])
-def test_class_conversion_on_the_gpu_matches_dense(monkeypatch, N, K):
-    """CLASS_CONV on (one-row bf16 XS kernels, with and without the RMSNorm prologue): the same products as the
-    dense reference, and the same as the sign conversion up to fp32 rounding."""
-    g = torch.Generator(device="cuda").manual_seed(N + K)
-    bits = pack_signs(torch.randn(N, K, device="cuda", generator=g))
-    tiles = mw.prepare_tiles(bits, K)
-    x = (torch.randn(1, K, device="cuda", generator=g) * 3).to(torch.bfloat16)
-    scale = (torch.rand(N, device="cuda", generator=g) + 0.5).half()
-    nw = (torch.rand(K, device="cuda", generator=g) + 0.5).to(torch.bfloat16)
-    parts = mw.res_partials(x, 7, -(-K // 7))
-    for cfg in ((1, 4, 4, 0, 1, 4, 1), (1, 8, 2, 0, 1, 4, 1), (2, 2, 8, 0, 1, 1, 1)):
-        for norm in (None, (parts, nw, 1e-5)):
-            monkeypatch.setattr(mw, "CLASS_CONV", False)
-            sign = mw.mma_matmul(x, tiles, scale, N, K, config=cfg, norm=norm)
-            monkeypatch.setattr(mw, "CLASS_CONV", True)
-            got = mw.mma_matmul(x, tiles, scale, N, K, config=cfg, norm=norm)
-            xin = x if norm is None else mw.rms_norm(x, parts, nw, 1e-5)
-            ref = _dense(xin, bits, scale, K)
-            tol = 1e-4 * K ** 0.5 * ref.abs().max().item()
-            assert torch.allclose(got.float(), ref, rtol=2 ** -7, atol=tol), (cfg, norm is None)
-            assert torch.allclose(got.float(), sign.float(), rtol=2 ** -7, atol=tol), (cfg, norm is None)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel itself needs a CUDA GPU")
@@ -468,25 +418,6 @@ def test_paired_and_gated_kernel_on_the_gpu(M, N, K):
         assert h.shape == (M, P) and torch.allclose(h.float(), ref_h, rtol=2 ** -7, atol=1e-6), cfg
 
 
-@pytest.mark.parametrize("norm_parts", [0, 256])
-def test_class_conversion_compiles_to_one_lop3_a_register(monkeypatch, norm_parts):
-    """With CLASS_CONV (off by default: slower in the measured decode step) a one-row bf16 XS kernel makes each A
-    register with one lop3 of a shifted word: three shifts a word instead of sixteen, as many lop3 as before."""
-    pytest.importorskip("triton")
-    N, K, cfg = 4096, 4096, (1, 4, 4, 0, 1, 4, 1)
-    sign, const = _ptx(N, K, 1, cfg, norm_parts=norm_parts)
-    assert const["CLS"] == 0
-    monkeypatch.setattr(mw, "CLASS_CONV", True)
-    cls, const = _ptx(N, K, 1, cfg, norm_parts=norm_parts)
-    assert const["CLS"] == 1 and const["XS"] == 1
-    words = 4 * 4                                  # a warp's k-groups (4096 / 256 / 4 warps) x 4 words a thread
-    assert sign.count("shl.b32") >= 16 * words and cls.count("shl.b32") <= 4 * words + 16     # (PTX keeps << 0)
-    assert cls.count("lop3.b32") >= 16 * words - 4 * words // 4        # class 2 is a plain and
-    assert "mul.rn.bf16x2" in cls and "st.local" not in cls
-    assert not mw.launch_config(1, N, K, False, False, cfg)[1]["CLS"]     # fp16: the sign conversion
-    assert not mw.launch_config(2, N, K, True, False, cfg)[1]["CLS"]      # two rows: no XS
-
-
 def test_bench_kernel_patches_still_apply():
     """bench/mma_hot.py and bench/mma_noconv.py time patched copies of the kernel source: each anchor must be in it
     exactly once, and the patched copy must import with the patches in place (the row tile folded to program 0's,
@@ -496,9 +427,9 @@ def test_bench_kernel_patches_still_apply():
     spec = importlib.util.spec_from_file_location("mma_hot_script", os.path.join(root, "mma_hot.py"))
     hot = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hot)                               # imports only; main() is not run
-    assert all(hot.SRC.count(a) == 1 for a in (hot.WOFF, hot.CONV, hot.CONV_CLS, hot.CLASS))
+    assert hot.SRC.count(hot.WOFF) == 1 and hot.SRC.count(hot.CONV) == 1
     both = hot.patched("test_hot_noconv", True, True)
     src = open(both.__file__).read()
-    assert "(rt % RT) * KB" in src and "shl.b32" not in src and "lop3.b32" not in src and both.KG == mw.KG
+    assert "(rt % RT) * KB" in src and "shl.b32" not in src and both.KG == mw.KG
     noconv = open(os.path.join(root, "mma_noconv.py")).read()
     assert 'patched("noconv", hot=False, noconv=True)' in noconv       # the same patch, from mma_hot.py

@@ -44,7 +44,7 @@ Weight layout ("tiles", made once at load by ``prepare_tiles``; the on-disk bits
 to a multiple of 256 and N to a multiple of 16.  For row tile ``rt`` (16 rows), k-group ``kb`` (256 columns) and
 lane ``l = 4 g + t`` (``g = l // 4``, ``t = l % 4`` as in the PTX fragment tables) there are KG = 4 int32
 words, at ``((rt * KB + kb) * 32 + l) * 4 + kg``.  Word ``kg`` of lane (g, t) holds, at bit ``i + 16 e``
-(i = 8 hk + 4 h + c, c, hk, h, e in {0, 1} except c in 0..3), the sign bit (1 = +1) of weight
+(i = 4 c + 2 hk + h, c, hk, h, e in {0, 1} except c in 0..3), the sign bit (1 = +1) of weight
 ``W[16 rt + 8 h + g, 256 kb + 64 kg + 16 t + 4 c + 2 hk + e]``.  Inside each 64-column group the kernel's k
 order is permuted (logical k = 16 c + 8 hk + 2 t + e reads column 16 t + 4 c + 2 hk + e): the sum over k does
 not care, and it makes each thread's activations 16 contiguous values (two 16-byte loads).
@@ -173,47 +173,10 @@ def disable(device_index: int, err: Exception) -> None:
 
 
 def _bit_positions() -> torch.Tensor:
-    """pos[h, q]: the bit of a lane's word holding row 8 h + g, column 16 t + q of its 16 x 64 block
-    (q = 4 c + 2 hk + e: bit 8 hk + 4 h + c + 16 e)."""
+    """pos[h, q]: the bit of a lane's word holding row 8 h + g, column 16 t + q of its 16 x 64 block."""
     q = torch.arange(16)
     h = torch.arange(2)[:, None]
-    return (8 * ((q // 2) % 2) + (q // 4))[None, :] + 4 * h + 16 * (q % 2)[None, :]
-
-
-def pair_bits(i: int) -> tuple[int, int, int]:
-    """(c, hk, h) of pair i of a word (bits i and i + 16): i = 8 hk + 4 h + c."""
-    return i % 4, i // 8, (i // 4) % 2
-
-
-# The two ways the kernel turns pair i of a word (bits i, i + 16) into one bf16x2/f16x2 register of the A operand.
-# "sign": shift both bits onto the sign positions (15, 31), then one lop3 flips (-1, -1) where a bit is 1.
-# "class" (bf16 with XS): the word is shifted once for every (hk, h) (by 12 - 4 (2 hk + h), so pair i lands on bits
-# 12 + c, 28 + c), then one lop3 a register makes, for the four column classes c:
-#   c 0: bit 12 (exponent bit 5)  ->  1.0 where set, 2^-32 where not   (x read as 2 x)
-#   c 1: bit 13 (exponent bit 6)  ->  1.0 where set, 2^-64 where not   (x read as 2 x)
-#   c 2: bit 14 (exponent bit 7)  ->  2.0 where set, 0 where not       (x as is)
-#   c 3: bit 15 (sign)            -> +1.0 where set, -1.0 where not    (x as is)
-# so every product is 2 x where the weight is +1 and 0 (or -x for class 3) where it is -1, up to 2^-31 x; the
-# kernel subtracts T = the sum of x over classes 0-2 at the end: y = acc - T = sum of +-x.  Three shifts and
-# sixteen lop3 a word instead of sixteen shifts and sixteen lop3.
-# Eighteenth session (docs/RESULTS.md): in the H100 Llama-7B decode step the class conversion was 3.3% slower
-# (1205.65 against 1166.6 us), 0.8% in the NORM kernels only; alone, 4096x11008 went from 5.79 to 8.13 us.  Off.
-CLASS_CONV = False
-CLASS_NORM_ONLY = False                           # only in kernels with the RMSNorm prologue
-CLASS_SHIFT = (12, 8, 4, 0)                       # by 2 hk + h
-CLASS_LOP = ((0x10001000, 0x2F802F80, 0xEA), (0x20002000, 0x1F801F80, 0xEA), (0x40004000, 0, 0xC0),
-             (0x80008000, 0xBF80BF80, 0x6A))        # (mask, constant, lut) by c: (w & mask) | or ^ constant
-CLASS_X2 = 2                                      # classes below this read 2 x
-
-
-def asm_sign(i: int, minus_one: int) -> str:
-    pair = minus_one * 0x10001
-    return f"{{ .reg .b32 t; shl.b32 t, $1, {15 - i}; lop3.b32 $0, t, 0x80008000, {pair:#x}, 0x6a; }}"
-
-
-def asm_class(c: int) -> str:
-    mask, const, lut = CLASS_LOP[c]
-    return f"lop3.b32 $0, $1, {mask:#x}, {const:#x}, {lut:#x};"
+    return (q & ~1)[None, :] + h + 16 * (q & 1)[None, :]
 
 
 def tile_shape(out_features: int, in_features: int) -> tuple[int, int]:
@@ -271,49 +234,27 @@ def unpack_tiles(tiles: torch.Tensor, out_features: int, in_features: int, pairs
     return b
 
 
-def _class_values(t: torch.Tensor, c: int) -> torch.Tensor:
-    """The two bf16 values lop3 makes of a shifted word t (int64, 32 bits) for class c (CLASS_LOP), as fp32:
-    [..., 2] (elements e = 0, 1: the low and the high half)."""
-    mask, const, lut = CLASS_LOP[c]
-    r = (t & mask) ^ const if lut == 0x6A else (t & mask) | const
-    halves = torch.stack([r & 0xFFFF, (r >> 16) & 0xFFFF], -1)
-    return (halves << 16).to(torch.int32).view(torch.float32)      # bf16 bits on top of an fp32: exact
-
-
 def reference_tiles(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor, out_features: int,
-                    in_features: int, pairs: int = 0, cls: bool = False) -> torch.Tensor:
+                    in_features: int, pairs: int = 0) -> torch.Tensor:
     """The kernel's arithmetic in PyTorch, as its registers see it: for every k-group each lane (g, t) turns
     pair i of its word into two +-1 values with the same shift/mask as the inline PTX, and the m16n8k16 A
     fragment positions (row 8 h + g, logical column 16 c + 8 hk + 2 t + e) are multiplied with x read at the
-    permuted columns 16 t + 4 c + 2 hk + e.  ``cls``: the class conversion instead (CLASS_LOP: the shifted word's
-    lop3 values, x doubled in the classes below CLASS_X2, the sum T subtracted at the end).  fp32 throughout;
-    (M, N) out."""
+    permuted columns 16 t + 4 c + 2 hk + e.  fp32 throughout; (M, N) out."""
     NT, KB = tile_shape(out_features, in_features)
     M = x.shape[0]
     xp = torch.zeros(M, KB * GROUP_K, dtype=torch.float32, device=x.device)
     xp[:, :in_features] = x.float()
     w = tiles.to(torch.int64).view(NT, KB, 8, 4, KG) & 0xFFFFFFFF               # [rt, kb, g, t, kg]
     acc = torch.zeros(M, NT, 2, 8, dtype=torch.float32, device=x.device)        # [m, rt, h, g]
-    for i in range(16):                       # pair i = 8 hk + 4 h + c: the shl/lop3 of asm_sign(i)
-        c, hk, h = pair_bits(i)
-        if cls:
-            vals = _class_values((w << CLASS_SHIFT[2 * hk + h]) & 0xFFFFFFFF, c)
-        else:
-            t_ = (w << (15 - i)) & 0xFFFFFFFF
+    for i in range(16):                       # pair i = 4 c + 2 hk + h: the shl/lop3 of asm(i) in _build
+        c, hk, h = i // 4, (i // 2) % 2, i % 2
+        t_ = (w << (15 - i)) & 0xFFFFFFFF
         for e in range(2):
-            if cls:
-                sign = vals[..., e]
-            else:
-                sign = torch.where(((t_ >> (15 + 16 * e)) & 1) == 1, 1.0, -1.0)     # [rt, kb, g, t, kg]
+            sign = torch.where(((t_ >> (15 + 16 * e)) & 1) == 1, 1.0, -1.0)     # [rt, kb, g, t, kg]
             cols = (torch.arange(KB)[:, None, None] * GROUP_K + torch.arange(KG)[None, None, :] * 64
                     + torch.arange(4)[None, :, None] * 16 + 4 * c + 2 * hk + e).to(x.device)   # [kb, t, kg]
             xv = xp[:, cols]                                                     # [m, kb, t, kg]
-            if cls and c < CLASS_X2:
-                xv = xv * 2
             acc[:, :, h] += torch.einsum("rbgtk,mbtk->mrg", sign, xv)
-    if cls:
-        tsum = xp.view(M, -1, 16)[:, :, :12].sum((1, 2))            # columns of classes 0-2: (col % 16) < 12
-        acc -= tsum[:, None, None, None]
     y = acc.reshape(M, NT * 16)[:, :out_features]
     if pairs:                                 # tile rows back to weight rows, as the epilogue stores them
         y = y[:, torch.argsort(pair_order(pairs)).to(y.device)]
@@ -329,11 +270,12 @@ def _build():
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-    asm_bf16 = gl.constexpr(tuple(asm_sign(i, 0xBF80) for i in range(16)))
-    asm_fp16 = gl.constexpr(tuple(asm_sign(i, 0xBC00) for i in range(16)))
-    asm_cls = gl.constexpr(tuple(asm_class(c) for c in range(4)))
-    class_shift = gl.constexpr(CLASS_SHIFT)
-    CLASS_X2_ = gl.constexpr(CLASS_X2)
+    def asm(i: int, minus_one: int) -> str:
+        pair = minus_one * 0x10001
+        return (f"{{ .reg .b32 t; shl.b32 t, $1, {15 - i}; lop3.b32 $0, t, 0x80008000, {pair:#x}, 0x6a; }}")
+
+    asm_bf16 = gl.constexpr(tuple(asm(i, 0xBF80) for i in range(16)))
+    asm_fp16 = gl.constexpr(tuple(asm(i, 0xBC00) for i in range(16)))
 
     @gluon.jit
     def _pair(w2, i: gl.constexpr, BF16: gl.constexpr):
@@ -344,31 +286,12 @@ def _build():
             return gl.inline_asm_elementwise(asm_fp16[i], "=r,r,r", [w2], dtype=gl.float16, is_pure=True, pack=2)
 
     @gluon.jit
-    def _cls(w2, c: gl.constexpr):
-        # w2: the word shifted for this pair's (hk, h), twice; $0: the two class-c values (see CLASS_LOP)
-        return gl.inline_asm_elementwise(asm_cls[c], "=r,r,r", [w2], dtype=gl.bfloat16, is_pure=True, pack=2)
-
-    @gluon.jit
     def _c_block(w2, c: gl.constexpr, BF16: gl.constexpr):      # [..., e, h, hk] of 16-column block c
-        p00 = _pair(w2, c + 0, BF16)
-        p01 = _pair(w2, c + 4, BF16)
-        p10 = _pair(w2, c + 8, BF16)
-        p11 = _pair(w2, c + 12, BF16)
+        p00 = _pair(w2, c * 4 + 0, BF16)
+        p01 = _pair(w2, c * 4 + 1, BF16)
+        p10 = _pair(w2, c * 4 + 2, BF16)
+        p11 = _pair(w2, c * 4 + 3, BF16)
         return gl.join(gl.join(p00, p01), gl.join(p10, p11))
-
-    @gluon.jit
-    def _c_block_cls(s00, s01, s10, s11, c: gl.constexpr):     # the same from the four shifted words
-        return gl.join(gl.join(_cls(s00, c), _cls(s01, c)), gl.join(_cls(s10, c), _cls(s11, c)))
-
-    @gluon.jit
-    def _mul_bf16(x, f):                # exact for f = 1 or 2 (an fp32 round trip would cost four instructions)
-        return gl.inline_asm_elementwise("mul.rn.bf16x2 $0, $1, $2;", "=r,r,r", [x, f], dtype=gl.bfloat16,
-                                         is_pure=True, pack=2)
-
-    @gluon.jit
-    def _shifted(words, j: gl.constexpr):
-        sw = words << class_shift[j]
-        return gl.join(sw, sw)
 
     @gluon.jit
     def _xor(a, b):
@@ -422,13 +345,12 @@ def _build():
                BF16: gl.constexpr, HAS_BIAS: gl.constexpr, EVEN: gl.constexpr,
                FENCE: gl.constexpr, PDL: gl.constexpr, CHAINS: gl.constexpr = 1, XS: gl.constexpr = 0,
                PAIRS: gl.constexpr = 0, GATED: gl.constexpr = 0, RES: gl.constexpr = 0, NORM: gl.constexpr = 0,
-               NPP: gl.constexpr = 1, TRIG: gl.constexpr = 0, CLS: gl.constexpr = 0):
+               NPP: gl.constexpr = 1, TRIG: gl.constexpr = 0):
         """Program: 16 RT rows; warp s: k-groups s KBL ... s KBL + KBL - 1, CH of them per round (all of a
         round's loads are issued before its tensor-core work: ptxas does not hoist loads across rounds).
         RES: y = residual (r_ptr) + the product, and the program's sum of y^2 over its rows, one float a row of x,
         at p_ptr[m NP' + pid] (NP' = programs).  NORM (with XS): x is RMSNorm(x) * weight (nw_ptr), its rstd made
-        from the NP partial sums at p_ptr that a RES kernel wrote.  CLS (bf16 with XS): the "class" conversion
-        (CLASS_LOP): x goes to shared memory as 2 x in column classes 0 and 1, and the epilogue subtracts T."""
+        from the NP partial sums at p_ptr that a RES kernel wrote."""
         S: gl.constexpr = W
         BN: gl.constexpr = RT * 16
         BK: gl.constexpr = CH * 256               # columns a warp takes per round
@@ -470,16 +392,8 @@ def _build():
             fcol = ((_ar(S, 0, 5, fl) * KBL + fkb) * 256 + _ar(4, 2, 5, fl) * 64 + _ar(4, 3, 5, fl) * 16
                     + _ar(16, 4, 5, fl))
             f_ok = (fkb < KBL) & (fcol < K)
-        if CLS:
-            # column class c = (column % 16) // 4 (CLASS_LOP): x is read as 2 x in classes below CLASS_X2 (exact);
-            # the products count T = sum of x over classes 0-2 once too often, T = sum of x' h with h below
-            fcls = _ar(16, 4, 5, fl) // 4
-            x2f = gl.where(fcls < CLASS_X2_, 2.0, 1.0)
-            th = gl.where(fcls < CLASS_X2_, 0.5, gl.where(fcls < 3, 1.0, 0.0))
         if NORM:
             nwv = gl.load(nw_ptr + fcol, mask=f_ok, other=0.0)     # a weight: needs nothing of the kernel before
-            if CLS:
-                nwv = _mul_bf16(nwv, x2f.to(gl.bfloat16))   # (2 weight) x rounded = 2 (weight x rounded), exact
         if PDL:
             # programmatic dependent launch: the weights do not depend on the kernel before this one, so the
             # first round's are loaded while it finishes; x (its output) only after griddepcontrol.wait, which
@@ -501,16 +415,8 @@ def _build():
                 rstd = gl.rsqrt(ss / K + eps)
                 xv0 = ((xv0.to(gl.float32) * rstd).to(x_ptr.dtype.element_ty).to(gl.float32)
                        * nwv.to(gl.float32)).to(x_ptr.dtype.element_ty)
-            elif CLS:
-                xv0 = _mul_bf16(xv0, x2f.to(gl.bfloat16))
             x_smem.store(xv0)
             gl.thread_barrier()
-            if CLS:
-                # T from x' read back from shared memory (so that it comes after the barrier and x is not held in
-                # registers through the loop): per-thread sums first (axis 1 and most of q), then the lanes, one
-                # sum a warp; the warps' sums are added only in the epilogue
-                xr = x_smem.load(fl)
-                tw = gl.sum(gl.sum(gl.sum(gl.sum(xr.to(gl.float32) * th, axis=1), axis=3), axis=2), axis=1)
         for rnd in gl.static_range(ROUNDS):
             if PDL and rnd == 0:
                 words = words0
@@ -530,17 +436,9 @@ def _build():
                 # otherwise ptxas sinks each group's loads next to their use and the groups wait in turn
                 dep = gl.reduce(gl.reduce(words, 4, _xor, keep_dims=True), 3, _xor, keep_dims=True)
                 words = words ^ (dep & zero)
-            if CLS:
-                s00 = _shifted(words, 0)
-                s01 = _shifted(words, 1)
-                s10 = _shifted(words, 2)
-                s11 = _shifted(words, 3)
-                a = gl.join(gl.join(_c_block_cls(s00, s01, s10, s11, 0), _c_block_cls(s00, s01, s10, s11, 1)),
-                            gl.join(_c_block_cls(s00, s01, s10, s11, 2), _c_block_cls(s00, s01, s10, s11, 3)))
-            else:
-                w2 = gl.join(words, words)
-                a = gl.join(gl.join(_c_block(w2, 0, BF16), _c_block(w2, 1, BF16)),
-                            gl.join(_c_block(w2, 2, BF16), _c_block(w2, 3, BF16)))
+            w2 = gl.join(words, words)
+            a = gl.join(gl.join(_c_block(w2, 0, BF16), _c_block(w2, 1, BF16)),
+                        gl.join(_c_block(w2, 2, BF16), _c_block(w2, 3, BF16)))
             if CHAINS == 1:
                 # [s, rt, g, ch, kg, t, e, h, hk, c_lo, c_hi] -> [s, rt, h, g, ch, kg, c_hi, c_lo, hk, t, e] = (s, row, k)
                 a = gl.permute(a, (0, 1, 7, 2, 3, 4, 10, 9, 8, 5, 6))
@@ -560,8 +458,6 @@ def _build():
         if TRIG == 2:
             _launch_dependents()
         out = gl.sum(acc, axis=0)                                   # [BN, NB]: the warps' K slices added
-        if CLS:
-            out = out - gl.sum(tw, axis=0)
         ol: gl.constexpr = gl.SliceLayout(0, mma)
         offs_n = pid * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, ol))
         om = gl.arange(0, NB, layout=gl.SliceLayout(0, ol))
@@ -701,11 +597,9 @@ def launch_config(M: int, N: int, K: int, bf16: bool, has_bias: bool, config: tu
     pdl_ok = bool(pdl) and has_pdl
     large_gated = gated and N * K >= GATED_PDL_MAX
     launch = pdl_ok and (GATED_PDL or not large_gated)
-    xs_on = (bool(xs) or norm_parts > 0) and M == 1
     return (triton.cdiv(NT, rt),), dict(KB=KB, RT=rt, NB=8 if M <= 8 else 16, W=warps, CH=ch, BF16=bf16,
                                         HAS_BIAS=has_bias, EVEN=even, FENCE=bool(fence),
                                         PDL=launch, TRIG=(GATED_TRIGGER if large_gated else TRIGGER) if pdl_ok else 0,
-                                        CHAINS=chains, XS=int(xs_on),
+                                        CHAINS=chains, XS=int((bool(xs) or norm_parts > 0) and M == 1),
                                         PAIRS=int(bool(pairs)), GATED=int(gated), RES=int(res),
-                                        NORM=int(norm_parts > 0), NPP=triton.next_power_of_2(max(norm_parts, 1)),
-                                        CLS=int(CLASS_CONV and bf16 and xs_on and (norm_parts > 0 or not CLASS_NORM_ONLY)))
+                                        NORM=int(norm_parts > 0), NPP=triton.next_power_of_2(max(norm_parts, 1)))
