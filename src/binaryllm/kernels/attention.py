@@ -88,6 +88,14 @@ def _online(q, k, v, ok, n, m_ptr, b, s_mb, s_ml, m_i, l_i, acc, qk_scale, MASK:
 
 
 @triton.jit
+def _token_row(n, pos, kr, vr, k, v):
+    """The block's keys and values (rows n) with the token's row at pos taken from registers (kr, vr): the cache
+    row there may be loaded before the kernel wrote it."""
+    at = (n == pos)[:, None]
+    return tl.where(at, kr[None, :], k), tl.where(at, vr[None, :], v)
+
+
+@triton.jit
 def _rope(x_ptr, d, D: tl.constexpr, ok, c, s):
     """x * cos + rotate_half(x) * sin in fp32 for a row of D values at x_ptr (2-D offsets in ``d``)."""
     HALF: tl.constexpr = D // 2
@@ -148,10 +156,8 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, po_ptr, pml_ptr, L, KVH, qk_
         mine = (pos >= start) & (pos < start + CHUNK_N) & (pos < L)
         tl.store(kbase + pos * s_kl + d, kr, mask=d_ok & mine)
         tl.store(vbase + pos * s_vl + d, vr, mask=d_ok & mine)
-        at = (n == pos)[:, None]
         ok, kv_ok = _block_ok(m_ptr, b, n, L, s_mb, s_ml, d_ok, MASK, False)
-        k = tl.where(at, kr[None, :], k0)
-        v = tl.where(at, vr[None, :], v0)
+        k, v = _token_row(n, pos, kr, vr, k0, v0)
         m_i, l_i, acc = _online(q, k, v, ok, n, m_ptr, b, s_mb, s_ml, m_i, l_i, acc, qk_scale, MASK)
     else:
         q = tl.load(q_ptr + b * s_qb + (h * G + g)[:, None] * s_qh + d[None, :], mask=q_ok, other=0.0)
@@ -162,9 +168,7 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, po_ptr, pml_ptr, L, KVH, qk_
         k = tl.load(kbase + n[:, None] * s_kl + d[None, :], mask=kv_ok, other=0.0)
         v = tl.load(vbase + n[:, None] * s_vl + d[None, :], mask=kv_ok, other=0.0)
         if ROPE:
-            at = (n == pos)[:, None]
-            k = tl.where(at, kr[None, :], k)
-            v = tl.where(at, vr[None, :], v)
+            k, v = _token_row(n, pos, kr, vr, k, v)
         m_i, l_i, acc = _online(q, k, v, ok, n, m_ptr, b, s_mb, s_ml, m_i, l_i, acc, qk_scale, MASK)
     if SPLIT:
         nc = tl.num_programs(1)
