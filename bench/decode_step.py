@@ -22,6 +22,9 @@ in docs/RESULTS.md (thirteenth session).
     # where the large gated kernel lets the next kernel launch (kernels/mma_w1a16.py TRIG), with or without PDL on
     # its own launch, and optionally the bf16 step (seventeenth session)
     PYTHONPATH=src OUT=. python bench/decode_step.py trigger llama-7b 8 [max_len [bf16]]
+    # the step with module constants of kernels/mma_w1a16.py changed, one variant per argument (NAME=VALUE[,...];
+    # "bf16" adds the bf16 step), against the committed values ("default")
+    PYTHONPATH=src OUT=. python bench/decode_step.py consts llama-7b 8 144 EARLY_EPILOGUE=0 [bf16]
 """
 import json
 import os
@@ -165,8 +168,32 @@ def main() -> None:
                                          for k, v in res["median_us"].items()}
             if "bf16" in decs:
                 res["ratio_bf16"] = {k: round(res["median_us"]["bf16"] / v, 3) for k, v in res["median_us"].items()}
+        elif mode == "consts":
+            max_len = int(sys.argv[4])
+            model = bench.random_model(name, torch.bfloat16, "cuda").eval()
+            bench.random_packed_(model)
+            variants = {"default": {}}
+            for arg in sys.argv[5:]:
+                if arg != "bf16":
+                    variants[arg] = {k: int(v) for k, v in (kv.split("=") for kv in arg.split(","))}
+            keep = {k: getattr(mw, k) for v in variants.values() for k in v}
+            for label, v in variants.items():
+                for k, val in {**keep, **v}.items():
+                    setattr(mw, k, type(keep[k])(val))
+                decs[label] = capture(model, max_len)       # fixed in the captured graph
+                print(label, "tokens", decs[label].tokens, flush=True)
+            for k, val in keep.items():
+                setattr(mw, k, val)
+            if "bf16" in sys.argv[5:]:
+                model = None
+                decs["bf16"] = capture(bench.random_model(name, torch.bfloat16, "cuda").eval(), max_len)
+            res = {"variants": variants, **time_blocks(decs, blocks)}
+            res["speedup_vs_default"] = {k: round(res["median_us"]["default"] / v, 3)
+                                         for k, v in res["median_us"].items()}
+            if "bf16" in decs:
+                res["ratio_bf16"] = {k: round(res["median_us"]["bf16"] / v, 3) for k, v in res["median_us"].items()}
         else:
-            raise SystemExit(f"mode {mode!r} is not tiles, bf16, glu, passes, rope or trigger")
+            raise SystemExit(f"mode {mode!r} is not tiles, bf16, glu, passes, rope, trigger or consts")
     res.update(model=name, max_len=max_len, device=torch.cuda.get_device_name())
     print(json.dumps({k: v for k, v in res.items() if k != "us"}), flush=True)
     json.dump(res, open(os.path.join(os.environ.get("OUT", "."), f"decode_step-{mode}-{name}.json"), "w"), indent=1)

@@ -207,9 +207,11 @@ def test_kernel_compiles_for_hopper_with_trivial_operand_layouts(case):
     assert n_lds >= rounds * ch * 8 + 8 if xs else (M > 8 or n_lds <= 16 * rt)
     if pdl:
         # the first round's weight words (RT x CH 16-byte loads a thread) are loaded before the wait for the
-        # previous kernel, the activations and the store only after it; then the next kernel may launch
+        # previous kernel, and with EARLY the epilogue's row scales (and bias: a thread's rows g and 8 + g of each
+        # row tile); the activations and the store only after it; then the next kernel may launch
         before, after = ptx.split("griddepcontrol.wait", 1)
-        assert before.count("ld.global") == rt * ch and before.count("ld.global.v4.b32") == rt * ch
+        n_epi = 2 * rt * (1 + bias) if const["EARLY"] else 0
+        assert before.count("ld.global.v4.b32") == rt * ch and before.count("ld.global") == rt * ch + n_epi
         assert "st.global" not in before and "griddepcontrol.launch_dependents" in after
         assert after.count("ld.global") > 0 and "st.global" in after
     else:

@@ -108,6 +108,9 @@ GATED_PDL_MAX = XS_MAX
 GATED_PDL = False
 TRIGGER = 1
 GATED_TRIGGER = 2
+# EARLY_EPILOGUE: the epilogue's row scales and bias are loaded before the PDL wait and a residual right after it
+# (else after the tensor-core loop, where ptxas left them: a global-memory round trip at the end of every kernel)
+EARLY_EPILOGUE = True
 
 
 def default_config(M: int, N: int, K: int, norm: bool = False) -> tuple:
@@ -345,12 +348,13 @@ def _build():
                BF16: gl.constexpr, HAS_BIAS: gl.constexpr, EVEN: gl.constexpr,
                FENCE: gl.constexpr, PDL: gl.constexpr, CHAINS: gl.constexpr = 1, XS: gl.constexpr = 0,
                PAIRS: gl.constexpr = 0, GATED: gl.constexpr = 0, RES: gl.constexpr = 0, NORM: gl.constexpr = 0,
-               NPP: gl.constexpr = 1, TRIG: gl.constexpr = 0):
+               NPP: gl.constexpr = 1, TRIG: gl.constexpr = 0, EARLY: gl.constexpr = 1):
         """Program: 16 RT rows; warp s: k-groups s KBL ... s KBL + KBL - 1, CH of them per round (all of a
         round's loads are issued before its tensor-core work: ptxas does not hoist loads across rounds).
         RES: y = residual (r_ptr) + the product, and the program's sum of y^2 over its rows, one float a row of x,
         at p_ptr[m NP' + pid] (NP' = programs).  NORM (with XS): x is RMSNorm(x) * weight (nw_ptr), its rstd made
-        from the NP partial sums at p_ptr that a RES kernel wrote."""
+        from the NP partial sums at p_ptr that a RES kernel wrote.  EARLY: the epilogue's row scales and bias
+        (weights) are loaded before the PDL wait and the residual right after it, not after the tensor-core loop."""
         S: gl.constexpr = W
         BN: gl.constexpr = RT * 16
         BK: gl.constexpr = CH * 256               # columns a warp takes per round
@@ -366,6 +370,22 @@ def _build():
         la: gl.constexpr = gl.DotOperandLayout(0, mma, 2)
         lb: gl.constexpr = gl.DotOperandLayout(1, mma, 2)
         pid = gl.program_id(0)
+        ol: gl.constexpr = gl.SliceLayout(0, mma)                  # the epilogue's [BN, NB]
+        offs_n = pid * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, ol))
+        om = gl.arange(0, NB, layout=gl.SliceLayout(0, ol))
+        n_ok = offs_n < N
+        if PAIRS:
+            # paired tiles (prepare_tiles(pairs=N / 2)): tile row 16 r + 8 h + g holds weight row h N / 2 + 8 r + g
+            wrow = (offs_n // 16) * 8 + offs_n % 8 + ((offs_n // 8) % 2) * (N // 2)
+        else:
+            wrow = offs_n
+        ok = (om[None, :] < M) & n_ok[:, None]
+        if EARLY:
+            # weights: they need nothing of the kernel before this one, and loaded here their round trip is not
+            # on the path after the tensor-core loop
+            rscale = gl.load(s_ptr + wrow, mask=n_ok, other=0.0)
+            if HAS_BIAS:
+                bias = gl.load(b_ptr + wrow, mask=n_ok, other=0.0)
 
         s = _ar(S, 0, 6, wl)
         rt = pid * RT + _ar(RT, 1, 6, wl)
@@ -404,6 +424,8 @@ def _build():
                                       pack=1)
         if TRIG == 1:
             _launch_dependents()
+        if RES and EARLY:
+            r = gl.load(r_ptr + om[None, :] * stride_rm + wrow[:, None], mask=ok, other=0.0)
         if XS:
             xv0 = gl.load(x_ptr + fcol, mask=f_ok, other=0.0)
             if NORM:
@@ -458,24 +480,18 @@ def _build():
         if TRIG == 2:
             _launch_dependents()
         out = gl.sum(acc, axis=0)                                   # [BN, NB]: the warps' K slices added
-        ol: gl.constexpr = gl.SliceLayout(0, mma)
-        offs_n = pid * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, ol))
-        om = gl.arange(0, NB, layout=gl.SliceLayout(0, ol))
-        n_ok = offs_n < N
-        if PAIRS:
-            # paired tiles (prepare_tiles(pairs=N / 2)): tile row 16 r + 8 h + g holds weight row h N / 2 + 8 r + g
-            wrow = (offs_n // 16) * 8 + offs_n % 8 + ((offs_n // 8) % 2) * (N // 2)
-        else:
-            wrow = offs_n
-        out = out * gl.load(s_ptr + wrow, mask=n_ok, other=0.0).to(gl.float32)[:, None]
+        if not EARLY:
+            rscale = gl.load(s_ptr + wrow, mask=n_ok, other=0.0)
+            if HAS_BIAS:
+                bias = gl.load(b_ptr + wrow, mask=n_ok, other=0.0)
+        out = out * rscale.to(gl.float32)[:, None]
         if HAS_BIAS:
-            out += gl.load(b_ptr + wrow, mask=n_ok, other=0.0).to(gl.float32)[:, None]
+            out += bias.to(gl.float32)[:, None]
         out = out.to(y_ptr.dtype.element_ty)
         if GATED:
             # y = silu(gate) * up of the two halves, each thread holding rows g (gate) and 8 + g (up) of its
             # 16-row blocks: no data moves.  Rounded as eager PyTorch rounds gate_up -> silu -> product.
             yoff = om[None, :] * stride_ym + ((offs_n // 16) * 8 + offs_n % 8)[:, None]
-            ok = (om[None, :] < M) & n_ok[:, None]
             gate, up = _halves(out, RT, NB)
             yoff, _ = _halves(yoff, RT, NB)
             ok, _ = _halves(ok, RT, NB)
@@ -483,11 +499,11 @@ def _build():
             sg = (gf / (1.0 + gl.exp(-gf))).to(y_ptr.dtype.element_ty)
             gl.store(y_ptr + yoff, (sg.to(gl.float32) * up.to(gl.float32)).to(y_ptr.dtype.element_ty), mask=ok)
         else:
-            ok = (om[None, :] < M) & n_ok[:, None]
             if RES:
                 # the residual add after the layer (rounded as eager: the product to y's dtype, then the sum), and
                 # this program's share of sum(y^2) for the RMSNorm that reads y next (a NORM kernel)
-                r = gl.load(r_ptr + om[None, :] * stride_rm + wrow[:, None], mask=ok, other=0.0)
+                if not EARLY:
+                    r = gl.load(r_ptr + om[None, :] * stride_rm + wrow[:, None], mask=ok, other=0.0)
                 out = (out.to(gl.float32) + r.to(gl.float32)).to(y_ptr.dtype.element_ty)
                 hf = gl.where(ok, out.to(gl.float32), 0.0)
                 gl.store(p_ptr + om * gl.num_programs(0) + pid, gl.sum(hf * hf, axis=0), mask=om < M)
@@ -602,4 +618,5 @@ def launch_config(M: int, N: int, K: int, bf16: bool, has_bias: bool, config: tu
                                         PDL=launch, TRIG=(GATED_TRIGGER if large_gated else TRIGGER) if pdl_ok else 0,
                                         CHAINS=chains, XS=int((bool(xs) or norm_parts > 0) and M == 1),
                                         PAIRS=int(bool(pairs)), GATED=int(gated), RES=int(res),
-                                        NORM=int(norm_parts > 0), NPP=triton.next_power_of_2(max(norm_parts, 1)))
+                                        NORM=int(norm_parts > 0), NPP=triton.next_power_of_2(max(norm_parts, 1)),
+                                        EARLY=int(EARLY_EPILOGUE))
