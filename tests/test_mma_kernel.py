@@ -180,7 +180,7 @@ def _ptx(N, K, M, config, bf16=True, bias=False, pairs=0, gated=False, res=False
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = GluonASTSource(mw._build(), sig, constexprs=const, attrs=attrs)
     cc = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                        options={"num_warps": const["W"], "launch_pdl": const["PDL"]})
+                        options={"num_warps": const["W"], "launch_pdl": const["PDL"], **mw.compile_options(M, const)})
     return cc.asm["ptx"], const
 
 
@@ -210,7 +210,7 @@ def test_kernel_compiles_for_hopper_with_trivial_operand_layouts(case):
         # previous kernel, and with EARLY the epilogue's row scales (and bias: a thread's rows g and 8 + g of each
         # row tile); the activations and the store only after it; then the next kernel may launch
         before, after = ptx.split("griddepcontrol.wait", 1)
-        n_epi = 2 * rt * (1 + bias) if const["EARLY"] else 0
+        n_epi = 2 * rt * (1 + bias) if const["EARLY"] & 1 else 0
         assert before.count("ld.global.v4.b32") == rt * ch and before.count("ld.global") == rt * ch + n_epi
         assert "st.global" not in before and "griddepcontrol.launch_dependents" in after
         assert after.count("ld.global") > 0 and "st.global" in after

@@ -108,9 +108,15 @@ GATED_PDL_MAX = XS_MAX
 GATED_PDL = False
 TRIGGER = 1
 GATED_TRIGGER = 2
-# EARLY_EPILOGUE: the epilogue's row scales and bias are loaded before the PDL wait and a residual right after it
-# (else after the tensor-core loop, where ptxas left them: a global-memory round trip at the end of every kernel)
-EARLY_EPILOGUE = True
+# EARLY_EPILOGUE, bits: 1 the epilogue's row scales and bias are loaded before the PDL wait, 2 a residual right after
+# it (else after the tensor-core loop, where ptxas left them: a global-memory round trip at the end of every kernel)
+EARLY_EPILOGUE = 3
+# one row of activations through registers (not XS) in one chain a warp, the tile that holds a round of x ahead of
+# its use: at most MAXNREG_1 registers a thread (ptxas' maxnreg).  The early loads hold registers through the loop
+# and took the 8192^2 tile from 126 to 132, where its 512 programs no longer fit at once (H100: 10.6 against 6.8
+# us); capped it keeps 128 and spills nothing.  Not every tile: under a cap ptxas takes more registers than it
+# does without one (the gate/up tile 98 -> 128), which leaves less room for the next kernel's early programs
+MAXNREG_1 = 128
 
 
 def default_config(M: int, N: int, K: int, norm: bool = False) -> tuple:
@@ -353,8 +359,9 @@ def _build():
         round's loads are issued before its tensor-core work: ptxas does not hoist loads across rounds).
         RES: y = residual (r_ptr) + the product, and the program's sum of y^2 over its rows, one float a row of x,
         at p_ptr[m NP' + pid] (NP' = programs).  NORM (with XS): x is RMSNorm(x) * weight (nw_ptr), its rstd made
-        from the NP partial sums at p_ptr that a RES kernel wrote.  EARLY: the epilogue's row scales and bias
-        (weights) are loaded before the PDL wait and the residual right after it, not after the tensor-core loop."""
+        from the NP partial sums at p_ptr that a RES kernel wrote.  EARLY bits: 1 the epilogue's row scales and
+        bias (weights) are loaded before the PDL wait, 2 the residual right after it, not after the tensor-core
+        loop."""
         S: gl.constexpr = W
         BN: gl.constexpr = RT * 16
         BK: gl.constexpr = CH * 256               # columns a warp takes per round
@@ -380,7 +387,7 @@ def _build():
         else:
             wrow = offs_n
         ok = (om[None, :] < M) & n_ok[:, None]
-        if EARLY:
+        if EARLY & 1:
             # weights: they need nothing of the kernel before this one, and loaded here their round trip is not
             # on the path after the tensor-core loop
             rscale = gl.load(s_ptr + wrow, mask=n_ok, other=0.0)
@@ -424,7 +431,7 @@ def _build():
                                       pack=1)
         if TRIG == 1:
             _launch_dependents()
-        if RES and EARLY:
+        if RES and (EARLY & 2):
             r = gl.load(r_ptr + om[None, :] * stride_rm + wrow[:, None], mask=ok, other=0.0)
         if XS:
             xv0 = gl.load(x_ptr + fcol, mask=f_ok, other=0.0)
@@ -480,7 +487,7 @@ def _build():
         if TRIG == 2:
             _launch_dependents()
         out = gl.sum(acc, axis=0)                                   # [BN, NB]: the warps' K slices added
-        if not EARLY:
+        if not (EARLY & 1):
             rscale = gl.load(s_ptr + wrow, mask=n_ok, other=0.0)
             if HAS_BIAS:
                 bias = gl.load(b_ptr + wrow, mask=n_ok, other=0.0)
@@ -502,7 +509,7 @@ def _build():
             if RES:
                 # the residual add after the layer (rounded as eager: the product to y's dtype, then the sum), and
                 # this program's share of sum(y^2) for the RMSNorm that reads y next (a NORM kernel)
-                if not EARLY:
+                if not (EARLY & 2):
                     r = gl.load(r_ptr + om[None, :] * stride_rm + wrow[:, None], mask=ok, other=0.0)
                 out = (out.to(gl.float32) + r.to(gl.float32)).to(y_ptr.dtype.element_ty)
                 hf = gl.where(ok, out.to(gl.float32), 0.0)
@@ -588,9 +595,15 @@ def mma_matmul(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor, ou
         part, nw, eps = norm[0].contiguous(), norm[1].contiguous(), float(norm[2])
     _KERNEL[grid](x2, tiles, row_scale, bias if bias is not None else row_scale, y, M, N, K, x2.stride(0),
                   y.stride(0), 0, r, part, nw, eps, r.stride(0) if residual is not None else 0, part.shape[-1],
-                  num_warps=meta["W"], launch_pdl=meta["PDL"], **meta)
+                  num_warps=meta["W"], launch_pdl=meta["PDL"], **compile_options(M, meta), **meta)
     y = y.reshape(*lead, NY)
     return (y, part) if residual is not None else y
+
+
+def compile_options(M: int, meta: dict) -> dict:
+    """Compiler options of the kernel for M rows of activations launched with ``meta`` (MAXNREG_1)."""
+    cap = M == 1 and MAXNREG_1 and not meta["XS"] and meta["CHAINS"] == 1
+    return {"maxnreg": MAXNREG_1} if cap else {}
 
 
 def launch_config(M: int, N: int, K: int, bf16: bool, has_bias: bool, config: tuple | None = None,
