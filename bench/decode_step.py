@@ -22,8 +22,8 @@ in docs/RESULTS.md (thirteenth session).
     # where the large gated kernel lets the next kernel launch (kernels/mma_w1a16.py TRIG), with or without PDL on
     # its own launch, and optionally the bf16 step (seventeenth session)
     PYTHONPATH=src OUT=. python bench/decode_step.py trigger llama-7b 8 [max_len [bf16]]
-    # the step with module constants of kernels/mma_w1a16.py changed, one variant per argument (NAME=VALUE[,...];
-    # "bf16" adds the bf16 step), against the committed values ("default")
+    # the step with module constants of kernels/mma_w1a16.py (or kernels/attention.py: attention.NAME) changed, one
+    # variant per argument (NAME=VALUE[,...]; "bf16" adds the bf16 step), against the committed values ("default")
     PYTHONPATH=src OUT=. python bench/decode_step.py consts llama-7b 8 144 EARLY_EPILOGUE=0 [bf16]
 """
 import json
@@ -176,14 +176,19 @@ def main() -> None:
             for arg in sys.argv[5:]:
                 if arg != "bf16":
                     variants[arg] = {k: int(v) for k, v in (kv.split("=") for kv in arg.split(","))}
-            keep = {k: getattr(mw, k) for v in variants.values() for k in v}
+            from binaryllm.kernels import attention
+            mod = {"attention": attention}
+
+            def where(k):
+                return (mod[k.split(".")[0]], k.split(".")[1]) if "." in k else (mw, k)
+            keep = {k: getattr(*where(k)) for v in variants.values() for k in v}
             for label, v in variants.items():
                 for k, val in {**keep, **v}.items():
-                    setattr(mw, k, type(keep[k])(val))
+                    setattr(*where(k), type(keep[k])(val))
                 decs[label] = capture(model, max_len)       # fixed in the captured graph
                 print(label, "tokens", decs[label].tokens, flush=True)
             for k, val in keep.items():
-                setattr(mw, k, val)
+                setattr(*where(k), val)
             if "bf16" in sys.argv[5:]:
                 model = None
                 decs["bf16"] = capture(bench.random_model(name, torch.bfloat16, "cuda").eval(), max_len)

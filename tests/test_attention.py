@@ -136,6 +136,15 @@ def interpreted_rope(tmp_path_factory):
     return _interpret(tmp_path_factory.mktemp("rope"), [_rope_case(*c) for c in ROPE_CASES])
 
 
+def test_rope_kernel_takes_a_short_rest_of_the_cache_as_one_tail_block():
+    """Llama-7B's 144 keys in blocks of 128: the other 16 are one tail block, loaded before the wait with the first
+    (the second ROPE_CASES case runs it); longer rests, several chunks or one block: no tail (a loop)."""
+    from binaryllm.kernels.attention import tail_block
+    assert tail_block(144, 128, 1) == 16 and tail_block(129, 128, 1) == 16 and tail_block(190, 128, 1) == 64
+    assert tail_block(200, 128, 1) == 0 and tail_block(144, 256, 1) == 0 and tail_block(144, 128, 2) == 0
+    assert tail_block(40, 32, 1) == 16 and tail_block(300, 16, 10) == 0
+
+
 @pytest.mark.parametrize("i", range(len(ROPE_CASES)))
 def test_rope_kernel_writes_the_cache_and_attends_like_the_unfused_step(interpreted_rope, i):
     """The caches are bit for bit those of rotary embedding + ``index_copy_`` (only row ``pos`` changes), and the

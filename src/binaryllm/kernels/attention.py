@@ -54,6 +54,10 @@ CHUNK = 512
 # 4 warps and against 1340.9 without the pass; docs/RESULTS.md, sixteenth session)
 PREFETCH = 16384
 ROPE_WARPS = 8
+# ... and when the cache is one chunk a little longer than that block (Llama-7B's 144 keys: 128 + 16), the rest of it
+# too, as a tail block of the next power of 2 (TAIL_N), loaded before the wait with the first: not as a block of
+# BLOCK_N keys, mostly masked, loaded after the first block's softmax.  PREFETCH_TAIL: the largest such tail (0: off)
+PREFETCH_TAIL = 64
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = tl.constexpr(1.4426950408889634)    # scores in log2 units: the kernels use exp2
 
@@ -111,7 +115,8 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, po_ptr, pml_ptr, L, KVH, qk_
                  G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr,
                  CHUNK_N: tl.constexpr, MASK: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
                  SKIP: tl.constexpr = True, ROPE: tl.constexpr = False, kn_ptr=None, vn_ptr=None, cos_ptr=None,
-                 sin_ptr=None, pos_ptr=None, s_knb=0, s_knh=0, s_vnb=0, s_vnh=0, s_cb=0, s_sb=0):
+                 sin_ptr=None, pos_ptr=None, s_knb=0, s_knh=0, s_vnb=0, s_vnh=0, s_cb=0, s_sb=0,
+                 TAIL_N: tl.constexpr = 0):
     """Program (b * KVH + h, c): query heads h G .. h G + G - 1 of sequence b over keys [c CHUNK_N, (c + 1)
     CHUNK_N) of KV head h.  MASK: 0 none, 1 boolean (True = attend), 2 additive.  SKIP (boolean mask): keys it
     masks are not read (else keys and values load at once with the mask, which is shorter latency).  SPLIT: write
@@ -121,7 +126,8 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, po_ptr, pml_ptr, L, KVH, qk_
     half: x cos + rotate_half(x) sin, fp32, rounded once); the token's key and value (vn_ptr) are written into the
     caches (k_ptr, v_ptr) at row pos (pos_ptr) by the program whose chunk holds it, and used from registers there.
     Every other cache row was written by an earlier step, so the first block of keys and values is loaded before
-    the PDL wait, while the kernel before this one is still running."""
+    the PDL wait, while the kernel before this one is still running; with TAIL_N (one chunk: L <= BLOCK_N +
+    TAIL_N) so are the keys and values after it, and there is no loop."""
     bh = tl.program_id(0)
     c = tl.program_id(1)
     b = bh // KVH
@@ -138,6 +144,11 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, po_ptr, pml_ptr, L, KVH, qk_
         pre_ok = (n < L)[:, None] & d_ok[None, :]
         k0 = tl.load(kbase + n[:, None] * s_kl + d[None, :], mask=pre_ok, other=0.0)
         v0 = tl.load(vbase + n[:, None] * s_vl + d[None, :], mask=pre_ok, other=0.0)
+        if TAIL_N > 0:
+            nt = start + BLOCK_N + tl.arange(0, TAIL_N)
+            tail_ok = (nt < L)[:, None] & d_ok[None, :]
+            kt = tl.load(kbase + nt[:, None] * s_kl + d[None, :], mask=tail_ok, other=0.0)
+            vt = tl.load(vbase + nt[:, None] * s_vl + d[None, :], mask=tail_ok, other=0.0)
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -159,10 +170,15 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, po_ptr, pml_ptr, L, KVH, qk_
         ok, kv_ok = _block_ok(m_ptr, b, n, L, s_mb, s_ml, d_ok, MASK, False)
         k, v = _token_row(n, pos, kr, vr, k0, v0)
         m_i, l_i, acc = _online(q, k, v, ok, n, m_ptr, b, s_mb, s_ml, m_i, l_i, acc, qk_scale, MASK)
+        if TAIL_N > 0:
+            ok, kv_ok = _block_ok(m_ptr, b, nt, L, s_mb, s_ml, d_ok, MASK, False)
+            k, v = _token_row(nt, pos, kr, vr, kt, vt)
+            m_i, l_i, acc = _online(q, k, v, ok, nt, m_ptr, b, s_mb, s_ml, m_i, l_i, acc, qk_scale, MASK)
     else:
         q = tl.load(q_ptr + b * s_qb + (h * G + g)[:, None] * s_qh + d[None, :], mask=q_ok, other=0.0)
     FIRST: tl.constexpr = BLOCK_N if ROPE else 0         # ROPE: the first block is done above
-    for n0 in range(FIRST, CHUNK_N, BLOCK_N):
+    LAST: tl.constexpr = FIRST if TAIL_N > 0 else CHUNK_N  # ... with TAIL_N the rest too
+    for n0 in range(FIRST, LAST, BLOCK_N):
         n = start + n0 + tl.arange(0, BLOCK_N)
         ok, kv_ok = _block_ok(m_ptr, b, n, L, s_mb, s_ml, d_ok, MASK, SKIP)
         k = tl.load(kbase + n[:, None] * s_kl + d[None, :], mask=kv_ok, other=0.0)
@@ -237,6 +253,14 @@ def block_config(L: int, D: int) -> tuple[int, int, int, bool]:
     return bn, warps, max(bn, min(chunk, _pow2(L, 16))), bool(skip)
 
 
+def tail_block(L: int, bn: int, nc: int) -> int:
+    """TAIL_N of the rope kernel for L keys in blocks of bn over nc chunks: the keys after the first block as one
+    block of the next power of 2 (>= 16), when the cache is one chunk and that block is at most PREFETCH_TAIL and half
+    of bn; else 0 (a loop over blocks of bn)."""
+    tail = _pow2(L - bn, 16) if L > bn else 0
+    return tail if nc == 1 and 0 < tail <= min(PREFETCH_TAIL, bn // 2) else 0
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                      scale: float | None = None) -> torch.Tensor:
     """softmax(q k^T * scale [+ mask]) v for q (B, H, 1, D) and k, v (B, KVH, L, D) (H a multiple of KVH, query
@@ -288,6 +312,7 @@ def _launch(q, k, v, mask, scale, rope):
         if not os.environ.get("BINARYLLM_ATTN_CONFIG"):
             warps = ROPE_WARPS
     nc = triton.cdiv(L, chunk)
+    tail = tail_block(L, bn, nc) if rope is not None else 0
     pdl = not _INTERPRETED and q.is_cuda and has_pdl(q.device.index or 0)
     extra = {"launch_pdl": True} if pdl else {}
     rope_args = {}
@@ -308,7 +333,8 @@ def _launch(q, k, v, mask, scale, rope):
                                 scale * _LOG2E.value, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                                 k.stride(2), v.stride(0), v.stride(1), v.stride(2), s_mb, s_ml, out.stride(0),
                                 out.stride(2), G=G, GP=GP, D=D, DP=DP, BLOCK_N=bn, CHUNK_N=chunk, MASK=kind,
-                                SPLIT=nc > 1, PDL=pdl, SKIP=skip, num_warps=warps, **extra, **rope_args)
+                                SPLIT=nc > 1, PDL=pdl, SKIP=skip, num_warps=warps, TAIL_N=tail, **extra,
+                                **rope_args)
     if nc > 1:
         _combine_kernel[(B * KVH,)](po, pml, out, nc, KVH, out.stride(0), out.stride(2), NCP=_pow2(nc, 1), G=G,
                                     GP=GP, D=D, DP=DP, PDL=pdl, num_warps=4, **extra)
