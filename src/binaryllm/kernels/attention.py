@@ -170,10 +170,10 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, po_ptr, pml_ptr, L, KVH, qk_
         ok, kv_ok = _block_ok(m_ptr, b, n, L, s_mb, s_ml, d_ok, MASK, False)
         k, v = _token_row(n, pos, kr, vr, k0, v0)
         m_i, l_i, acc = _online(q, k, v, ok, n, m_ptr, b, s_mb, s_ml, m_i, l_i, acc, qk_scale, MASK)
-        if TAIL_N > 0:
-            ok, kv_ok = _block_ok(m_ptr, b, nt, L, s_mb, s_ml, d_ok, MASK, False)
-            k, v = _token_row(nt, pos, kr, vr, kt, vt)
-            m_i, l_i, acc = _online(q, k, v, ok, nt, m_ptr, b, s_mb, s_ml, m_i, l_i, acc, qk_scale, MASK)
+        if TAIL_N > 0:       # (names of their own: the loop below, empty then, must see the block's types)
+            t_ok, _ = _block_ok(m_ptr, b, nt, L, s_mb, s_ml, d_ok, MASK, False)
+            kt, vt = _token_row(nt, pos, kr, vr, kt, vt)
+            m_i, l_i, acc = _online(q, kt, vt, t_ok, nt, m_ptr, b, s_mb, s_ml, m_i, l_i, acc, qk_scale, MASK)
     else:
         q = tl.load(q_ptr + b * s_qb + (h * G + g)[:, None] * s_qh + d[None, :], mask=q_ok, other=0.0)
     FIRST: tl.constexpr = BLOCK_N if ROPE else 0         # ROPE: the first block is done above
