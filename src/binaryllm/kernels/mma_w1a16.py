@@ -111,9 +111,6 @@ GATED_TRIGGER = 2
 # EARLY_EPILOGUE, bits: 1 the epilogue's row scales and bias are loaded before the PDL wait, 2 a residual right after
 # it (else after the tensor-core loop, where ptxas left them: a global-memory round trip at the end of every kernel)
 EARLY_EPILOGUE = 3
-# ... for one row through shared memory above 16 k-groups (Llama-7B's down projection, 4096x11008: alone 7.8 us with
-# the early loads and 6.5 without, on the H100)
-EARLY_EPILOGUE_LONG = 3
 # one row of activations through registers (not XS) in one chain a warp, the tile that holds a round of x ahead of
 # its use: at most MAXNREG_1 registers a thread (ptxas' maxnreg).  The early loads hold registers through the loop
 # and took the 8192^2 tile from 126 to 132, where its 512 programs no longer fit at once (H100: 10.6 against 6.8
@@ -635,5 +632,4 @@ def launch_config(M: int, N: int, K: int, bf16: bool, has_bias: bool, config: tu
                                         CHAINS=chains, XS=int((bool(xs) or norm_parts > 0) and M == 1),
                                         PAIRS=int(bool(pairs)), GATED=int(gated), RES=int(res),
                                         NORM=int(norm_parts > 0), NPP=triton.next_power_of_2(max(norm_parts, 1)),
-                                        EARLY=int(EARLY_EPILOGUE_LONG if xs and M == 1 and KB > 16
-                                                  else EARLY_EPILOGUE))
+                                        EARLY=int(EARLY_EPILOGUE))
