@@ -320,14 +320,19 @@ def test_norm_prologue_compiles_with_the_weight_before_the_wait(N, K, pairs):
                       torch.ones(N).half(), N, K, norm=(torch.zeros(2, 3), torch.ones(K), 1e-5))
 
 
-def test_large_gated_kernel_lets_the_next_launch_after_its_loop_without_waiting_itself():
+@pytest.mark.parametrize("trig", [1, 2])
+def test_large_gated_kernel_lets_the_next_launch_without_waiting_itself(monkeypatch, trig):
     """Llama-7B's gate/up (norm + gated, GATED_PDL_MAX weights or more) is launched without PDL, so it has no
-    griddepcontrol.wait; it still lets the next kernel (the down projection) launch, after its last tensor-core op
-    (GATED_TRIGGER 2); the smaller gated kernel (SmolLM2's) waits and triggers at the start as every other one."""
+    griddepcontrol.wait; it still lets the next kernel (the down projection) launch: at its start (GATED_TRIGGER 1,
+    the default) or after its last tensor-core op (2); the smaller gated kernel (SmolLM2's) waits and triggers at
+    the start as every other one."""
+    assert mw.GATED_TRIGGER == 1
+    monkeypatch.setattr(mw, "GATED_TRIGGER", trig)
     big, const = _ptx(22016, 4096, 1, None, pairs=11008, gated=True, norm_parts=256)
-    assert not const["PDL"] and const["TRIG"] == mw.GATED_TRIGGER == 2
+    assert not const["PDL"] and const["TRIG"] == trig
     assert "griddepcontrol.wait" not in big
-    assert big.index("griddepcontrol.launch_dependents") > big.rindex("mma.sync")
+    after_loop = big.index("griddepcontrol.launch_dependents") > big.rindex("mma.sync")
+    assert after_loop == (trig == 2) and (trig == 2 or big.index("griddepcontrol.launch_dependents") < big.index("mma.sync"))
     small, const = _ptx(3072, 576, 1, None, pairs=1536, gated=True, norm_parts=64)
     assert const["PDL"] and const["TRIG"] == 1
     wait, trigger = small.index("griddepcontrol.wait"), small.index("griddepcontrol.launch_dependents")

@@ -104,10 +104,11 @@ GATED_PDL_MAX = XS_MAX
 # its own wait, 2 after its tensor-core loop, 0 not at all (the next kernel launches when this one ends);
 # GATED_TRIGGER the same for the large gated kernel.  Seventeenth session, Llama-7B step with the one-wave gate/up
 # tile (MMA_CONFIG_1_NORM): GATED_TRIGGER 2 1173 us, 0 or 1 1193 (with the earlier two-wave tile 1 was 10% slower
-# and 2 equal); TRIGGER 2 for every kernel 9% slower
+# and 2 equal); TRIGGER 2 for every kernel 9% slower.  Nineteenth session, with the early epilogue loads: GATED_TRIGGER 1
+# 1085.8 us against 2 1097.65 (TRIGGER 2 1157.9)
 GATED_PDL = False
 TRIGGER = 1
-GATED_TRIGGER = 2
+GATED_TRIGGER = 1
 # EARLY_EPILOGUE, bits: 1 the epilogue's row scales and bias are loaded before the PDL wait, 2 a residual right after
 # it (else after the tensor-core loop, where ptxas left them: a global-memory round trip at the end of every kernel)
 EARLY_EPILOGUE = 3
