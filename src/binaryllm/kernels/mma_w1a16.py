@@ -32,11 +32,11 @@ stores of x as tensor-core ops).  Here every layout is spelled out, so
   pair of them is a block's residual add + RMSNorm between two packed layers without a kernel of its own
   (``kernels/fusion.py`` rewrites the compiled decode step to use them);
 * on sm_90+ it is launched with programmatic dependent launch (PDL): the weights do not depend on the kernel
-  before it, so the first round of them is loaded while that kernel is still running; ``griddepcontrol.wait``
-  comes before x is read (and before anything is stored), then ``griddepcontrol.launch_dependents`` lets the next
+  before it, so the first round of them (and the epilogue's row scales and bias: EARLY) is loaded while that
+  kernel is still running; ``griddepcontrol.wait`` comes before x and a residual are read (and before anything is
+  stored), then ``griddepcontrol.launch_dependents`` lets the next
   kernel start early in the same way (TRIG: where, or whether, a kernel does that is apart from how it is launched;
-  Llama-7B's gate/up kernel is launched without PDL but lets the down projection launch after its tensor-core
-  loop).  Kernels launched without PDL are ordered as usual.  On the H100 this took
+  Llama-7B's gate/up kernel is launched without PDL but lets the down projection launch at its start).  Kernels launched without PDL are ordered as usual.  On the H100 this took
   the back-to-back batch-1 time at 8192^2 from 8.9 to 6.9 us (best tiles); in a compiled decode step it only
   pays together with torch.compile's own PDL (``decode.compile_options``): its neighbours must take part.
 
