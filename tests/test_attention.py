@@ -145,6 +145,35 @@ def test_rope_kernel_takes_a_short_rest_of_the_cache_as_one_tail_block():
     assert tail_block(40, 32, 1) == 16 and tail_block(300, 16, 10) == 0
 
 
+def _rope_ptx(tail: int) -> str:
+    """sm_90 PTX of the rope kernel for Llama-7B's heads (144 keys, blocks of 128, boolean mask), compiled on this
+    CPU box as it would be launched on a Hopper GPU; ``tail``: TAIL_N."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from binaryllm.kernels import attention as A
+    ptr = {"po_ptr": "*fp32", "pml_ptr": "*fp32", "pos_ptr": "*i64", "m_ptr": "*i1"}
+    const = dict(G=1, GP=16, D=128, DP=128, BLOCK_N=128, CHUNK_N=256, MASK=1, SPLIT=False, PDL=True, SKIP=False,
+                 ROPE=True, TAIL_N=tail)
+    sig = {n: "constexpr" if n in const else ptr.get(n, "*bf16") if n.endswith("_ptr") else
+           "fp32" if n == "qk_scale" else "i32" for n in A._attn_kernel.arg_names}
+    cc = triton.compile(ASTSource(A._attn_kernel, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                        options={"num_warps": A.ROPE_WARPS})
+    return cc.asm["ptx"]
+
+
+def test_rope_kernel_compiles_for_hopper_with_the_tail_loaded_before_the_wait():
+    """What the interpreter does not check: the kernel builds for sm_90 with and without the tail block (the first
+    tail version did not: the loop after it changed a variable's type), spills nothing, and with the tail loads
+    more of the cache before griddepcontrol.wait and less after it (no second 128-key block)."""
+    plain, tail = _rope_ptx(0), _rope_ptx(16)
+    for ptx in (plain, tail):
+        assert "mma.sync" in ptx and "ld.local" not in ptx and "st.local" not in ptx
+    (p_before, p_after), (t_before, t_after) = (ptx.split("griddepcontrol.wait", 1) for ptx in (plain, tail))
+    assert t_before.count("ld.global") > p_before.count("ld.global")
+    assert t_after.count("ld.global") < p_after.count("ld.global")
+
+
 @pytest.mark.parametrize("i", range(len(ROPE_CASES)))
 def test_rope_kernel_writes_the_cache_and_attends_like_the_unfused_step(interpreted_rope, i):
     """The caches are bit for bit those of rotary embedding + ``index_copy_`` (only row ``pos`` changes), and the

@@ -16,8 +16,8 @@ and the step 508 against 596 us (docs/RESULTS.md).
 
 ``decode_attention_rope`` also makes the rotary embedding of q and of the token's key and writes the token's key
 and value into the caches (``kernels/fusion.py`` puts it into compiled steps in place of inductor's kernel for
-them); it loads its first block of the cache (and a short rest of it, as one tail block) before the PDL wait, since only the
-token's row changes in the step.
+them); it loads its first block of the cache (and a short rest of it, as one tail block) before the PDL wait,
+since only the token's row changes in the step.
 In the H100 decode step that took Llama-7B from 1340 to 1268 us and SmolLM2 from 451 to 415 us (docs/RESULTS.md).
 
 Hooked into transformers through its attention interface (``register``; ``use_decode_attention(model)`` switches
@@ -101,6 +101,15 @@ def _token_row(n, pos, kr, vr, k, v):
 
 
 @triton.jit
+def _prefetched(q, k, v, n, pos, kr, vr, m_ptr, b, L, s_mb, s_ml, d_ok, m_i, l_i, acc, qk_scale, MASK: tl.constexpr):
+    """A block of keys and values (rows n) loaded before the PDL wait into the online softmax, the token's row from
+    registers."""
+    ok, _ = _block_ok(m_ptr, b, n, L, s_mb, s_ml, d_ok, MASK, False)
+    k, v = _token_row(n, pos, kr, vr, k, v)
+    return _online(q, k, v, ok, n, m_ptr, b, s_mb, s_ml, m_i, l_i, acc, qk_scale, MASK)
+
+
+@triton.jit
 def _rope(x_ptr, d, D: tl.constexpr, ok, c, s):
     """x * cos + rotate_half(x) * sin in fp32 for a row of D values at x_ptr (2-D offsets in ``d``)."""
     HALF: tl.constexpr = D // 2
@@ -168,13 +177,11 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, po_ptr, pml_ptr, L, KVH, qk_
         mine = (pos >= start) & (pos < start + CHUNK_N) & (pos < L)
         tl.store(kbase + pos * s_kl + d, kr, mask=d_ok & mine)
         tl.store(vbase + pos * s_vl + d, vr, mask=d_ok & mine)
-        ok, kv_ok = _block_ok(m_ptr, b, n, L, s_mb, s_ml, d_ok, MASK, False)
-        k, v = _token_row(n, pos, kr, vr, k0, v0)
-        m_i, l_i, acc = _online(q, k, v, ok, n, m_ptr, b, s_mb, s_ml, m_i, l_i, acc, qk_scale, MASK)
-        if TAIL_N > 0:       # (names of their own: the loop below, empty then, must see the block's types)
-            t_ok, _ = _block_ok(m_ptr, b, nt, L, s_mb, s_ml, d_ok, MASK, False)
-            kt, vt = _token_row(nt, pos, kr, vr, kt, vt)
-            m_i, l_i, acc = _online(q, kt, vt, t_ok, nt, m_ptr, b, s_mb, s_ml, m_i, l_i, acc, qk_scale, MASK)
+        m_i, l_i, acc = _prefetched(q, k0, v0, n, pos, kr, vr, m_ptr, b, L, s_mb, s_ml, d_ok, m_i, l_i, acc,
+                                    qk_scale, MASK)
+        if TAIL_N > 0:
+            m_i, l_i, acc = _prefetched(q, kt, vt, nt, pos, kr, vr, m_ptr, b, L, s_mb, s_ml, d_ok, m_i, l_i, acc,
+                                        qk_scale, MASK)
     else:
         q = tl.load(q_ptr + b * s_qb + (h * G + g)[:, None] * s_qh + d[None, :], mask=q_ok, other=0.0)
     FIRST: tl.constexpr = BLOCK_N if ROPE else 0         # ROPE: the first block is done above
