@@ -67,6 +67,35 @@ def time_blocks(decs: dict, blocks: int) -> dict:
     return {"us": us, "median_us": med, "step_tok_s": {k: round(1e6 / v, 1) for k, v in med.items()}}
 
 
+def consts(name: str, blocks: int, max_len: int, variants: dict, bf16: bool) -> dict:
+    """The packed step captured once per variant ({label: {NAME: value}}, module constants of kernels/mma_w1a16.py
+    or, as attention.NAME, kernels/attention.py, set before the capture and restored after), timed in one process
+    with the bf16 step if ``bf16``."""
+    from binaryllm.kernels import attention
+
+    def where(k):
+        return (attention, k.split(".", 1)[1]) if k.startswith("attention.") else (mw, k)
+    model = bench.random_model(name, torch.bfloat16, "cuda").eval()
+    bench.random_packed_(model)
+    keep = {k: getattr(*where(k)) for v in variants.values() for k in v}
+    decs = {}
+    for label, v in variants.items():
+        for k, val in {**keep, **v}.items():
+            setattr(*where(k), type(keep[k])(val))
+        decs[label] = capture(model, max_len)       # fixed in the captured graph
+        print(label, "tokens", decs[label].tokens, flush=True)
+    for k, val in keep.items():
+        setattr(*where(k), val)
+    if bf16:
+        model = None
+        decs["bf16"] = capture(bench.random_model(name, torch.bfloat16, "cuda").eval(), max_len)
+    res = {"variants": variants, **time_blocks(decs, blocks)}
+    res["speedup_vs_default"] = {k: round(res["median_us"]["default"] / v, 3) for k, v in res["median_us"].items()}
+    if bf16:
+        res["ratio_bf16"] = {k: round(res["median_us"]["bf16"] / v, 3) for k, v in res["median_us"].items()}
+    return res
+
+
 def main() -> None:
     mode, name, blocks = sys.argv[1], sys.argv[2], int(sys.argv[3])
     decs = {}
@@ -135,8 +164,9 @@ def main() -> None:
                     out[label] = decs[label].out.float().clone()
                     print(label, "rewrites", p.counts if p is not None else None, "tokens", decs[label].tokens,
                           flush=True)
-                print(kind, "logits max |diff| with and without", (out[kind] - out[kind + "-norope"]).abs().max().item(),
-                      "of max", out[kind].abs().max().item(), flush=True)
+                diff = (out[kind] - out[kind + "-norope"]).abs().max().item()
+                print(kind, "logits max |diff| with and without", diff, "of max", out[kind].abs().max().item(),
+                      flush=True)
                 model = None
             decode.compile_options = real
             res = time_blocks(decs, blocks)
@@ -144,59 +174,20 @@ def main() -> None:
                                         for k in ("packed", "bf16")}
             res["ratio_bf16"] = {k: round(res["median_us"]["bf16" + k] / res["median_us"]["packed" + k], 3)
                                  for k in ("", "-norope")}
-        elif mode == "trigger":
-            # where the large gated kernel (Llama-7B's gate/up) lets the down projection launch, and whether it is
-            # launched with PDL itself: (GATED_PDL, TRIGGER, GATED_TRIGGER) of kernels/mma_w1a16.py per variant
+        elif mode in ("trigger", "consts"):
+            # consts: module constants of kernels/mma_w1a16.py (attention.NAME: kernels/attention.py) per variant,
+            # from the arguments; trigger: where the large gated kernel (Llama-7B's gate/up) lets the down projection
+            # launch, and whether it is launched with PDL itself (GATED_PDL, TRIGGER, GATED_TRIGGER)
             max_len = int(sys.argv[4]) if len(sys.argv) > 4 else 144
-            model = bench.random_model(name, torch.bfloat16, "cuda").eval()
-            bench.random_packed_(model)
-            keep = (mw.GATED_PDL, mw.TRIGGER, mw.GATED_TRIGGER)
-            variants = {"default": keep, "gate/up no trigger": (False, 1, 0),
-                        "gate/up trigger after wait": (False, 1, 1),
-                        "gate/up trigger after loop": (False, 1, 2), "gate/up PDL, trigger after wait": (True, 1, 1),
-                        "gate/up PDL, trigger after loop": (True, 1, 2), "every trigger after loop": (False, 2, 2)}
-            for label, v in variants.items():
-                mw.GATED_PDL, mw.TRIGGER, mw.GATED_TRIGGER = v
-                decs[label] = capture(model, max_len)       # fixed in the captured graph
-                print(label, "tokens", decs[label].tokens, flush=True)
-            mw.GATED_PDL, mw.TRIGGER, mw.GATED_TRIGGER = keep
-            if "bf16" in sys.argv[5:]:
-                model = None
-                decs["bf16"] = capture(bench.random_model(name, torch.bfloat16, "cuda").eval(), max_len)
-            res = {"variants": {k: list(v) for k, v in variants.items()}, **time_blocks(decs, blocks)}
-            res["speedup_vs_default"] = {k: round(res["median_us"]["default"] / v, 3)
-                                         for k, v in res["median_us"].items()}
-            if "bf16" in decs:
-                res["ratio_bf16"] = {k: round(res["median_us"]["bf16"] / v, 3) for k, v in res["median_us"].items()}
-        elif mode == "consts":
-            max_len = int(sys.argv[4])
-            model = bench.random_model(name, torch.bfloat16, "cuda").eval()
-            bench.random_packed_(model)
-            variants = {"default": {}}
-            for arg in sys.argv[5:]:
-                if arg != "bf16":
-                    variants[arg] = {k: int(v) for k, v in (kv.split("=") for kv in arg.split(","))}
-            from binaryllm.kernels import attention
-            mod = {"attention": attention}
-
-            def where(k):
-                return (mod[k.split(".")[0]], k.split(".")[1]) if "." in k else (mw, k)
-            keep = {k: getattr(*where(k)) for v in variants.values() for k in v}
-            for label, v in variants.items():
-                for k, val in {**keep, **v}.items():
-                    setattr(*where(k), type(keep[k])(val))
-                decs[label] = capture(model, max_len)       # fixed in the captured graph
-                print(label, "tokens", decs[label].tokens, flush=True)
-            for k, val in keep.items():
-                setattr(*where(k), val)
-            if "bf16" in sys.argv[5:]:
-                model = None
-                decs["bf16"] = capture(bench.random_model(name, torch.bfloat16, "cuda").eval(), max_len)
-            res = {"variants": variants, **time_blocks(decs, blocks)}
-            res["speedup_vs_default"] = {k: round(res["median_us"]["default"] / v, 3)
-                                         for k, v in res["median_us"].items()}
-            if "bf16" in decs:
-                res["ratio_bf16"] = {k: round(res["median_us"]["bf16"] / v, 3) for k, v in res["median_us"].items()}
+            if mode == "trigger":
+                variants = {"gate/up no trigger": (0, 1, 0), "gate/up trigger after wait": (0, 1, 1),
+                            "gate/up trigger after loop": (0, 1, 2), "gate/up PDL, trigger after wait": (1, 1, 1),
+                            "gate/up PDL, trigger after loop": (1, 1, 2), "every trigger after loop": (0, 2, 2)}
+                variants = {k: dict(zip(("GATED_PDL", "TRIGGER", "GATED_TRIGGER"), v)) for k, v in variants.items()}
+            else:
+                variants = {a: {k: int(v) for k, v in (kv.split("=") for kv in a.split(","))}
+                            for a in sys.argv[5:] if a != "bf16"}
+            res = consts(name, blocks, max_len, {"default": {}, **variants}, "bf16" in sys.argv[5:])
         else:
             raise SystemExit(f"mode {mode!r} is not tiles, bf16, glu, passes, rope, trigger or consts")
     res.update(model=name, max_len=max_len, device=torch.cuda.get_device_name())
