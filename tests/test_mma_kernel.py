@@ -331,8 +331,8 @@ def test_large_gated_kernel_lets_the_next_launch_without_waiting_itself(monkeypa
     big, const = _ptx(22016, 4096, 1, None, pairs=11008, gated=True, norm_parts=256)
     assert not const["PDL"] and const["TRIG"] == trig
     assert "griddepcontrol.wait" not in big
-    after_loop = big.index("griddepcontrol.launch_dependents") > big.rindex("mma.sync")
-    assert after_loop == (trig == 2) and (trig == 2 or big.index("griddepcontrol.launch_dependents") < big.index("mma.sync"))
+    trigger = big.index("griddepcontrol.launch_dependents")
+    assert trigger > big.rindex("mma.sync") if trig == 2 else trigger < big.index("mma.sync")
     small, const = _ptx(3072, 576, 1, None, pairs=1536, gated=True, norm_parts=64)
     assert const["PDL"] and const["TRIG"] == 1
     wait, trigger = small.index("griddepcontrol.wait"), small.index("griddepcontrol.launch_dependents")

@@ -34,11 +34,12 @@ stores of x as tensor-core ops).  Here every layout is spelled out, so
 * on sm_90+ it is launched with programmatic dependent launch (PDL): the weights do not depend on the kernel
   before it, so the first round of them (and the epilogue's row scales and bias: EARLY) is loaded while that
   kernel is still running; ``griddepcontrol.wait`` comes before x and a residual are read (and before anything is
-  stored), then ``griddepcontrol.launch_dependents`` lets the next
-  kernel start early in the same way (TRIG: where, or whether, a kernel does that is apart from how it is launched;
-  Llama-7B's gate/up kernel is launched without PDL but lets the down projection launch at its start).  Kernels launched without PDL are ordered as usual.  On the H100 this took
-  the back-to-back batch-1 time at 8192^2 from 8.9 to 6.9 us (best tiles); in a compiled decode step it only
-  pays together with torch.compile's own PDL (``decode.compile_options``): its neighbours must take part.
+  stored), then ``griddepcontrol.launch_dependents`` lets the next kernel start early in the same way (TRIG: where,
+  or whether, a kernel does that is apart from how it is launched; Llama-7B's gate/up kernel is launched without
+  PDL but lets the down projection launch at its start).  Kernels launched without PDL are ordered as usual.  On
+  the H100 this took the back-to-back batch-1 time at 8192^2 from 8.9 to 6.9 us (best tiles); in a compiled decode
+  step it only pays together with torch.compile's own PDL (``decode.compile_options``): its neighbours must take
+  part.
 
 Weight layout ("tiles", made once at load by ``prepare_tiles``; the on-disk bits stay as they are): K is padded
 to a multiple of 256 and N to a multiple of 16.  For row tile ``rt`` (16 rows), k-group ``kb`` (256 columns) and
@@ -104,8 +105,8 @@ GATED_PDL_MAX = XS_MAX
 # its own wait, 2 after its tensor-core loop, 0 not at all (the next kernel launches when this one ends);
 # GATED_TRIGGER the same for the large gated kernel.  Seventeenth session, Llama-7B step with the one-wave gate/up
 # tile (MMA_CONFIG_1_NORM): GATED_TRIGGER 2 1173 us, 0 or 1 1193 (with the earlier two-wave tile 1 was 10% slower
-# and 2 equal); TRIGGER 2 for every kernel 9% slower.  Nineteenth session, with the early epilogue loads: GATED_TRIGGER 1
-# 1085.8 us against 2 1097.65 (TRIGGER 2 1157.9)
+# and 2 equal); TRIGGER 2 for every kernel 9% slower.  Nineteenth session, with the early epilogue loads:
+# GATED_TRIGGER 1 1085.8 us against 2 1097.65 (TRIGGER 2 1157.9)
 GATED_PDL = False
 TRIGGER = 1
 GATED_TRIGGER = 1
