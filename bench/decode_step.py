@@ -23,8 +23,13 @@ in docs/RESULTS.md (thirteenth session).
     # its own launch, and optionally the bf16 step (seventeenth session)
     PYTHONPATH=src OUT=. python bench/decode_step.py trigger llama-7b 8 [max_len [bf16]]
     # the step with module constants of kernels/mma_w1a16.py (or kernels/attention.py: attention.NAME) changed, one
-    # variant per argument (NAME=VALUE[,...]; "bf16" adds the bf16 step), against the committed values ("default")
+    # variant per argument (NAME=VALUE[,...]; gemv=0: the lm_head through cuBLAS; "bf16" adds the bf16 step), against
+    # the committed values ("default")
     PYTHONPATH=src OUT=. python bench/decode_step.py consts llama-7b 8 144 EARLY_EPILOGUE=0 [bf16]
+    # where the packed step's time goes: ten graph replays under torch.profiler (a synchronize between them); the
+    # last step's kernels in order (start, duration, and how far each moved the step's end), and per kernel of a
+    # block (labelled by name and its place after the block's attention) the means over the blocks
+    PYTHONPATH=src OUT=. python bench/decode_step.py timeline llama-7b 1 144
 """
 import json
 import os
@@ -39,11 +44,11 @@ from binaryllm.decode import StaticDecoder
 from binaryllm.kernels import mma_w1a16 as mw
 
 
-def capture(model, max_len: int) -> StaticDecoder:
+def capture(model, max_len: int, gemv: bool | None = None) -> StaticDecoder:
     torch._dynamo.reset()
     ids = torch.randint(0, model.config.vocab_size, (1, 16), device="cuda",
                         generator=torch.Generator("cuda").manual_seed(0))
-    dec = StaticDecoder(model, max_len, compile=True)
+    dec = StaticDecoder(model, max_len, compile=True, gemv=gemv)
     dec.tokens = dec.generate(ids, 4)[0].tolist()     # the graph is captured at the first step (position 16 onwards)
     return dec
 
@@ -69,31 +74,69 @@ def time_blocks(decs: dict, blocks: int) -> dict:
 
 def consts(name: str, blocks: int, max_len: int, variants: dict, bf16: bool) -> dict:
     """The packed step captured once per variant ({label: {NAME: value}}, module constants of kernels/mma_w1a16.py
-    or, as attention.NAME, kernels/attention.py, set before the capture and restored after), timed in one process
-    with the bf16 step if ``bf16``."""
+    or, as attention.NAME, kernels/attention.py, set before the capture and restored after; "gemv" 0: the lm_head
+    through cuBLAS, not kernels/dense.py), timed in one process with the bf16 step if ``bf16``."""
     from binaryllm.kernels import attention
 
     def where(k):
         return (attention, k.split(".", 1)[1]) if k.startswith("attention.") else (mw, k)
     model = bench.random_model(name, torch.bfloat16, "cuda").eval()
     bench.random_packed_(model)
-    keep = {k: getattr(*where(k)) for v in variants.values() for k in v}
+    keep = {k: getattr(*where(k)) for v in variants.values() for k in v if k != "gemv"}
     decs = {}
     for label, v in variants.items():
         for k, val in {**keep, **v}.items():
-            setattr(*where(k), type(keep[k])(val))
-        decs[label] = capture(model, max_len)       # fixed in the captured graph
+            if k != "gemv":
+                setattr(*where(k), type(keep[k])(val))
+        decs[label] = capture(model, max_len, bool(v.get("gemv", 1)))       # fixed in the captured graph
         print(label, "tokens", decs[label].tokens, flush=True)
     for k, val in keep.items():
         setattr(*where(k), val)
-    if bf16:
+    if bf16:                # the bf16 step with the lm_head each way the variants run it
         model = None
-        decs["bf16"] = capture(bench.random_model(name, torch.bfloat16, "cuda").eval(), max_len)
+        for g in sorted({bool(v.get("gemv", 1)) for v in variants.values()}, reverse=True):
+            decs["bf16" if g else "bf16,gemv=0"] = capture(bench.random_model(name, torch.bfloat16, "cuda").eval(),
+                                                           max_len, g)
     res = {"variants": variants, **time_blocks(decs, blocks)}
     res["speedup_vs_default"] = {k: round(res["median_us"]["default"] / v, 3) for k, v in res["median_us"].items()}
     if bf16:
         res["ratio_bf16"] = {k: round(res["median_us"]["bf16"] / v, 3) for k, v in res["median_us"].items()}
     return res
+
+
+def timeline(dec: StaticDecoder, steps: int = 10) -> dict:
+    """The step's kernels from torch.profiler (CUPTI sees the kernels of a graph replay): the last of ``steps``
+    replays, each kernel's start and duration (us, from the step's first kernel) and ``adv``, how far its end moved
+    the latest end so far (the advances add up to the step's span); and per kernel of a block, labelled by its name
+    and its place counted from the block's attention kernel, the mean duration and advance over the blocks."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            dec._graph.replay()
+            torch.cuda.synchronize()
+    evs = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                 if e.device_type == torch.autograd.DeviceType.CUDA)
+    last = [0]
+    for i in range(1, len(evs)):                  # a step starts after a gap of 50 us or more (the synchronize)
+        if evs[i][0] - max(e[1] for e in evs[last[-1]:i]) > 50:
+            last.append(i)
+    evs = evs[last[-1]:]
+    t0, end, rows, place = evs[0][0], evs[0][0], [], None
+    for s, e, n in evs:
+        place = 0 if "attn" in n else (None if place is None else place + 1)
+        rows.append({"name": n[:60], "start": round(s - t0, 2), "dur": round(e - s, 2),
+                     "adv": round(max(e - end, 0.0), 2), "place": place})
+        end = max(end, e)
+    per = {}
+    for r in rows:
+        if r["place"] is not None:
+            per.setdefault(f"{r['place']}:{r['name'][:40]}", []).append((r["dur"], r["adv"]))
+    blocks = {k: {"n": len(v), "dur": round(statistics.mean(d for d, _ in v), 2),
+                  "adv": round(statistics.mean(a for _, a in v), 2)} for k, v in per.items()}
+    for r in rows:
+        print(f"{r['start']:9.2f} {r['dur']:7.2f} {r['adv']:7.2f}  {r['name']}")
+    print(json.dumps(blocks, indent=1), flush=True)
+    return {"span_us": round(end - t0, 2), "kernels": len(rows), "per_block_place": blocks, "rows": rows}
 
 
 def main() -> None:
@@ -188,10 +231,15 @@ def main() -> None:
                 variants = {a: {k: int(v) for k, v in (kv.split("=") for kv in a.split(","))}
                             for a in sys.argv[5:] if a != "bf16"}
             res = consts(name, blocks, max_len, {"default": {}, **variants}, "bf16" in sys.argv[5:])
+        elif mode == "timeline":
+            max_len = int(sys.argv[4]) if len(sys.argv) > 4 else 144
+            model = bench.random_model(name, torch.bfloat16, "cuda").eval()
+            bench.random_packed_(model)
+            res = timeline(capture(model, max_len))
         else:
-            raise SystemExit(f"mode {mode!r} is not tiles, bf16, glu, passes, rope, trigger or consts")
+            raise SystemExit(f"mode {mode!r} is not tiles, bf16, glu, passes, rope, trigger, consts or timeline")
     res.update(model=name, max_len=max_len, device=torch.cuda.get_device_name())
-    print(json.dumps({k: v for k, v in res.items() if k != "us"}), flush=True)
+    print(json.dumps({k: v for k, v in res.items() if k not in ("us", "rows")}), flush=True)
     json.dump(res, open(os.path.join(os.environ.get("OUT", "."), f"decode_step-{mode}-{name}.json"), "w"), indent=1)
 
 
