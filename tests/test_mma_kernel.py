@@ -208,11 +208,13 @@ def test_kernel_compiles_for_hopper_with_trivial_operand_layouts(case):
     if pdl:
         # the first round's weight words (RT x CH 16-byte loads a thread) are loaded before the wait for the
         # previous kernel, and with EARLY the epilogue's row scales (and bias: a thread's rows g and 8 + g of each
-        # row tile); the activations and the store only after it; then the next kernel may launch
+        # row tile); the activations and the store only after it; the next kernel may launch from just before
+        # that wait on (TRIG 3)
         before, after = ptx.split("griddepcontrol.wait", 1)
         n_epi = 2 * rt * (1 + bias) if const["EARLY"] & 1 else 0
         assert before.count("ld.global.v4.b32") == rt * ch and before.count("ld.global") == rt * ch + n_epi
-        assert "st.global" not in before and "griddepcontrol.launch_dependents" in after
+        assert const["TRIG"] == 3 and "griddepcontrol.launch_dependents" in before.rsplit("ld.global.v4", 1)[1]
+        assert "st.global" not in before and "griddepcontrol" not in after
         assert after.count("ld.global") > 0 and "st.global" in after
     else:
         assert "griddepcontrol" not in ptx
@@ -324,8 +326,8 @@ def test_norm_prologue_compiles_with_the_weight_before_the_wait(N, K, pairs):
 def test_large_gated_kernel_lets_the_next_launch_without_waiting_itself(monkeypatch, trig):
     """Llama-7B's gate/up (norm + gated, GATED_PDL_MAX weights or more) is launched without PDL, so it has no
     griddepcontrol.wait; it still lets the next kernel (the down projection) launch: at its start (GATED_TRIGGER 1,
-    the default) or after its last tensor-core op (2); the smaller gated kernel (SmolLM2's) waits and triggers at
-    the start as every other one."""
+    the default) or after its last tensor-core op (2); the smaller gated kernel (SmolLM2's) waits and triggers
+    just before its wait as every other one (TRIGGER 3)."""
     assert mw.GATED_TRIGGER == 1
     monkeypatch.setattr(mw, "GATED_TRIGGER", trig)
     big, const = _ptx(22016, 4096, 1, None, pairs=11008, gated=True, norm_parts=256)
@@ -334,9 +336,20 @@ def test_large_gated_kernel_lets_the_next_launch_without_waiting_itself(monkeypa
     trigger = big.index("griddepcontrol.launch_dependents")
     assert trigger > big.rindex("mma.sync") if trig == 2 else trigger < big.index("mma.sync")
     small, const = _ptx(3072, 576, 1, None, pairs=1536, gated=True, norm_parts=64)
-    assert const["PDL"] and const["TRIG"] == 1
+    assert const["PDL"] and const["TRIG"] == 3
     wait, trigger = small.index("griddepcontrol.wait"), small.index("griddepcontrol.launch_dependents")
-    assert wait < trigger < small.index("mma.sync")
+    assert trigger < wait < small.index("mma.sync")
+
+
+@pytest.mark.parametrize("pre", [0, 1, 2, 3])
+def test_rounds_loaded_before_the_wait(monkeypatch, pre):
+    """PRE_ROUNDS: how many rounds of a warp's weights are loaded before griddepcontrol.wait (the down projection of
+    Llama-7B: 3 rounds of 2 k-groups a warp); each round is still loaded once, and 0 loads none before it."""
+    monkeypatch.setattr(mw, "PRE_ROUNDS", pre)
+    ptx, const = _ptx(4096, 11008, 1, None, res=True)
+    assert const["PRE"] == pre and const["CH"] == 2
+    before = ptx.split("griddepcontrol.wait", 1)[0]
+    assert before.count("ld.global.v4.b32") == 2 * pre and ptx.count("ld.global.v4.b32") == 2 * 3 + 8
 
 
 def test_partial_sums_and_norm_reference():

@@ -34,12 +34,12 @@ stores of x as tensor-core ops).  Here every layout is spelled out, so
 * on sm_90+ it is launched with programmatic dependent launch (PDL): the weights do not depend on the kernel
   before it, so the first round of them (and the epilogue's row scales and bias: EARLY) is loaded while that
   kernel is still running; ``griddepcontrol.wait`` comes before x and a residual are read (and before anything is
-  stored), then ``griddepcontrol.launch_dependents`` lets the next kernel start early in the same way (TRIG: where,
-  or whether, a kernel does that is apart from how it is launched; Llama-7B's gate/up kernel is launched without
-  PDL but lets the down projection launch at its start).  Kernels launched without PDL are ordered as usual.  On
-  the H100 this took the back-to-back batch-1 time at 8192^2 from 8.9 to 6.9 us (best tiles); in a compiled decode
-  step it only pays together with torch.compile's own PDL (``decode.compile_options``): its neighbours must take
-  part.
+  stored); ``griddepcontrol.launch_dependents``, by default just before that wait, lets the next kernel start
+  early in the same way (TRIG: where, or whether, a kernel does that is apart from how it is launched; Llama-7B's
+  gate/up kernel is launched without PDL but lets the down projection launch at its start).  Kernels launched
+  without PDL are ordered as usual.  On the H100 this took the back-to-back batch-1 time at 8192^2 from 8.9 to
+  6.9 us (best tiles); in a compiled decode step it only pays together with torch.compile's own PDL
+  (``decode.compile_options``): its neighbours must take part.
 
 Weight layout ("tiles", made once at load by ``prepare_tiles``; the on-disk bits stay as they are): K is padded
 to a multiple of 256 and N to a multiple of 16.  For row tile ``rt`` (16 rows), k-group ``kb`` (256 columns) and
@@ -102,13 +102,16 @@ GATED_PDL_MAX = XS_MAX
 # GATED_PDL: launch it with PDL all the same (off: with the one-wave tile and GATED_TRIGGER 2, 1190 against 1172 us
 # in a Llama-7B step).  Where a kernel lets the next one launch
 # (griddepcontrol.launch_dependents, which does not need the kernel itself launched with PDL): TRIGGER 1 right after
-# its own wait, 2 after its tensor-core loop, 0 not at all (the next kernel launches when this one ends);
+# its own wait, 2 after its tensor-core loop, 3 before its wait, 0 not at all (the next kernel launches when this
+# one ends);
 # GATED_TRIGGER the same for the large gated kernel.  Seventeenth session, Llama-7B step with the one-wave gate/up
 # tile (MMA_CONFIG_1_NORM): GATED_TRIGGER 2 1173 us, 0 or 1 1193 (with the earlier two-wave tile 1 was 10% slower
 # and 2 equal); TRIGGER 2 for every kernel 9% slower.  Nineteenth session, with the early epilogue loads:
-# GATED_TRIGGER 1 1085.8 us against 2 1097.65 (TRIGGER 2 1157.9)
+# GATED_TRIGGER 1 1085.8 us against 2 1097.65 (TRIGGER 2 1157.9).  Twentieth session: TRIGGER 3, before the kernel's
+# own wait (the next kernel's programs launch while this one still waits for the one before it), in three Llama-7B
+# A/Bs 1075.8 / 1068.35 / 1074.6 us against 1082.05 / 1073.0 / 1080.45, and SmolLM2 346.1 against 353.75
 GATED_PDL = False
-TRIGGER = 1
+TRIGGER = 3
 GATED_TRIGGER = 1
 # EARLY_EPILOGUE, bits: 1 the epilogue's row scales and bias are loaded before the PDL wait, 2 a residual right after
 # it (else after the tensor-core loop, where ptxas left them: a global-memory round trip at the end of every kernel)
@@ -119,6 +122,10 @@ EARLY_EPILOGUE = 3
 # us); capped it keeps 128 and spills nothing.  Not every tile: under a cap ptxas takes more registers than it
 # does without one (the gate/up tile 98 -> 128), which leaves less room for the next kernel's early programs
 MAXNREG_1 = 128
+# PRE_ROUNDS (0-3): rounds of weights a warp loads before the PDL wait (the rest after it, one round at a time);
+# GATED_PRE_ROUNDS the same for the large gated kernel (when it is launched with PDL: GATED_PDL)
+PRE_ROUNDS = 1
+GATED_PRE_ROUNDS = 1
 
 
 def default_config(M: int, N: int, K: int, norm: bool = False) -> tuple:
@@ -356,14 +363,15 @@ def _build():
                BF16: gl.constexpr, HAS_BIAS: gl.constexpr, EVEN: gl.constexpr,
                FENCE: gl.constexpr, PDL: gl.constexpr, CHAINS: gl.constexpr = 1, XS: gl.constexpr = 0,
                PAIRS: gl.constexpr = 0, GATED: gl.constexpr = 0, RES: gl.constexpr = 0, NORM: gl.constexpr = 0,
-               NPP: gl.constexpr = 1, TRIG: gl.constexpr = 0, EARLY: gl.constexpr = 1):
+               NPP: gl.constexpr = 1, TRIG: gl.constexpr = 0, EARLY: gl.constexpr = 1, PRE: gl.constexpr = 1):
         """Program: 16 RT rows; warp s: k-groups s KBL ... s KBL + KBL - 1, CH of them per round (all of a
         round's loads are issued before its tensor-core work: ptxas does not hoist loads across rounds).
         RES: y = residual (r_ptr) + the product, and the program's sum of y^2 over its rows, one float a row of x,
         at p_ptr[m NP' + pid] (NP' = programs).  NORM (with XS): x is RMSNorm(x) * weight (nw_ptr), its rstd made
         from the NP partial sums at p_ptr that a RES kernel wrote.  EARLY bits: 1 the epilogue's row scales and
         bias (weights) are loaded before the PDL wait, 2 the residual right after it, not after the tensor-core
-        loop."""
+        loop.  PRE (0-3): rounds of weights loaded before the PDL wait.  TRIG: 1 the next kernel may launch after
+        the wait, 2 after the tensor-core loop, 3 before the wait."""
         S: gl.constexpr = W
         BN: gl.constexpr = RT * 16
         BK: gl.constexpr = CH * 256               # columns a warp takes per round
@@ -428,7 +436,15 @@ def _build():
             # first round's are loaded while it finishes; x (its output) only after griddepcontrol.wait, which
             # also orders the store after everything the previous kernel reads; then the next kernel may launch
             # (a PDL kernel itself, it waits for this one to finish before it reads y)
-            words0 = _load_words(w_ptr, woff, 0, s, rt, ch, KB, KBL, CH, N, EVEN)
+            if PRE > 0:
+                words0 = _load_words(w_ptr, woff, 0, s, rt, ch, KB, KBL, CH, N, EVEN)
+            if PRE > 1 and ROUNDS > 1:
+                words1 = _load_words(w_ptr, woff, 1, s, rt, ch, KB, KBL, CH, N, EVEN)
+            if PRE > 2 and ROUNDS > 2:
+                words2 = _load_words(w_ptr, woff, 2, s, rt, ch, KB, KBL, CH, N, EVEN)
+        if TRIG == 3:
+            _launch_dependents()
+        if PDL:
             gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False,
                                       pack=1)
         if TRIG == 1:
@@ -449,8 +465,12 @@ def _build():
             x_smem.store(xv0)
             gl.thread_barrier()
         for rnd in gl.static_range(ROUNDS):
-            if PDL and rnd == 0:
+            if PDL and rnd == 0 and PRE > 0:
                 words = words0
+            elif PDL and rnd == 1 and PRE > 1:
+                words = words1
+            elif PDL and rnd == 2 and PRE > 2:
+                words = words2
             else:
                 words = _load_words(w_ptr, woff, rnd, s, rt, ch, KB, KBL, CH, N, EVEN)
             if XS:
@@ -634,4 +654,5 @@ def launch_config(M: int, N: int, K: int, bf16: bool, has_bias: bool, config: tu
                                         CHAINS=chains, XS=int((bool(xs) or norm_parts > 0) and M == 1),
                                         PAIRS=int(bool(pairs)), GATED=int(gated), RES=int(res),
                                         NORM=int(norm_parts > 0), NPP=triton.next_power_of_2(max(norm_parts, 1)),
-                                        EARLY=int(EARLY_EPILOGUE))
+                                        EARLY=int(EARLY_EPILOGUE),
+                                        PRE=int(GATED_PRE_ROUNDS if large_gated else PRE_ROUNDS))
