@@ -87,6 +87,15 @@ def _set_decode_attention(model, on: bool) -> bool:
     return uses
 
 
+def _set_dense_gemv(model, on: bool) -> bool:
+    """Switch ``model``'s output embeddings to the Triton GEMV (``on``, where Triton can run it) or back."""
+    try:
+        from .kernels.dense import use_dense_gemv
+    except ImportError:                   # no Triton: nothing was switched
+        return False
+    return use_dense_gemv(model, on)
+
+
 class StaticDecoder:
     """``StaticDecoder(model, max_len).generate(prompt_ids, n)`` -> the n new token ids (batch, n).
 
@@ -102,10 +111,13 @@ class StaticDecoder:
     attention (``kernels/attention.py``; SDPA for the prefill; default: on CUDA where Triton runs).  The model
     keeps that setting (it is SDPA everywhere else); ``attention=False`` or ``model.set_attn_implementation("sdpa")``
     switches it back.  ``self.attention`` says whether the kernel is in use.
+    ``gemv``: the model's output embeddings (the lm_head, full precision in a packed model too) run their one-row
+    steps through the Triton GEMV ``kernels/dense.py`` instead of cuBLAS (default: on CUDA where Triton runs; the
+    model keeps it, ``kernels.dense.use_dense_gemv(model, False)`` switches it back).  ``self.gemv`` says whether.
     """
 
     def __init__(self, model, max_len: int, batch: int = 1, graph: bool | None = None, compile: bool = False,
-                 fuse: bool = True, attention: bool | None = None, tune: bool = False):
+                 fuse: bool = True, attention: bool | None = None, tune: bool = False, gemv: bool | None = None):
         from transformers import StaticCache
         self.fused = []
         if fuse:
@@ -115,6 +127,7 @@ class StaticDecoder:
         p = next(model.parameters())
         self.device = p.device
         self.attention = _set_decode_attention(model, self.device.type == "cuda" if attention is None else attention)
+        self.gemv = _set_dense_gemv(model, self.device.type == "cuda" if gemv is None else gemv)
         if self.device.type == "cuda":     # kernel layouts made before any capture or compile (nn/packed.py)
             from .nn.packed import prepare_kernels
             prepare_kernels(model)

@@ -166,3 +166,18 @@ def decode_attention_rope(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Ten
 @decode_attention_rope.register_fake
 def _(q, k_new, v_new, cos, sin, k_cache, v_cache, pos, mask, scale):
     return q.new_empty(q.shape[0], 1, q.shape[1], q.shape[3])
+
+
+@torch.library.custom_op("binaryllm::dense_gemv", mutates_args=())
+def dense_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``dense.gemv``: one row of x times a dense bf16/fp16 weight (N, K), (..., N) out, on CUDA or in Triton's
+    interpreter; elsewhere ``torch.nn.functional.linear``."""
+    from . import dense
+    if x.is_cuda or dense._INTERPRETED:
+        return dense.gemv(x, weight)
+    return torch.nn.functional.linear(x, weight)
+
+
+@dense_gemv.register_fake
+def _(x, weight):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,138 @@
+"""The dense one-row GEMV (kernels/dense.py) for the output embeddings: the kernel under Triton's interpreter
+(a child process with TRITON_INTERPRET=1, CPU tensors) against an fp32 reference, the switch of a model's lm_head
+(``use_dense_gemv``) and its fallbacks, and on a CUDA GPU the kernel against cuBLAS and the compiled decode step
+with and without it."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from binaryllm.decode import StaticDecoder
+from conftest import tiny_model
+
+_CHILD = r"""
+import sys, torch
+from binaryllm.kernels import dense
+cases = torch.load(sys.argv[1])
+torch.save([dense.gemv(c["x"], c["w"], c["tile"]) for c in cases], sys.argv[2])
+"""
+
+# (N, K, tile or None (the default), dtype): rows and columns that are not multiples of the tile, one chunk and
+# many.  fp16 only: the interpreter rounds fp32 to bf16 towards zero (1.0230 -> 1.0156), the GPU to nearest; the
+# GPU tests below take bf16
+CASES = [(37, 100, None, torch.float16), (64, 576, (4, 1024, 4), torch.float16), (20, 1030, (8, 256, 4), torch.float16),
+         (33, 600, (16, 64, 4), torch.float16), (5, 4096, (4, 4096, 8), torch.float16)]
+
+
+def _case(N, K, tile, dt):
+    g = torch.Generator().manual_seed(N * 7 + K)
+    return {"x": torch.randn(1, 1, K, generator=g).to(dt), "w": (torch.randn(N, K, generator=g) / K ** 0.5).to(dt),
+            "tile": tile}
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gemv")
+    cases = [_case(*c) for c in CASES]
+    torch.save(cases, d / "in.pt")
+    r = subprocess.run([sys.executable, "-c", _CHILD, str(d / "in.pt"), str(d / "out.pt")],
+                       env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return cases, torch.load(d / "out.pt")
+
+
+@pytest.mark.parametrize("i", range(len(CASES)))
+def test_kernel_matches_the_fp32_product_rounded_once(interpreted, i):
+    cases, outs = interpreted
+    c, y = cases[i], outs[i]
+    N, K = c["w"].shape
+    assert y.shape == (1, 1, N) and y.dtype == c["x"].dtype
+    ref = c["x"].float() @ c["w"].float().T                  # exact products, fp32 sums
+    # one rounding to x's dtype (the sums' order differs from the reference: fp32 rounding, far below that)
+    assert ((y.float() - ref).abs() <= ref.abs() * 2 ** -11 + 1e-6 * K ** 0.5).all()
+
+
+def test_gemv_rejects_what_it_does_not_take():
+    from binaryllm.kernels import dense
+    w = torch.zeros(4, 8, dtype=torch.float16)
+    for x, ww in ((torch.zeros(2, 8, dtype=torch.float16), w), (torch.zeros(1, 8, dtype=torch.bfloat16), w),
+                  (torch.zeros(1, 8, dtype=torch.float16), w.t().contiguous().t()[:, :8])):
+        with pytest.raises(ValueError, match="one row"):
+            dense.gemv(x, ww if ww.shape == (4, 8) else torch.zeros(8, 4, dtype=torch.float16).t())
+
+
+def test_switching_the_lm_head_keeps_its_parameters_and_falls_back_off_the_gpu():
+    from binaryllm.kernels.dense import DenseGEMVLinear, use_dense_gemv
+    model = tiny_model("llama").eval()
+    head = model.get_output_embeddings()
+    w, sd = head.weight, {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(3, 96, (1, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, ref1 = model(input_ids=ids).logits, model(input_ids=ids[:, :1]).logits
+        assert use_dense_gemv(model) is True and type(head) is DenseGEMVLinear
+        assert use_dense_gemv(model) is True                           # twice: still once
+        assert model.get_output_embeddings() is head and head.weight is w
+        out = model(input_ids=ids).logits                              # CPU: nn.Linear's path, the same numbers
+        one = model(input_ids=ids[:, :1]).logits
+    assert torch.equal(out, ref) and torch.equal(one, ref1)
+    assert model.state_dict().keys() == sd.keys() and all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+    assert use_dense_gemv(model, False) is False and type(head) is torch.nn.Linear
+    assert use_dense_gemv(torch.nn.Linear(2, 2)) is False              # no output embeddings: left alone
+
+
+def test_tied_output_embeddings_stay_tied():
+    from binaryllm.kernels.dense import use_dense_gemv
+    cfg = tiny_model("llama").config
+    cfg.tie_word_embeddings = True
+    import transformers as tf
+    model = tf.LlamaForCausalLM(cfg)
+    assert use_dense_gemv(model)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
+def test_the_op_falls_back_to_linear_off_the_gpu():
+    from binaryllm.kernels import ops
+    x, w = torch.randn(1, 1, 16), torch.randn(8, 16)
+    assert torch.equal(ops.dense_gemv(x, w), torch.nn.functional.linear(x, w))
+
+
+def test_static_decoder_on_the_cpu_leaves_the_lm_head_alone():
+    model = tiny_model("llama")
+    dec = StaticDecoder(model, max_len=16, graph=False)
+    assert dec.gemv is False and type(model.get_output_embeddings()) is torch.nn.Linear
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel runs on a CUDA GPU")
+@pytest.mark.parametrize("N,K", [(32000, 4096), (49152, 576), (1000, 130)])
+def test_gpu_kernel_matches_cublas(N, K):
+    from binaryllm.kernels import dense
+    g = torch.Generator("cuda").manual_seed(N)
+    w = (torch.randn(N, K, device="cuda", generator=g) / K ** 0.5).bfloat16()
+    x = torch.randn(1, K, device="cuda", generator=g).bfloat16()
+    ref = x.float() @ w.float().T
+    y = dense.gemv(x, w)
+    assert ((y.float() - ref).abs() <= ref.abs() * 2 ** -8 + 1e-5 * K ** 0.5).all()
+    assert (y.float() - torch.nn.functional.linear(x, w).float()).abs().max() <= ref.abs().max() * 2 ** -7
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel runs on a CUDA GPU")
+def test_compiled_gpu_step_with_the_gemv_gives_the_tokens_of_cublas():
+    """The compiled CUDA-graph step with the lm_head through the GEMV and through cuBLAS: the same greedy tokens,
+    logits equal up to one rounding of bf16."""
+    import torch._dynamo
+
+    from binaryllm.bench import random_packed_
+    from binaryllm.kernels.dense import use_dense_gemv
+    model = tiny_model("llama").to("cuda", torch.bfloat16)
+    random_packed_(model)
+    ids = torch.randint(3, 96, (1, 6), device="cuda", generator=torch.Generator("cuda").manual_seed(5))
+    outs = []
+    for on in (True, False):
+        torch._dynamo.reset()
+        dec = StaticDecoder(model, max_len=40, compile=True, gemv=on)
+        assert dec.gemv is on and use_dense_gemv(model, on) is on
+        outs.append((dec.generate(ids, 24), dec.out.float().clone()))
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert (outs[0][1] - outs[1][1]).abs().max() <= outs[1][1].abs().max() * 2 ** -7
