@@ -208,13 +208,12 @@ def test_kernel_compiles_for_hopper_with_trivial_operand_layouts(case):
     if pdl:
         # the first round's weight words (RT x CH 16-byte loads a thread) are loaded before the wait for the
         # previous kernel, and with EARLY the epilogue's row scales (and bias: a thread's rows g and 8 + g of each
-        # row tile); the activations and the store only after it; the next kernel may launch from just before
-        # that wait on (TRIG 3)
+        # row tile); the activations and the store only after it; then the next kernel may launch (a plain
+        # kernel, TRIG 1: the fused ones of a decode step let it launch before their wait, TRIG 3, below)
         before, after = ptx.split("griddepcontrol.wait", 1)
         n_epi = 2 * rt * (1 + bias) if const["EARLY"] & 1 else 0
         assert before.count("ld.global.v4.b32") == rt * ch and before.count("ld.global") == rt * ch + n_epi
-        assert const["TRIG"] == 3 and "griddepcontrol.launch_dependents" in before.rsplit("ld.global.v4", 1)[1]
-        assert "st.global" not in before and "griddepcontrol" not in after
+        assert const["TRIG"] == 1 and "st.global" not in before and "griddepcontrol.launch_dependents" in after
         assert after.count("ld.global") > 0 and "st.global" in after
     else:
         assert "griddepcontrol" not in ptx
@@ -327,7 +326,7 @@ def test_large_gated_kernel_lets_the_next_launch_without_waiting_itself(monkeypa
     """Llama-7B's gate/up (norm + gated, GATED_PDL_MAX weights or more) is launched without PDL, so it has no
     griddepcontrol.wait; it still lets the next kernel (the down projection) launch: at its start (GATED_TRIGGER 1,
     the default) or after its last tensor-core op (2); the smaller gated kernel (SmolLM2's) waits and triggers
-    just before its wait as every other one (TRIGGER 3)."""
+    just before its wait, as every fused kernel (FUSED_TRIGGER 3), where a plain kernel triggers after it."""
     assert mw.GATED_TRIGGER == 1
     monkeypatch.setattr(mw, "GATED_TRIGGER", trig)
     big, const = _ptx(22016, 4096, 1, None, pairs=11008, gated=True, norm_parts=256)
@@ -339,6 +338,10 @@ def test_large_gated_kernel_lets_the_next_launch_without_waiting_itself(monkeypa
     assert const["PDL"] and const["TRIG"] == 3
     wait, trigger = small.index("griddepcontrol.wait"), small.index("griddepcontrol.launch_dependents")
     assert trigger < wait < small.index("mma.sync")
+    for kw in (dict(res=True), dict(norm_parts=256), {}):
+        ptx, const = _ptx(4096, 4096, 1, None, **kw)
+        wait, trigger = ptx.index("griddepcontrol.wait"), ptx.index("griddepcontrol.launch_dependents")
+        assert const["TRIG"] == (3 if kw else 1) and (trigger < wait if kw else wait < trigger)
 
 
 @pytest.mark.parametrize("pre", [0, 1, 2, 3])

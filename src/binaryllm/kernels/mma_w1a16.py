@@ -34,12 +34,12 @@ stores of x as tensor-core ops).  Here every layout is spelled out, so
 * on sm_90+ it is launched with programmatic dependent launch (PDL): the weights do not depend on the kernel
   before it, so the first round of them (and the epilogue's row scales and bias: EARLY) is loaded while that
   kernel is still running; ``griddepcontrol.wait`` comes before x and a residual are read (and before anything is
-  stored); ``griddepcontrol.launch_dependents``, by default just before that wait, lets the next kernel start
-  early in the same way (TRIG: where, or whether, a kernel does that is apart from how it is launched; Llama-7B's
-  gate/up kernel is launched without PDL but lets the down projection launch at its start).  Kernels launched
-  without PDL are ordered as usual.  On the H100 this took the back-to-back batch-1 time at 8192^2 from 8.9 to
-  6.9 us (best tiles); in a compiled decode step it only pays together with torch.compile's own PDL
-  (``decode.compile_options``): its neighbours must take part.
+  stored); ``griddepcontrol.launch_dependents`` (right after that wait, or for the fused kernels of a decode step
+  just before it) lets the next kernel start early in the same way (TRIG: where, or whether, a kernel does that
+  is apart from how it is launched; Llama-7B's gate/up kernel is launched without PDL but lets the down
+  projection launch at its start).  Kernels launched without PDL are ordered as usual.  On the H100 this took
+  the back-to-back batch-1 time at 8192^2 from 8.9 to 6.9 us (best tiles); in a compiled decode step it only pays
+  together with torch.compile's own PDL (``decode.compile_options``): its neighbours must take part.
 
 Weight layout ("tiles", made once at load by ``prepare_tiles``; the on-disk bits stay as they are): K is padded
 to a multiple of 256 and N to a multiple of 16.  For row tile ``rt`` (16 rows), k-group ``kb`` (256 columns) and
@@ -107,11 +107,18 @@ GATED_PDL_MAX = XS_MAX
 # GATED_TRIGGER the same for the large gated kernel.  Seventeenth session, Llama-7B step with the one-wave gate/up
 # tile (MMA_CONFIG_1_NORM): GATED_TRIGGER 2 1173 us, 0 or 1 1193 (with the earlier two-wave tile 1 was 10% slower
 # and 2 equal); TRIGGER 2 for every kernel 9% slower.  Nineteenth session, with the early epilogue loads:
-# GATED_TRIGGER 1 1085.8 us against 2 1097.65 (TRIGGER 2 1157.9).  Twentieth session: TRIGGER 3, before the kernel's
-# own wait (the next kernel's programs launch while this one still waits for the one before it), in three Llama-7B
-# A/Bs 1075.8 / 1068.35 / 1074.6 us against 1082.05 / 1073.0 / 1080.45, and SmolLM2 346.1 against 353.75
+# GATED_TRIGGER 1 1085.8 us against 2 1097.65 (TRIGGER 2 1157.9).  Twentieth session: 3, before the kernel's own
+# wait (the next kernel's programs launch while this one still waits for the one before it), for every kernel: in
+# three Llama-7B step A/Bs 1075.8 / 1068.35 / 1074.6 us against 1082.05 / 1073.0 / 1080.45, SmolLM2 346.1 against
+# 353.75; but back to back (``bench kernels``, a chain of one plain kernel) the one-row XS kernels became far slower
+# (4096^2 5.35 against 2.78 us, 4096x11008 9.34 against 6.43): there every kernel launches the next before it waits,
+# and the queued kernels' programs fill the GPU.  In the step every packed kernel is a fused one (RES, NORM, gated)
+# and the chain is broken at each block by the attention (which triggers after its wait) and the large gated kernel
+# (not launched with PDL).  So FUSED_TRIGGER (kernels with a residual epilogue, a norm prologue or a gated
+# epilogue) is 3, TRIGGER (plain kernels) stays 1
 GATED_PDL = False
-TRIGGER = 3
+TRIGGER = 1
+FUSED_TRIGGER = 3
 GATED_TRIGGER = 1
 # EARLY_EPILOGUE, bits: 1 the epilogue's row scales and bias are loaded before the PDL wait, 2 a residual right after
 # it (else after the tensor-core loop, where ptxas left them: a global-memory round trip at the end of every kernel)
@@ -635,7 +642,8 @@ def launch_config(M: int, N: int, K: int, bf16: bool, has_bias: bool, config: tu
     BINARYLLM_MMA_CONFIG, else ``default_config``), CH capped at the k-groups a warp has, EVEN when no
     mask is needed, PDL when the config asks for it (default PDL_DEFAULT) and the GPU has it (``has_pdl``), and
     for a ``gated`` epilogue only below GATED_PDL_MAX weights (unless GATED_PDL); TRIG, where the kernel lets the
-    next one launch (TRIGGER, GATED_TRIGGER for the large gated kernel; 0 without PDL on the GPU); PAIRS and GATED
+    next one launch (TRIGGER; FUSED_TRIGGER with RES, NORM or GATED; GATED_TRIGGER for the large gated kernel; 0
+    without PDL on the GPU); PAIRS and GATED
     for paired tiles (``pairs``); RES for the residual epilogue; NORM (and XS, which it needs) for an RMSNorm of x
     from ``norm_parts`` partial sums, with its own default tiles (``default_config(norm=True)``)."""
     import triton
@@ -650,7 +658,8 @@ def launch_config(M: int, N: int, K: int, bf16: bool, has_bias: bool, config: tu
     launch = pdl_ok and (GATED_PDL or not large_gated)
     return (triton.cdiv(NT, rt),), dict(KB=KB, RT=rt, NB=8 if M <= 8 else 16, W=warps, CH=ch, BF16=bf16,
                                         HAS_BIAS=has_bias, EVEN=even, FENCE=bool(fence),
-                                        PDL=launch, TRIG=(GATED_TRIGGER if large_gated else TRIGGER) if pdl_ok else 0,
+                                        PDL=launch, TRIG=(GATED_TRIGGER if large_gated else FUSED_TRIGGER
+                                                          if res or gated or norm_parts else TRIGGER) if pdl_ok else 0,
                                         CHAINS=chains, XS=int((bool(xs) or norm_parts > 0) and M == 1),
                                         PAIRS=int(bool(pairs)), GATED=int(gated), RES=int(res),
                                         NORM=int(norm_parts > 0), NPP=triton.next_power_of_2(max(norm_parts, 1)),
