@@ -136,3 +136,26 @@ def test_compiled_gpu_step_with_the_gemv_gives_the_tokens_of_cublas():
         outs.append((dec.generate(ids, 24), dec.out.float().clone()))
     assert torch.equal(outs[0][0], outs[1][0])
     assert (outs[0][1] - outs[1][1]).abs().max() <= outs[1][1].abs().max() * 2 ** -7
+
+
+def test_a_kernel_that_fails_falls_back_to_linear_once_with_a_warning(monkeypatch):
+    """If the Triton GEMV cannot build or run on a device, the lm_head goes through ``linear`` from then on (the
+    same numbers), with one warning, instead of the step crashing."""
+    import warnings
+
+    from binaryllm import kernels
+    from binaryllm.kernels import dense
+
+    def broken(x, w, tile=None):
+        raise RuntimeError("no kernel for this GPU")
+    monkeypatch.setattr(dense, "gemv", broken)
+    monkeypatch.setattr(dense, "_FAILED", set())
+    monkeypatch.setattr(kernels, "_WARNED", set())
+    x, w = torch.randn(1, 16), torch.randn(8, 16)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        y = dense.gemv_or_linear(x, w)
+        assert torch.equal(y, torch.nn.functional.linear(x, w))
+        assert torch.equal(dense.gemv_or_linear(x, w), y)
+    assert sum("Triton GEMV of the lm_head failed" in str(r.message) for r in rec) == 1
+    assert dense._FAILED == {0}

@@ -75,14 +75,32 @@ class DenseGEMVLinear(torch.nn.Linear):
             if torch.compiler.is_compiling():          # one opaque op for torch.compile (kernels/ops.py)
                 from . import ops
                 return ops.dense_gemv(x, w)
-            return gemv(x, w)
+            return gemv_or_linear(x, w)
         return torch.nn.functional.linear(x, w, self.bias)
 
 
+_FAILED: set[int] = set()
+
+
 def usable(device_index: int) -> bool:
-    """Triton runs on this GPU (``kernels.triton_usable``)."""
+    """Triton runs on this GPU (``kernels.triton_usable``) and the kernel has not failed on it."""
     from . import triton_usable
-    return triton_usable(device_index)
+    return device_index not in _FAILED and triton_usable(device_index)
+
+
+def gemv_or_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``gemv``; if the kernel fails to build or run here, ``torch.nn.functional.linear`` from then on on this
+    device, said once."""
+    dev = x.device.index or 0
+    if dev not in _FAILED:
+        try:
+            return gemv(x, weight)
+        except Exception as err:  # e.g. a Triton that cannot build it for this GPU
+            from . import warn_once
+            _FAILED.add(dev)
+            warn_once("dense-gemv-failed", f"the Triton GEMV of the lm_head failed ({type(err).__name__}: "
+                                           f"{str(err)[:200]}); it runs through torch.nn.functional.linear")
+    return torch.nn.functional.linear(x, weight)
 
 
 def use_dense_gemv(model, on: bool = True) -> bool:

@@ -171,10 +171,10 @@ def _(q, k_new, v_new, cos, sin, k_cache, v_cache, pos, mask, scale):
 @torch.library.custom_op("binaryllm::dense_gemv", mutates_args=())
 def dense_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``dense.gemv``: one row of x times a dense bf16/fp16 weight (N, K), (..., N) out, on CUDA or in Triton's
-    interpreter; elsewhere ``torch.nn.functional.linear``."""
+    interpreter (``torch.nn.functional.linear`` if the kernel fails there); elsewhere ``linear``."""
     from . import dense
     if x.is_cuda or dense._INTERPRETED:
-        return dense.gemv(x, weight)
+        return dense.gemv_or_linear(x, weight)
     return torch.nn.functional.linear(x, weight)
 
 
