@@ -11,6 +11,9 @@ import torch
 _WARNED: set[str] = set()
 DECODE_KERNELS = ("mma", "gemv", "tc")     # the CUDA decode kernels (1-16 rows); see triton_w1a16.DECODE_MODE
 DECODE_ATTENTION = "binaryllm_decode"      # the decode attention's name in transformers' interfaces (attention.py)
+# the Triton kernels run in Triton's interpreter (CPU tensors, no inline PTX, no PDL); Triton reads the variable when
+# it decorates the kernels, at their modules' import
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def silu_mul(y: torch.Tensor, pairs: int) -> torch.Tensor:
@@ -53,6 +56,12 @@ def compute_major(device_index: int) -> int:
 def has_pdl(device_index: int) -> bool:
     """Programmatic dependent launch (griddepcontrol) needs compute capability 9.0 (Hopper) or later."""
     return compute_major(device_index) >= 9
+
+
+def pdl_launch(t: torch.Tensor) -> bool:
+    """Launch a Triton kernel on ``t``'s device with programmatic dependent launch: a CUDA tensor on a GPU that has
+    it (``has_pdl``), not under the interpreter."""
+    return not INTERPRETED and t.is_cuda and has_pdl(t.device.index or 0)
 
 
 _USABLE: dict[int, bool] = {}

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from . import DECODE_ATTENTION as NAME      # the name registered in transformers' attention interfaces
-from . import has_pdl
+from . import INTERPRETED, pdl_launch
 
 # Tiles (H100 sweep, kernel alone in a CUDA graph, docs/RESULTS.md): a cache of up to ONE_BLOCK keys in one block
 # (144 keys: SmolLM2's heads 3.32 us against 3.82 with two blocks of 128; Llama-7B's 4.67 against 6.23 with three of
@@ -59,7 +59,6 @@ ROPE_WARPS = 8
 # too, as a tail block of the next power of 2 (TAIL_N), loaded before the wait with the first: not as a block of
 # BLOCK_N keys, mostly masked, loaded after the first block's softmax.  PREFETCH_TAIL: the largest such tail (0: off)
 PREFETCH_TAIL = 64
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = tl.constexpr(1.4426950408889634)    # scores in log2 units: the kernels use exp2
 
 
@@ -321,7 +320,7 @@ def _launch(q, k, v, mask, scale, rope):
             warps = ROPE_WARPS
     nc = triton.cdiv(L, chunk)
     tail = tail_block(L, bn, nc) if rope is not None else 0
-    pdl = not _INTERPRETED and q.is_cuda and has_pdl(q.device.index or 0)
+    pdl = pdl_launch(q)
     extra = {"launch_pdl": True} if pdl else {}
     rope_args = {}
     if rope is not None:
@@ -354,7 +353,7 @@ def covers(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
     """Whether ``decode_attention`` computes this call exactly as SDPA would (else the caller falls back)."""
     if query.shape[2] != 1 or dropout or query.dtype not in (torch.float16, torch.bfloat16):
         return False
-    if not (query.is_cuda or _INTERPRETED) or key.shape != value.shape or query.shape[-1] != key.shape[-1]:
+    if not (query.is_cuda or INTERPRETED) or key.shape != value.shape or query.shape[-1] != key.shape[-1]:
         return False
     if query.shape[0] != key.shape[0] or query.shape[1] % key.shape[1] or key.dtype != query.dtype \
             or value.dtype != query.dtype:

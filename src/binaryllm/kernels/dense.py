@@ -12,18 +12,15 @@ decode steps; every other call (more than one row, a bias, not CUDA) goes to ``t
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from . import has_pdl
+from . import pdl_launch
 
 # (BN rows, BK columns, warps) a program.  H100 sweep, back to back (bench/dense_gemv.py; docs/RESULTS.md,
 # twentieth session): 32000x4096 85.1 us against cuBLAS 97.6 (best 4x4096x8 84.8), 49152x576 19.9 against 22.8
 TILE = (4, 1024, 4)
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -57,7 +54,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, tile: tuple | None = None) -> to
     bn, bk, warps = tile or TILE
     bk = min(bk, triton.next_power_of_2(K))
     y = torch.empty(*x.shape[:-1], N, device=x.device, dtype=x.dtype)
-    pdl = not _INTERPRETED and x.is_cuda and has_pdl(x.device.index or 0)
+    pdl = pdl_launch(x)
     _gemv_kernel[(triton.cdiv(N, bn),)](x.contiguous(), weight, y, N, weight.stride(0), K=K, BN=bn, BK=bk, PDL=pdl,
                                       num_warps=warps, launch_pdl=pdl)
     return y

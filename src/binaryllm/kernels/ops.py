@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from . import INTERPRETED
+
 
 @torch.library.custom_op("binaryllm::w1a16", mutates_args=())
 def w1a16(x: torch.Tensor, words: torch.Tensor, row_scale: torch.Tensor, in_features: int,
@@ -138,7 +140,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Op
     """``attention.decode_attention`` (one query token over a KV cache; (B, 1, H, D) out) on CUDA or in Triton's
     interpreter; elsewhere the same in PyTorch (``attention.reference``)."""
     from . import attention as at
-    if q.is_cuda or at._INTERPRETED:
+    if q.is_cuda or INTERPRETED:
         return at.decode_attention(q, k, v, mask, scale)
     return at.reference(q, k, v, mask, scale)
 
@@ -156,7 +158,7 @@ def decode_attention_rope(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Ten
     written into the caches at ``pos``, and the attention, in one kernel (CUDA, or Triton's interpreter); elsewhere
     the same in PyTorch.  (B, 1, H, D) out.  ``kernels/fusion.py`` (``fuse_rope``) puts it into compiled steps."""
     from . import attention as at
-    if q.is_cuda or at._INTERPRETED:
+    if q.is_cuda or INTERPRETED:
         return at.decode_attention_rope(q, k_new, v_new, cos, sin, k_cache, v_cache, pos, mask, scale)
     k_cache.index_copy_(2, pos, at.rope_reference(k_new, cos, sin))
     v_cache.index_copy_(2, pos, v_new)
@@ -173,7 +175,7 @@ def dense_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``dense.gemv``: one row of x times a dense bf16/fp16 weight (N, K), (..., N) out, on CUDA or in Triton's
     interpreter (``torch.nn.functional.linear`` if the kernel fails there); elsewhere ``linear``."""
     from . import dense
-    if x.is_cuda or dense._INTERPRETED:
+    if x.is_cuda or INTERPRETED:
         return dense.gemv_or_linear(x, weight)
     return torch.nn.functional.linear(x, weight)
 

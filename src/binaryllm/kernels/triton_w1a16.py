@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from ..errors import BinaryLLMError
-from . import DECODE_KERNELS, env_ints, mma_w1a16, silu_mul
+from . import DECODE_KERNELS, INTERPRETED, env_ints, mma_w1a16, silu_mul
 
 
 def prepare_weight(packed_u8: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -127,8 +127,6 @@ def _plane_asm(minus_one: int) -> tuple:
 
 _PLANE_BF16 = tl.constexpr(_plane_asm(0xBF80))     # lop3 0x6a: (a & b) ^ c
 _PLANE_FP16 = tl.constexpr(_plane_asm(0xBC00))
-# Triton reads TRITON_INTERPRET when it decorates the kernels (at this import): no inline PTX then
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -330,7 +328,7 @@ def w1a16_matmul(x: torch.Tensor, words: torch.Tensor, row_scale: torch.Tensor, 
         _gemv_tc_kernel[(triton.cdiv(N, bn), split)](xp, w16, row_scale, b, out, M, N, w16.shape[1], xp.stride(0),
                                                      w16.stride(0), out.stride(0), HAS_BIAS=bias is not None,
                                                      BLOCK_N=bn, WORDS=wds, BF16=x.dtype == torch.bfloat16,
-                                                     ASM=not _INTERPRETED, SPLIT=split, DIRECT=direct, K=K,
+                                                     ASM=not INTERPRETED, SPLIT=split, DIRECT=direct, K=K,
                                                      si_ptr=input_scale if direct else None,
                                                      HAS_IN_SCALE=direct and input_scale is not None,
                                                      EVEN_K=K % 32 == 0 and w16.shape[1] % (wds * split) == 0,
