@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from binaryllm.bench import _event_time
+
 
 @triton.jit
 def _gdc_wait():
@@ -100,13 +102,8 @@ def main():
         for rep in range(7):
             for name, (g, _, _) in graphs.items():
                 g.replay()
-                a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                for _ in range(5):
-                    g.replay()
-                e.record()
-                torch.cuda.synchronize()
-                times[name].append(a.elapsed_time(e) * 1e3 / 5 / kernels)
+                t = _event_time(lambda: [g.replay() for _ in range(5)], 5)
+                times[name].append(t * 1e6 / kernels)
         ref = graphs["plain"][1]
         row = {"programs": p, "us_per_kernel": {k: round(sorted(v)[len(v) // 2], 3) for k, v in times.items()},
                "equal_to_plain": {k: bool(torch.equal(o, ref)) for k, (_, o, _) in graphs.items()},

@@ -61,13 +61,8 @@ def time_blocks(decs: dict, blocks: int) -> dict:
             g = decs[label]._graph
             for _ in range(3):
                 g.replay()
-            a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(50):
-                g.replay()
-            e.record()
-            torch.cuda.synchronize()
-            us.setdefault(label, []).append(round(a.elapsed_time(e) * 1e3 / 50, 1))
+            t = bench._event_time(lambda: [g.replay() for _ in range(50)], 50)
+            us.setdefault(label, []).append(round(t * 1e6, 1))
     med = {k: statistics.median(v) for k, v in us.items()}
     return {"us": us, "median_us": med, "step_tok_s": {k: round(1e6 / v, 1) for k, v in med.items()}}
 
@@ -85,9 +80,8 @@ def consts(name: str, blocks: int, max_len: int, variants: dict, bf16: bool) -> 
     keep = {k: getattr(*where(k)) for v in variants.values() for k in v if k != "gemv"}
     decs = {}
     for label, v in variants.items():
-        for k, val in {**keep, **v}.items():
-            if k != "gemv":
-                setattr(*where(k), type(keep[k])(val))
+        for k, val in keep.items():
+            setattr(*where(k), type(val)(v.get(k, val)))
         decs[label] = capture(model, max_len, bool(v.get("gemv", 1)))       # fixed in the captured graph
         print(label, "tokens", decs[label].tokens, flush=True)
     for k, val in keep.items():
@@ -116,11 +110,10 @@ def timeline(dec: StaticDecoder, steps: int = 10) -> dict:
             torch.cuda.synchronize()
     evs = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
                  if e.device_type == torch.autograd.DeviceType.CUDA)
-    last = [0]
-    for i in range(1, len(evs)):                  # a step starts after a gap of 50 us or more (the synchronize)
-        if evs[i][0] - max(e[1] for e in evs[last[-1]:i]) > 50:
-            last.append(i)
-    evs = evs[last[-1]:]
+    first, end = 0, evs[0][1]                     # the last step starts after a gap of over 50 us (a synchronize)
+    for i in range(1, len(evs)):
+        first, end = (i, evs[i][1]) if evs[i][0] - end > 50 else (first, max(end, evs[i][1]))
+    evs = evs[first:]
     t0, end, rows, place = evs[0][0], evs[0][0], [], None
     for s, e, n in evs:
         place = 0 if "attn" in n else (None if place is None else place + 1)

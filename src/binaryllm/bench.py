@@ -24,6 +24,17 @@ SHAPES = [(8192, 8192), (16384, 16384), (4096, 4096), (11008, 4096), (4096, 1100
 AB_PAIRS = 5             # alternating (bf16, unpack) timing pairs of each prefill row
 
 
+def _event_time(run, per: int = 1) -> float:
+    """Seconds one ``run()`` takes on the GPU (CUDA events around it, then a synchronize), divided by ``per``
+    (the calls it makes)."""
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    run()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / 1e3 / per
+
+
 def _gpu_time(fn_list, iters: int = 50, reps: int = 5, graph: bool = True) -> float:
     """Median seconds per call over ``reps`` runs of ``iters`` calls cycling through fn_list.  graph=True:
     the calls are captured in one CUDA graph and replayed (GPU time, as in a graph-captured decode step);
@@ -49,15 +60,7 @@ def _gpu_time(fn_list, iters: int = 50, reps: int = 5, graph: bool = True) -> fl
                 fn_list[i % len(fn_list)]()
     run()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        run()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / 1e3 / iters)
-    return statistics.median(times)
+    return statistics.median(_event_time(run, iters) for _ in range(reps))
 
 
 # tile configs swept on shapes >= 4096^2 (see triton_w1a16: GEMV_CONFIG, TC_CONFIG, GEMM_CONFIG for their fields)
