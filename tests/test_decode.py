@@ -84,6 +84,39 @@ def test_eos_streaming_sampling_and_errors():
         StaticDecoder(model, 8, graph=True)
 
 
+def test_greedy_chunks_of_steps_give_the_same_tokens(monkeypatch):
+    """Greedy decoding with graphs runs ``chunk`` steps per replay, each step's argmax fed back on the device
+    (``StaticDecoder.greedy``), and the steps that fill no whole chunk one per replay.  Here each "graph" is its
+    warm-up (two runs, ids and position put back) and then the function itself per replay, on the CPU: the same
+    tokens as transformers, the end-of-sequence stop inside a chunk, and the streamed tokens."""
+    from types import SimpleNamespace
+    model = tiny_model("llama")
+    ids = torch.randint(3, 96, (1, 7), generator=torch.Generator().manual_seed(6))
+    ref = hf_greedy(model, ids, 19)
+    dec = StaticDecoder(model, max_len=32, chunk=4)
+    replays = []
+
+    def capture(fn):
+        dec._warm_up(fn)
+        return SimpleNamespace(replay=lambda: (replays.append(int(dec.pos)), fn()))
+    monkeypatch.setattr(dec, "_capture", capture)
+    dec.graph = True
+    assert torch.equal(dec.generate(ids, 19), ref)
+    assert sorted(dec._greedy) == [1, 4] and dec._graph is None       # the plain step was never captured
+    # 18 steps after the prefill's token: four chunks of four from position 7, then two single steps
+    assert replays == [7, 11, 15, 19, 23, 24] and int(dec.pos) == 25
+    assert torch.equal(dec.picked[:, 0], ref[:, -1])
+    eos = int(ref[0, 6])
+    first = ref[0].tolist().index(eos)
+    seen = []
+    out = dec.generate(ids, 19, eos_token_id=eos, on_token=lambda t: seen.append(int(t)))
+    assert out[0].tolist() == ref[0, :first + 1].tolist() == seen                # cut inside its chunk
+    with pytest.raises(BinaryLLMError, match="chunk=0"):
+        StaticDecoder(model, 8, chunk=0)
+    with pytest.raises(BinaryLLMError, match="at most chunk=4"):
+        dec.greedy(5)
+
+
 def test_repeated_steps_are_idempotent(monkeypatch):
     """The CUDA graph is captured after warm-up runs of the same step: running a step several times must write the
     cache at the same slot each time (transformers' StaticLayer advances its own counter on every forward; with the

@@ -114,11 +114,20 @@ class StaticDecoder:
     ``gemv``: the model's output embeddings (the lm_head, full precision in a packed model too) run their one-row
     steps through the Triton GEMV ``kernels/dense.py`` instead of cuBLAS (default: on CUDA where Triton runs; the
     model keeps it, ``kernels.dense.use_dense_gemv(model, False)`` switches it back).  ``self.gemv`` says whether.
+    ``chunk``: greedy decoding with CUDA graphs runs ``chunk`` steps per graph replay, the argmax of each step
+    written on the device and fed back as the next step's input (``_greedy_steps``): no host work and no launch
+    between the steps of a chunk; the host sees the tokens once a chunk (``on_token`` and the end-of-sequence check
+    come in bursts of ``chunk``; steps after an end-of-sequence token in its chunk are computed and dropped).  The
+    last steps of a generation that fill no whole chunk run one per replay.  Sampling (``temperature`` > 0) and
+    the eager step (no graph) take one step at a time.
     """
 
     def __init__(self, model, max_len: int, batch: int = 1, graph: bool | None = None, compile: bool = False,
-                 fuse: bool = True, attention: bool | None = None, tune: bool = False, gemv: bool | None = None):
+                 fuse: bool = True, attention: bool | None = None, tune: bool = False, gemv: bool | None = None,
+                 chunk: int = 8):
         from transformers import StaticCache
+        if chunk < 1:
+            raise BinaryLLMError(f"chunk={chunk}: the greedy steps per graph replay must be at least 1")
         self.fused = []
         if fuse:
             from .nn.fuse import fuse_projections
@@ -138,9 +147,12 @@ class StaticDecoder:
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.chunk = chunk
+        self.picked = torch.zeros(batch, chunk, dtype=torch.long, device=self.device)   # a chunk's greedy tokens
         self.out: torch.Tensor | None = None
         self._stepping = False
-        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graph: torch.cuda.CUDAGraph | None = None           # the plain step (``step``)
+        self._greedy: dict[int, torch.cuda.CUDAGraph] = {}        # k greedy steps (``_greedy_steps(k)``)
         self.compile_options = compile_options(tune) if compile else None
         self._step_forward = torch.compile(self._forward, dynamic=False, options=self.compile_options) if compile \
             else self._forward
@@ -197,17 +209,37 @@ class StaticDecoder:
             self.out = torch.empty_like(logits)
         self.out.copy_(logits)
 
-    def _capture(self) -> None:
+    def _greedy_steps(self, k: int) -> None:
+        """k greedy steps without the host: step j picks the argmax of its logits into ``picked[:, j]`` and feeds it
+        back as the input of the next step, one position on."""
+        for j in range(k):
+            self._step()
+            nxt = self.out.argmax(-1)
+            self.picked[:, j].copy_(nxt)
+            self.ids.copy_(nxt[:, None])
+            self.pos.add_(1)
+
+    def _warm_up(self, fn: Callable[[], None]) -> None:
+        """Two runs of ``fn`` before its capture (kernel compilation, cuBLAS workspaces) from the current ids and
+        position, which are put back after each: a run writes only the cache slots that the real run writes before
+        it reads them."""
+        keep = self.ids.clone(), self.pos.clone()
+        for _ in range(2):
+            fn()
+            self.ids.copy_(keep[0])
+            self.pos.copy_(keep[1])
+
+    def _capture(self, fn: Callable[[], None]) -> torch.cuda.CUDAGraph:
+        """``fn`` captured as a CUDA graph, after its warm-up on a side stream."""
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):     # warm-up outside the graph: kernel compilation, cuBLAS workspaces
-            for _ in range(2):
-                self._step()              # the same ids and position as the real step: idempotent on the cache
+        with torch.cuda.stream(side):
+            self._warm_up(fn)
         torch.cuda.current_stream(self.device).wait_stream(side)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            self._step()
-        self._graph = g
+            fn()
+        return g
 
     def step(self) -> torch.Tensor:
         """One token for every sequence at ``self.pos``; returns the logits (a static buffer: copy to keep)."""
@@ -215,9 +247,23 @@ class StaticDecoder:
             self._step()
             return self.out
         if self._graph is None:
-            self._capture()
+            self._graph = self._capture(self._step)
         self._graph.replay()
         return self.out
+
+    def greedy(self, k: int) -> torch.Tensor:
+        """k greedy steps from ``self.ids`` at ``self.pos`` (one graph replay on a GPU); returns their tokens
+        (batch, k), a view of a static buffer (copy to keep).  ``self.ids`` and ``self.pos`` are left at the last
+        token and the position after it."""
+        if k > self.chunk:
+            raise BinaryLLMError(f"greedy({k}): at most chunk={self.chunk} steps at once")
+        if not self.graph:
+            self._greedy_steps(k)
+        else:
+            if k not in self._greedy:
+                self._greedy[k] = self._capture(lambda: self._greedy_steps(k))
+            self._greedy[k].replay()
+        return self.picked[:, :k]
 
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
@@ -241,17 +287,33 @@ class StaticDecoder:
             probs = torch.softmax(lg.float() / temperature, -1)
             return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
-        tokens = []
-        nxt = pick(logits)
-        for i in range(max_new_tokens):
-            tokens.append(nxt)
+        def emit(toks: torch.Tensor) -> int | None:
+            """Hand the next tokens (batch, k) to ``on_token`` in order; returns None, or how many of them to keep
+            where an end-of-sequence step (every sequence at ``eos_token_id``) ends the generation."""
+            hit = (toks == eos_token_id).all(0).nonzero() if eos_token_id is not None else []
+            stop = int(hit[0]) + 1 if len(hit) else None
             if on_token is not None:
-                on_token(nxt)
-            if eos_token_id is not None and bool((nxt == eos_token_id).all()):
+                for j in range(toks.shape[1] if stop is None else stop):
+                    on_token(toks[:, j])
+            return stop
+
+        nxt = pick(logits)[:, None]
+        if emit(nxt) is not None or max_new_tokens == 1:
+            return nxt
+        tokens = [nxt]
+        left = max_new_tokens - 1                     # steps still to run, one token each
+        self.ids.copy_(nxt)
+        self.pos.fill_(n)
+        while left:
+            if temperature <= 0:
+                toks = self.greedy(self.chunk if self.graph and left >= self.chunk else 1).clone()
+            else:
+                toks = pick(self.step())[:, None]
+                self.ids.copy_(toks)
+                self.pos.add_(1)
+            stop = emit(toks)
+            tokens.append(toks[:, :stop])
+            if stop is not None:
                 break
-            if i == max_new_tokens - 1:
-                break
-            self.ids.copy_(nxt[:, None])
-            self.pos.fill_(n + i)
-            nxt = pick(self.step())
-        return torch.stack(tokens, 1)
+            left -= toks.shape[1]
+        return torch.cat(tokens, 1)
