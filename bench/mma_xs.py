@@ -3,7 +3,7 @@ instead of each round's K slice loaded into registers from global memory).  Back
 weights cycled past the L2 cache (as ``bench kernels``), every output checked against the dense reference
 first.  CUDA only; results in docs/RESULTS.md (thirteenth session).
 
-    PYTHONPATH=src OUT=. python bench/mma_xs.py large|chains|small    # writes ./mma_xs_<set>.json
+    PYTHONPATH=src OUT=. python bench/mma_xs.py large|chains|small|stream    # writes ./mma_xs_<set>.json
 """
 import json
 import os
@@ -26,6 +26,11 @@ SETS = {
                 (1, 4, 4, 0, 1, 4, 1), (1, 4, 8, 0, 1, 4, 1), (1, 4, 8, 1, 1, 1, 1), (1, 4, 8, 1, 1, 4, 1),
                 (2, 4, 4, 1, 1, 4, 1), (2, 4, 8, 1, 1, 4, 1), (1, 8, 4, 0, 1, 4, 1), (1, 8, 2, 0, 1, 4, 1),
                 (2, 8, 4, 1, 1, 4, 1), (1, 2, 8, 0, 1, 4, 1), (1, 4, 2, 0, 1, 4, 1)]),
+    # twenty-first session: a warp's whole K slice in one round (every weight load issued before the PDL wait), one
+    # chain, no fence (each k-group's tensor-core ops wait for its own words only), against the same with the fence
+    "stream": ([(8192, 8192), (16384, 16384), (22016, 4096), (12288, 4096), (4096, 11008)],
+               [None, (1, 4, 8, 0, 1, 1, 1), (1, 4, 8, 1, 1, 1, 1), (2, 4, 8, 0, 1, 1, 1), (2, 8, 4, 0, 1, 1, 1),
+                (1, 2, 8, 0, 1, 1, 1), (2, 2, 8, 0, 1, 1, 1), (1, 8, 8, 0, 1, 1, 1), (2, 8, 8, 0, 1, 1, 1)]),
     "small": ([(960, 576), (576, 576), (3072, 576), (576, 1536)],
               [None, (1, 4, 2, 0, 1, 4), (1, 4, 2, 0, 1, 4, 1), (1, 2, 2, 0, 1, 4, 1), (1, 8, 2, 0, 1, 4, 1),
                (1, 4, 2, 0, 1, 1, 1), (2, 4, 2, 0, 1, 4, 1), (1, 4, 1, 0, 1, 4, 1), (1, 2, 4, 0, 1, 4, 1)]),
