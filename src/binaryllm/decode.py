@@ -241,6 +241,7 @@ class StaticDecoder:
             fn()
         return g
 
+    @torch.no_grad()
     def step(self) -> torch.Tensor:
         """One token for every sequence at ``self.pos``; returns the logits (a static buffer: copy to keep)."""
         if not self.graph:
@@ -251,6 +252,7 @@ class StaticDecoder:
         self._graph.replay()
         return self.out
 
+    @torch.no_grad()
     def greedy(self, k: int) -> torch.Tensor:
         """k greedy steps from ``self.ids`` at ``self.pos`` (one graph replay on a GPU); returns their tokens
         (batch, k), a view of a static buffer (copy to keep).  ``self.ids`` and ``self.pos`` are left at the last
