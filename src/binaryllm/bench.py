@@ -11,6 +11,7 @@ kernels -- W1A16 matmul (Triton, from packed bits) vs cuBLAS bf16 ``F.linear`` o
 """
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 
@@ -480,6 +481,7 @@ def bench_decode(models=("smollm2-135m", "llama-7b"), new_tokens: int = 128, pro
                 torch._dynamo.reset()
             wb = _weight_bytes(model)
             row = {"model": name, "variant": variant, "weights_MiB": round(wb / 2**20, 1)}
+            gc.collect()          # decoders of the last variant or model (reference cycles) hold graphs and caches
             torch.cuda.reset_peak_memory_stats()
             for path in paths:
                 try:
@@ -494,5 +496,6 @@ def bench_decode(models=("smollm2-135m", "llama-7b"), new_tokens: int = 128, pro
             log(row)
         tw.DECODE_MODE = default_mode
         del model
+        gc.collect()
         torch.cuda.empty_cache()
     return rows
