@@ -122,7 +122,7 @@ COMPILE_CASES = [(8192, 8192, 1, 1, 4, 4, True, False, 1), (4096, 11008, 16, 2, 
                  (4096, 4096, 1, 1, 4, 4, True, False, 0), (576, 576, 1, 1, 4, 2, True, False, 1, 4),
                  (4096, 11008, 1, 1, 4, 2, True, True, 1, 4), (100, 200, 9, 1, 1, 2, False, False, 0, 4),
                  (4096, 4096, 1, 1, 4, 4, True, False, 1, 4, 1), (4096, 11008, 1, 1, 4, 2, False, True, 1, 4, 1),
-                 (1000, 600, 1, 2, 4, 2, True, False, 0, 1, 1)]
+                 (1000, 600, 1, 2, 4, 2, True, False, 0, 1, 1), (8192, 8192, 1, 2, 4, 8, True, False, 1, 1, 1)]
 
 
 def test_default_tiles_follow_the_measured_rules():
@@ -137,7 +137,11 @@ def test_default_tiles_follow_the_measured_rules():
     assert mw.default_config(1, 4096, 4096) == mw.MMA_CONFIG_1_XS == (1, 4, 4, 0, 1, 4, 1)
     assert mw.default_config(1, 12288, 4096) == (1, 4, 4, 0, 1, 4, 1)
     assert mw.default_config(1, 4096, 11008) == mw.MMA_CONFIG_1_XS_LONG == (1, 8, 2, 0, 1, 4, 1)
-    assert mw.default_config(1, 22016, 4096) == mw.default_config(1, 8192, 8192) == mw.MMA_CONFIG_1
+    # one row of a matrix from XS_MAX weights up to LARGE (8192^2): 32-row programs, a warp's K slice in one round
+    # through shared memory, one chain; 2-8 rows keep the one-chain tile
+    assert mw.default_config(1, 22016, 4096) == mw.default_config(1, 8192, 8192) == mw.MMA_CONFIG_1_MID \
+        == (2, 4, 8, 0, 1, 1, 1)
+    assert mw.default_config(4, 8192, 8192) == mw.MMA_CONFIG_1
     # a large matrix read through the RMSNorm prologue (Llama-7B's gate/up) takes 32-row programs: one wave
     assert mw.default_config(1, 22016, 4096, norm=True) == mw.MMA_CONFIG_1_NORM == (2, 2, 8, 0, 1, 1, 1)
     assert mw.default_config(1, 12288, 4096, norm=True) == mw.MMA_CONFIG_1_NORM_XS == (1, 2, 8, 0, 1, 4, 1)
@@ -145,7 +149,9 @@ def test_default_tiles_follow_the_measured_rules():
     grid, meta = mw.launch_config(1, 22016, 4096, True, False, has_pdl=True, pairs=11008, gated=True,
                                   norm_parts=256)
     assert grid == (688,) and meta["RT"] == 2 and meta["XS"] == meta["NORM"] == 1 and meta["CHAINS"] == 1
-    assert mw.launch_config(1, 22016, 4096, True, False)[0] == (1376,)                  # without the prologue
+    assert mw.launch_config(1, 22016, 4096, True, False, (1, 4, 4, 0, 1))[0] == (1376,)  # 16-row programs
+    grid, meta = mw.launch_config(1, 8192, 8192, True, False)
+    assert grid == (256,) and meta["CH"] == 8 and meta["XS"] == 1 and meta["EVEN"]       # one round a warp
     assert mw.default_config(2, 4096, 4096) == mw.MMA_CONFIG_1
     assert mw.launch_config(1, 4096, 4096, True, False)[1]["XS"] == 1
     # a gated gate/up kernel keeps PDL when small (SmolLM2's), not when large (Llama-7B's): the H100 decode steps
@@ -220,7 +226,7 @@ def test_kernel_compiles_for_hopper_with_trivial_operand_layouts(case):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel itself needs a CUDA GPU (bench checks it too)")
-@pytest.mark.parametrize("M,N,K", SHAPES + [(1, 4096, 4096), (16, 4096, 11008)])
+@pytest.mark.parametrize("M,N,K", SHAPES + [(1, 4096, 4096), (16, 4096, 11008), (1, 8192, 8192)])
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
 def test_kernel_on_the_gpu_matches_dense(M, N, K, dt):
     g = torch.Generator(device="cuda").manual_seed(N + K)
@@ -231,7 +237,7 @@ def test_kernel_on_the_gpu_matches_dense(M, N, K, dt):
     s_in = (torch.rand(K, device="cuda", generator=g) + 0.5).half()
     bias = torch.randn(N, device="cuda", generator=g).to(dt)
     for cfg in (None, (1, 8, 1, 1, 0), (1, 8, 1, 1, 1), (2, 4, 4, 0, 1), (1, 4, 2, 0, 1, 4), (2, 4, 4, 1, 1, 4),
-                (1, 4, 4, 0, 1, 4, 1), (2, 4, 2, 1, 0, 1, 1), (1, 2, 8, 0, 1, 1, 1)):
+                (1, 4, 4, 0, 1, 4, 1), (2, 4, 2, 1, 0, 1, 1), (1, 2, 8, 0, 1, 1, 1), (2, 4, 8, 0, 1, 1, 1)):
         y = mw.mma_matmul(x, tiles, scale, N, K, s_in, bias, cfg)
         ref = _dense(x, bits, scale, K, s_in, bias)
         assert torch.allclose(y.float(), ref, rtol=2 ** -7, atol=1e-4 * K ** 0.5 * ref.abs().max().item())

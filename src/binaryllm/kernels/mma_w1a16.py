@@ -83,6 +83,9 @@ GROUP_K = 64 * KG    # columns of a k-group
 # or more (Llama-7B's gate/up, 22016x4096) in 32-row programs with one chain (MMA_CONFIG_1_NORM: its 1376 16-row
 # programs at 48 registers a thread were 1.04 waves of the 1320 that fit at once; 4 warps 1207, 2 warps 1190-1194
 # us with the down tile), below it with four chains (12288x4096, MMA_CONFIG_1_NORM_XS: 0.4% in two runs).
+# Twenty-first session (H100, back to back, same process): one row of a matrix of XS_MAX weights or more, below LARGE,
+# without the prologue takes 32-row programs of 4 warps that each read their whole K slice in one round through XS,
+# one chain (MMA_CONFIG_1_MID): 8192^2 6.47-6.52 against 6.66-6.68 us, 22016x4096 9.57-9.58 against 9.79-9.96.
 # BINARYLLM_MMA_CONFIG overrides all
 MMA_CONFIG_1 = (1, 4, 4, 0, 1)
 MMA_CONFIG_1_LARGE = (2, 4, 2, 1, 1)
@@ -90,6 +93,7 @@ MMA_CONFIG_1_XS = (1, 4, 4, 0, 1, 4, 1)
 MMA_CONFIG_1_XS_LONG = (1, 8, 2, 0, 1, 4, 1)         # above 16 k-groups
 MMA_CONFIG_1_NORM = (2, 2, 8, 0, 1, 1, 1)            # XS_MAX weights or more, RMSNorm prologue
 MMA_CONFIG_1_NORM_XS = (1, 2, 8, 0, 1, 4, 1)         # fewer, up to 16 k-groups, RMSNorm prologue
+MMA_CONFIG_1_MID = (2, 4, 8, 0, 1, 1, 1)             # XS_MAX weights or more, below LARGE (8192^2)
 MMA_CONFIG_16 = (2, 4, 4, 1, 1)
 LARGE = 2 ** 27
 XS_MAX = 2 ** 26
@@ -151,6 +155,8 @@ def default_config(M: int, N: int, K: int, norm: bool = False) -> tuple:
         return MMA_CONFIG_1_NORM_XS
     if M == 1 and N * K < XS_MAX:
         return MMA_CONFIG_1_XS if KB <= 16 else MMA_CONFIG_1_XS_LONG
+    if M == 1 and not norm:
+        return MMA_CONFIG_1_MID
     return MMA_CONFIG_1
 
 
