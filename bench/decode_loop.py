@@ -12,7 +12,7 @@ clock from the first launch to the last token on the device (as a caller of ``ge
 Every loop starts at the same token and position and must give the same tokens.  Blocks of the loops rotate, and
 the medians are reported.  CUDA only; results in docs/RESULTS.md (twenty-first session).
 
-    PYTHONPATH=src OUT=. python bench/decode_loop.py llama-7b packed 8 4 16
+    PYTHONPATH=src OUT=. python bench/decode_loop.py llama-7b packed 8 4 24     # each K must divide 120
 """
 import json
 import os
