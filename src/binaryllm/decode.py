@@ -209,15 +209,19 @@ class StaticDecoder:
             self.out = torch.empty_like(logits)
         self.out.copy_(logits)
 
+    def _advance(self, toks: torch.Tensor) -> None:
+        """Feed the tokens (batch, 1) just picked back as the next step's input, one position on."""
+        self.ids.copy_(toks)
+        self.pos.add_(1)
+
     def _greedy_steps(self, k: int) -> None:
         """k greedy steps without the host: step j picks the argmax of its logits into ``picked[:, j]`` and feeds it
-        back as the input of the next step, one position on."""
+        back (``_advance``)."""
         for j in range(k):
             self._step()
             nxt = self.out.argmax(-1)
             self.picked[:, j].copy_(nxt)
-            self.ids.copy_(nxt[:, None])
-            self.pos.add_(1)
+            self._advance(nxt[:, None])
 
     def _warm_up(self, fn: Callable[[], None]) -> None:
         """Two runs of ``fn`` before its capture (kernel compilation, cuBLAS workspaces) from the current ids and
@@ -311,8 +315,7 @@ class StaticDecoder:
                 toks = self.greedy(self.chunk if self.graph and left >= self.chunk else 1).clone()
             else:
                 toks = pick(self.step())[:, None]
-                self.ids.copy_(toks)
-                self.pos.add_(1)
+                self._advance(toks)
             stop = emit(toks)
             tokens.append(toks[:, :stop])
             if stop is not None:
