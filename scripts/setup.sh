@@ -26,4 +26,4 @@ $PY -c "import llama_cpp" 2>/dev/null || \
   -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF" \
   $PY -m pip install -q llama-cpp-python==0.3.36
 binaryllm corpus build >/dev/null
-echo "binaryllm set up: $(binaryllm corpus info | head -1)"
+echo "binaryllm set up: $(binaryllm corpus info | sed -n 1p)"
