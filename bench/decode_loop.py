@@ -1,5 +1,5 @@
 """What the generation loop around the decode step costs, in one process: one compiled step of a random-weight
-model (packed, or bf16 with "bf16"), captured once, and the same greedy steps run four ways, timed by the host
+model (packed, or bf16 with "bf16"), captured once, and the same greedy steps run several ways, timed by the host
 clock from the first launch to the last token on the device (as a caller of ``generate`` sees them):
 
 * ``host``: the loop ``generate`` had before chunks (twentieth session and earlier): per token an argmax, a copy of
@@ -7,6 +7,8 @@ clock from the first launch to the last token on the device (as a caller of ``ge
 * ``greedy1``: ``StaticDecoder.greedy(1)`` per token: one replay of a graph that holds the step, the argmax and
   the feedback of the token and the position;
 * ``greedyK`` for each K given: ``greedy(K)``, K steps per replay (``generate``'s default chunk is 8);
+* ``greedy1-torch``, ``greedyK-torch``: the same with ``torch.argmax`` and three copies after each step's logits,
+  as before the one-kernel pick (``kernels/pick.py``, twenty-second session);
 * ``step``: the plain step's graph replayed back to back (no argmax, no feedback: the floor).
 
 Every loop starts at the same token and position and must give the same tokens.  Blocks of the loops rotate, and
@@ -57,8 +59,11 @@ def main() -> None:
             toks.append(nxt)
         return torch.stack(toks, 1)
 
-    def greedy(k):
+    kinds = {"": (dec._pick, {}), "-torch": (None, {})}     # the one-kernel pick (kernels/pick.py), or argmax + copies
+
+    def greedy(k, how=""):
         def run():
+            dec._pick, dec._greedy = kinds[how]                  # each way keeps its own captured graphs
             return torch.cat([dec.greedy(k).clone() for _ in range(STEPS // k)], 1)
         return run
 
@@ -66,7 +71,8 @@ def main() -> None:
         for _ in range(STEPS):
             dec._graph.replay()
 
-    loops = {"host": host, **{f"greedy{k}": greedy(k) for k in sorted({1, *ks})}, "step": step}
+    loops = {"host": host, **{f"greedy{k}{how}": greedy(k, how) for k in sorted({1, *ks})
+                              for how in (kinds if dec._pick is not None else [""])}, "step": step}
     tokens = {}
     for label, fn in loops.items():              # captures each graph, and checks the tokens
         start()

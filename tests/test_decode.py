@@ -126,9 +126,10 @@ def test_repeated_steps_are_idempotent(monkeypatch):
     ref = hf_greedy(model, ids, 9)
     real = StaticDecoder._step
 
-    def thrice(self):
+    def thrice(self, keep=True):
         for _ in range(3):
-            real(self)
+            out = real(self, keep)
+        return out
 
     monkeypatch.setattr(StaticDecoder, "_step", thrice)
     assert torch.equal(StaticDecoder(model, max_len=16).generate(ids, 9), ref)
@@ -210,7 +211,10 @@ def test_compiled_gpu_step_fuses_gating_and_norms_into_the_packed_kernels(arch, 
         p = dec.compile_options.get("post_grad_custom_post_pass")
         # per block: the gate/up; o and down produce, gate/up and the next block's q/k/v consume; the rotary
         # embedding and cache writes go into every block's decode attention either way
-        assert p.counts == {"glu": L * glu, "norm": (4 * L - 2) * norm, "rope": L}
+        # (and the rotary angles' one-column matmul is a product: once a graph)
+        assert {k: v for k, v in p.counts.items() if k != "outer"} == {"glu": L * glu, "norm": (4 * L - 2) * norm,
+                                                                        "rope": L}
+        assert p.counts["outer"] >= 1
     for out in outs[:-1]:
         assert torch.allclose(out, outs[-1], rtol=0.02, atol=0.02 * outs[-1].abs().max().item())
 

@@ -120,11 +120,13 @@ class StaticDecoder:
     come in bursts of ``chunk``; steps after an end-of-sequence token in its chunk are computed and dropped).  The
     last steps of a generation that fill no whole chunk run one per replay.  Sampling (``temperature`` > 0) and
     the eager step (no graph) take one step at a time.
+    ``pick``: on a GPU where Triton runs, a greedy step's argmax, the copies of its token and the position + 1 are
+    one kernel (``kernels/pick.py``) instead of four; ``pick=False`` keeps ``torch.argmax`` and the copies.
     """
 
     def __init__(self, model, max_len: int, batch: int = 1, graph: bool | None = None, compile: bool = False,
                  fuse: bool = True, attention: bool | None = None, tune: bool = False, gemv: bool | None = None,
-                 chunk: int = 8):
+                 chunk: int = 8, pick: bool = True):
         from transformers import StaticCache
         if chunk < 1:
             raise BinaryLLMError(f"chunk={chunk}: the greedy steps per graph replay must be at least 1")
@@ -149,6 +151,12 @@ class StaticDecoder:
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.chunk = chunk
         self.picked = torch.zeros(batch, chunk, dtype=torch.long, device=self.device)   # a chunk's greedy tokens
+        self._pick = None        # the slots of the one-kernel argmax + feedback (kernels/pick.py), on a GPU
+        if self.device.type == "cuda" and pick:
+            from .kernels import triton_usable
+            if triton_usable(self.device.index or 0):
+                from .kernels.pick import scratch
+                self._pick = scratch(batch, self.device)
         self.out: torch.Tensor | None = None
         self._stepping = False
         self._graph: torch.cuda.CUDAGraph | None = None           # the plain step (``step``)
@@ -195,7 +203,9 @@ class StaticDecoder:
             return lay.keys, lay.values
         return update
 
-    def _step(self) -> None:
+    def _step(self, keep: bool = True) -> torch.Tensor:
+        """One step's forward from ``self.ids`` at ``self.pos``; returns its logits (copied into ``self.out`` with
+        ``keep``, else the forward's own buffer, static only inside a captured graph)."""
         self._step_updates()
         counters = self._counters()       # allocated with the cache, at the prefill: same tensors for every step
         if counters:
@@ -205,9 +215,12 @@ class StaticDecoder:
             logits = self._step_forward(self.ids, self.pos)
         finally:
             self._stepping = False
+        if not keep:
+            return logits
         if self.out is None:
             self.out = torch.empty_like(logits)
         self.out.copy_(logits)
+        return self.out
 
     def _advance(self, toks: torch.Tensor) -> None:
         """Feed the tokens (batch, 1) just picked back as the next step's input, one position on."""
@@ -216,10 +229,14 @@ class StaticDecoder:
 
     def _greedy_steps(self, k: int) -> None:
         """k greedy steps without the host: step j picks the argmax of its logits into ``picked[:, j]`` and feeds it
-        back (``_advance``)."""
+        back (``_advance``); on a GPU where Triton runs, all of that after the logits is one kernel
+        (``kernels/pick.py``)."""
         for j in range(k):
-            self._step()
-            nxt = self.out.argmax(-1)
+            if self._pick is not None:       # the last step's logits kept in ``self.out``, as ``step`` keeps them
+                from .kernels.pick import pick_feed
+                pick_feed(self._step(keep=j == k - 1), self.picked[:, j], self.ids, self.pos, self._pick)
+                continue
+            nxt = self._step().argmax(-1)
             self.picked[:, j].copy_(nxt)
             self._advance(nxt[:, None])
 
