@@ -10,7 +10,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from binaryllm.export.bits import pack_signs
 from binaryllm.kernels import mma_w1a16 as mw
 from binaryllm.kernels import ops
-from binaryllm.kernels.fusion import FusePackedLinear, fuse_glu
+from binaryllm.kernels.fusion import FusePackedLinear, _is, fuse_glu, fuse_outer
 from binaryllm.kernels.triton_w1a16 import prepare_weight
 
 D, I = 64, 96
@@ -128,7 +128,8 @@ def test_decode_compile_options_install_the_pass():
     from binaryllm.decode import compile_options
     assert isinstance(compile_options()["post_grad_custom_post_pass"], FusePackedLinear)
     assert "post_grad_custom_post_pass" not in compile_options(glu=False, norm=False, rope=False)
-    assert compile_options(glu=False, norm=False)["post_grad_custom_post_pass"].counts == {"glu": 0, "norm": 0, "rope": 0}
+    assert compile_options(glu=False, norm=False)["post_grad_custom_post_pass"].counts == {"glu": 0, "norm": 0, "rope": 0,
+                                                                                               "outer": 0}
 
 
 # ---- the residual add + RMSNorm between two packed layers (fuse_norm) ----
@@ -204,7 +205,7 @@ def test_norm_pass_inside_torch_compile(f, expect, glu):
         p(graph)
         seen.extend(n.target for n in graph.nodes if n.op == "call_function")
     y, h = torch.compile(f, options={"post_grad_custom_post_pass": spy, "fx_graph_cache": False})(A, R)
-    assert p.counts == {"glu": glu, "norm": expect, "rope": 0}
+    assert p.counts == {"glu": glu, "norm": expect, "rope": 0, "outer": 0}
     b = torch.ops.binaryllm
     if expect:
         assert seen.count(b.w1a16_res.default) == 1 and seen.count(b.w1a16_norm.default) == expect - 1
@@ -341,3 +342,33 @@ def test_rope_pass_leaves_a_cache_read_before_the_write_alone():
         got = torch.compile(f, options={"post_grad_custom_post_pass": p, "fx_graph_cache": False})(*args)
     assert p.counts["rope"] == 0
     assert torch.allclose(got, want, rtol=1e-2)
+
+
+# ---- the rotary angles' one-column matmul as a product (fuse_outer) ----
+
+def rotary_angles(inv_freq, pos):                  # transformers' rotary embedding: fp32 (B, D/2, 1) @ (B, 1, T)
+    freqs = (inv_freq[None, :, None].float().expand(pos.shape[0], -1, 1) @ pos[:, None, :].float()).transpose(1, 2)
+    emb = torch.cat((freqs, freqs), -1)
+    return emb.cos().to(torch.bfloat16), emb.sin().to(torch.bfloat16)
+
+
+def two_column_matmul(a, b):                       # (4, 2) @ (2, 3): a real sum, left alone
+    return a @ b
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 3)])
+def test_outer_pass_makes_one_column_matmuls_a_product_bit_for_bit(shape):
+    """On the aten graph (as inductor hands it over on CUDA, where the bmm stays a GEMM; on the CPU inductor
+    already decomposes it): the one-column bmm becomes a product, and cos/sin are bit for bit the same; a matmul
+    with a real sum is left alone."""
+    inv = 1.0 / (10000 ** (torch.arange(0, 64, 2).float() / 64))
+    pos = torch.arange(shape[0] * shape[1]).view(*shape) * 37 + 5
+    gm = make_fx(rotary_angles)(inv, pos)
+    assert sum(_is(n, torch.ops.aten.bmm.default) for n in gm.graph.nodes) == 1
+    assert fuse_outer(gm.graph) == 1
+    gm.recompile()
+    assert not any(_is(n, torch.ops.aten.bmm.default) for n in gm.graph.nodes)
+    assert all(torch.equal(a, b) for a, b in zip(gm(inv, pos), rotary_angles(inv, pos)))
+    a, b = torch.randn(4, 2), torch.randn(2, 3)
+    gm = make_fx(two_column_matmul)(a, b)
+    assert fuse_outer(gm.graph) == 0

@@ -3,7 +3,7 @@
 Why: in a compiled batch-1 decode step every packed layer is one opaque custom op (``kernels/ops.py``), so inductor
 cannot fuse the small elementwise work around it into it, and each such piece costs a kernel launch of its own
 (on the H100 about 1-2 us each in a Llama-7B step of 1.35-1.45 ms; docs/RESULTS.md).  ``FusePackedLinear`` is an
-inductor post-grad pass (``decode.compile_options`` installs it) that runs three rewrites, each found by dataflow
+inductor post-grad pass (``decode.compile_options`` installs it) that runs four rewrites, each found by dataflow
 only (no module or model names):
 
 **Gating** (``fuse_glu``).  ``nn/fuse.py`` stacks a block's gate and up projections into one packed layer whose
@@ -37,6 +37,10 @@ fused add + RMSNorm kernel fewer between them.  The residual stream h is exact; 
 eager in its last bit (the order of the sum of squares, the kernel's rsqrt.approx).  Left alone: more than one
 row, an input scale on the second layer, a first layer whose output is read elsewhere, other norms (Gemma's
 1 + weight, an fp32 weight), layers without ``mma`` tiles.
+
+**Rotary angles** (``fuse_outer``, with ``fuse_rope``).  The rotary embedding's angles are a matmul of the
+inverse frequencies (B, D/2, 1) by the positions (B, 1, T): with one column, a broadcast product, which the pass
+writes as one (``aten.mul``) so that inductor makes it inside the cos/sin kernel instead of launching a GEMM.
 
 **Rotary embedding + cache writes** (``fuse_rope``).  In a one-token step each attention layer has
 
@@ -397,6 +401,29 @@ def fuse_rope(graph: torch.fx.Graph) -> int:
     return done
 
 
+def fuse_outer(graph: torch.fx.Graph) -> int:
+    """``mm``/``bmm`` of a one-column matrix by a one-row one (the rotary embedding's angles: inverse frequencies
+    (B, D/2, 1) @ positions (B, 1, T)) as the broadcast product it is, which inductor then makes inside the cos/sin
+    kernel: a one-token step ran it as a cuBLAS/CUTLASS GEMM of its own (3.4 us on the H100, Llama-7B shape).
+    Exact: with one column each output element is one product, rounded once either way."""
+    done = 0
+    for n in list(graph.nodes):
+        if not _is(n, aten.mm.default, aten.bmm.default):
+            continue
+        a, b = n.args[:2]
+        va, vb, vo = _val(a), _val(b), _val(n)
+        if va is None or vb is None or vo is None or va.shape[-1] != 1 or va.dtype != vb.dtype \
+                or vo.dtype != va.dtype:
+            continue
+        with graph.inserting_before(n):
+            m = graph.call_function(aten.mul.Tensor, (a, b))
+        _keep_meta(m, n)
+        n.replace_all_uses_with(m)
+        graph.erase_node(n)
+        done += 1
+    return done
+
+
 def _pass_base():
     try:
         from torch._inductor.custom_graph_pass import CustomGraphPass
@@ -407,12 +434,12 @@ def _pass_base():
 
 class FusePackedLinear(_pass_base()):
     """The post-grad pass (``torch._inductor.config.post_grad_custom_post_pass``): ``fuse_glu`` with ``glu``,
-    then ``fuse_norm`` with ``norm``, then ``fuse_rope`` with ``rope``.  ``rewrites`` counts the matches over
+    then ``fuse_norm`` with ``norm``, then ``fuse_rope`` and ``fuse_outer`` with ``rope``.  ``rewrites`` counts the matches over
     every graph it saw, ``counts`` by rewrite (a graph inductor takes from its cache is not seen again)."""
 
     def __init__(self, glu: bool = True, norm: bool = True, rope: bool = True):
         self.glu, self.norm, self.rope = glu, norm, rope
-        self.counts = {"glu": 0, "norm": 0, "rope": 0}
+        self.counts = {"glu": 0, "norm": 0, "rope": 0, "outer": 0}
 
     @property
     def rewrites(self) -> int:
@@ -425,6 +452,7 @@ class FusePackedLinear(_pass_base()):
             self.counts["norm"] += fuse_norm(graph)
         if self.rope:
             self.counts["rope"] += fuse_rope(graph)
+            self.counts["outer"] += fuse_outer(graph)
 
     def uuid(self):
         # part of inductor's cache key: a compiled graph from a different version of this pass (or other
