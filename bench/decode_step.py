@@ -26,6 +26,8 @@ in docs/RESULTS.md (thirteenth session).
     # variant per argument (NAME=VALUE[,...]; gemv=0: the lm_head through cuBLAS; "bf16" adds the bf16 step), against
     # the committed values ("default")
     PYTHONPATH=src OUT=. python bench/decode_step.py consts llama-7b 8 144 EARLY_EPILOGUE=0 [bf16]
+    # the rotary angles' one-column matmul as a product (fuse_outer, twenty-second session) against the GEMM
+    PYTHONPATH=src OUT=. python bench/decode_step.py outer llama-7b 8 144
     # where the packed step's time goes: ten graph replays under torch.profiler (a synchronize between them); the
     # last step's kernels in order (start, duration, and how far each moved the step's end), and per kernel of a
     # block (labelled by name and its place after the block's attention) the means over the blocks
@@ -184,6 +186,24 @@ def main() -> None:
             res["speedup_vs_" + base] = {k: round(res["median_us"][base] / v, 3) for k, v in res["median_us"].items()}
             if "bf16" in decs:
                 res["ratio_bf16"] = {k: round(res["median_us"]["bf16"] / res["median_us"][k], 3) for k in variants}
+        elif mode == "outer":
+            # the rotary angles' one-column matmul as a product (kernels/fusion.py fuse_outer) against the GEMM
+            max_len = int(sys.argv[4]) if len(sys.argv) > 4 else 144
+            import binaryllm.decode as decode
+            real = decode.compile_options
+            model = bench.random_model(name, torch.bfloat16, "cuda").eval()
+            bench.random_packed_(model)
+            out = {}
+            for label, outer in (("outer", True), ("no-outer", False)):
+                decode.compile_options = lambda tune=False, o=outer: real(tune, outer=o)
+                decs[label] = capture(model, max_len)
+                out[label] = decs[label].out.float().clone()
+                p = decs[label].compile_options.get("post_grad_custom_post_pass")
+                print(label, "rewrites", p.counts, "tokens", decs[label].tokens, flush=True)
+            decode.compile_options = real
+            print("same logits:", torch.equal(out["outer"], out["no-outer"]), flush=True)
+            res = time_blocks(decs, blocks)
+            res["speedup_vs_no-outer"] = round(res["median_us"]["no-outer"] / res["median_us"]["outer"], 4)
         elif mode == "rope":
             max_len = int(sys.argv[4]) if len(sys.argv) > 4 else 144
             import binaryllm.decode as decode
@@ -231,7 +251,7 @@ def main() -> None:
             bench.random_packed_(model)
             res = timeline(capture(model, max_len))
         else:
-            raise SystemExit(f"mode {mode!r} is not tiles, bf16, glu, passes, rope, trigger, consts or timeline")
+            raise SystemExit(f"mode {mode!r} is not tiles, bf16, glu, passes, outer, rope, trigger, consts or timeline")
     res.update(model=name, max_len=max_len, device=torch.cuda.get_device_name())
     print(json.dumps({k: v for k, v in res.items() if k not in ("us", "rows")}), flush=True)
     json.dump(res, open(os.path.join(os.environ.get("OUT", "."), f"decode_step-{mode}-{name}.json"), "w"), indent=1)

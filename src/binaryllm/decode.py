@@ -25,7 +25,8 @@ import torch
 from .errors import BinaryLLMError
 
 
-def compile_options(tune: bool = False, glu: bool = True, norm: bool = True, rope: bool = True) -> dict:
+def compile_options(tune: bool = False, glu: bool = True, norm: bool = True, rope: bool = True,
+                    outer: bool = True) -> dict:
     """torch.compile options of the one-token step, each only where this torch has the switch:
 
     * programmatic dependent launch (``triton.enable_pdl``) in the kernels inductor generates.  Inductor emits it
@@ -47,7 +48,8 @@ def compile_options(tune: bool = False, glu: bool = True, norm: bool = True, rop
     * with ``rope`` (default), the rotary embedding of q and k and both cache writes are made in the decode
       attention kernel (``fuse_rope``), one kernel a layer fewer, and the attention loads the cache before its PDL
       wait (on the H100, same process: packed SmolLM2 451.2 -> 415.1 us, Llama-7B 1340.4 -> 1268.0 us; bf16
-      1198.1 -> 1181.3 and 6026.6 -> 5979.9 us).
+      1198.1 -> 1181.3 and 6026.6 -> 5979.9 us).  With ``outer`` (default) also the rotary angles' one-column matmul
+      as a product (``fuse_outer``), which inductor makes in the cos/sin kernel: one GEMM launch a step fewer.
 
     Set only with ``tune``: ``coordinate_descent_tuning``.  It makes the bf16 step much faster at SmolLM2's size
     (1091-1161 tokens/s; 1308-1460 with combo kernels), leaves the packed step where it is and compiles for minutes
@@ -62,7 +64,7 @@ def compile_options(tune: bool = False, glu: bool = True, norm: bool = True, rop
         opts["coordinate_descent_tuning"] = True
     if (glu or norm or rope) and hasattr(ic, "post_grad_custom_post_pass"):
         from .kernels.fusion import FusePackedLinear
-        opts["post_grad_custom_post_pass"] = FusePackedLinear(glu, norm, rope)
+        opts["post_grad_custom_post_pass"] = FusePackedLinear(glu, norm, rope, outer)
     return opts
 
 
