@@ -25,6 +25,7 @@ from . import pdl_launch
 
 BLOCK = 2048              # logits a program: 16 programs for a 32000-token vocabulary, 24 for 49152
 KEY_EMPTY = -(2 ** 63)    # a slot with no key in it (below every key)
+_EMPTY = tl.constexpr(KEY_EMPTY)
 
 
 @triton.jit
@@ -50,7 +51,7 @@ def _pick_kernel(logits_ptr, s_lb, V, key_ptr, count_ptr, picked_ptr, s_pb, ids_
     tl.debug_barrier()                                  # the key is in before this program counts itself in
     arrived = tl.atomic_add(count_ptr + b, 1, sem="acq_rel")
     if arrived == P - 1:                                # the last program of this sequence: every key is in
-        k = tl.atomic_xchg(key_ptr + b, KEY_EMPTY, sem="acquire")
+        k = tl.atomic_xchg(key_ptr + b, _EMPTY, sem="acquire")
         tok = 4294967295 - (k & 4294967295)
         tl.store(picked_ptr + b * s_pb, tok)
         tl.store(ids_ptr + b * s_ib, tok)
