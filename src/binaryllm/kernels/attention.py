@@ -59,9 +59,6 @@ ROPE_WARPS = 8
 # too, as a tail block of the next power of 2 (TAIL_N), loaded before the wait with the first: not as a block of
 # BLOCK_N keys, mostly masked, loaded after the first block's softmax.  PREFETCH_TAIL: the largest such tail (0: off)
 PREFETCH_TAIL = 64
-# where the rope kernel lets the next kernel (the o projection) launch: False right after its own PDL wait, True just
-# before it (the o kernel's programs then load their weights while this kernel still waits for q/k/v)
-TRIGGER_FIRST = False
 _LOG2E = tl.constexpr(1.4426950408889634)    # scores in log2 units: the kernels use exp2
 
 
@@ -128,7 +125,7 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, po_ptr, pml_ptr, L, KVH, qk_
                  CHUNK_N: tl.constexpr, MASK: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
                  SKIP: tl.constexpr = True, ROPE: tl.constexpr = False, kn_ptr=None, vn_ptr=None, cos_ptr=None,
                  sin_ptr=None, pos_ptr=None, s_knb=0, s_knh=0, s_vnb=0, s_vnh=0, s_cb=0, s_sb=0,
-                 TAIL_N: tl.constexpr = 0, TRIG_FIRST: tl.constexpr = False):
+                 TAIL_N: tl.constexpr = 0):
     """Program (b * KVH + h, c): query heads h G .. h G + G - 1 of sequence b over keys [c CHUNK_N, (c + 1)
     CHUNK_N) of KV head h.  MASK: 0 none, 1 boolean (True = attend), 2 additive.  SKIP (boolean mask): keys it
     masks are not read (else keys and values load at once with the mask, which is shorter latency).  SPLIT: write
@@ -162,11 +159,8 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, po_ptr, pml_ptr, L, KVH, qk_
             kt = tl.load(kbase + nt[:, None] * s_kl + d[None, :], mask=tail_ok, other=0.0)
             vt = tl.load(vbase + nt[:, None] * s_vl + d[None, :], mask=tail_ok, other=0.0)
     if PDL:
-        if TRIG_FIRST:
-            tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-        if not TRIG_FIRST:
-            tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_launch_dependents()
     q_ok = g_ok[:, None] & d_ok[None, :]
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
@@ -346,8 +340,7 @@ def _launch(q, k, v, mask, scale, rope):
                                 scale * _LOG2E.value, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                                 k.stride(2), v.stride(0), v.stride(1), v.stride(2), s_mb, s_ml, out.stride(0),
                                 out.stride(2), G=G, GP=GP, D=D, DP=DP, BLOCK_N=bn, CHUNK_N=chunk, MASK=kind,
-                                SPLIT=nc > 1, PDL=pdl, SKIP=skip, num_warps=warps, TAIL_N=tail,
-                                TRIG_FIRST=TRIGGER_FIRST and rope is not None and nc == 1, **extra,
+                                SPLIT=nc > 1, PDL=pdl, SKIP=skip, num_warps=warps, TAIL_N=tail, **extra,
                                 **rope_args)
     if nc > 1:
         _combine_kernel[(B * KVH,)](po, pml, out, nc, KVH, out.stride(0), out.stride(2), NCP=_pow2(nc, 1), G=G,
