@@ -40,6 +40,15 @@ def tiny_model(arch: str = "llama", vocab: int = 96, seed: int = 0):
     return m.float().eval()
 
 
+def gpu_packed_model(arch: str = "llama"):
+    """``tiny_model(arch)`` in bf16 on the GPU with random packed layers (``bench.random_packed_``): what the GPU
+    decode tests run."""
+    from binaryllm.bench import random_packed_
+    model = tiny_model(arch).to("cuda", torch.bfloat16)
+    random_packed_(model)
+    return model
+
+
 def pattern_blocks(n: int, seq_len: int, vocab: int = 96, seed: int = 0) -> torch.Tensor:
     """Blocks cut from a repeating random sequence: learnable, so training must lower the loss."""
     g = torch.Generator().manual_seed(seed)

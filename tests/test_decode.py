@@ -3,7 +3,7 @@
 ``binaryllm bench decode`` on a GPU)."""
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import gpu_packed_model, tiny_model
 
 import binaryllm as bl
 from binaryllm.decode import StaticDecoder, compile_options
@@ -165,10 +165,8 @@ def test_compiled_gpu_step_gives_the_same_logits_with_and_without_pdl(monkeypatc
     import torch._dynamo
 
     import binaryllm.decode as decode
-    from binaryllm.bench import random_packed_
     from binaryllm.kernels import mma_w1a16
-    model = tiny_model("llama").to("cuda", torch.bfloat16)
-    random_packed_(model)
+    model = gpu_packed_model("llama")
     ids = torch.randint(3, 96, (1, 6), device="cuda", generator=torch.Generator("cuda").manual_seed(5))
     real = decode.compile_options
     outs = []
@@ -193,9 +191,7 @@ def test_compiled_gpu_step_fuses_gating_and_norms_into_the_packed_kernels(arch, 
     import torch._dynamo
 
     import binaryllm.decode as decode
-    from binaryllm.bench import random_packed_
-    model = tiny_model(arch).to("cuda", torch.bfloat16)
-    random_packed_(model)
+    model = gpu_packed_model(arch)
     L = model.config.num_hidden_layers
     ids = torch.randint(3, 96, (1, 6), device="cuda", generator=torch.Generator("cuda").manual_seed(5))
     real = decode.compile_options

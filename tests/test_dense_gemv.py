@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from binaryllm.decode import StaticDecoder
-from conftest import tiny_model
+from conftest import gpu_packed_model, tiny_model
 
 _CHILD = r"""
 import sys, torch
@@ -123,11 +123,8 @@ def test_compiled_gpu_step_with_the_gemv_gives_the_tokens_of_cublas():
     """The compiled CUDA-graph step with the lm_head through the GEMV and through cuBLAS: the same greedy tokens,
     logits equal up to one rounding of bf16."""
     import torch._dynamo
-
-    from binaryllm.bench import random_packed_
     from binaryllm.kernels.dense import use_dense_gemv
-    model = tiny_model("llama").to("cuda", torch.bfloat16)
-    random_packed_(model)
+    model = gpu_packed_model("llama")
     ids = torch.randint(3, 96, (1, 6), device="cuda", generator=torch.Generator("cuda").manual_seed(5))
     outs = []
     for on in (True, False):

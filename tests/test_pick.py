@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import gpu_packed_model
 
 _CHILD = r"""
 import sys, torch
@@ -104,11 +104,8 @@ def test_gpu_decoder_with_the_pick_kernel_gives_the_same_tokens_and_logits(compi
     """Greedy chunks (8 steps a graph replay, then single steps) with the kernel and with torch.argmax + copies:
     the same tokens, the same last logits (``out``) and position, for two sequences."""
     import torch._dynamo
-
-    from binaryllm.bench import random_packed_
     from binaryllm.decode import StaticDecoder
-    model = tiny_model("llama").to("cuda", torch.bfloat16)
-    random_packed_(model)
+    model = gpu_packed_model("llama")
     ids = torch.randint(3, 96, (2, 6), device="cuda", generator=torch.Generator("cuda").manual_seed(8))
     outs = []
     for pick in (True, False):
