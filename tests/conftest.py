@@ -49,6 +49,13 @@ def gpu_packed_model(arch: str = "llama"):
     return model
 
 
+def hf_greedy(model, ids, n):
+    """n greedy tokens after ``ids`` from transformers' own ``generate``: the decoders' reference."""
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                         do_sample=False, pad_token_id=0)
+    return out[:, ids.shape[1]:]
+
+
 def pattern_blocks(n: int, seq_len: int, vocab: int = 96, seed: int = 0) -> torch.Tensor:
     """Blocks cut from a repeating random sequence: learnable, so training must lower the loss."""
     g = torch.Generator().manual_seed(seed)

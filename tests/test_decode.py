@@ -3,18 +3,12 @@
 ``binaryllm bench decode`` on a GPU)."""
 import pytest
 import torch
-from conftest import gpu_packed_model, tiny_model
+from conftest import gpu_packed_model, hf_greedy, tiny_model
 
 import binaryllm as bl
 from binaryllm.decode import StaticDecoder, compile_options
 from binaryllm.errors import BinaryLLMError
 from binaryllm.export import pack
-
-
-def hf_greedy(model, ids, n):
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                         do_sample=False, pad_token_id=0)
-    return out[:, ids.shape[1]:]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

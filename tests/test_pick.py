@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import gpu_packed_model
+from conftest import gpu_packed_model, hf_greedy, tiny_model
 
 _CHILD = r"""
 import sys, torch
@@ -80,6 +80,23 @@ def test_pick_rejects_what_it_does_not_take():
             pick_feed(lg, *bad, scratch(2, "cpu"))
     with pytest.raises(ValueError, match="pick_feed takes"):
         pick_feed(torch.zeros(8, 2).t(), *good, scratch(2, "cpu"))
+
+
+def test_decoder_falls_back_to_torch_argmax_when_the_kernel_fails(monkeypatch):
+    """A pick kernel that does not build or run (here: Triton, not interpreted, on CPU tensors) is said once, and the
+    greedy steps go on with torch.argmax and the copies: the same tokens as transformers."""
+    import binaryllm.kernels as kernels
+    from binaryllm.decode import StaticDecoder
+    from binaryllm.kernels.pick import scratch
+    monkeypatch.setattr(kernels, "_WARNED", set())
+    model = tiny_model("llama")
+    ids = torch.randint(3, 96, (1, 5), generator=torch.Generator().manual_seed(9))
+    dec = StaticDecoder(model, max_len=16)
+    assert dec._pick is None                                   # not on the CPU ...
+    dec._pick = scratch(1, "cpu")                              # ... unless forced
+    with pytest.warns(UserWarning, match="greedy pick failed"):
+        out = dec.generate(ids, 6)
+    assert dec._pick is None and torch.equal(out, hf_greedy(model, ids, 6))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel itself runs on a CUDA GPU")

@@ -234,13 +234,26 @@ class StaticDecoder:
         back (``_advance``); on a GPU where Triton runs, all of that after the logits is one kernel
         (``kernels/pick.py``)."""
         for j in range(k):
-            if self._pick is not None:       # the last step's logits kept in ``self.out``, as ``step`` keeps them
-                from .kernels.pick import pick_feed
-                pick_feed(self._step(keep=j == k - 1), self.picked[:, j], self.ids, self.pos, self._pick)
+            logits = self._step(keep=self._pick is None or j == k - 1)    # the last step's in ``self.out``, always
+            if self._pick is not None and self._pick_feed(logits, j):
                 continue
-            nxt = self._step().argmax(-1)
+            nxt = logits.argmax(-1)
             self.picked[:, j].copy_(nxt)
             self._advance(nxt[:, None])
+
+    def _pick_feed(self, logits: torch.Tensor, j: int) -> bool:
+        """The one-kernel pick of step j (``kernels/pick.py``); if the kernel fails to build or run here, False
+        and ``torch.argmax`` with the copies from then on, said once."""
+        from .kernels.pick import pick_feed
+        try:
+            pick_feed(logits, self.picked[:, j], self.ids, self.pos, self._pick)
+            return True
+        except Exception as err:  # e.g. a Triton that cannot build it for this GPU
+            from .kernels import warn_once
+            self._pick = None
+            warn_once("pick-failed", f"the Triton greedy pick failed ({type(err).__name__}: {str(err)[:200]}); "
+                                     "greedy steps use torch.argmax")
+            return False
 
     def _warm_up(self, fn: Callable[[], None]) -> None:
         """Two runs of ``fn`` before its capture (kernel compilation, cuBLAS workspaces) from the current ids and
