@@ -128,8 +128,8 @@ def test_decode_compile_options_install_the_pass():
     from binaryllm.decode import compile_options
     assert isinstance(compile_options()["post_grad_custom_post_pass"], FusePackedLinear)
     assert "post_grad_custom_post_pass" not in compile_options(glu=False, norm=False, rope=False)
-    assert compile_options(glu=False, norm=False)["post_grad_custom_post_pass"].counts == {"glu": 0, "norm": 0, "rope": 0,
-                                                                                               "outer": 0}
+    counts = compile_options(glu=False, norm=False)["post_grad_custom_post_pass"].counts
+    assert counts == {"glu": 0, "norm": 0, "rope": 0, "outer": 0}
 
 
 # ---- the residual add + RMSNorm between two packed layers (fuse_norm) ----

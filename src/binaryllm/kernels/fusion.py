@@ -434,8 +434,9 @@ def _pass_base():
 
 class FusePackedLinear(_pass_base()):
     """The post-grad pass (``torch._inductor.config.post_grad_custom_post_pass``): ``fuse_glu`` with ``glu``,
-    then ``fuse_norm`` with ``norm``, then ``fuse_rope`` with ``rope`` and ``fuse_outer`` with ``rope`` and ``outer``.  ``rewrites`` counts the matches over
-    every graph it saw, ``counts`` by rewrite (a graph inductor takes from its cache is not seen again)."""
+    then ``fuse_norm`` with ``norm``, then ``fuse_rope`` with ``rope`` and ``fuse_outer`` with ``rope`` and
+    ``outer``.  ``rewrites`` counts the matches over every graph it saw, ``counts`` by rewrite (a graph inductor
+    takes from its cache is not seen again)."""
 
     def __init__(self, glu: bool = True, norm: bool = True, rope: bool = True, outer: bool = True):
         self.glu, self.norm, self.rope, self.outer = glu, norm, rope, outer
@@ -459,4 +460,5 @@ class FusePackedLinear(_pass_base()):
         # part of inductor's cache key: a compiled graph from a different version of this pass (or other
         # switches) is not reused
         from torch._inductor.custom_graph_pass import get_hash_for_files
-        return get_hash_for_files((__file__,)) + f"-{int(self.glu)}{int(self.norm)}{int(self.rope)}{int(self.outer)}".encode()
+        switches = (self.glu, self.norm, self.rope, self.outer)
+        return get_hash_for_files((__file__,)) + ("-" + "".join(str(int(v)) for v in switches)).encode()

@@ -3,7 +3,8 @@
 Why: a greedy step on the GPU ended in four small kernels after the logits (the argmax, its copy into the chunk's
 token buffer, the copy into the step's input ids, position + 1), each launched only after the one before had ended.
 In the H100 decode loop they cost 16-24 us a token (Llama-7B shape, about 1.5% of the step; docs/RESULTS.md,
-twenty-first session).  Here one launch does all four: ``P`` programs a sequence each take ``BLOCK`` logits, make
+twenty-first session); this kernel took 12 us a token off (greedy chunks of 8: 1065.6 against 1077.6 us, twenty-second
+session).  Here one launch does all four: ``P`` programs a sequence each take ``BLOCK`` logits, make
 their largest (and its first index) into one 64-bit key, and ``atomic_max`` it into the sequence's slot; the last
 program to arrive (a counter, acquire-release) reads the slot, writes the token into ``picked`` and ``ids``, and puts
 slot and counter back for the next step.  The last program of sequence 0 also adds 1 to ``pos`` (one position for
