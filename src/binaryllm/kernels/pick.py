@@ -13,8 +13,8 @@ every sequence, as ``StaticDecoder`` keeps it).  On sm_90+ it is launched with p
 The token is ``torch.argmax``'s: the largest logit, the first index among equal ones, a NaN above everything (its
 first index).  The key is the logit's fp32 bit pattern made order-preserving as a signed integer, then the index
 complemented in the low 32 bits, so one integer maximum is the (value, first index) maximum.  Tested against
-``torch.argmax`` on the CPU under ``TRITON_INTERPRET=1`` (tests/test_pick.py) and on the GPU through the decoder
-(tests/test_decode.py).
+``torch.argmax`` on the CPU under ``TRITON_INTERPRET=1``, and on the GPU directly and through the decoder, both in
+tests/test_pick.py.
 """
 from __future__ import annotations
 
