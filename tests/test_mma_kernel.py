@@ -142,6 +142,13 @@ def test_default_tiles_follow_the_measured_rules():
     assert mw.default_config(1, 22016, 4096) == mw.default_config(1, 8192, 8192) == mw.MMA_CONFIG_1_MID \
         == (2, 4, 8, 0, 1, 1, 1)
     assert mw.default_config(4, 8192, 8192) == mw.MMA_CONFIG_1
+    # the same range, plain kernels of one row only, loads its row scales after the tensor-core loop (EARLY bit 1
+    # off); fused kernels (here the 7B gate/up), other sizes and more rows keep the early loads
+    early = {shape: mw.launch_config(*shape, True, False)[1]["EARLY"]
+             for shape in [(1, 8192, 8192), (1, 22016, 4096), (1, 16384, 16384), (1, 4096, 4096), (2, 8192, 8192)]}
+    assert early == {(1, 8192, 8192): 0, (1, 22016, 4096): 0, (1, 16384, 16384): 3, (1, 4096, 4096): 3,
+                     (2, 8192, 8192): 3}
+    assert mw.launch_config(1, 22016, 4096, True, False, pairs=11008, gated=True, norm_parts=256)[1]["EARLY"] == 3
     # a large matrix read through the RMSNorm prologue (Llama-7B's gate/up) takes 32-row programs: one wave
     assert mw.default_config(1, 22016, 4096, norm=True) == mw.MMA_CONFIG_1_NORM == (2, 2, 8, 0, 1, 1, 1)
     assert mw.default_config(1, 12288, 4096, norm=True) == mw.MMA_CONFIG_1_NORM_XS == (1, 2, 8, 0, 1, 4, 1)

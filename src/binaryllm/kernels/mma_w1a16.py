@@ -127,6 +127,12 @@ GATED_TRIGGER = 1
 # EARLY_EPILOGUE, bits: 1 the epilogue's row scales and bias are loaded before the PDL wait, 2 a residual right after
 # it (else after the tensor-core loop, where ptxas left them: a global-memory round trip at the end of every kernel)
 EARLY_EPILOGUE = 3
+# EARLY_EPILOGUE_MID: the same bits for a plain kernel (no residual, norm or gated epilogue) of one row and XS_MAX up to
+# LARGE weights (MMA_CONFIG_1_MID's range: 8192^2, 22016x4096).  Twenty-second session, H100 back to back
+# (``bench/mma_xs.py consts``): without the early row-scale loads the 8192^2 default tile took 6.23 against 6.58 us
+# and its registers fell from 118 to 96 (five programs a SM instead of four); 16384^2 and 4096^2 were 1-2% slower
+# without them, and the fused kernels of the decode step faster with them (nineteenth session), so only this range
+EARLY_EPILOGUE_MID = 0
 # one row of activations through registers (not XS) in one chain a warp, the tile that holds a round of x ahead of
 # its use: at most MAXNREG_1 registers a thread (ptxas' maxnreg).  The early loads hold registers through the loop
 # and took the 8192^2 tile from 126 to 132, where its 512 programs no longer fit at once (H100: 10.6 against 6.8
@@ -649,7 +655,8 @@ def launch_config(M: int, N: int, K: int, bf16: bool, has_bias: bool, config: tu
     mask is needed, PDL when the config asks for it (default PDL_DEFAULT) and the GPU has it (``has_pdl``), and
     for a ``gated`` epilogue only below GATED_PDL_MAX weights (unless GATED_PDL); TRIG, where the kernel lets the
     next one launch (TRIGGER; FUSED_TRIGGER with RES, NORM or GATED; GATED_TRIGGER for the large gated kernel; 0
-    without PDL on the GPU); PAIRS and GATED
+    without PDL on the GPU); EARLY (EARLY_EPILOGUE; EARLY_EPILOGUE_MID for a plain one-row kernel of XS_MAX up to
+    LARGE weights); PAIRS and GATED
     for paired tiles (``pairs``); RES for the residual epilogue; NORM (and XS, which it needs) for an RMSNorm of x
     from ``norm_parts`` partial sums, with its own default tiles (``default_config(norm=True)``)."""
     import triton
@@ -662,6 +669,7 @@ def launch_config(M: int, N: int, K: int, bf16: bool, has_bias: bool, config: tu
     pdl_ok = bool(pdl) and has_pdl
     large_gated = gated and N * K >= GATED_PDL_MAX
     launch = pdl_ok and (GATED_PDL or not large_gated)
+    plain_mid = M == 1 and not (res or gated or norm_parts) and XS_MAX <= N * K < LARGE
     return (triton.cdiv(NT, rt),), dict(KB=KB, RT=rt, NB=8 if M <= 8 else 16, W=warps, CH=ch, BF16=bf16,
                                         HAS_BIAS=has_bias, EVEN=even, FENCE=bool(fence),
                                         PDL=launch, TRIG=(GATED_TRIGGER if large_gated else FUSED_TRIGGER
@@ -669,5 +677,5 @@ def launch_config(M: int, N: int, K: int, bf16: bool, has_bias: bool, config: tu
                                         CHAINS=chains, XS=int((bool(xs) or norm_parts > 0) and M == 1),
                                         PAIRS=int(bool(pairs)), GATED=int(gated), RES=int(res),
                                         NORM=int(norm_parts > 0), NPP=triton.next_power_of_2(max(norm_parts, 1)),
-                                        EARLY=int(EARLY_EPILOGUE),
+                                        EARLY=int(EARLY_EPILOGUE_MID if plain_mid else EARLY_EPILOGUE),
                                         PRE=int(GATED_PRE_ROUNDS if large_gated else PRE_ROUNDS))
