@@ -3,7 +3,7 @@ instead of each round's K slice loaded into registers from global memory).  Back
 weights cycled past the L2 cache (as ``bench kernels``), every output checked against the dense reference
 first.  CUDA only; results in docs/RESULTS.md (thirteenth session).
 
-    PYTHONPATH=src OUT=. python bench/mma_xs.py large|chains|small|stream|consts    # writes ./mma_xs_<set>.json
+    PYTHONPATH=src OUT=. python bench/mma_xs.py large|chains|small|stream|consts|cls    # ./mma_xs_<set>.json
 """
 import json
 import os
@@ -45,9 +45,15 @@ CONSTS = ([(8192, 8192), (16384, 16384), (4096, 4096)], [None, (1, 4, 8, 1, 1, 1
            {"PRE_ROUNDS": 0, "TRIGGER": 0}])
 
 
+# twenty-third session: the class conversion (CLASS_CONV) and the late row scales of the MID range
+# (EARLY_EPILOGUE_MID), each on and off, on the one-chain XS tiles it applies to
+CLS = ([(8192, 8192), (22016, 4096)], [None, (1, 4, 8, 0, 1, 1, 1), (2, 4, 4, 0, 1, 1, 1), (1, 2, 8, 0, 1, 1, 1)],
+       [{}, {"CLASS_CONV": False}, {"EARLY_EPILOGUE_MID": 3}, {"CLASS_CONV": False, "EARLY_EPILOGUE_MID": 3}])
+
+
 def main(which: str) -> None:
-    if which == "consts":
-        shapes, configs, variants = CONSTS
+    if which in ("consts", "cls"):
+        shapes, configs, variants = CONSTS if which == "consts" else CLS
         res = {"device": torch.cuda.get_device_name(), "variants": variants, "rows": {}}
         keep = {k: getattr(mw, k) for v in variants for k in v}
         for v in variants:

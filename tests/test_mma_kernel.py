@@ -50,7 +50,7 @@ def test_one_bit_lands_where_the_docstring_says(n, k):
     c, hk, e = q // 4, (q // 2) % 2, q % 2
     KB = K // 256
     word = ((rt * KB + kb) * 32 + g * 4 + t) * 4 + kg
-    bit = 4 * c + 2 * hk + h + 16 * e
+    bit = 8 * hk + 4 * h + c + 16 * e
     expect = torch.zeros_like(tiles)
     expect[word] = torch.tensor(1 << bit, dtype=torch.int64).to(torch.int32) if bit < 31 else -2 ** 31
     assert torch.equal(tiles, expect)
@@ -385,6 +385,76 @@ def test_partial_sums_and_norm_reference():
     assert out.dtype == ref.dtype and (out != ref).float().mean() < 0.02      # the sum's order: a last bit at most
     assert torch.allclose(out.float(), ref.float(), rtol=2 ** -7)
     assert mw.res_parts(1, 100, 300) == (7, 16)
+
+
+@pytest.mark.parametrize("N,K,mean", [(16, 256, 0.0), (40, 300, 3.0), (33, 1000, -20.0), (64, 2048, 0.5)])
+def test_class_conversion_reference_matches_dense(N, K, mean):
+    """The class conversion's arithmetic (CLASS_LOP on the shifted words, x doubled in classes 0 and 1, T off the
+    end) gives the dense product, also where x has a large mean (T much larger than y) and K is ragged (padded
+    columns hold x = 0 and count nothing in T)."""
+    g = torch.Generator().manual_seed(N + K)
+    bits = pack_signs(torch.randn(N, K, generator=g))
+    tiles = mw.prepare_tiles(bits, K)
+    x = (torch.randn(2, K, generator=g) + mean).bfloat16()
+    scale = (torch.rand(N, generator=g) + 0.5).half()
+    ref = _dense(x, bits, scale, K)
+    got = mw.reference_tiles(x, tiles, scale, N, K, cls=True)
+    tol = 1e-5 * K ** 0.5 * (1 + abs(mean))
+    assert torch.allclose(got, ref, rtol=1e-5, atol=tol)
+    assert torch.allclose(got, mw.reference_tiles(x, tiles, scale, N, K), rtol=1e-5, atol=tol)
+    # the lop3 values themselves: 1 / 2^-32, 1 / 2^-64, 2 / 0, +1 / -1 for a set / clear bit of each class
+    t = torch.tensor([0xF000F000, 0], dtype=torch.int64)
+    assert [mw._class_values(t, c)[:, 0].tolist() for c in range(4)] == \
+        [[1.0, 2.0 ** -32], [1.0, 2.0 ** -64], [2.0, 0.0], [1.0, -1.0]]
+
+
+def test_class_conversion_compiles_to_one_lop3_a_register(monkeypatch):
+    """CLASS_CONV: the plain one-row bf16 kernels read through XS by one chain (the MID default tile of 8192^2)
+    shift each word four times instead of sixteen, with the same tensor-core ops and loads, no spills and no
+    shared memory beyond the plain kernel's (T comes off each warp's own accumulator); fp16, more rows, four
+    chains and the fused kernels keep the sign conversion."""
+    monkeypatch.setattr(mw, "CLASS_CONV", True)
+    on, const = _ptx(8192, 8192, 1, None)
+    assert const["CLS"] == 1 and const["CHAINS"] == 1 and const["XS"] == 1
+    monkeypatch.setattr(mw, "CLASS_CONV", False)
+    off, const_off = _ptx(8192, 8192, 1, None)
+    assert const_off["CLS"] == 0
+    words = const["RT"] * const["CH"] * mw.KG                  # a thread's words (one round)
+    assert off.count("shl.b32") >= 16 * words and on.count("shl.b32") <= 4 * words + off.count("shl.b32") - 16 * words
+    for op in ("mma.sync", "lop3.b32", "ld.global.v4", "st.shared", "bar.sync"):
+        assert on.count(op) == off.count(op), op
+    assert on.count("mul.rn.bf16x2") > 0 and "ld.local" not in on and "st.local" not in on
+    monkeypatch.setattr(mw, "CLASS_CONV", True)
+    cls = {i: mw.launch_config(*case[:3], case[3], False, case[4], **case[5])[1]["CLS"] for i, case in enumerate([
+        (1, 22016, 4096, True, None, {}), (1, 8192, 8192, False, None, {}), (2, 8192, 8192, True, None, {}),
+        (1, 4096, 4096, True, None, {}), (1, 4096, 4096, True, (1, 4, 4, 0, 1, 1, 1), {}),
+        (1, 4096, 4096, True, (1, 4, 4, 0, 1, 1, 1), {"res": True}),
+        (1, 22016, 4096, True, None, {"pairs": 11008, "gated": True, "norm_parts": 256}),
+        (1, 12288, 4096, True, None, {"norm_parts": 256})])}
+    assert list(cls.values()) == [1, 0, 0, 0, 1, 0, 0, 0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel itself needs a CUDA GPU")
+@pytest.mark.parametrize("N,K,mean", [(8192, 8192, 0.0), (22016, 4096, 2.0), (1000, 300, -5.0), (4096, 4096, 0.0)])
+def test_class_conversion_on_the_gpu(monkeypatch, N, K, mean):
+    """The class conversion against the sign conversion and the dense product, on the default tile and explicit
+    one-chain XS tiles, with an activation mean that makes T large."""
+    g = torch.Generator(device="cuda").manual_seed(N + K)
+    bits = pack_signs(torch.randn(N, K, device="cuda", generator=g))
+    tiles = mw.prepare_tiles(bits, K)
+    x = (torch.randn(1, K, device="cuda", generator=g) + mean).to(torch.bfloat16)
+    scale = (torch.rand(N, device="cuda", generator=g) + 0.5).half()
+    bias = torch.randn(N, device="cuda", generator=g).to(torch.bfloat16)
+    ref = _dense(x, bits, scale, K, None, bias)
+    tol = 1e-4 * K ** 0.5 * ref.abs().max().item()
+    for cfg in (None, (2, 4, 8, 0, 1, 1, 1), (1, 4, 4, 0, 1, 1, 1), (1, 2, 8, 0, 1, 1, 1)):
+        ys = {}
+        for on in (True, False):
+            monkeypatch.setattr(mw, "CLASS_CONV", on)
+            assert mw.launch_config(1, N, K, True, True, cfg)[1]["CLS"] == int(on and (cfg or N * K >= mw.XS_MAX))
+            ys[on] = mw.mma_matmul(x, tiles, scale, N, K, None, bias, cfg).float()
+            assert torch.allclose(ys[on], ref, rtol=2 ** -7, atol=tol), (cfg, on)
+        assert torch.allclose(ys[True], ys[False], rtol=2 ** -7, atol=tol), cfg
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel itself needs a CUDA GPU")

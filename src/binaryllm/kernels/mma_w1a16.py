@@ -45,7 +45,7 @@ Weight layout ("tiles", made once at load by ``prepare_tiles``; the on-disk bits
 to a multiple of 256 and N to a multiple of 16.  For row tile ``rt`` (16 rows), k-group ``kb`` (256 columns) and
 lane ``l = 4 g + t`` (``g = l // 4``, ``t = l % 4`` as in the PTX fragment tables) there are KG = 4 int32
 words, at ``((rt * KB + kb) * 32 + l) * 4 + kg``.  Word ``kg`` of lane (g, t) holds, at bit ``i + 16 e``
-(i = 4 c + 2 hk + h, c, hk, h, e in {0, 1} except c in 0..3), the sign bit (1 = +1) of weight
+(i = 8 hk + 4 h + c, c, hk, h, e in {0, 1} except c in 0..3), the sign bit (1 = +1) of weight
 ``W[16 rt + 8 h + g, 256 kb + 64 kg + 16 t + 4 c + 2 hk + e]``.  Inside each 64-column group the kernel's k
 order is permuted (logical k = 16 c + 8 hk + 2 t + e reads column 16 t + 4 c + 2 hk + e): the sum over k does
 not care, and it makes each thread's activations 16 contiguous values (two 16-byte loads).
@@ -139,6 +139,10 @@ EARLY_EPILOGUE_MID = 0
 # us); capped it keeps 128 and spills nothing.  Not every tile: under a cap ptxas takes more registers than it
 # does without one (the gate/up tile 98 -> 128), which leaves less room for the next kernel's early programs
 MAXNREG_1 = 128
+# CLASS_CONV: the class conversion of the sign bits (CLASS_LOP, below) in the kernels it applies to: one row of bf16
+# read through XS by one chain, no residual, norm or gated epilogue (with the default tiles: the MID range, 8192^2
+# and 22016x4096).  Twenty-third session: see docs/RESULTS.md
+CLASS_CONV = True
 # PRE_ROUNDS (0-3): rounds of weights a warp loads before the PDL wait (the rest after it, one round at a time);
 # GATED_PRE_ROUNDS the same for the large gated kernel (when it is launched with PDL: GATED_PDL)
 PRE_ROUNDS = 1
@@ -210,10 +214,37 @@ def disable(device_index: int, err: Exception) -> None:
 
 
 def _bit_positions() -> torch.Tensor:
-    """pos[h, q]: the bit of a lane's word holding row 8 h + g, column 16 t + q of its 16 x 64 block."""
+    """pos[h, q]: the bit of a lane's word holding row 8 h + g, column 16 t + q of its 16 x 64 block
+    (q = 4 c + 2 hk + e: bit 8 hk + 4 h + c + 16 e, so that the four column classes c of one (hk, h) are
+    neighbours, as the class conversion needs)."""
     q = torch.arange(16)
     h = torch.arange(2)[:, None]
-    return (q & ~1)[None, :] + h + 16 * (q & 1)[None, :]
+    return (8 * ((q // 2) % 2) + q // 4)[None, :] + 4 * h + 16 * (q % 2)[None, :]
+
+
+def pair_bits(i: int) -> tuple[int, int, int]:
+    """(c, hk, h) of pair i of a word (its bits i and i + 16): i = 8 hk + 4 h + c."""
+    return i % 4, i // 8, (i // 4) % 2
+
+
+# Two ways the kernel turns pair i of a word (bits i, i + 16) into one bf16x2/f16x2 register of the A operand.
+# "sign": a shift puts both bits on the sign positions (15, 31), then one lop3 flips (-1, -1) where a bit is 1: two
+# instructions a register.  "class" (CLS: one row, bf16, XS, one chain, no fused epilogue): the word is shifted
+# once for every (hk, h), by 12 - 4 (2 hk + h), so that pairs c = 0..3 land on bits 12 + c and 28 + c; then one
+# lop3 a register makes, for the column class c = (column % 16) // 4:
+#   c 0: bit 12 (exponent bit 5)  ->  1.0 where set, 2^-32 where not   (x read as 2 x)
+#   c 1: bit 13 (exponent bit 6)  ->  1.0 where set, 2^-64 where not   (x read as 2 x)
+#   c 2: bit 14 (exponent bit 7)  ->  2.0 where set, 0 where not       (x as is)
+#   c 3: bit 15 (sign)            -> +1.0 where set, -1.0 where not    (x as is)
+# so in classes 0-2 a product is 2 x for a +1 weight and 0 (up to 2^-31 x) for a -1, which is x + (+-x); the
+# kernel subtracts T, the sum of x over those columns, once at the end.  Four shifts and sixteen lop3 a word
+# instead of sixteen of each.  The eighteenth session measured it in every XS kernel of the decode step: 3.3%
+# slower there (the step's kernels are latency-bound, and T sits before the first tensor-core op), faster alone
+# on the larger one-row shapes; twenty-third session: see CLASS_CONV
+CLASS_SHIFT = (12, 8, 4, 0)                       # by 2 hk + h
+CLASS_LOP = ((0x10001000, 0x2F802F80, 0xEA), (0x20002000, 0x1F801F80, 0xEA), (0x40004000, 0, 0xC0),
+             (0x80008000, 0xBF80BF80, 0x6A))        # (mask, constant, lut) by c: (w & mask) | or ^ constant
+CLASS_X2 = 2                                      # classes below this read 2 x
 
 
 def tile_shape(out_features: int, in_features: int) -> tuple[int, int]:
@@ -271,27 +302,47 @@ def unpack_tiles(tiles: torch.Tensor, out_features: int, in_features: int, pairs
     return b
 
 
+def _class_values(t: torch.Tensor, c: int) -> torch.Tensor:
+    """The two bf16 values one lop3 makes of a shifted word t (int64 holding 32 bits) for class c (CLASS_LOP), as
+    fp32: [..., 2] (elements e = 0, 1: the low and the high half)."""
+    mask, const, lut = CLASS_LOP[c]
+    r = (t & mask) ^ const if lut == 0x6A else (t & mask) | const
+    halves = torch.stack([r & 0xFFFF, (r >> 16) & 0xFFFF], -1)
+    return (halves << 16).to(torch.int32).view(torch.float32)      # bf16 bits on top of an fp32: exact
+
+
 def reference_tiles(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor, out_features: int,
-                    in_features: int, pairs: int = 0) -> torch.Tensor:
+                    in_features: int, pairs: int = 0, cls: bool = False) -> torch.Tensor:
     """The kernel's arithmetic in PyTorch, as its registers see it: for every k-group each lane (g, t) turns
     pair i of its word into two +-1 values with the same shift/mask as the inline PTX, and the m16n8k16 A
     fragment positions (row 8 h + g, logical column 16 c + 8 hk + 2 t + e) are multiplied with x read at the
-    permuted columns 16 t + 4 c + 2 hk + e.  fp32 throughout; (M, N) out."""
+    permuted columns 16 t + 4 c + 2 hk + e.  ``cls``: the class conversion instead (CLASS_LOP on the word shifted
+    by CLASS_SHIFT, x doubled in the classes below CLASS_X2, the sum T subtracted at the end).  fp32 throughout;
+    (M, N) out."""
     NT, KB = tile_shape(out_features, in_features)
     M = x.shape[0]
     xp = torch.zeros(M, KB * GROUP_K, dtype=torch.float32, device=x.device)
     xp[:, :in_features] = x.float()
     w = tiles.to(torch.int64).view(NT, KB, 8, 4, KG) & 0xFFFFFFFF               # [rt, kb, g, t, kg]
     acc = torch.zeros(M, NT, 2, 8, dtype=torch.float32, device=x.device)        # [m, rt, h, g]
-    for i in range(16):                       # pair i = 4 c + 2 hk + h: the shl/lop3 of asm(i) in _build
-        c, hk, h = i // 4, (i // 2) % 2, i % 2
+    for i in range(16):                       # pair i = 8 hk + 4 h + c: the shl/lop3 of asm(i) in _build
+        c, hk, h = pair_bits(i)
         t_ = (w << (15 - i)) & 0xFFFFFFFF
+        if cls:
+            vals = _class_values((w << CLASS_SHIFT[2 * hk + h]) & 0xFFFFFFFF, c)
         for e in range(2):
-            sign = torch.where(((t_ >> (15 + 16 * e)) & 1) == 1, 1.0, -1.0)     # [rt, kb, g, t, kg]
+            if cls:
+                sign = vals[..., e]
+            else:
+                sign = torch.where(((t_ >> (15 + 16 * e)) & 1) == 1, 1.0, -1.0)     # [rt, kb, g, t, kg]
             cols = (torch.arange(KB)[:, None, None] * GROUP_K + torch.arange(KG)[None, None, :] * 64
                     + torch.arange(4)[None, :, None] * 16 + 4 * c + 2 * hk + e).to(x.device)   # [kb, t, kg]
             xv = xp[:, cols]                                                     # [m, kb, t, kg]
+            if cls and c < CLASS_X2:
+                xv = xv * 2
             acc[:, :, h] += torch.einsum("rbgtk,mbtk->mrg", sign, xv)
+    if cls:
+        acc -= xp.view(M, -1, 16)[:, :, :12].sum((1, 2))[:, None, None, None]    # T: columns with (col % 16) < 12
     y = acc.reshape(M, NT * 16)[:, :out_features]
     if pairs:                                 # tile rows back to weight rows, as the epilogue stores them
         y = y[:, torch.argsort(pair_order(pairs)).to(y.device)]
@@ -313,6 +364,9 @@ def _build():
 
     asm_bf16 = gl.constexpr(tuple(asm(i, 0xBF80) for i in range(16)))
     asm_fp16 = gl.constexpr(tuple(asm(i, 0xBC00) for i in range(16)))
+    asm_cls = gl.constexpr(tuple(f"lop3.b32 $0, $1, {m:#x}, {v:#x}, {lut:#x};" for m, v, lut in CLASS_LOP))
+    class_shift = gl.constexpr(CLASS_SHIFT)
+    CLASS_X2_ = gl.constexpr(CLASS_X2)
 
     @gluon.jit
     def _pair(w2, i: gl.constexpr, BF16: gl.constexpr):
@@ -323,12 +377,31 @@ def _build():
             return gl.inline_asm_elementwise(asm_fp16[i], "=r,r,r", [w2], dtype=gl.float16, is_pure=True, pack=2)
 
     @gluon.jit
-    def _c_block(w2, c: gl.constexpr, BF16: gl.constexpr):      # [..., e, h, hk] of 16-column block c
-        p00 = _pair(w2, c * 4 + 0, BF16)
-        p01 = _pair(w2, c * 4 + 1, BF16)
-        p10 = _pair(w2, c * 4 + 2, BF16)
-        p11 = _pair(w2, c * 4 + 3, BF16)
+    def _c_block(w2, c: gl.constexpr, BF16: gl.constexpr):      # [..., e, h, hk] of column class c
+        p00 = _pair(w2, c + 0, BF16)                              # pair 8 hk + 4 h + c
+        p01 = _pair(w2, c + 4, BF16)
+        p10 = _pair(w2, c + 8, BF16)
+        p11 = _pair(w2, c + 12, BF16)
         return gl.join(gl.join(p00, p01), gl.join(p10, p11))
+
+    @gluon.jit
+    def _cls(sw2, c: gl.constexpr):
+        # sw2: the word shifted for this pair's (hk, h), twice; $0: the two class-c values (CLASS_LOP)
+        return gl.inline_asm_elementwise(asm_cls[c], "=r,r,r", [sw2], dtype=gl.bfloat16, is_pure=True, pack=2)
+
+    @gluon.jit
+    def _c_block_cls(s00, s01, s10, s11, c: gl.constexpr):     # the same from the four shifted words
+        return gl.join(gl.join(_cls(s00, c), _cls(s01, c)), gl.join(_cls(s10, c), _cls(s11, c)))
+
+    @gluon.jit
+    def _shifted(words, j: gl.constexpr):
+        sw = words << class_shift[j]
+        return gl.join(sw, sw)
+
+    @gluon.jit
+    def _mul_bf16(x, f):                # exact for f = 1 or 2 (through fp32 it would be three instructions)
+        return gl.inline_asm_elementwise("mul.rn.bf16x2 $0, $1, $2;", "=r,r,r", [x, f], dtype=gl.bfloat16,
+                                         is_pure=True, pack=2)
 
     @gluon.jit
     def _xor(a, b):
@@ -382,7 +455,8 @@ def _build():
                BF16: gl.constexpr, HAS_BIAS: gl.constexpr, EVEN: gl.constexpr,
                FENCE: gl.constexpr, PDL: gl.constexpr, CHAINS: gl.constexpr = 1, XS: gl.constexpr = 0,
                PAIRS: gl.constexpr = 0, GATED: gl.constexpr = 0, RES: gl.constexpr = 0, NORM: gl.constexpr = 0,
-               NPP: gl.constexpr = 1, TRIG: gl.constexpr = 0, EARLY: gl.constexpr = 1, PRE: gl.constexpr = 1):
+               NPP: gl.constexpr = 1, TRIG: gl.constexpr = 0, EARLY: gl.constexpr = 1, PRE: gl.constexpr = 1,
+               CLS: gl.constexpr = 0):
         """Program: 16 RT rows; warp s: k-groups s KBL ... s KBL + KBL - 1, CH of them per round (all of a
         round's loads are issued before its tensor-core work: ptxas does not hoist loads across rounds).
         RES: y = residual (r_ptr) + the product, and the program's sum of y^2 over its rows, one float a row of x,
@@ -390,7 +464,9 @@ def _build():
         from the NP partial sums at p_ptr that a RES kernel wrote.  EARLY bits: 1 the epilogue's row scales and
         bias (weights) are loaded before the PDL wait, 2 the residual right after it, not after the tensor-core
         loop.  PRE (0-3): rounds of weights loaded before the PDL wait.  TRIG: 1 the next kernel may launch after
-        the wait, 2 after the tensor-core loop, 3 before the wait."""
+        the wait, 2 after the tensor-core loop, 3 before the wait.  CLS (bf16, XS, one chain, no NORM): the class
+        conversion (CLASS_LOP): x goes to shared memory as 2 x in column classes 0 and 1, and each warp's sum T of
+        x over classes 0-2 comes off its accumulator before the warps' sums are added."""
         S: gl.constexpr = W
         BN: gl.constexpr = RT * 16
         BK: gl.constexpr = CH * 256               # columns a warp takes per round
@@ -481,6 +557,13 @@ def _build():
                 rstd = gl.rsqrt(ss / K + eps)
                 xv0 = ((xv0.to(gl.float32) * rstd).to(x_ptr.dtype.element_ty).to(gl.float32)
                        * nwv.to(gl.float32)).to(x_ptr.dtype.element_ty)
+            if CLS:
+                # column class (column % 16) // 4; T over the warp's K slice (x as loaded, fp32), then x doubled
+                # in classes 0 and 1 (exact in bf16)
+                fq = _ar(16, 4, 5, fl)
+                tw = gl.sum(gl.sum(gl.sum(gl.sum(gl.where(fq < 12, xv0.to(gl.float32), 0.0), axis=1), axis=3),
+                                   axis=2), axis=1)                 # a thread's k-groups first: fewer shuffles
+                xv0 = _mul_bf16(xv0, gl.where(fq < 4 * CLASS_X2_, 2.0, 1.0).to(gl.bfloat16).broadcast_to(xv0.shape))
             x_smem.store(xv0)
             gl.thread_barrier()
         for rnd in gl.static_range(ROUNDS):
@@ -506,9 +589,17 @@ def _build():
                 # otherwise ptxas sinks each group's loads next to their use and the groups wait in turn
                 dep = gl.reduce(gl.reduce(words, 4, _xor, keep_dims=True), 3, _xor, keep_dims=True)
                 words = words ^ (dep & zero)
-            w2 = gl.join(words, words)
-            a = gl.join(gl.join(_c_block(w2, 0, BF16), _c_block(w2, 1, BF16)),
-                        gl.join(_c_block(w2, 2, BF16), _c_block(w2, 3, BF16)))
+            if CLS:
+                s00 = _shifted(words, 0)
+                s01 = _shifted(words, 1)
+                s10 = _shifted(words, 2)
+                s11 = _shifted(words, 3)
+                a = gl.join(gl.join(_c_block_cls(s00, s01, s10, s11, 0), _c_block_cls(s00, s01, s10, s11, 1)),
+                            gl.join(_c_block_cls(s00, s01, s10, s11, 2), _c_block_cls(s00, s01, s10, s11, 3)))
+            else:
+                w2 = gl.join(words, words)
+                a = gl.join(gl.join(_c_block(w2, 0, BF16), _c_block(w2, 1, BF16)),
+                            gl.join(_c_block(w2, 2, BF16), _c_block(w2, 3, BF16)))
             if CHAINS == 1:
                 # [s, rt, g, ch, kg, t, e, h, hk, c_lo, c_hi] -> [s, rt, h, g, ch, kg, c_hi, c_lo, hk, t, e] = (s, row, k)
                 a = gl.permute(a, (0, 1, 7, 2, 3, 4, 10, 9, 8, 5, 6))
@@ -527,6 +618,10 @@ def _build():
 
         if TRIG == 2:
             _launch_dependents()
+        if CLS:
+            # warp s's T off its own accumulator (one chain: batch entry s), so the warps' sums add up to y
+            tws = gl.convert_layout(tw, _dim_layout(mma, 0, 3))
+            acc = acc - gl.expand_dims(gl.expand_dims(tws, 1), 2)
         out = gl.sum(acc, axis=0)                                   # [BN, NB]: the warps' K slices added
         if not (EARLY & 1):
             rscale = gl.load(s_ptr + wrow, mask=n_ok, other=0.0)
@@ -669,13 +764,16 @@ def launch_config(M: int, N: int, K: int, bf16: bool, has_bias: bool, config: tu
     pdl_ok = bool(pdl) and has_pdl
     large_gated = gated and N * K >= GATED_PDL_MAX
     launch = pdl_ok and (GATED_PDL or not large_gated)
-    plain_mid = M == 1 and not (res or gated or norm_parts) and XS_MAX <= N * K < LARGE
+    plain = not (res or gated or norm_parts or pairs)
+    plain_mid = M == 1 and plain and XS_MAX <= N * K < LARGE
+    xs_on = (bool(xs) or norm_parts > 0) and M == 1
     return (triton.cdiv(NT, rt),), dict(KB=KB, RT=rt, NB=8 if M <= 8 else 16, W=warps, CH=ch, BF16=bf16,
                                         HAS_BIAS=has_bias, EVEN=even, FENCE=bool(fence),
                                         PDL=launch, TRIG=(GATED_TRIGGER if large_gated else FUSED_TRIGGER
                                                           if res or gated or norm_parts else TRIGGER) if pdl_ok else 0,
-                                        CHAINS=chains, XS=int((bool(xs) or norm_parts > 0) and M == 1),
+                                        CHAINS=chains, XS=int(xs_on),
                                         PAIRS=int(bool(pairs)), GATED=int(gated), RES=int(res),
                                         NORM=int(norm_parts > 0), NPP=triton.next_power_of_2(max(norm_parts, 1)),
                                         EARLY=int(EARLY_EPILOGUE_MID if plain_mid else EARLY_EPILOGUE),
-                                        PRE=int(GATED_PRE_ROUNDS if large_gated else PRE_ROUNDS))
+                                        PRE=int(GATED_PRE_ROUNDS if large_gated else PRE_ROUNDS),
+                                        CLS=int(CLASS_CONV and bf16 and xs_on and chains == 1 and plain))
