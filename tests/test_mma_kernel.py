@@ -413,10 +413,10 @@ def test_class_conversion_compiles_to_one_lop3_a_register(monkeypatch):
     shift each word four times instead of sixteen, with the same tensor-core ops and loads, no spills and no
     shared memory beyond the plain kernel's (T comes off each warp's own accumulator); fp16, more rows, four
     chains and the fused kernels keep the sign conversion."""
-    monkeypatch.setattr(mw, "CLASS_CONV", True)
+    monkeypatch.setattr(mw, "CLASS_CONV", 1)
     on, const = _ptx(8192, 8192, 1, None)
     assert const["CLS"] == 1 and const["CHAINS"] == 1 and const["XS"] == 1
-    monkeypatch.setattr(mw, "CLASS_CONV", False)
+    monkeypatch.setattr(mw, "CLASS_CONV", 0)
     off, const_off = _ptx(8192, 8192, 1, None)
     assert const_off["CLS"] == 0
     words = const["RT"] * const["CH"] * mw.KG                  # a thread's words (one round)
@@ -424,7 +424,7 @@ def test_class_conversion_compiles_to_one_lop3_a_register(monkeypatch):
     for op in ("mma.sync", "lop3.b32", "ld.global.v4", "st.shared", "bar.sync"):
         assert on.count(op) == off.count(op), op
     assert on.count("mul.rn.bf16x2") > 0 and "ld.local" not in on and "st.local" not in on
-    monkeypatch.setattr(mw, "CLASS_CONV", True)
+    monkeypatch.setattr(mw, "CLASS_CONV", 1)
     cls = {i: mw.launch_config(*case[:3], case[3], False, case[4], **case[5])[1]["CLS"] for i, case in enumerate([
         (1, 22016, 4096, True, None, {}), (1, 8192, 8192, False, None, {}), (2, 8192, 8192, True, None, {}),
         (1, 4096, 4096, True, None, {}), (1, 4096, 4096, True, (1, 4, 4, 0, 1, 1, 1), {}),
@@ -432,6 +432,14 @@ def test_class_conversion_compiles_to_one_lop3_a_register(monkeypatch):
         (1, 22016, 4096, True, None, {"pairs": 11008, "gated": True, "norm_parts": 256}),
         (1, 12288, 4096, True, None, {"norm_parts": 256})])}
     assert list(cls.values()) == [1, 0, 0, 0, 1, 0, 0, 0]
+    # bit 2: the fused kernels too (the residual epilogue, Llama-7B's gate/up), still one chain only (not q/k/v)
+    monkeypatch.setattr(mw, "CLASS_CONV", 3)
+    cls = [mw.launch_config(1, N, K, True, False, cfg, **kw)[1]["CLS"] for N, K, cfg, kw in [
+        (4096, 4096, (1, 4, 4, 0, 1, 1, 1), {"res": True}),
+        (22016, 4096, None, {"pairs": 11008, "gated": True, "norm_parts": 256}), (12288, 4096, None, {"norm_parts": 256})]]
+    assert cls == [1, 1, 0]
+    gated, const = _ptx(22016, 4096, 1, None, pairs=11008, gated=True, norm_parts=256)
+    assert const["CLS"] == 1 and "ld.local" not in gated and gated.count("ex2.approx") > 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel itself needs a CUDA GPU")
@@ -450,11 +458,37 @@ def test_class_conversion_on_the_gpu(monkeypatch, N, K, mean):
     for cfg in (None, (2, 4, 8, 0, 1, 1, 1), (1, 4, 4, 0, 1, 1, 1), (1, 2, 8, 0, 1, 1, 1)):
         ys = {}
         for on in (True, False):
-            monkeypatch.setattr(mw, "CLASS_CONV", on)
+            monkeypatch.setattr(mw, "CLASS_CONV", int(on))
             assert mw.launch_config(1, N, K, True, True, cfg)[1]["CLS"] == int(on and (cfg or N * K >= mw.XS_MAX))
             ys[on] = mw.mma_matmul(x, tiles, scale, N, K, None, bias, cfg).float()
             assert torch.allclose(ys[on], ref, rtol=2 ** -7, atol=tol), (cfg, on)
         assert torch.allclose(ys[True], ys[False], rtol=2 ** -7, atol=tol), cfg
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel itself needs a CUDA GPU")
+@pytest.mark.parametrize("N,K,pairs", [(22016, 4096, 11008), (4096, 4096, 0), (1008, 300, 504)])
+def test_class_conversion_in_fused_kernels_on_the_gpu(monkeypatch, N, K, pairs):
+    """CLASS_CONV bit 2: the norm prologue with the gated epilogue (T of the normed x), and the residual epilogue,
+    against the same kernels with the sign conversion."""
+    g = torch.Generator(device="cuda").manual_seed(N + K)
+    bits = pack_signs(torch.randn(N, K, device="cuda", generator=g))
+    tiles = mw.prepare_tiles(bits, K, pairs=pairs)
+    h = (torch.randn(1, K, device="cuda", generator=g) * 20 + 3).to(torch.bfloat16)
+    part = mw.res_partials(h, 37, 16 * (K // 256 + 1))
+    nw = (torch.rand(K, device="cuda", generator=g) + 0.5).to(torch.bfloat16)
+    scale = (torch.rand(N, device="cuda", generator=g) + 0.5).half()
+    r = (torch.randn(1, N, device="cuda", generator=g) * 30).to(torch.bfloat16)
+    cfg = None if pairs else (1, 4, 4, 0, 1, 1, 1)
+    kw = dict(pairs=pairs, gated=True, norm=(part, nw, 1e-5)) if pairs else dict(residual=r)
+    ys = {}
+    for conv in (3, 1):
+        monkeypatch.setattr(mw, "CLASS_CONV", conv)
+        assert mw.launch_config(1, N, K, True, False, cfg, pairs=pairs, gated=bool(pairs), res=not pairs,
+                                norm_parts=37 if pairs else 0)[1]["CLS"] == (conv == 3)
+        y = mw.mma_matmul(h, tiles, scale, N, K, config=cfg, **kw)
+        ys[conv] = (y if pairs else y[0]).float()
+    tol = 2 ** -7 * K ** 0.5 * ys[1].abs().max().item() / 10
+    assert torch.allclose(ys[3], ys[1], rtol=2 ** -6, atol=tol)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel itself needs a CUDA GPU")

@@ -139,10 +139,11 @@ EARLY_EPILOGUE_MID = 0
 # us); capped it keeps 128 and spills nothing.  Not every tile: under a cap ptxas takes more registers than it
 # does without one (the gate/up tile 98 -> 128), which leaves less room for the next kernel's early programs
 MAXNREG_1 = 128
-# CLASS_CONV: the class conversion of the sign bits (CLASS_LOP, below) in the kernels it applies to: one row of bf16
-# read through XS by one chain, no residual, norm or gated epilogue (with the default tiles: the MID range, 8192^2
-# and 22016x4096).  Twenty-third session: see docs/RESULTS.md
-CLASS_CONV = True
+# CLASS_CONV, bits: the class conversion of the sign bits (CLASS_LOP, below) in kernels of one row of bf16 read
+# through XS by one chain: 1 plain kernels (with the default tiles the MID range, 8192^2 and 22016x4096), 2 fused
+# ones (a norm prologue, a residual, paired or gated epilogue; with the default tiles Llama-7B's gate/up).
+# Twenty-third session: see docs/RESULTS.md
+CLASS_CONV = 1
 # PRE_ROUNDS (0-3): rounds of weights a warp loads before the PDL wait (the rest after it, one round at a time);
 # GATED_PRE_ROUNDS the same for the large gated kernel (when it is launched with PDL: GATED_PDL)
 PRE_ROUNDS = 1
@@ -464,9 +465,9 @@ def _build():
         from the NP partial sums at p_ptr that a RES kernel wrote.  EARLY bits: 1 the epilogue's row scales and
         bias (weights) are loaded before the PDL wait, 2 the residual right after it, not after the tensor-core
         loop.  PRE (0-3): rounds of weights loaded before the PDL wait.  TRIG: 1 the next kernel may launch after
-        the wait, 2 after the tensor-core loop, 3 before the wait.  CLS (bf16, XS, one chain, no NORM): the class
-        conversion (CLASS_LOP): x goes to shared memory as 2 x in column classes 0 and 1, and each warp's sum T of
-        x over classes 0-2 comes off its accumulator before the warps' sums are added."""
+        the wait, 2 after the tensor-core loop, 3 before the wait.  CLS (bf16, XS, one chain): the class
+        conversion (CLASS_LOP): x goes to shared memory as 2 x in column classes 0 and 1 (after NORM), and each
+        warp's sum T of x over classes 0-2 comes off its accumulator before the warps' sums are added."""
         S: gl.constexpr = W
         BN: gl.constexpr = RT * 16
         BK: gl.constexpr = CH * 256               # columns a warp takes per round
@@ -776,4 +777,5 @@ def launch_config(M: int, N: int, K: int, bf16: bool, has_bias: bool, config: tu
                                         NORM=int(norm_parts > 0), NPP=triton.next_power_of_2(max(norm_parts, 1)),
                                         EARLY=int(EARLY_EPILOGUE_MID if plain_mid else EARLY_EPILOGUE),
                                         PRE=int(GATED_PRE_ROUNDS if large_gated else PRE_ROUNDS),
-                                        CLS=int(CLASS_CONV and bf16 and xs_on and chains == 1 and plain))
+                                        CLS=int(bool(CLASS_CONV & (1 if plain else 2)) and bf16 and xs_on
+                                                and chains == 1))
