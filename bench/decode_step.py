@@ -23,8 +23,8 @@ in docs/RESULTS.md (thirteenth session).
     # its own launch, and optionally the bf16 step (seventeenth session)
     PYTHONPATH=src OUT=. python bench/decode_step.py trigger llama-7b 8 [max_len [bf16]]
     # the step with module constants of kernels/mma_w1a16.py (or kernels/attention.py: attention.NAME) changed, one
-    # variant per argument (NAME=VALUE[,...]; gemv=0: the lm_head through cuBLAS; "bf16" adds the bf16 step), against
-    # the committed values ("default")
+    # variant per argument (NAME=VALUE[,...], a tuple as 1:2:8; gemv=0: the lm_head through cuBLAS; "bf16" adds the
+    # bf16 step), against the committed values ("default")
     PYTHONPATH=src OUT=. python bench/decode_step.py consts llama-7b 8 144 EARLY_EPILOGUE=0 [bf16]
     # the rotary angles' one-column matmul as a product (fuse_outer, twenty-second session) against the GEMM
     PYTHONPATH=src OUT=. python bench/decode_step.py outer llama-7b 8 144
@@ -242,7 +242,8 @@ def main() -> None:
                             "gate/up PDL, trigger after loop": (1, 1, 2), "every trigger after loop": (0, 2, 2)}
                 variants = {k: dict(zip(("GATED_PDL", "TRIGGER", "GATED_TRIGGER"), v)) for k, v in variants.items()}
             else:
-                variants = {a: {k: int(v) for k, v in (kv.split("=") for kv in a.split(","))}
+                variants = {a: {k: tuple(map(int, v.split(":"))) if ":" in v else int(v)
+                                for k, v in (kv.split("=") for kv in a.split(","))}
                             for a in sys.argv[5:] if a != "bf16"}
             res = consts(name, blocks, max_len, {"default": {}, **variants}, "bf16" in sys.argv[5:])
         elif mode == "timeline":
