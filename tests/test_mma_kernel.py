@@ -440,6 +440,10 @@ def test_class_conversion_compiles_to_one_lop3_a_register(monkeypatch):
     assert cls == [1, 1, 0]
     gated, const = _ptx(22016, 4096, 1, None, pairs=11008, gated=True, norm_parts=256)
     assert const["CLS"] == 1 and "ld.local" not in gated and gated.count("ex2.approx") > 0
+    # CLASS_CHAINS4: four-chain kernels too (q/k/v), their warps' T added up apart from the accumulators
+    monkeypatch.setattr(mw, "CLASS_CHAINS4", True)
+    qkv, const = _ptx(12288, 4096, 1, None, norm_parts=256)
+    assert const["CLS"] == 1 and const["CHAINS"] == 4 and "ld.local" not in qkv
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel itself needs a CUDA GPU")
@@ -469,7 +473,7 @@ def test_class_conversion_on_the_gpu(monkeypatch, N, K, mean):
 @pytest.mark.parametrize("N,K,pairs", [(22016, 4096, 11008), (4096, 4096, 0), (1008, 300, 504)])
 def test_class_conversion_in_fused_kernels_on_the_gpu(monkeypatch, N, K, pairs):
     """CLASS_CONV bit 2: the norm prologue with the gated epilogue (T of the normed x), and the residual epilogue,
-    against the same kernels with the sign conversion."""
+    one chain and (CLASS_CHAINS4) four, against the same kernels with the sign conversion."""
     g = torch.Generator(device="cuda").manual_seed(N + K)
     bits = pack_signs(torch.randn(N, K, device="cuda", generator=g))
     tiles = mw.prepare_tiles(bits, K, pairs=pairs)
@@ -478,17 +482,18 @@ def test_class_conversion_in_fused_kernels_on_the_gpu(monkeypatch, N, K, pairs):
     nw = (torch.rand(K, device="cuda", generator=g) + 0.5).to(torch.bfloat16)
     scale = (torch.rand(N, device="cuda", generator=g) + 0.5).half()
     r = (torch.randn(1, N, device="cuda", generator=g) * 30).to(torch.bfloat16)
-    cfg = None if pairs else (1, 4, 4, 0, 1, 1, 1)
     kw = dict(pairs=pairs, gated=True, norm=(part, nw, 1e-5)) if pairs else dict(residual=r)
-    ys = {}
-    for conv in (3, 1):
-        monkeypatch.setattr(mw, "CLASS_CONV", conv)
-        assert mw.launch_config(1, N, K, True, False, cfg, pairs=pairs, gated=bool(pairs), res=not pairs,
-                                norm_parts=37 if pairs else 0)[1]["CLS"] == (conv == 3)
-        y = mw.mma_matmul(h, tiles, scale, N, K, config=cfg, **kw)
-        ys[conv] = (y if pairs else y[0]).float()
-    tol = 2 ** -7 * K ** 0.5 * ys[1].abs().max().item() / 10
-    assert torch.allclose(ys[3], ys[1], rtol=2 ** -6, atol=tol)
+    monkeypatch.setattr(mw, "CLASS_CHAINS4", True)
+    for cfg in (None if pairs else (1, 4, 4, 0, 1, 1, 1), (1, 4, 4, 0, 1, 4, 1)):      # one chain, four chains
+        ys = {}
+        for conv in (3, 1):
+            monkeypatch.setattr(mw, "CLASS_CONV", conv)
+            assert mw.launch_config(1, N, K, True, False, cfg, pairs=pairs, gated=bool(pairs), res=not pairs,
+                                    norm_parts=37 if pairs else 0)[1]["CLS"] == (conv == 3)
+            y = mw.mma_matmul(h, tiles, scale, N, K, config=cfg, **kw)
+            ys[conv] = (y if pairs else y[0]).float()
+        tol = 2 ** -7 * K ** 0.5 * ys[1].abs().max().item() / 10
+        assert torch.allclose(ys[3], ys[1], rtol=2 ** -6, atol=tol), cfg
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel itself needs a CUDA GPU")

@@ -141,9 +141,11 @@ EARLY_EPILOGUE_MID = 0
 MAXNREG_1 = 128
 # CLASS_CONV, bits: the class conversion of the sign bits (CLASS_LOP, below) in kernels of one row of bf16 read
 # through XS by one chain: 1 plain kernels (with the default tiles the MID range, 8192^2 and 22016x4096), 2 fused
-# ones (a norm prologue, a residual, paired or gated epilogue; with the default tiles Llama-7B's gate/up).
+# ones (a norm prologue, a residual, paired or gated epilogue; with the default tiles Llama-7B's gate/up);
+# CLASS_CHAINS4: kernels with four chains as well (each warp's T then comes off the warps' sum).
 # Twenty-third session: see docs/RESULTS.md
 CLASS_CONV = 1
+CLASS_CHAINS4 = False
 # PRE_ROUNDS (0-3): rounds of weights a warp loads before the PDL wait (the rest after it, one round at a time);
 # GATED_PRE_ROUNDS the same for the large gated kernel (when it is launched with PDL: GATED_PDL)
 PRE_ROUNDS = 1
@@ -619,11 +621,13 @@ def _build():
 
         if TRIG == 2:
             _launch_dependents()
-        if CLS:
+        if CLS and CHAINS == 1:
             # warp s's T off its own accumulator (one chain: batch entry s), so the warps' sums add up to y
             tws = gl.convert_layout(tw, _dim_layout(mma, 0, 3))
             acc = acc - gl.expand_dims(gl.expand_dims(tws, 1), 2)
         out = gl.sum(acc, axis=0)                                   # [BN, NB]: the warps' K slices added
+        if CLS and CHAINS > 1:
+            out = out - gl.sum(tw, axis=0)                          # the warps' T added up on their own
         if not (EARLY & 1):
             rscale = gl.load(s_ptr + wrow, mask=n_ok, other=0.0)
             if HAS_BIAS:
@@ -778,4 +782,4 @@ def launch_config(M: int, N: int, K: int, bf16: bool, has_bias: bool, config: tu
                                         EARLY=int(EARLY_EPILOGUE_MID if plain_mid else EARLY_EPILOGUE),
                                         PRE=int(GATED_PRE_ROUNDS if large_gated else PRE_ROUNDS),
                                         CLS=int(bool(CLASS_CONV & (1 if plain else 2)) and bf16 and xs_on
-                                                and chains == 1))
+                                                and (chains == 1 or bool(CLASS_CHAINS4))))
