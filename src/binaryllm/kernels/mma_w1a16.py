@@ -9,7 +9,9 @@ stores of x as tensor-core ops).  Here every layout is spelled out, so
 * each thread loads exactly the weight bits of its A fragments (one 16-byte load per 1,024 weights a warp) and
   turns every pair of them into a bf16x2 register with two integer instructions (``shl`` puts bits i and i + 16
   on the two sign positions, ``lop3`` makes (-1.0, -1.0) with those signs flipped where a bit is 1): the
-  register *is* the tensor-core operand, nothing goes through shared memory;
+  register *is* the tensor-core operand, nothing goes through shared memory (or, in one-row bf16 kernels read
+  through XS by one chain: CLASS_CONV, the "class" conversion, four shifts a word and one ``lop3`` a register,
+  with x doubled in two of the four column classes and a sum of x taken off at the end);
 * each thread loads its B fragment (the activations) straight from x with 16-byte loads;
 * the warps of a program split K (a batched 3-D mma, one batch entry per warp) and add their partial sums once at
   the end, so that even a 4096-row matrix keeps every SM busy with many warps;
@@ -53,7 +55,8 @@ not care, and it makes each thread's activations 16 contiguous values (two 16-by
 Rounding: x * (+-1) products are exact, sums in fp32 on the tensor cores (order differs from a dense reference
 by fp32 rounding), the row scale is applied in fp32 and the result rounded once to x's dtype.  An input scale is
 applied to x first (a separate elementwise op, not in the kernel) and rounded to x's dtype, as the PyTorch
-path does.
+path does.  The class conversion sums products 2 x or 0 (exact; a -1 weight of classes 0 and 1 leaves 2^-31 x or
+less) and x times +-1, and subtracts the fp32 sum T of x over classes 0-2: the same sum up to fp32 rounding.
 
 Tested on the CPU through ``prepare_tiles``/``unpack_tiles`` (layout round trips) and ``reference_tiles`` (the
 kernel's arithmetic in PyTorch, fragment by fragment); the kernel itself only runs on a CUDA GPU (Gluon has no
