@@ -444,13 +444,20 @@ def test_class_conversion_compiles_to_one_lop3_a_register(monkeypatch):
     monkeypatch.setattr(mw, "CLASS_CHAINS4", True)
     qkv, const = _ptx(12288, 4096, 1, None, norm_parts=256)
     assert const["CLS"] == 1 and const["CHAINS"] == 4 and "ld.local" not in qkv
+    # CLASS_T_LATE: T from shared memory after the loop, one more pass over the warp's x there
+    monkeypatch.setattr(mw, "CLASS_T_LATE", True)
+    late, const = _ptx(8192, 8192, 1, None)
+    assert const["CLS"] == 2 and late.count("ld.shared") > on.count("ld.shared") and "ld.local" not in late
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel itself needs a CUDA GPU")
+@pytest.mark.parametrize("late", [False, True])
 @pytest.mark.parametrize("N,K,mean", [(8192, 8192, 0.0), (22016, 4096, 2.0), (1000, 300, -5.0), (4096, 4096, 0.0)])
-def test_class_conversion_on_the_gpu(monkeypatch, N, K, mean):
+def test_class_conversion_on_the_gpu(monkeypatch, N, K, mean, late):
     """The class conversion against the sign conversion and the dense product, on the default tile and explicit
-    one-chain XS tiles, with an activation mean that makes T large."""
+    one-chain XS tiles, with an activation mean that makes T large; T summed from x as loaded or (CLASS_T_LATE)
+    from shared memory after the loop."""
+    monkeypatch.setattr(mw, "CLASS_T_LATE", late)
     g = torch.Generator(device="cuda").manual_seed(N + K)
     bits = pack_signs(torch.randn(N, K, device="cuda", generator=g))
     tiles = mw.prepare_tiles(bits, K)
@@ -463,7 +470,8 @@ def test_class_conversion_on_the_gpu(monkeypatch, N, K, mean):
         ys = {}
         for on in (True, False):
             monkeypatch.setattr(mw, "CLASS_CONV", int(on))
-            assert mw.launch_config(1, N, K, True, True, cfg)[1]["CLS"] == int(on and (cfg or N * K >= mw.XS_MAX))
+            assert mw.launch_config(1, N, K, True, True, cfg)[1]["CLS"] == \
+                int(on and (cfg or N * K >= mw.XS_MAX)) * (1 + late)
             ys[on] = mw.mma_matmul(x, tiles, scale, N, K, None, bias, cfg).float()
             assert torch.allclose(ys[on], ref, rtol=2 ** -7, atol=tol), (cfg, on)
         assert torch.allclose(ys[True], ys[False], rtol=2 ** -7, atol=tol), cfg

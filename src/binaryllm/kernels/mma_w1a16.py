@@ -149,6 +149,7 @@ MAXNREG_1 = 128
 # Twenty-third session: see docs/RESULTS.md
 CLASS_CONV = 1
 CLASS_CHAINS4 = False
+CLASS_T_LATE = False              # T from shared memory after the tensor-core loop (CLS 2), not from x as loaded
 # PRE_ROUNDS (0-3): rounds of weights a warp loads before the PDL wait (the rest after it, one round at a time);
 # GATED_PRE_ROUNDS the same for the large gated kernel (when it is launched with PDL: GATED_PDL)
 PRE_ROUNDS = 1
@@ -400,6 +401,11 @@ def _build():
         return gl.join(gl.join(_cls(s00, c), _cls(s01, c)), gl.join(_cls(s10, c), _cls(s11, c)))
 
     @gluon.jit
+    def _class_sum(xf, th):
+        # [S, KBLP, 4, 4, 16] -> [S]: sum of xf * th over a warp's K slice, a thread's k-groups first (fewer shuffles)
+        return gl.sum(gl.sum(gl.sum(gl.sum(xf * th, axis=1), axis=3), axis=2), axis=1)
+
+    @gluon.jit
     def _shifted(words, j: gl.constexpr):
         sw = words << class_shift[j]
         return gl.join(sw, sw)
@@ -564,11 +570,11 @@ def _build():
                 xv0 = ((xv0.to(gl.float32) * rstd).to(x_ptr.dtype.element_ty).to(gl.float32)
                        * nwv.to(gl.float32)).to(x_ptr.dtype.element_ty)
             if CLS:
-                # column class (column % 16) // 4; T over the warp's K slice (x as loaded, fp32), then x doubled
-                # in classes 0 and 1 (exact in bf16)
+                # column class (column % 16) // 4; T over the warp's K slice (x as loaded, fp32; CLS 2: after the
+                # loop, from shared memory), then x doubled in classes 0 and 1 (exact in bf16)
                 fq = _ar(16, 4, 5, fl)
-                tw = gl.sum(gl.sum(gl.sum(gl.sum(gl.where(fq < 12, xv0.to(gl.float32), 0.0), axis=1), axis=3),
-                                   axis=2), axis=1)                 # a thread's k-groups first: fewer shuffles
+                if CLS == 1:
+                    tw = _class_sum(xv0.to(gl.float32), gl.where(fq < 12, 1.0, 0.0))
                 xv0 = _mul_bf16(xv0, gl.where(fq < 4 * CLASS_X2_, 2.0, 1.0).to(gl.bfloat16).broadcast_to(xv0.shape))
             x_smem.store(xv0)
             gl.thread_barrier()
@@ -624,6 +630,11 @@ def _build():
 
         if TRIG == 2:
             _launch_dependents()
+        if CLS == 2:
+            # x as stored (2 x in classes 0 and 1): its halves there; after the loop's reads, so the barrier is
+            # only the one before it
+            th = gl.where(fq < 4 * CLASS_X2_, 0.5, gl.where(fq < 12, 1.0, 0.0))
+            tw = _class_sum(x_smem.load(fl).to(gl.float32), th)
         if CLS and CHAINS == 1:
             # warp s's T off its own accumulator (one chain: batch entry s), so the warps' sums add up to y
             tws = gl.convert_layout(tw, _dim_layout(mma, 0, 3))
@@ -785,4 +796,4 @@ def launch_config(M: int, N: int, K: int, bf16: bool, has_bias: bool, config: tu
                                         EARLY=int(EARLY_EPILOGUE_MID if plain_mid else EARLY_EPILOGUE),
                                         PRE=int(GATED_PRE_ROUNDS if large_gated else PRE_ROUNDS),
                                         CLS=int(bool(CLASS_CONV & (1 if plain else 2)) and bf16 and xs_on
-                                                and (chains == 1 or bool(CLASS_CHAINS4))))
+                                                and (chains == 1 or bool(CLASS_CHAINS4))) * (1 + bool(CLASS_T_LATE)))
