@@ -3,7 +3,7 @@ instead of each round's K slice loaded into registers from global memory).  Back
 weights cycled past the L2 cache (as ``bench kernels``), every output checked against the dense reference
 first.  CUDA only; results in docs/RESULTS.md (thirteenth session).
 
-    PYTHONPATH=src OUT=. python bench/mma_xs.py large|chains|small|stream|consts|cls    # ./mma_xs_<set>.json
+    PYTHONPATH=src OUT=. python bench/mma_xs.py large|chains|small|stream|consts|cls|cls8192  # ./mma_xs_<set>.json
 """
 import json
 import os
@@ -52,9 +52,13 @@ CLS = ([(8192, 8192), (22016, 4096)], [None, (1, 4, 8, 0, 1, 1, 1)],
         {"CLASS_CONV": 0, "EARLY_EPILOGUE_MID": 3}])
 
 
+# the same at 8192^2 and its default tile only (a short call)
+CLS_8192 = ([(8192, 8192)], [None], [{}, {"CLASS_T_LATE": 1}, {"CLASS_CONV": 0}, {"CLASS_CONV": 0, "EARLY_EPILOGUE_MID": 3}])
+
+
 def main(which: str) -> None:
-    if which in ("consts", "cls"):
-        shapes, configs, variants = CONSTS if which == "consts" else CLS
+    if which in ("consts", "cls", "cls8192"):
+        shapes, configs, variants = {"consts": CONSTS, "cls": CLS, "cls8192": CLS_8192}[which]
         res = {"device": torch.cuda.get_device_name(), "variants": variants, "rows": {}}
         keep = {k: getattr(mw, k) for v in variants for k in v}
         for v in variants:
