@@ -436,7 +436,8 @@ def test_class_conversion_compiles_to_one_lop3_a_register(monkeypatch):
     monkeypatch.setattr(mw, "CLASS_CONV", 3)
     cls = [mw.launch_config(1, N, K, True, False, cfg, **kw)[1]["CLS"] for N, K, cfg, kw in [
         (4096, 4096, (1, 4, 4, 0, 1, 1, 1), {"res": True}),
-        (22016, 4096, None, {"pairs": 11008, "gated": True, "norm_parts": 256}), (12288, 4096, None, {"norm_parts": 256})]]
+        (22016, 4096, None, {"pairs": 11008, "gated": True, "norm_parts": 256}),
+        (12288, 4096, None, {"norm_parts": 256})]]
     assert cls == [1, 1, 0]
     gated, const = _ptx(22016, 4096, 1, None, pairs=11008, gated=True, norm_parts=256)
     assert const["CLS"] == 1 and "ld.local" not in gated and gated.count("ex2.approx") > 0
