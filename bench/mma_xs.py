@@ -46,8 +46,7 @@ CONSTS = ([(8192, 8192), (16384, 16384), (4096, 4096)], [None, (1, 4, 8, 1, 1, 1
 
 
 # twenty-third session: the class conversion (CLASS_CONV; T summed late: CLASS_T_LATE) and the late row scales of
-# the MID range
-# (EARLY_EPILOGUE_MID), each on and off, on the one-chain XS tiles it applies to
+# the MID range (EARLY_EPILOGUE_MID), each on and off, on the one-chain XS tiles they apply to
 CLS = ([(8192, 8192), (22016, 4096)], [None, (1, 4, 8, 0, 1, 1, 1)],
        [{}, {"CLASS_CONV": 1}, {"CLASS_CONV": 1, "CLASS_T_LATE": 1}, {"EARLY_EPILOGUE_MID": 3},
         {"CLASS_CONV": 1, "EARLY_EPILOGUE_MID": 3}])

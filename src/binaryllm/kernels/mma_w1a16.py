@@ -238,7 +238,7 @@ def pair_bits(i: int) -> tuple[int, int, int]:
 
 # Two ways the kernel turns pair i of a word (bits i, i + 16) into one bf16x2/f16x2 register of the A operand.
 # "sign": a shift puts both bits on the sign positions (15, 31), then one lop3 flips (-1, -1) where a bit is 1: two
-# instructions a register.  "class" (CLS: one row, bf16, XS, one chain, no fused epilogue): the word is shifted
+# instructions a register.  "class" (CLS: one row of bf16 through XS; which kernels: CLASS_CONV): the word is shifted
 # once for every (hk, h), by 12 - 4 (2 hk + h), so that pairs c = 0..3 land on bits 12 + c and 28 + c; then one
 # lop3 a register makes, for the column class c = (column % 16) // 4:
 #   c 0: bit 12 (exponent bit 5)  ->  1.0 where set, 2^-32 where not   (x read as 2 x)
