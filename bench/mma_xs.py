@@ -52,9 +52,8 @@ CLS = ([(8192, 8192), (22016, 4096)], [None, (1, 4, 8, 0, 1, 1, 1)],
         {"CLASS_CONV": 1, "EARLY_EPILOGUE_MID": 3}])
 
 
-# the same at 8192^2 and its default tile only (a short call)
-CLS_8192 = ([(8192, 8192)], [None], [{}, {"CLASS_CONV": 1}, {"CLASS_CONV": 1, "CLASS_T_LATE": 1},
-                                     {"EARLY_EPILOGUE_MID": 3}])
+# the same at 8192^2 and its default tile only, without the last variant (a short call)
+CLS_8192 = (CLS[0][:1], CLS[1][:1], CLS[2][:4])
 
 
 def main(which: str) -> None:

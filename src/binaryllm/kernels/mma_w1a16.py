@@ -336,9 +336,10 @@ def reference_tiles(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tenso
     acc = torch.zeros(M, NT, 2, 8, dtype=torch.float32, device=x.device)        # [m, rt, h, g]
     for i in range(16):                       # pair i = 8 hk + 4 h + c: the shl/lop3 of asm(i) in _build
         c, hk, h = pair_bits(i)
-        t_ = (w << (15 - i)) & 0xFFFFFFFF
         if cls:
             vals = _class_values((w << CLASS_SHIFT[2 * hk + h]) & 0xFFFFFFFF, c)
+        else:
+            t_ = (w << (15 - i)) & 0xFFFFFFFF
         for e in range(2):
             if cls:
                 sign = vals[..., e]
