@@ -413,6 +413,7 @@ def test_class_conversion_compiles_to_one_lop3_a_register(monkeypatch):
     shift each word four times instead of sixteen, with the same tensor-core ops and loads, no spills and no
     shared memory beyond the plain kernel's (T comes off each warp's own accumulator); fp16, more rows, four
     chains and the fused kernels keep the sign conversion."""
+    monkeypatch.setattr(mw, "CLASS_T_LATE", False)
     monkeypatch.setattr(mw, "CLASS_CONV", 1)
     on, const = _ptx(8192, 8192, 1, None)
     assert const["CLS"] == 1 and const["CHAINS"] == 1 and const["XS"] == 1
@@ -498,7 +499,7 @@ def test_class_conversion_in_fused_kernels_on_the_gpu(monkeypatch, N, K, pairs):
         for conv in (3, 1):
             monkeypatch.setattr(mw, "CLASS_CONV", conv)
             assert mw.launch_config(1, N, K, True, False, cfg, pairs=pairs, gated=bool(pairs), res=not pairs,
-                                    norm_parts=37 if pairs else 0)[1]["CLS"] == (conv == 3)
+                                    norm_parts=37 if pairs else 0)[1]["CLS"] == (conv == 3) * (1 + mw.CLASS_T_LATE)
             y = mw.mma_matmul(h, tiles, scale, N, K, config=cfg, **kw)
             ys[conv] = (y if pairs else y[0]).float()
         tol = 2 ** -7 * K ** 0.5 * ys[1].abs().max().item() / 10

@@ -9,7 +9,7 @@ stores of x as tensor-core ops).  Here every layout is spelled out, so
 * each thread loads exactly the weight bits of its A fragments (one 16-byte load per 1,024 weights a warp) and
   turns every pair of them into a bf16x2 register with two integer instructions (``shl`` puts bits i and i + 16
   on the two sign positions, ``lop3`` makes (-1.0, -1.0) with those signs flipped where a bit is 1): the
-  register *is* the tensor-core operand, nothing goes through shared memory (or, with CLASS_CONV, off by
+  register *is* the tensor-core operand, nothing goes through shared memory (or, with CLASS_CONV, on by
   default, in one-row bf16 kernels read through XS by one chain: the "class" conversion, four shifts a word and
   one ``lop3`` a register, with x doubled in two of the four column classes and a sum of x taken off at the end);
 * each thread loads its B fragment (the activations) straight from x with 16-byte loads;
@@ -145,13 +145,12 @@ MAXNREG_1 = 128
 # CLASS_CONV, bits: the class conversion of the sign bits (CLASS_LOP, below) in kernels of one row of bf16 read
 # through XS by one chain: 1 plain kernels (with the default tiles the MID range, 8192^2 and 22016x4096), 2 fused
 # ones (a norm prologue, a residual, paired or gated epilogue; with the default tiles Llama-7B's gate/up);
-# CLASS_CHAINS4: kernels with four chains as well (each warp's T then comes off the warps' sum).  Off (0) until
-# timed: the twenty-third session built this form (T from registers, off each warp's own accumulator) and checked
-# it on the CPU (the reference arithmetic, sm_90 builds), but got no GPU time; ``bench/mma_xs.py cls`` and
-# ``bench/decode_step.py consts ... CLASS_CONV=3`` are the A/Bs to run (docs/RESULTS.md)
-CLASS_CONV = 0
+# CLASS_CHAINS4: kernels with four chains as well (each warp's T then comes off the warps' sum).  Twenty-fifth
+# session (H100, with CLASS_T_LATE): 8192^2 5.92 against 6.24 us (``bench/mma_xs.py cls8192``), the Llama-7B
+# decode step 1046.9 against 1060.5 us (``bench/decode_step.py consts``); docs/RESULTS.md
+CLASS_CONV = 3
 CLASS_CHAINS4 = False
-CLASS_T_LATE = False              # T from shared memory after the tensor-core loop (CLS 2), not from x as loaded
+CLASS_T_LATE = True               # T from shared memory after the tensor-core loop (CLS 2), not from x as loaded
 # PRE_ROUNDS (0-3): rounds of weights a warp loads before the PDL wait (the rest after it, one round at a time);
 # GATED_PRE_ROUNDS the same for the large gated kernel (when it is launched with PDL: GATED_PDL)
 PRE_ROUNDS = 1
