@@ -111,6 +111,33 @@ def test_greedy_chunks_of_steps_give_the_same_tokens(monkeypatch):
         dec.greedy(5)
 
 
+def test_decode_seconds_times_the_steps_after_the_prefill(monkeypatch):
+    """``decode_seconds`` (what ``bench decode`` divides n - 1 tokens by): the time from the first token to the
+    last, with the prefill outside it; None before any generation and after one of a single token."""
+    import time
+    model = tiny_model("llama")
+    ids = torch.randint(3, 96, (1, 6), generator=torch.Generator().manual_seed(7))
+    dec = StaticDecoder(model, max_len=24)
+    assert dec.decode_seconds() is None
+    real = StaticDecoder._forward
+    calls = []
+
+    def slow_prefill(self, input_ids, positions):
+        calls.append(input_ids.shape[1])
+        if input_ids.shape[1] > 1:          # the prompt: sleep past anything the steps take
+            time.sleep(0.5)
+        return real(self, input_ids, positions)
+    monkeypatch.setattr(StaticDecoder, "_forward", slow_prefill)
+    t0 = time.perf_counter()
+    dec.generate(ids, 8)
+    wall = time.perf_counter() - t0
+    took = dec.decode_seconds()
+    assert calls[0] == 6                                # the prefill went through the slow forward
+    assert 0 < took < wall - 0.5
+    dec.generate(ids, 1)
+    assert dec.decode_seconds() is None
+
+
 def test_repeated_steps_are_idempotent(monkeypatch):
     """The CUDA graph is captured after warm-up runs of the same step: running a step several times must write the
     cache at the same slot each time (transformers' StaticLayer advances its own counter on every forward; with the
@@ -156,6 +183,8 @@ def test_compiled_gpu_step_gives_the_same_logits_with_and_without_pdl(monkeypatc
     """PDL only changes when kernels may start (inductor's kernels and the mma kernel), combo kernels only how
     many launches there are: the compiled CUDA-graph step must give the same tokens and the same last logits,
     bit for bit, as without either (both with the gating pass)."""
+    import time
+
     import torch._dynamo
 
     import binaryllm.decode as decode
@@ -170,7 +199,13 @@ def test_compiled_gpu_step_gives_the_same_logits_with_and_without_pdl(monkeypatc
         monkeypatch.setattr(decode, "compile_options", real if pdl else
                             lambda tune=False: {k: v for k, v in real(tune).items() if k == "post_grad_custom_post_pass"})
         dec = StaticDecoder(model, max_len=40, compile=True)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
         outs.append((dec.generate(ids, 24), dec.out.clone()))
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+        took = dec.decode_seconds()            # CUDA events around the 23 steps: inside the host's wall time
+        assert isinstance(took, float) and 0 < took < wall
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 

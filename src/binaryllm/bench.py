@@ -375,15 +375,21 @@ def _weight_bytes(model) -> int:
 
 
 def _decode_tok_s(model, prompt_len: int, new_tokens: int, path: str) -> float:
-    """Decode tokens/s at batch 1, greedy: (new_tokens - 1) / (time of new_tokens - time of one new token), so the
-    prefill (eager and launch-bound: not the decode step) is not counted; median of three such pairs after two
-    warm-up runs.  path: eager (transformers' generate, dynamic cache), compiled (generate
-    with a static cache and its compiled step), graph (binaryllm.decode: static cache, the step captured by hand as
-    one CUDA graph, packed q/k/v and gate/up fused), graph-unfused (the same, one packed matmul per projection) or
-    graph-compiled (the fused step compiled first).  The graph paths run the one-token attention through the
-    Triton decode attention (``kernels/attention.py``), graph-compiled-sdpa is graph-compiled with transformers'
-    SDPA instead, graph-compiled-tuned with inductor's coordinate descent tuning too (``decode.compile_options``:
-    the fastest bf16 step at SmolLM2's size); transformers' generate (eager, compiled) always runs SDPA."""
+    """Decode tokens/s at batch 1, greedy, the prefill (eager and launch-bound: not the decode step) not counted.
+    path: eager (transformers' generate, dynamic cache), compiled (generate with a static cache and its compiled
+    step), graph (binaryllm.decode: static cache, the step captured by hand as one CUDA graph, packed q/k/v and
+    gate/up fused), graph-unfused (the same, one packed matmul per projection) or graph-compiled (the fused step
+    compiled first).  The graph paths run the one-token attention through the Triton decode attention
+    (``kernels/attention.py``), graph-compiled-sdpa is graph-compiled with transformers' SDPA instead,
+    graph-compiled-tuned with inductor's coordinate descent tuning too (``decode.compile_options``: the fastest
+    bf16 step at SmolLM2's size); transformers' generate (eager, compiled) always runs SDPA.
+
+    Timing, after two warm-up runs: the graph paths take (new_tokens - 1) / the time from the first new token to
+    the last on the GPU's stream (``StaticDecoder.decode_seconds``: CUDA events), median of five generations.  The
+    transformers paths, which have no such hook without a host sync every token, take (new_tokens - 1) / (median
+    time of new_tokens - median time of one new token), five timed runs of each, interleaved.  Until the
+    twenty-fifth session every path took the median of three differences of single runs: on the 7B shape that gave
+    834-1071 tok/s in six runs of a step that takes 1047-1060 us, the prefill's jitter landing in the difference."""
     from .decode import StaticDecoder, _set_decode_attention
     from .nn.fuse import unfuse_projections
     ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), device="cuda")
@@ -394,6 +400,14 @@ def _decode_tok_s(model, prompt_len: int, new_tokens: int, path: str) -> float:
                             fuse=path != "graph-unfused", attention=not path.endswith("-sdpa"),
                             tune=path.endswith("-tuned"))
         run = lambda n: dec.generate(ids, n)  # noqa: E731
+        with torch.no_grad():
+            run(new_tokens)            # warm-up (compilation, graph capture)
+            run(new_tokens)
+            rates = []
+            for _ in range(5):
+                run(new_tokens)
+                rates.append((new_tokens - 1) / dec.decode_seconds())
+        return statistics.median(rates)
     else:
         from transformers import CompileConfig
         kw = dict(do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0)
@@ -412,8 +426,11 @@ def _decode_tok_s(model, prompt_len: int, new_tokens: int, path: str) -> float:
     with torch.no_grad():
         run(new_tokens)            # warm-up (compilation, graph capture)
         run(new_tokens)
-        rates = [(new_tokens - 1) / (timed(new_tokens) - timed(1)) for _ in range(3)]
-    return statistics.median(rates)
+        times = {new_tokens: [], 1: []}
+        for _ in range(5):
+            for n in times:
+                times[n].append(timed(n))
+    return (new_tokens - 1) / (statistics.median(times[new_tokens]) - statistics.median(times[1]))
 
 
 def bench_decode_cpu(models=("smollm2-135m",), new_tokens: int = 32, prompt_len: int = 8, log=print) -> list[dict]:

@@ -18,6 +18,7 @@ the same code runs the step eagerly (no graph).
 """
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import torch
@@ -124,6 +125,9 @@ class StaticDecoder:
     the eager step (no graph) take one step at a time.
     ``pick``: on a GPU where Triton runs, a greedy step's argmax, the copies of its token and the position + 1 are
     one kernel (``kernels/pick.py``) instead of four; ``pick=False`` keeps ``torch.argmax`` and the copies.
+    ``decode_seconds()``: how long the last ``generate`` took after its prefill (from its first token to its last,
+    so the steps that made tokens 2..n), timed on the device's stream with CUDA events on a GPU (the host's time
+    on the CPU); None after a generation of one token.
     """
 
     def __init__(self, model, max_len: int, batch: int = 1, graph: bool | None = None, compile: bool = False,
@@ -152,6 +156,7 @@ class StaticDecoder:
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.chunk = chunk
+        self._decode_marks = None       # (start, end) of the last generation's steps: see decode_seconds
         self.picked = torch.zeros(batch, chunk, dtype=torch.long, device=self.device)   # a chunk's greedy tokens
         self._pick = None        # the slots of the one-kernel argmax + feedback (kernels/pick.py), on a GPU
         if self.device.type == "cuda" and pick:
@@ -336,8 +341,10 @@ class StaticDecoder:
             return stop
 
         nxt = pick(logits)[:, None]
+        self._decode_marks = None
         if emit(nxt) is not None or max_new_tokens == 1:
             return nxt
+        start = self._mark()
         tokens = [nxt]
         left = max_new_tokens - 1                     # steps still to run, one token each
         self.ids.copy_(nxt)
@@ -353,4 +360,26 @@ class StaticDecoder:
             if stop is not None:
                 break
             left -= toks.shape[1]
-        return torch.cat(tokens, 1)
+        out = torch.cat(tokens, 1)
+        self._decode_marks = (start, self._mark())
+        return out
+
+    def _mark(self):
+        """A point in time on the device's stream (a recorded CUDA event), or the host's clock off the GPU."""
+        if self.device.type == "cuda":
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def decode_seconds(self) -> float | None:
+        """Seconds the last ``generate`` spent after its prefill: from its first token (picked from the prefill's
+        logits) to its last, i.e. the n - 1 decoding steps of n new tokens; waits for the GPU.  None when the last
+        generation made one token (or none ran)."""
+        if self._decode_marks is None:
+            return None
+        start, end = self._decode_marks
+        if isinstance(start, float):
+            return end - start
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
