@@ -3,7 +3,8 @@ instead of each round's K slice loaded into registers from global memory).  Back
 weights cycled past the L2 cache (as ``bench kernels``), every output checked against the dense reference
 first.  CUDA only; results in docs/RESULTS.md (thirteenth session).
 
-    PYTHONPATH=src OUT=. python bench/mma_xs.py large|chains|small|stream|cls_tiles|consts|cls|cls8192  # ./mma_xs_<set>.json
+    # writes ./mma_xs_<set>.json
+    PYTHONPATH=src OUT=. python bench/mma_xs.py large|chains|small|stream|cls_tiles|consts|cls|cls8192
 """
 import json
 import os
