@@ -16,7 +16,7 @@ _CHILD = r"""
 import sys, torch
 from binaryllm.kernels import dense
 cases = torch.load(sys.argv[1])
-torch.save([dense.gemv(c["x"], c["w"], c["tile"]) for c in cases], sys.argv[2])
+torch.save([dense.gemv(c["x"], c["w"], c["tile"], c.get("norm")) for c in cases], sys.argv[2])
 """
 
 # (N, K, tile or None (the default), dtype): rows and columns that are not multiples of the tile, one chunk and
@@ -32,10 +32,23 @@ def _case(N, K, tile, dt):
             "tile": tile}
 
 
+# with the final RMSNorm made as the kernel reads x (``norm``): (N, K, tile, partial sums)
+NORM_CASES = [(37, 100, None, 3), (20, 1030, (8, 256, 4), 64), (5, 4096, (4, 4096, 8), 128)]
+
+
+def _norm_case(N, K, tile, parts):
+    c = _case(N, K, tile, torch.float16)
+    g = torch.Generator().manual_seed(K)
+    c["x"] = (c["x"].float() * 3).half()
+    xf = torch.nn.functional.pad(c["x"].float().view(1, K), (0, -K % parts))
+    c["norm"] = ((xf * xf).view(1, parts, -1).sum(-1), (torch.rand(K, generator=g) + 0.5).half(), 1e-5)
+    return c
+
+
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
     d = tmp_path_factory.mktemp("gemv")
-    cases = [_case(*c) for c in CASES]
+    cases = [_case(*c) for c in CASES] + [_norm_case(*c) for c in NORM_CASES]
     torch.save(cases, d / "in.pt")
     r = subprocess.run([sys.executable, "-c", _CHILD, str(d / "in.pt"), str(d / "out.pt")],
                        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
@@ -52,6 +65,24 @@ def test_kernel_matches_the_fp32_product_rounded_once(interpreted, i):
     ref = c["x"].float() @ c["w"].float().T                  # exact products, fp32 sums
     # one rounding to x's dtype (the sums' order differs from the reference: fp32 rounding, far below that)
     assert ((y.float() - ref).abs() <= ref.abs() * 2 ** -11 + 1e-6 * K ** 0.5).all()
+
+
+@pytest.mark.parametrize("i", range(len(NORM_CASES)))
+def test_kernel_with_the_norm_is_the_product_of_the_normed_row(interpreted, i):
+    """norm: x is h, and the kernel multiplies RMSNorm(h) * weight, its mean square from the partial sums, rounded
+    as transformers' RMSNorm rounds it (x * rstd to x's dtype, then the weight's product); the rsqrt may differ in
+    its last bit, which moves a normed element by at most one unit in its last place."""
+    from binaryllm.kernels.mma_w1a16 import rms_norm
+    cases, outs = interpreted
+    c, y = cases[len(CASES) + i], outs[len(CASES) + i]
+    N, K = c["w"].shape
+    xn = rms_norm(c["x"], *c["norm"]).float()
+    ref = xn @ c["w"].float().T
+    slack = (xn.abs() * 2 ** -10) @ c["w"].float().abs().T           # one ulp of fp16 on every normed element
+    assert y.shape == (1, 1, N) and ((y.float() - ref).abs() <= ref.abs() * 2 ** -11 + slack + 1e-6).all()
+    assert not torch.equal(y, cases[len(CASES) + i]["x"].new_zeros(y.shape))
+    plain = c["x"].float() @ c["w"].float().T                        # the norm did something
+    assert (y.float() - plain).abs().max() > 10 * (y.float() - ref).abs().max()
 
 
 def test_gemv_rejects_what_it_does_not_take():
@@ -157,3 +188,19 @@ def test_a_kernel_that_fails_falls_back_to_linear_once_with_a_warning(monkeypatc
         assert torch.equal(dense.gemv_or_linear(x, w), y)
     assert sum("Triton GEMV of the lm_head failed" in str(r.message) for r in rec) == 1
     assert dense._FAILED == {0}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel runs on a CUDA GPU")
+@pytest.mark.parametrize("N,K", [(32000, 4096), (49152, 576)])
+def test_gpu_kernel_with_the_norm_matches_the_normed_product(N, K):
+    from binaryllm.kernels import dense
+    from binaryllm.kernels.mma_w1a16 import res_partials, rms_norm
+    g = torch.Generator("cuda").manual_seed(N)
+    w = (torch.randn(N, K, device="cuda", generator=g) / K ** 0.5).bfloat16()
+    h = (torch.randn(1, K, device="cuda", generator=g) * 3).bfloat16()
+    norm = (res_partials(h, 36, -(-K // 36)), (torch.rand(K, device="cuda", generator=g) + 0.5).bfloat16(), 1e-5)
+    xn = rms_norm(h, *norm).float()
+    ref = xn @ w.float().T
+    y = dense.gemv(h, w, norm=norm)
+    slack = (xn.abs() * 2 ** -7) @ w.float().abs().T                   # one bf16 ulp on every normed element
+    assert ((y.float() - ref).abs() <= ref.abs() * 2 ** -8 + slack + 1e-5).all()

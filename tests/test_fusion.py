@@ -372,3 +372,55 @@ def test_outer_pass_makes_one_column_matmuls_a_product_bit_for_bit(shape):
     a, b = torch.randn(4, 2), torch.randn(2, 3)
     gm = make_fx(two_column_matmul)(a, b)
     assert fuse_outer(gm.graph) == 0
+
+
+# ---- the final RMSNorm into the lm_head's one-row GEMV (fuse_norm with a dense_gemv consumer) ----
+
+V = 80
+HEAD = (torch.randn(V, D, generator=torch.Generator().manual_seed(9)) / D ** 0.5).to(torch.bfloat16)
+
+
+def last_blk(a, r):                  # the last block's down projection, the final norm, a no-op slice, the lm_head
+    h = r + ops.w1a16(a, *O[:2], D, None, None, O[2])
+    return ops.dense_gemv(_rms(h, NW)[:, -1:, :], HEAD), h
+
+
+def last_blk_two_rows(a, r):         # the slice keeps one row of two: not the GEMV's whole input, left alone
+    h = r + ops.w1a16(a, *O[:2], D, None, None, O[2])
+    return ops.dense_gemv(_rms(h, NW)[:, -1:, :], HEAD), h
+
+
+def last_blk_plain_add(a, r):        # h is not a packed layer's output plus the residual: left alone
+    h = r + a
+    return ops.dense_gemv(_rms(h, NW), HEAD), h
+
+
+@pytest.mark.parametrize("f,expect,a", [(last_blk, 2, A), (last_blk_two_rows, 0, torch.cat([A, A], 1)),
+                                        (last_blk_plain_add, 0, A)])
+def test_final_norm_into_the_lm_head_inside_torch_compile(f, expect, a):
+    """The lm_head's dense GEMV after the final RMSNorm: the last down projection becomes w1a16_res and the lm_head
+    dense_gemv_norm (the norm's ops gone); the logits are the eager ones up to the last bit of the normed x."""
+    p = FusePackedLinear()
+    seen = []
+    torch._dynamo.reset()
+
+    def spy(graph):
+        p(graph)
+        seen.extend(n.target for n in graph.nodes if n.op == "call_function")
+    r = R.expand(*a.shape[:2], D).contiguous()
+    y, h = torch.compile(f, options={"post_grad_custom_post_pass": spy, "fx_graph_cache": False})(a, r)
+    assert p.counts["norm"] == expect
+    b = torch.ops.binaryllm
+    assert seen.count(b.dense_gemv_norm.default) == (expect > 0) and seen.count(b.w1a16_res.default) == (expect > 0)
+    if expect:
+        assert b.dense_gemv.default not in seen and torch.ops.aten.rsqrt.default not in seen
+    y0, h0 = f(a, r)
+    assert torch.equal(h, h0) and y.shape == y0.shape
+    assert torch.allclose(y.float(), y0.float(), rtol=2 ** -6, atol=2 ** -6 * y0.abs().max().item())
+
+
+def test_dense_gemv_norm_op_is_the_gemv_of_the_norm():
+    a, r = torch.randn(1, 1, D).to(torch.bfloat16), torch.randn(1, 1, D).to(torch.bfloat16)
+    h, part = ops.w1a16_res(a, *O[:2], D, None, None, O[2], r)
+    assert torch.equal(ops.dense_gemv_norm(h, part, NW, 1e-5, HEAD),
+                       ops.dense_gemv(mw.rms_norm(h, part, NW, 1e-5), HEAD))

@@ -9,6 +9,10 @@ programmatic dependent launch: the first chunk of weights is loaded before ``gri
 
 Used by ``StaticDecoder`` (``use_dense_gemv``) for the model's output embeddings in both the packed and the bf16
 decode steps; every other call (more than one row, a bias, not CUDA) goes to ``torch.nn.functional.linear``.
+In a compiled packed step the decoder's final RMSNorm is made inside it (``norm``): the compile pass
+``kernels/fusion.py`` (``fuse_norm``) gives the last block's down projection a residual epilogue that writes the
+partial sums of h^2 (``w1a16_res``), and the lm_head (``binaryllm::dense_gemv_norm``) normalizes h as it reads it,
+one kernel (add + RMSNorm) fewer a token.
 """
 from __future__ import annotations
 
@@ -24,8 +28,22 @@ TILE = (4, 1024, 4)
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, stride_wn, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                 PDL: tl.constexpr):
+def _x_chunk(x_ptr, nw_ptr, k, cols, c_ok, rstd, NORM: tl.constexpr):
+    """Columns k + cols of x in fp32; NORM: RMSNorm(x) * weight of them, rounded as transformers' Llama-style
+    RMSNorm rounds (x * rstd in fp32 to x's dtype, then the weight's product, rounded to x's dtype)."""
+    x = tl.load(x_ptr + k + cols, mask=c_ok, other=0.0)
+    if NORM:
+        dt = x_ptr.dtype.element_ty
+        nw = tl.load(nw_ptr + k + cols, mask=c_ok, other=0.0).to(tl.float32)
+        x = ((x.to(tl.float32) * rstd).to(dt).to(tl.float32) * nw).to(dt)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, stride_wn, p_ptr, nw_ptr, eps, NP, K: tl.constexpr, BN: tl.constexpr,
+                 BK: tl.constexpr, PDL: tl.constexpr, NORM: tl.constexpr = False, NPP: tl.constexpr = 1):
+    """Program pid: rows [pid BN, (pid + 1) BN).  NORM: x is h, and RMSNorm(h) * weight (nw_ptr) is used, its
+    mean square from the NP partial sums of h^2 at p_ptr (a ``w1a16_res`` kernel's, ``mma_w1a16.res_parts``)."""
     pid = tl.program_id(0)
     rows = pid * BN + tl.arange(0, BN)
     cols = tl.arange(0, BK)
@@ -35,27 +53,43 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, stride_wn, K: tl.constexpr, BN: tl.cons
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    x = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
-    acc = w.to(tl.float32) * x.to(tl.float32)[None, :]
+    rstd = 1.0
+    if NORM:
+        j = tl.arange(0, NPP)
+        ms = tl.sum(tl.load(p_ptr + j, mask=j < NP, other=0.0), 0) / K
+        rstd = 1.0 / tl.sqrt(ms + eps)
+    x = _x_chunk(x_ptr, nw_ptr, 0, cols, cols < K, rstd, NORM)
+    acc = w.to(tl.float32) * x[None, :]
     for k in range(BK, K, BK):                    # K a constexpr: one build per width (the interpreter needs it)
         c_ok = (k + cols) < K
         w = tl.load(wp + k, mask=r_ok[:, None] & c_ok[None, :], other=0.0)
-        x = tl.load(x_ptr + k + cols, mask=c_ok, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        x = _x_chunk(x_ptr, nw_ptr, k, cols, c_ok, rstd, NORM)
+        acc += w.to(tl.float32) * x[None, :]
     tl.store(y_ptr + rows, tl.sum(acc, 1).to(y_ptr.dtype.element_ty), mask=r_ok)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, tile: tuple | None = None) -> torch.Tensor:
-    """x (..., K) with one row in all, weight (N, K), both bf16 or fp16 on one CUDA device -> (..., N)."""
+def gemv(x: torch.Tensor, weight: torch.Tensor, tile: tuple | None = None,
+         norm: tuple | None = None) -> torch.Tensor:
+    """x (..., K) with one row in all, weight (N, K), both bf16 or fp16 on one CUDA device -> (..., N).
+    ``norm`` = (partials, norm_weight, eps): x is h, and the product is of ``mma_w1a16.rms_norm(h, partials,
+    norm_weight, eps)`` (the final RMSNorm of a decoder made as the kernel reads h; partials (1, P) fp32 sums of
+    h^2, norm_weight (K,) in x's dtype)."""
     K = x.shape[-1]
     N = weight.shape[0]
     if x.numel() != K or weight.shape[1] != K or weight.stride(1) != 1 or x.dtype != weight.dtype:
         raise ValueError("dense gemv takes one row of x and a row-major weight of x's dtype")
+    part, nw, eps, NP = x, x, 0.0, 1                              # unused pointers without a norm: any tensor
+    if norm is not None:
+        part, nw, eps = norm[0].contiguous(), norm[1].contiguous(), float(norm[2])
+        NP = part.numel()
+        if part.dtype != torch.float32 or nw.shape != (K,) or nw.dtype != x.dtype:
+            raise ValueError("dense gemv's norm takes fp32 partial sums and a norm weight of K values in x's dtype")
     bn, bk, warps = tile or TILE
     bk = min(bk, triton.next_power_of_2(K))
     y = torch.empty(*x.shape[:-1], N, device=x.device, dtype=x.dtype)
     pdl = pdl_launch(x)
-    _gemv_kernel[(triton.cdiv(N, bn),)](x.contiguous(), weight, y, N, weight.stride(0), K=K, BN=bn, BK=bk, PDL=pdl,
+    _gemv_kernel[(triton.cdiv(N, bn),)](x.contiguous(), weight, y, N, weight.stride(0), part, nw, eps, NP, K=K,
+                                      BN=bn, BK=bk, PDL=pdl, NORM=norm is not None, NPP=triton.next_power_of_2(NP),
                                       num_warps=warps, launch_pdl=pdl)
     return y
 
@@ -85,19 +119,24 @@ def usable(device_index: int) -> bool:
     return device_index not in _FAILED and triton_usable(device_index)
 
 
-def gemv_or_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``gemv``; if the kernel fails to build or run here, ``torch.nn.functional.linear`` from then on on this
-    device, said once."""
+def gemv_or_linear(x: torch.Tensor, weight: torch.Tensor, norm: tuple | None = None) -> torch.Tensor:
+    """``gemv``; if the kernel fails to build or run here, ``torch.nn.functional.linear`` (of ``rms_norm`` first
+    with ``norm``) from then on on this device, said once."""
     dev = x.device.index or 0
     if dev not in _FAILED:
         try:
-            return gemv(x, weight)
+            return gemv(x, weight, norm=norm)
         except Exception as err:  # e.g. a Triton that cannot build it for this GPU
             from . import warn_once
             _FAILED.add(dev)
             warn_once("dense-gemv-failed", f"the Triton GEMV of the lm_head failed ({type(err).__name__}: "
                                            f"{str(err)[:200]}); it runs through torch.nn.functional.linear")
-    return torch.nn.functional.linear(x, weight)
+    return torch.nn.functional.linear(x if norm is None else _normed(x, norm), weight)
+
+
+def _normed(h: torch.Tensor, norm: tuple) -> torch.Tensor:
+    from .mma_w1a16 import rms_norm
+    return rms_norm(h, *norm)
 
 
 def use_dense_gemv(model, on: bool = True) -> bool:

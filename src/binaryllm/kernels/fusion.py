@@ -34,8 +34,10 @@ of either kernel alone.  The first kernel's epilogue (``binaryllm::w1a16_res``) 
 program's sum of h^2 over its rows; the second (``binaryllm::w1a16_norm``) adds those few partial sums up in every
 program, and normalizes h as it copies it to shared memory (one row only: the XS path of ``mma_w1a16``).  One
 fused add + RMSNorm kernel fewer between them.  The residual stream h is exact; the normed x can differ from
-eager in its last bit (the order of the sum of squares, the kernel's rsqrt.approx).  Left alone: more than one
-row, an input scale on the second layer, a first layer whose output is read elsewhere, other norms (Gemma's
+eager in its last bit (the order of the sum of squares, the kernel's rsqrt.approx).  The decoder's final RMSNorm
+before the lm_head's one-row GEMV (``binaryllm::dense_gemv``, ``kernels/dense.py``) is rewritten the same way: the
+last block's down projection becomes ``w1a16_res`` and the lm_head ``binaryllm::dense_gemv_norm``.  Left alone: more
+than one row, an input scale on the second layer, a first layer whose output is read elsewhere, other norms (Gemma's
 1 + weight, an fp32 weight), layers without ``mma`` tiles.
 
 **Rotary angles** (``fuse_outer``, with ``fuse_rope``).  The rotary embedding's angles are a matmul of the
@@ -65,6 +67,10 @@ import torch.fx
 
 aten = torch.ops.aten
 prims = torch.ops.prims
+
+# fuse_norm also takes the final RMSNorm into the lm_head's dense GEMV (``dense_gemv_norm``); off: it is left to
+# inductor (an A/B knob for bench/decode_step.py consts, as fusion.LM_HEAD_NORM=0)
+LM_HEAD_NORM = True
 
 
 def _is(node, *targets) -> bool:
@@ -240,6 +246,14 @@ def _rms_norm(x):
     return None
 
 
+def _through_noop_slices(x):
+    """x, or what it slices where its slices keep every element (``hidden[:, -0:]`` before an lm_head)."""
+    while _is(x, aten.slice.Tensor) and _val(x) is not None and _val(x.args[0]) is not None \
+            and _val(x).shape == _val(x.args[0]).shape:
+        x = x.args[0]
+    return x
+
+
 def _fake(target, args):
     """The op's fake output for these (node) arguments, made in their fake mode."""
     vals = [_val(a) if isinstance(a, torch.fx.Node) else a for a in args]
@@ -251,21 +265,26 @@ def _fake(target, args):
 def fuse_norm(graph: torch.fx.Graph) -> int:
     """Rewrite every match of ``h = r + w1a16(...)`` followed by ``w1a16(RMSNorm(h))`` (or ``w1a16_gated``), one
     row, mma tiles on both, no input scale on the second: the first becomes ``w1a16_res`` (h and the partial sums
-    of h^2), the second ``w1a16_norm`` (the norm made as its kernel reads h).  Returns how many packed layers it
+    of h^2), the second ``w1a16_norm`` (the norm made as its kernel reads h); a ``dense_gemv(RMSNorm(h))`` second
+    (the lm_head, through slices that keep every element) becomes ``dense_gemv_norm``.  Returns how many layers it
     rewrote (producers and consumers)."""
     from . import ops  # noqa: F401  (registers the binaryllm ops)
     b = torch.ops.binaryllm
-    plain, gated = b.w1a16.default, b.w1a16_gated.default
+    plain, gated, dense = b.w1a16.default, b.w1a16_gated.default, b.dense_gemv.default
     made: dict = {}                         # h of a w1a16_res -> its partial sums, for the other consumers
     done = 0
     for c in list(graph.nodes):
-        if not (_is(c, plain, gated) and _has_tiles(c) and c.args[4] is None):
+        is_dense = LM_HEAD_NORM and _is(c, dense) and _val(c.args[1]) is not None
+        if not (is_dense or (_is(c, plain, gated) and _has_tiles(c) and c.args[4] is None)):
             continue
-        norm = _rms_norm(c.args[0])
+        x = _through_noop_slices(c.args[0])
+        norm = _rms_norm(x)
         if norm is None:
             continue
         h, w, eps = norm
-        K = c.args[3]
+        K = _val(c.args[1]).shape[1] if is_dense else c.args[3]
+        if is_dense and (_val(h) is None or _val(h).numel() != K):
+            continue
         if h not in made:
             if not _is(h, aten.add.Tensor) or _val(h) is None or _val(h).numel() != K:
                 continue
@@ -293,10 +312,13 @@ def fuse_norm(graph: torch.fx.Graph) -> int:
             done += 1
         part = made[h]
         is_gated = c.target is gated
-        P = c.args[7] if is_gated else _pairs_arg(c)
         with graph.inserting_before(c):
-            new = graph.call_function(b.w1a16_norm.default,
-                                      (h, part, w, eps, c.args[1], c.args[2], K, c.args[5], c.args[6], P, is_gated))
+            if is_dense:                    # the final RMSNorm into the lm_head's GEMV
+                new = graph.call_function(b.dense_gemv_norm.default, (h, part, w, eps, c.args[1]))
+            else:
+                P = c.args[7] if is_gated else _pairs_arg(c)
+                new = graph.call_function(b.w1a16_norm.default, (h, part, w, eps, c.args[1], c.args[2], K,
+                                                                 c.args[5], c.args[6], P, is_gated))
         _keep_meta(new, c)
         x = c.args[0]
         c.replace_all_uses_with(new)
@@ -460,5 +482,5 @@ class FusePackedLinear(_pass_base()):
         # part of inductor's cache key: a compiled graph from a different version of this pass (or other
         # switches) is not reused
         from torch._inductor.custom_graph_pass import get_hash_for_files
-        switches = (self.glu, self.norm, self.rope, self.outer)
+        switches = (self.glu, self.norm, self.rope, self.outer, LM_HEAD_NORM)
         return get_hash_for_files((__file__,)) + ("-" + "".join(str(int(v)) for v in switches)).encode()

@@ -183,3 +183,20 @@ def dense_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 @dense_gemv.register_fake
 def _(x, weight):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("binaryllm::dense_gemv_norm", mutates_args=())
+def dense_gemv_norm(h: torch.Tensor, partials: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                    weight: torch.Tensor) -> torch.Tensor:
+    """``dense_gemv`` of ``mma_w1a16.rms_norm(h, partials, norm_weight, eps)``, the partials from ``w1a16_res``
+    (a decoder's final RMSNorm and its lm_head): put in by the compile pass ``kernels/fusion.py``.  CUDA or Triton's
+    interpreter: ``dense.gemv`` with the norm made as it reads h; elsewhere in PyTorch."""
+    from . import dense
+    if h.is_cuda or INTERPRETED:
+        return dense.gemv_or_linear(h, weight, (partials, norm_weight, eps))
+    return torch.nn.functional.linear(dense._normed(h, (partials, norm_weight, eps)), weight)
+
+
+@dense_gemv_norm.register_fake
+def _(h, partials, norm_weight, eps, weight):
+    return h.new_empty(*h.shape[:-1], weight.shape[0])
