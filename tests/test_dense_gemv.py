@@ -204,3 +204,32 @@ def test_gpu_kernel_with_the_norm_matches_the_normed_product(N, K):
     y = dense.gemv(h, w, norm=norm)
     slack = (xn.abs() * 2 ** -7) @ w.float().abs().T                   # one bf16 ulp on every normed element
     assert ((y.float() - ref).abs() <= ref.abs() * 2 ** -8 + slack + 1e-5).all()
+
+
+def _gemv_ptx(norm: bool, tile=(4, 1024, 4), K=4096) -> str:
+    """sm_90 PTX of the GEMV for Llama-7B's lm_head (K 4096, bf16), compiled on this CPU box as it is launched on a
+    Hopper GPU (PDL on)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from binaryllm.kernels import dense
+    bn, bk, warps = tile
+    const = dict(K=K, BN=bn, BK=bk, PDL=True, NORM=norm, NPP=256)
+    sig = {n: "constexpr" if n in const else "*fp32" if n == "p_ptr" else "*bf16" if n.endswith("_ptr") else
+           "fp32" if n == "eps" else "i32" for n in dense._gemv_kernel.arg_names}
+    cc = triton.compile(ASTSource(dense._gemv_kernel, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                        options={"num_warps": warps})
+    return cc.asm["ptx"]
+
+
+def test_kernel_with_the_norm_builds_for_hopper_and_waits_before_reading_the_partials():
+    """What the interpreter does not check: with the norm the kernel builds for sm_90 without spills; the first
+    chunk of weights is still loaded before griddepcontrol.wait, and h, the norm weight and the partial sums (all
+    written or read after the kernel before it) only after it."""
+    plain, normed = _gemv_ptx(False), _gemv_ptx(True)
+    for ptx in (plain, normed):
+        assert "ld.local" not in ptx and "st.local" not in ptx and ptx.count("griddepcontrol.wait") == 1
+    (p_before, p_after), (n_before, n_after) = (ptx.split("griddepcontrol.wait", 1) for ptx in (plain, normed))
+    assert n_before.count("ld.global") == p_before.count("ld.global") > 0      # the weights' first chunk only
+    assert n_after.count("ld.global") > p_after.count("ld.global")             # + partials and the norm weight
+    assert "sqrt" in normed and "sqrt" not in plain
