@@ -165,6 +165,10 @@ def test_generate_streams_from_a_packed_folder(tmp_path, tokenizer, capsys):
     assert main(["generate", str(tmp_path / "p"), "--prompt", "the program", "--max-new-tokens", "8",
                  "--device", "cpu", "--sdpa"]) == 0          # SDPA for the one-token steps: the same text
     assert capsys.readouterr().out == out
+    assert main(["generate", str(tmp_path / "p"), "--prompt", "the program", "--max-new-tokens", "8",
+                 "--device", "cpu", "--compile"]) == 0       # the compiled step: the same text, and a note first
+    got = capsys.readouterr()
+    assert got.out == out and "compiling the one-token step" in got.err
 
 
 def test_packed_folder_missing_scale_shape_mismatch_and_unfinished_run(tmp_path, tokenizer, capsys):

@@ -299,6 +299,9 @@ def cmd_generate(args) -> int:
     ids = tok(text, return_tensors="pt").input_ids.to(device)
     from .decode import StaticDecoder
     streamer = TextStreamer(tok, skip_prompt=args.chat)
+    if args.compile:        # the first new token waits for torch.compile: minutes for a 7B model on a fresh machine
+        print("binaryllm: compiling the one-token step first (--compile); the first new token waits for it",
+              file=sys.stderr, flush=True)
     streamer.put(ids[0].cpu())
     gen = torch.Generator(device=device).manual_seed(args.seed)
     # static KV cache; on a GPU the one-token step is captured as a CUDA graph (binaryllm.decode)
