@@ -192,11 +192,8 @@ NORM_CASES = [(blk, 2, 0), (blk_gated, 2, 1), (blk_two_readers, 3, 0), (blk_in_s
               (blk_no_tiles, 0, 0), (blk_fp32_weight, 0, 0), (blk_fp32_stream, 0, 0)]
 
 
-@pytest.mark.parametrize("f,expect,glu", NORM_CASES)
-def test_norm_pass_inside_torch_compile(f, expect, glu):
-    """Inside torch.compile (RMSNorm decomposed to prims there): the producer becomes w1a16_res and each consumer
-    w1a16_norm, the add and the norm's ops gone; the output is the eager one up to the last bit of the normed x (the
-    sum of squares in another order); h, the residual stream, is exact."""
+def _compiled_with_pass(f, *args):
+    """(the pass, the targets of the graph it left, f compiled with it and called on args)."""
     p = FusePackedLinear()
     seen = []
     torch._dynamo.reset()
@@ -204,7 +201,15 @@ def test_norm_pass_inside_torch_compile(f, expect, glu):
     def spy(graph):
         p(graph)
         seen.extend(n.target for n in graph.nodes if n.op == "call_function")
-    y, h = torch.compile(f, options={"post_grad_custom_post_pass": spy, "fx_graph_cache": False})(A, R)
+    return p, seen, torch.compile(f, options={"post_grad_custom_post_pass": spy, "fx_graph_cache": False})(*args)
+
+
+@pytest.mark.parametrize("f,expect,glu", NORM_CASES)
+def test_norm_pass_inside_torch_compile(f, expect, glu):
+    """Inside torch.compile (RMSNorm decomposed to prims there): the producer becomes w1a16_res and each consumer
+    w1a16_norm, the add and the norm's ops gone; the output is the eager one up to the last bit of the normed x (the
+    sum of squares in another order); h, the residual stream, is exact."""
+    p, seen, (y, h) = _compiled_with_pass(f, A, R)
     assert p.counts == {"glu": glu, "norm": expect, "rope": 0, "outer": 0}
     b = torch.ops.binaryllm
     if expect:
@@ -400,15 +405,8 @@ def last_blk_plain_add(a, r):        # h is not a packed layer's output plus the
 def test_final_norm_into_the_lm_head_inside_torch_compile(f, expect, a):
     """The lm_head's dense GEMV after the final RMSNorm: the last down projection becomes w1a16_res and the lm_head
     dense_gemv_norm (the norm's ops gone); the logits are the eager ones up to the last bit of the normed x."""
-    p = FusePackedLinear()
-    seen = []
-    torch._dynamo.reset()
-
-    def spy(graph):
-        p(graph)
-        seen.extend(n.target for n in graph.nodes if n.op == "call_function")
     r = R.expand(*a.shape[:2], D).contiguous()
-    y, h = torch.compile(f, options={"post_grad_custom_post_pass": spy, "fx_graph_cache": False})(a, r)
+    p, seen, (y, h) = _compiled_with_pass(f, a, r)
     assert p.counts["norm"] == expect
     b = torch.ops.binaryllm
     assert seen.count(b.dense_gemv_norm.default) == (expect > 0) and seen.count(b.w1a16_res.default) == (expect > 0)
