@@ -63,7 +63,7 @@ PREFETCH_TAIL = 64
 # loaded, and the token's row enters the scores and the output beside them (``_prefetched_fixup``), instead of being
 # put into the blocks first (``_token_row``).  sm_90 PTX of Llama-7B's heads (built on the CPU box): the blocks'
 # shared-memory staging moves before the wait (st.shared after it 168 -> 41, ldmatrix 29 -> 17), at the cost of two
-# small reductions after it (bar.sync 21 -> 30).  Off until timed on a GPU (``decode_step.py consts ...
+# small reductions after it (bar.sync 21 -> 28).  Off until timed on a GPU (``decode_step.py consts ...
 # attention.ROPE_FIXUP=1``; docs/RESULTS.md, twenty-sixth session)
 ROPE_FIXUP = False
 _LOG2E = tl.constexpr(1.4426950408889634)    # scores in log2 units: the kernels use exp2
@@ -116,16 +116,15 @@ def _prefetched(q, k, v, n, pos, kr, vr, m_ptr, b, L, s_mb, s_ml, d_ok, m_i, l_i
 
 
 @triton.jit
-def _prefetched_fixup(q, k, v, n, pos, kr, vr, m_ptr, b, L, s_mb, s_ml, d_ok, m_i, l_i, acc, qk_scale,
+def _prefetched_fixup(q, k, v, n, pos, s_pos, vr, m_ptr, b, L, s_mb, s_ml, d_ok, m_i, l_i, acc, qk_scale,
                       MASK: tl.constexpr):
     """``_prefetched`` without putting the token's row into the loaded block: the tensor-core products take the
     block as it was loaded before the PDL wait (its row at pos, written by this kernel, is stale there), the token's
-    score q.kr replaces column pos of the scores, and its value enters as p[pos] vr beside the product of the other
-    rows.  The blocks then reach the tensor cores without waiting for q, kr or vr (FIXUP)."""
+    score s_pos (q.kr, fp32 sums) replaces column pos of the scores, and its value enters as p[pos] vr beside the
+    product of the other rows.  The blocks then reach the tensor cores without waiting for q, kr or vr (FIXUP)."""
     ok, _ = _block_ok(m_ptr, b, n, L, s_mb, s_ml, d_ok, MASK, False)
     at = n == pos
     s = tl.dot(q, tl.trans(k))
-    s_pos = tl.sum(q.to(tl.float32) * kr.to(tl.float32)[None, :], 1)          # the token's own score, fp32 sums
     s = tl.where(at[None, :], s_pos[:, None], s) * qk_scale
     if MASK == 2:
         add = tl.load(m_ptr + b * s_mb + n * s_ml, mask=ok, other=0.0).to(tl.float32)
@@ -212,15 +211,16 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, po_ptr, pml_ptr, L, KVH, qk_
         tl.store(kbase + pos * s_kl + d, kr, mask=d_ok & mine)
         tl.store(vbase + pos * s_vl + d, vr, mask=d_ok & mine)
         if FIXUP:
-            m_i, l_i, acc = _prefetched_fixup(q, k0, v0, n, pos, kr, vr, m_ptr, b, L, s_mb, s_ml, d_ok, m_i, l_i,
-                                              acc, qk_scale, MASK)
+            s_pos = tl.sum(q.to(tl.float32) * kr.to(tl.float32)[None, :], 1)  # the token's own score, fp32 sums
+            m_i, l_i, acc = _prefetched_fixup(q, k0, v0, n, pos, s_pos, vr, m_ptr, b, L, s_mb, s_ml, d_ok, m_i,
+                                              l_i, acc, qk_scale, MASK)
         else:
             m_i, l_i, acc = _prefetched(q, k0, v0, n, pos, kr, vr, m_ptr, b, L, s_mb, s_ml, d_ok, m_i, l_i, acc,
                                         qk_scale, MASK)
         if TAIL_N > 0:
             if FIXUP:
-                m_i, l_i, acc = _prefetched_fixup(q, kt, vt, nt, pos, kr, vr, m_ptr, b, L, s_mb, s_ml, d_ok, m_i,
-                                                  l_i, acc, qk_scale, MASK)
+                m_i, l_i, acc = _prefetched_fixup(q, kt, vt, nt, pos, s_pos, vr, m_ptr, b, L, s_mb, s_ml, d_ok,
+                                                  m_i, l_i, acc, qk_scale, MASK)
             else:
                 m_i, l_i, acc = _prefetched(q, kt, vt, nt, pos, kr, vr, m_ptr, b, L, s_mb, s_ml, d_ok, m_i, l_i,
                                             acc, qk_scale, MASK)
