@@ -107,9 +107,13 @@ def _token_row(n, pos, kr, vr, k, v):
 
 
 @triton.jit
-def _prefetched(q, k, v, n, pos, kr, vr, m_ptr, b, L, s_mb, s_ml, d_ok, m_i, l_i, acc, qk_scale, MASK: tl.constexpr):
+def _prefetched(q, k, v, n, pos, kr, vr, s_pos, m_ptr, b, L, s_mb, s_ml, d_ok, m_i, l_i, acc, qk_scale,
+                MASK: tl.constexpr, FIXUP: tl.constexpr):
     """A block of keys and values (rows n) loaded before the PDL wait into the online softmax, the token's row from
-    registers."""
+    registers: put into the block, or with FIXUP beside it (``_prefetched_fixup``; s_pos = q.kr)."""
+    if FIXUP:
+        return _prefetched_fixup(q, k, v, n, pos, s_pos, vr, m_ptr, b, L, s_mb, s_ml, d_ok, m_i, l_i, acc,
+                                 qk_scale, MASK)
     ok, _ = _block_ok(m_ptr, b, n, L, s_mb, s_ml, d_ok, MASK, False)
     k, v = _token_row(n, pos, kr, vr, k, v)
     return _online(q, k, v, ok, n, m_ptr, b, s_mb, s_ml, m_i, l_i, acc, qk_scale, MASK)
@@ -210,20 +214,14 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, po_ptr, pml_ptr, L, KVH, qk_
         mine = (pos >= start) & (pos < start + CHUNK_N) & (pos < L)
         tl.store(kbase + pos * s_kl + d, kr, mask=d_ok & mine)
         tl.store(vbase + pos * s_vl + d, vr, mask=d_ok & mine)
-        if FIXUP:
-            s_pos = tl.sum(q.to(tl.float32) * kr.to(tl.float32)[None, :], 1)  # the token's own score, fp32 sums
-            m_i, l_i, acc = _prefetched_fixup(q, k0, v0, n, pos, s_pos, vr, m_ptr, b, L, s_mb, s_ml, d_ok, m_i,
-                                              l_i, acc, qk_scale, MASK)
-        else:
-            m_i, l_i, acc = _prefetched(q, k0, v0, n, pos, kr, vr, m_ptr, b, L, s_mb, s_ml, d_ok, m_i, l_i, acc,
-                                        qk_scale, MASK)
+        s_pos = 0.0
+        if FIXUP:                                     # the token's own score, fp32 sums, once for both blocks
+            s_pos = tl.sum(q.to(tl.float32) * kr.to(tl.float32)[None, :], 1)
+        m_i, l_i, acc = _prefetched(q, k0, v0, n, pos, kr, vr, s_pos, m_ptr, b, L, s_mb, s_ml, d_ok, m_i, l_i, acc,
+                                    qk_scale, MASK, FIXUP)
         if TAIL_N > 0:
-            if FIXUP:
-                m_i, l_i, acc = _prefetched_fixup(q, kt, vt, nt, pos, s_pos, vr, m_ptr, b, L, s_mb, s_ml, d_ok,
-                                                  m_i, l_i, acc, qk_scale, MASK)
-            else:
-                m_i, l_i, acc = _prefetched(q, kt, vt, nt, pos, kr, vr, m_ptr, b, L, s_mb, s_ml, d_ok, m_i, l_i,
-                                            acc, qk_scale, MASK)
+            m_i, l_i, acc = _prefetched(q, kt, vt, nt, pos, kr, vr, s_pos, m_ptr, b, L, s_mb, s_ml, d_ok, m_i, l_i,
+                                        acc, qk_scale, MASK, FIXUP)
     else:
         q = tl.load(q_ptr + b * s_qb + (h * G + g)[:, None] * s_qh + d[None, :], mask=q_ok, other=0.0)
     FIRST: tl.constexpr = BLOCK_N if ROPE else 0         # ROPE: the first block is done above
@@ -371,8 +369,9 @@ def _launch(q, k, v, mask, scale, rope):
         q, k_new, v_new, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_new, v_new, cos, sin))
         if k.stride(-1) != 1 or v.stride(-1) != 1:
             raise ValueError("decode_attention_rope writes into the caches: their last dimension must be contiguous")
-        rope_args = dict(ROPE=True, FIXUP=bool(ROPE_FIXUP), kn_ptr=k_new, vn_ptr=v_new, cos_ptr=cos, sin_ptr=sin, pos_ptr=pos,
-                         s_knb=k_new.stride(0), s_knh=k_new.stride(1), s_vnb=v_new.stride(0), s_vnh=v_new.stride(1),
+        rope_args = dict(ROPE=True, FIXUP=bool(ROPE_FIXUP), kn_ptr=k_new, vn_ptr=v_new, cos_ptr=cos, sin_ptr=sin,
+                         pos_ptr=pos, s_knb=k_new.stride(0), s_knh=k_new.stride(1), s_vnb=v_new.stride(0),
+                         s_vnh=v_new.stride(1),
                          s_cb=cos.stride(0) if cos.shape[0] > 1 else 0, s_sb=sin.stride(0) if sin.shape[0] > 1 else 0)
     if nc > 1:
         po = torch.empty(B * KVH * nc * GP, DP, device=q.device, dtype=torch.float32)

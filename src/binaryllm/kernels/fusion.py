@@ -283,8 +283,6 @@ def fuse_norm(graph: torch.fx.Graph) -> int:
             continue
         h, w, eps = norm
         K = _val(c.args[1]).shape[1] if is_dense else c.args[3]
-        if is_dense and (_val(h) is None or _val(h).numel() != K):
-            continue
         if h not in made:
             if not _is(h, aten.add.Tensor) or _val(h) is None or _val(h).numel() != K:
                 continue
