@@ -40,6 +40,20 @@ def tiny_model(arch: str = "llama", vocab: int = 96, seed: int = 0):
     return m.float().eval()
 
 
+def sm90_ptx(kernel, sig: dict, const: dict, options: dict, attrs: dict | None = None) -> str:
+    """PTX of a Triton (or Gluon: a ``GluonJITFunction``) ``kernel`` compiled on this CPU box for sm_90 as it would be
+    launched on a Hopper GPU: ``sig`` maps every argument to its type (``constexpr`` for those in ``const``),
+    ``attrs`` the specializations the launcher would add (16-byte alignment).  Skips where Triton is missing."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    if type(kernel).__name__.startswith("Gluon"):
+        from triton.experimental.gluon._runtime import GluonASTSource as Source
+    else:
+        from triton.compiler import ASTSource as Source
+    src = Source(kernel, sig, constexprs=const, attrs=attrs) if attrs else Source(kernel, sig, constexprs=const)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+
 def gpu_packed_model(arch: str = "llama"):
     """``tiny_model(arch)`` in bf16 on the GPU with random packed layers (``bench.random_packed_``): what the GPU
     decode tests run."""

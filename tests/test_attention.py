@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import sm90_ptx, tiny_model
 
 from binaryllm.decode import StaticDecoder
 from binaryllm.errors import BinaryLLMError
@@ -151,18 +151,13 @@ def test_rope_kernel_takes_a_short_rest_of_the_cache_as_one_tail_block():
 def _rope_ptx(tail: int, fixup: bool = False) -> str:
     """sm_90 PTX of the rope kernel for Llama-7B's heads (144 keys, blocks of 128, boolean mask), compiled on this
     CPU box as it would be launched on a Hopper GPU; ``tail``: TAIL_N."""
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
     from binaryllm.kernels import attention as A
     ptr = {"po_ptr": "*fp32", "pml_ptr": "*fp32", "pos_ptr": "*i64", "m_ptr": "*i1"}
     const = dict(G=1, GP=16, D=128, DP=128, BLOCK_N=128, CHUNK_N=256, MASK=1, SPLIT=False, PDL=True, SKIP=False,
                  ROPE=True, TAIL_N=tail, FIXUP=fixup)
     sig = {n: "constexpr" if n in const else ptr.get(n, "*bf16") if n.endswith("_ptr") else
            "fp32" if n == "qk_scale" else "i32" for n in A._attn_kernel.arg_names}
-    cc = triton.compile(ASTSource(A._attn_kernel, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
-                        options={"num_warps": A.ROPE_WARPS})
-    return cc.asm["ptx"]
+    return sm90_ptx(A._attn_kernel, sig, const, {"num_warps": A.ROPE_WARPS})
 
 
 def test_rope_kernel_compiles_for_hopper_with_the_tail_loaded_before_the_wait():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from binaryllm.decode import StaticDecoder
-from conftest import gpu_packed_model, tiny_model
+from conftest import gpu_packed_model, sm90_ptx, tiny_model
 
 _CHILD = r"""
 import sys, torch
@@ -209,17 +209,12 @@ def test_gpu_kernel_with_the_norm_matches_the_normed_product(N, K):
 def _gemv_ptx(norm: bool, tile=(4, 1024, 4), K=4096) -> str:
     """sm_90 PTX of the GEMV for Llama-7B's lm_head (K 4096, bf16), compiled on this CPU box as it is launched on a
     Hopper GPU (PDL on)."""
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
     from binaryllm.kernels import dense
     bn, bk, warps = tile
     const = dict(K=K, BN=bn, BK=bk, PDL=True, NORM=norm, NPP=256)
     sig = {n: "constexpr" if n in const else "*fp32" if n == "p_ptr" else "*bf16" if n.endswith("_ptr") else
            "fp32" if n == "eps" else "i32" for n in dense._gemv_kernel.arg_names}
-    cc = triton.compile(ASTSource(dense._gemv_kernel, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
-                        options={"num_warps": warps})
-    return cc.asm["ptx"]
+    return sm90_ptx(dense._gemv_kernel, sig, const, {"num_warps": warps})
 
 
 def test_kernel_with_the_norm_builds_for_hopper_and_waits_before_reading_the_partials():

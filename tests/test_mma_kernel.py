@@ -12,7 +12,7 @@ import torch
 import binaryllm as bl
 from binaryllm.export import pack_signs, unpack_signs
 from binaryllm.kernels import mma_w1a16 as mw
-from conftest import tiny_model
+from conftest import sm90_ptx, tiny_model
 
 SHAPES = [(1, 16, 256), (3, 40, 300), (16, 576, 576), (9, 33, 1000), (2, 192, 576), (1, 17, 64)]
 
@@ -175,9 +175,6 @@ def test_default_tiles_follow_the_measured_rules():
 def _ptx(N, K, M, config, bf16=True, bias=False, pairs=0, gated=False, res=False, norm_parts=0):
     """(sm_90 PTX, constexpr arguments) of the kernel for M rows of an (N, K) matrix, compiled on this CPU box as
     it would be launched on a Hopper GPU (``launch_config`` with PDL available)."""
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
     dt = "*bf16" if bf16 else "*fp16"
     sig = {"x_ptr": dt, "w_ptr": "*i32", "s_ptr": "*fp16", "b_ptr": dt, "y_ptr": dt,
            "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "zero": "i32",
@@ -191,10 +188,8 @@ def _ptx(N, K, M, config, bf16=True, bias=False, pairs=0, gated=False, res=False
     aligned = ["x_ptr", "w_ptr", "s_ptr", "y_ptr", "r_ptr", "p_ptr", "nw_ptr"] + [n for n, v in ints.items()
                                                                                  if v % 16 == 0]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    src = GluonASTSource(mw._build(), sig, constexprs=const, attrs=attrs)
-    cc = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                        options={"num_warps": const["W"], "launch_pdl": const["PDL"], **mw.compile_options(M, const)})
-    return cc.asm["ptx"], const
+    options = {"num_warps": const["W"], "launch_pdl": const["PDL"], **mw.compile_options(M, const)}
+    return sm90_ptx(mw._build(), sig, const, options, attrs), const
 
 
 @pytest.mark.parametrize("case", COMPILE_CASES)
