@@ -220,6 +220,7 @@ def test_compiled_gpu_step_fuses_gating_and_norms_into_the_packed_kernels(arch, 
     import torch._dynamo
 
     import binaryllm.decode as decode
+    from binaryllm.kernels import fusion
     model = gpu_packed_model(arch)
     L = model.config.num_hidden_layers
     ids = torch.randint(3, 96, (1, 6), device="cuda", generator=torch.Generator("cuda").manual_seed(5))
@@ -234,13 +235,13 @@ def test_compiled_gpu_step_fuses_gating_and_norms_into_the_packed_kernels(arch, 
         dec.generate(ids, 2)                # one compiled step, on the same (eager prefill) token
         outs.append(dec.out.float().clone())
         p = dec.compile_options.get("post_grad_custom_post_pass")
-        # per block: the gate/up; o and down produce, gate/up and the next block's q/k/v consume (the last
-        # block's down and the lm_head's GEMV, with the final norm, too); the rotary embedding and cache writes go
-        # into every block's decode attention either way (and the rotary angles' one-column matmul is a product:
-        # once a graph)
+        # per block: the gate/up; o and down produce, gate/up and the next block's q/k/v consume (where
+        # fusion.LM_HEAD_NORM is on, the last block's down and the lm_head's GEMV with the final norm too); the
+        # rotary embedding and cache writes go into every block's decode attention either way (and the rotary
+        # angles' one-column matmul is a product: once a graph)
         assert dec.gemv
-        assert {k: v for k, v in p.counts.items() if k != "outer"} == {"glu": L * glu, "norm": 4 * L * norm,
-                                                                        "rope": L}
+        n_norm = (4 * L - 2 + 2 * fusion.LM_HEAD_NORM) * norm
+        assert {k: v for k, v in p.counts.items() if k != "outer"} == {"glu": L * glu, "norm": n_norm, "rope": L}
         assert p.counts["outer"] >= 1
     for out in outs[:-1]:
         assert torch.allclose(out, outs[-1], rtol=0.02, atol=0.02 * outs[-1].abs().max().item())
