@@ -150,11 +150,15 @@ def test_gpu_kernel_matches_cublas(N, K):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel runs on a CUDA GPU")
-def test_compiled_gpu_step_with_the_gemv_gives_the_tokens_of_cublas():
-    """The compiled CUDA-graph step with the lm_head through the GEMV and through cuBLAS: the same greedy tokens,
-    logits equal up to one rounding of bf16."""
+@pytest.mark.parametrize("lm_head_norm", [False, True])
+def test_compiled_gpu_step_with_the_gemv_gives_the_tokens_of_cublas(lm_head_norm, monkeypatch):
+    """The compiled CUDA-graph step with the lm_head through the GEMV (with ``lm_head_norm`` the final RMSNorm made
+    inside it, fusion.LM_HEAD_NORM) and through cuBLAS: the same greedy tokens, logits equal up to one rounding of
+    bf16."""
     import torch._dynamo
+    from binaryllm.kernels import fusion
     from binaryllm.kernels.dense import use_dense_gemv
+    monkeypatch.setattr(fusion, "LM_HEAD_NORM", lm_head_norm)
     model = gpu_packed_model("llama")
     ids = torch.randint(3, 96, (1, 6), device="cuda", generator=torch.Generator("cuda").manual_seed(5))
     outs = []
