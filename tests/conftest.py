@@ -50,7 +50,7 @@ def sm90_ptx(kernel, sig: dict, const: dict, options: dict, attrs: dict | None =
         from triton.experimental.gluon._runtime import GluonASTSource as Source
     else:
         from triton.compiler import ASTSource as Source
-    src = Source(kernel, sig, constexprs=const, attrs=attrs) if attrs else Source(kernel, sig, constexprs=const)
+    src = Source(kernel, sig, constexprs=const, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
 
 

@@ -390,18 +390,14 @@ def last_blk(a, r):                  # the last block's down projection, the fin
     return ops.dense_gemv(_rms(h, NW)[:, -1:, :], HEAD), h
 
 
-def last_blk_two_rows(a, r):         # the slice keeps one row of two: not the GEMV's whole input, left alone
-    h = r + ops.w1a16(a, *O[:2], D, None, None, O[2])
-    return ops.dense_gemv(_rms(h, NW)[:, -1:, :], HEAD), h
-
-
 def last_blk_plain_add(a, r):        # h is not a packed layer's output plus the residual: left alone
     h = r + a
     return ops.dense_gemv(_rms(h, NW), HEAD), h
 
 
-@pytest.mark.parametrize("f,expect,a", [(last_blk, 2, A), (last_blk_two_rows, 0, torch.cat([A, A], 1)),
-                                        (last_blk_plain_add, 0, A)])
+# last_blk on two rows: its slice keeps one row of two, not the GEMV's whole input, so it is left alone
+@pytest.mark.parametrize("f,expect,a", [(last_blk, 2, A), (last_blk, 0, torch.cat([A, A], 1)),
+                                        (last_blk_plain_add, 0, A)], ids=["last_blk", "two_rows", "plain_add"])
 def test_final_norm_into_the_lm_head_inside_torch_compile(f, expect, a, monkeypatch):
     """The lm_head's dense GEMV after the final RMSNorm: the last down projection becomes w1a16_res and the lm_head
     dense_gemv_norm (the norm's ops gone); the logits are the eager ones up to the last bit of the normed x."""

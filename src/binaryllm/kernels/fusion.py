@@ -72,8 +72,8 @@ prims = torch.ops.prims
 # inductor.  Off by default: with it on (its default from 0785548) the packed Llama-7B step's compile on the H100 did
 # not finish in 460 s and again in 520 s on the warm machine (twenty-seventh session; no FX graph written, none of
 # the step's fused kernels built), while the same compile finishes on the CPU with the rewrite made (dummy tiles).
-# Which part stops is not known yet; on again only after .gpu-style diagnostics (docs/RESULTS.md) clear it.  The A/B
-# knob for bench/decode_step.py consts is fusion.LM_HEAD_NORM=1
+# Which part stops is not known yet; on again only after bench/compile_gpu.py shows the compile finishing with it
+# (docs/RESULTS.md).  The A/B knob for bench/decode_step.py consts is fusion.LM_HEAD_NORM=1
 LM_HEAD_NORM = False
 
 
