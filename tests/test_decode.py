@@ -178,6 +178,40 @@ def test_compiled_step_gives_the_same_tokens_on_a_packed_model():
     assert tuned == {**expect, "coordinate_descent_tuning": True}
 
 
+def test_compiled_step_meets_the_packed_ops_with_their_lowerings_already_made():
+    """The decoder gives inductor each binaryllm op's fallback lowering before the compile, with the layout
+    constraint inductor would have chosen (kernels/ops.register_lowerings), so inductor makes no implicit fallback
+    for them: torch 2.11 formatted such a fallback's log line eagerly, and behind a 7B network of fused kernels
+    the string did not finish (docs/RESULTS.md)."""
+    import logging
+
+    from torch._inductor import lowering
+    from torch._library.utils import get_layout_constraint_tag
+
+    from binaryllm.kernels import ops
+    model = pack(bl.freeze(bl.binarize(tiny_model("llama"), bl.BinaryConfig())))
+    ids = torch.randint(3, 96, (1, 5), generator=torch.Generator().manual_seed(6))
+    log, seen = logging.getLogger("torch._inductor.graph"), []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        dec = StaticDecoder(model, max_len=16, compile=True)
+        assert len(ops.all_ops()) == 9
+        for op in ops.all_ops():
+            assert op in lowering.lowerings, op
+            want = lowering.tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True))
+            assert lowering._maybe_layout_constraints.get(op) is want, op
+        assert torch.equal(dec.generate(ids, 4), hf_greedy(model, ids, 4))
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    assert not [m for m in seen if "implicit fallback" in m and "binaryllm" in m]
+    assert ops.register_lowerings() == 0                # all made once
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="programmatic dependent launch needs a CUDA GPU")
 def test_compiled_gpu_step_gives_the_same_logits_with_and_without_pdl(monkeypatch):
     """PDL only changes when kernels may start (inductor's kernels and the mma kernel), combo kernels only how

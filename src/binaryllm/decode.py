@@ -169,6 +169,9 @@ class StaticDecoder:
         self._graph: torch.cuda.CUDAGraph | None = None           # the plain step (``step``)
         self._greedy: dict[int, torch.cuda.CUDAGraph] = {}        # k greedy steps (``_greedy_steps(k)``)
         self.compile_options = compile_options(tune) if compile else None
+        if compile:
+            from .kernels.ops import register_lowerings
+            register_lowerings()        # before inductor meets the ops (torch 2.11 compiled for minutes: its docstring)
         self._step_forward = torch.compile(self._forward, dynamic=False, options=self.compile_options) if compile \
             else self._forward
 

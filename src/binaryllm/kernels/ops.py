@@ -200,3 +200,35 @@ def dense_gemv_norm(h: torch.Tensor, partials: torch.Tensor, norm_weight: torch.
 @dense_gemv_norm.register_fake
 def _(h, partials, norm_weight, eps, weight):
     return h.new_empty(*h.shape[:-1], weight.shape[0])
+
+
+def all_ops() -> list:
+    """Every op of this module, as the OpOverload inductor keys its lowerings by."""
+    return [v._opoverload for v in globals().values() if isinstance(v, torch._library.custom_ops.CustomOpDef)]
+
+
+def register_lowerings() -> int:
+    """Give inductor each of these ops' fallback lowering now, the one it would make itself on first meeting the op
+    (its layout constraint from the op's tags); returns how many it registered.  Why: torch 2.11's inductor, making
+    that implicit fallback, formats the op's arguments for a log line whether or not the line is shown, and the
+    string of an argument made by a chain of fallback kernels prints the chain, every shared input again: it grows
+    twice a layer.  The lm_head's GEMV with the final norm (``fusion.LM_HEAD_NORM``) is first met behind the whole
+    network of fused packed kernels, and the packed Llama-7B step's compile sat in that string on the H100 (more
+    than 460 s; on the CPU, torch 2.11, a RecursionError after 214 s; docs/RESULTS.md).  torch 2.13 formats the
+    line lazily.  Where inductor's internals differ from these names nothing is registered and inductor does as
+    it would have."""
+    try:
+        from torch._inductor import lowering
+        from torch._library.utils import get_layout_constraint_tag
+    except ImportError:
+        return 0
+    if not all(hasattr(lowering, n) for n in ("lowerings", "make_fallback", "tag_to_layout_constraint")):
+        return 0
+    done = 0
+    for op in all_ops():
+        if op in lowering.lowerings:
+            continue
+        tag = get_layout_constraint_tag(op, with_default=True)
+        lowering.make_fallback(op, layout_constraint=lowering.tag_to_layout_constraint(tag), warn=False)
+        done += 1
+    return done
