@@ -70,10 +70,10 @@ prims = torch.ops.prims
 
 # fuse_norm also takes the final RMSNorm into the lm_head's dense GEMV (``dense_gemv_norm``); off: it is left to
 # inductor.  Off by default: with it on (its default from 0785548) the packed Llama-7B step's compile on the H100 did
-# not finish in 460 s and again in 520 s on the warm machine (twenty-seventh session; no FX graph written, none of
-# the step's fused kernels built), while the same compile finishes on the CPU with the rewrite made (dummy tiles).
-# Which part stops is not known yet; on again only after bench/compile_gpu.py shows the compile finishing with it
-# (docs/RESULTS.md).  The A/B knob for bench/decode_step.py consts is fusion.LM_HEAD_NORM=1
+# not finish in 460 s (twenty-seventh session).  The cause, found on the CPU under torch 2.11: inductor formatted the
+# implicit fallback's log line for dense_gemv_norm, first met behind the whole network, and that string doubles a
+# layer; the decoder now registers the ops' lowerings first (kernels/ops.register_lowerings).  On again once a GPU
+# run compiles and times it (docs/RESULTS.md).  The A/B knob for bench/decode_step.py consts is fusion.LM_HEAD_NORM=1
 LM_HEAD_NORM = False
 
 
