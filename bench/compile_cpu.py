@@ -3,7 +3,8 @@ packed layer called as ``binaryllm::w1a16`` with (dummy) mma tiles, the lm_head 
 decode attention op; the ops' CPU kernels compute.  What it tells: whether dynamo, the graph passes
 (``kernels/fusion.py``) and inductor finish on the real transformers graph of a model shape, how long they take
 and what the passes rewrote, without a GPU (twenty-seventh session: the H100 compile of the packed Llama-7B step
-with ``fusion.LM_HEAD_NORM`` on did not finish; docs/RESULTS.md).
+with ``fusion.LM_HEAD_NORM`` on did not finish; docs/RESULTS.md).  Run under torch 2.11 (the GPU machine's), the
+tree before 069b383 stops with that compile's cause, a RecursionError in inductor's implicit-fallback log string.
 
     PYTHONPATH=src TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 python bench/compile_cpu.py LAYERS LM_HEAD_NORM [model [tiles]]
     # e.g. 32 1 llama-7b: the whole 7B shape, the final norm in the lm_head's GEMV; with "tiles" each layer's dummy

@@ -1,7 +1,8 @@
 """How long the packed Llama-7B decode step takes to compile on the GPU, and where it is while it does: Python stacks
 of every thread go to stderr every DUMP_S seconds (faulthandler) until the compile and four tokens are done.
 Twenty-seventh session: with ``fusion.LM_HEAD_NORM`` on, this compile did not finish on the H100 in 460 s (no FX
-graph written, none of the step's fused kernels built); docs/RESULTS.md.
+graph written, none of the step's fused kernels built); docs/RESULTS.md.  Twenty-eighth session: the cause was torch
+2.11's eager log string for the implicit fallback of ``dense_gemv_norm`` (kernels/ops.register_lowerings).
 
     PYTHONPATH=src python bench/compile_gpu.py LM_HEAD_NORM DUMP_S [model]      # e.g. 1 60 llama-7b
 """
