@@ -214,9 +214,9 @@ def register_lowerings() -> int:
     string of an argument made by a chain of fallback kernels prints the chain, every shared input again: it grows
     twice a layer.  The lm_head's GEMV with the final norm (``fusion.LM_HEAD_NORM``) is first met behind the whole
     network of fused packed kernels, and the packed Llama-7B step's compile sat in that string on the H100 (more
-    than 460 s; on the CPU, torch 2.11, a RecursionError after 214 s; docs/RESULTS.md).  torch 2.13 formats the
-    line lazily.  Where inductor's internals differ from these names nothing is registered and inductor does as
-    it would have."""
+    than 460 s; on the CPU under torch 2.11, bench/compile_cpu.py stopped with a RecursionError after 202 s;
+    docs/RESULTS.md).  torch 2.13 formats the line lazily.  Where inductor's internals differ from these names
+    nothing is registered and inductor does as it would have."""
     try:
         from torch._inductor import lowering
         from torch._library.utils import get_layout_constraint_tag
