@@ -468,7 +468,7 @@ def test_class_conversion_on_the_gpu(monkeypatch, N, K, mean, late):
         for on in (True, False):
             monkeypatch.setattr(mw, "CLASS_CONV", int(on))
             assert mw.launch_config(1, N, K, True, True, cfg)[1]["CLS"] == \
-                int(on and (cfg or N * K >= mw.XS_MAX)) * (1 + late)
+                int(bool(on and (cfg or N * K >= mw.XS_MAX))) * (1 + late)
             ys[on] = mw.mma_matmul(x, tiles, scale, N, K, None, bias, cfg).float()
             assert torch.allclose(ys[on], ref, rtol=2 ** -7, atol=tol), (cfg, on)
         assert torch.allclose(ys[True], ys[False], rtol=2 ** -7, atol=tol), cfg
