@@ -54,8 +54,14 @@ def compile_options(tune: bool = False, glu: bool = True, norm: bool = True, rop
 
     Set only with ``tune``: ``coordinate_descent_tuning``.  It makes the bf16 step much faster at SmolLM2's size
     (1091-1161 tokens/s; 1308-1460 with combo kernels), leaves the packed step where it is and compiles for minutes
-    longer (docs/RESULTS.md); ``bench decode`` measures it as the path ``graph-compiled-tuned``."""
+    longer (docs/RESULTS.md); ``bench decode`` measures it as the path ``graph-compiled-tuned``.
+
+    Making the options also gives inductor the binaryllm ops' fallback lowerings (``kernels/ops.register_lowerings``),
+    so a compile of one's own with these options meets them as the decoder's does."""
     import torch._inductor.config as ic
+
+    from .kernels.ops import register_lowerings
+    register_lowerings()        # before inductor meets the packed ops (torch 2.11 compiled for minutes: its docstring)
     opts = {}
     if hasattr(ic.triton, "enable_pdl"):
         opts["triton.enable_pdl"] = True
@@ -169,9 +175,6 @@ class StaticDecoder:
         self._graph: torch.cuda.CUDAGraph | None = None           # the plain step (``step``)
         self._greedy: dict[int, torch.cuda.CUDAGraph] = {}        # k greedy steps (``_greedy_steps(k)``)
         self.compile_options = compile_options(tune) if compile else None
-        if compile:
-            from .kernels.ops import register_lowerings
-            register_lowerings()        # before inductor meets the ops (torch 2.11 compiled for minutes: its docstring)
         self._step_forward = torch.compile(self._forward, dynamic=False, options=self.compile_options) if compile \
             else self._forward
 

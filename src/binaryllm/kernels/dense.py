@@ -9,7 +9,7 @@ programmatic dependent launch: the first chunk of weights is loaded before ``gri
 
 Used by ``StaticDecoder`` (``use_dense_gemv``) for the model's output embeddings in both the packed and the bf16
 decode steps; every other call (more than one row, a bias, not CUDA) goes to ``torch.nn.functional.linear``.
-With ``fusion.LM_HEAD_NORM`` (off until its GPU compile is cleared: kernels/fusion.py), in a compiled packed step
+With ``fusion.LM_HEAD_NORM`` (on by default; its history: kernels/fusion.py), in a compiled packed step
 the decoder's final RMSNorm is made inside it (``norm``): the compile pass ``kernels/fusion.py`` (``fuse_norm``)
 gives the last block's down projection a residual epilogue that writes the partial sums of h^2 (``w1a16_res``),
 and the lm_head (``binaryllm::dense_gemv_norm``) normalizes h as it reads it, one kernel (add + RMSNorm) fewer a

@@ -69,12 +69,13 @@ aten = torch.ops.aten
 prims = torch.ops.prims
 
 # fuse_norm also takes the final RMSNorm into the lm_head's dense GEMV (``dense_gemv_norm``); off: it is left to
-# inductor.  Off by default: with it on (its default from 0785548) the packed Llama-7B step's compile on the H100 did
-# not finish in 460 s (twenty-seventh session).  The cause, found on the CPU under torch 2.11: inductor formatted the
-# implicit fallback's log line for dense_gemv_norm, first met behind the whole network, and that string doubles a
-# layer; the decoder now registers the ops' lowerings first (kernels/ops.register_lowerings).  On again once a GPU
-# run compiles and times it (docs/RESULTS.md).  The A/B knob for bench/decode_step.py consts is fusion.LM_HEAD_NORM=1
-LM_HEAD_NORM = False
+# inductor.  Off from 943dfe9 to the twenty-ninth session: with it on, the packed Llama-7B step's compile on the H100
+# did not finish in 460 s (twenty-seventh session).  The cause, found on the CPU under torch 2.11: inductor formatted
+# the implicit fallback's log line for dense_gemv_norm, first met behind the whole network, and that string doubles
+# a layer; decode.compile_options now registers the ops' lowerings first (kernels/ops.register_lowerings).  On the
+# H100 (twenty-ninth session) that compile then took 18.6 s, and the 7B step 1039.9 us against 1041.6 off, the same
+# tokens (docs/RESULTS.md).  The A/B knob for bench/decode_step.py consts is fusion.LM_HEAD_NORM=0
+LM_HEAD_NORM = True
 
 
 def _is(node, *targets) -> bool:
