@@ -135,3 +135,26 @@ def test_launcher_drops_gpus_and_turns_nvlink_multicast_off(monkeypatch):
     assert got["cmd"][-5:] == ["binaryllm", "convert", "m", "--lr", "1e-3"]
     assert "--nproc-per-node=2" in got["cmd"]
     assert got["env"]["NCCL_NVLS_ENABLE"] == "0" and got["env"]["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1"
+
+
+def test_a_cpu_run_on_a_gpu_host_shards_onto_the_cpu(monkeypatch):
+    """fully_shard without a mesh puts the shards on the machine's accelerator whenever it has one; a ``--device
+    cpu`` run on a one-GPU H100 machine then failed on rank 1.  Here the host claims a CUDA accelerator (the lookup
+    fully_shard's default mesh makes) and one process shards a binarized model for the CPU: every shard stays there."""
+    import torch.distributed as dist
+
+    from binaryllm.train import dist as D
+    from conftest import tiny_model
+    monkeypatch.setattr(torch._C, "_get_accelerator", lambda: torch.device("cuda"))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = bl.binarize(tiny_model("llama"), bl.BinaryConfig())
+        D.shard(model, bf16=False, device="cpu")
+        params = list(model.parameters())
+        assert params and {p.device_mesh.device_type for p in params} == {"cpu"}
+        assert {p.device.type for p in params} == {"cpu"}
+        loss = model(torch.arange(8).view(1, 8), labels=torch.arange(8).view(1, 8)).loss
+        loss.backward()
+        assert all(p.grad is not None for p in params if p.requires_grad)
+    finally:
+        dist.destroy_process_group()

@@ -81,16 +81,21 @@ def setup(device: str = "auto") -> DistInfo | None:
     return DistInfo(rank, world, local, dev, backend)
 
 
-def shard(model, bf16: bool, reshard: bool = True) -> None:
+def shard(model, bf16: bool, reshard: bool = True, device: torch.device | str = "cpu") -> None:
+    """FSDP2 over all ranks on ``device``'s type.  The mesh is named: without one, fully_shard puts the shards on
+    the machine's accelerator whenever it has one, so a ``--device cpu`` run on a GPU host sent every rank to the
+    GPUs (rank 1 of two failed on a one-GPU H100 machine, twenty-ninth session)."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from ..nn import find_blocks
+    mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy(reduce_dtype=torch.float32)
     _, blocks = find_blocks(model)
     for b in blocks:
-        fully_shard(b, mp_policy=mp, reshard_after_forward=reshard)
-    fully_shard(model, mp_policy=mp, reshard_after_forward=reshard)
+        fully_shard(b, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
 
 
 def mean(x: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -345,7 +345,8 @@ class Trainer:
         t = self.cfg.train
         if t.fsdp_params not in ("fp32", "bf16"):
             raise BinaryLLMError(f"--fsdp-params must be fp32 or bf16, got {t.fsdp_params!r}")
-        D.shard(self.model, bf16=t.fsdp_params == "bf16" and self.device.type == "cuda", reshard=t.fsdp_reshard)
+        D.shard(self.model, bf16=t.fsdp_params == "bf16" and self.device.type == "cuda", reshard=t.fsdp_reshard,
+                device=self.device)
 
     def _stage1(self) -> None:
         b, t = self.cfg.binary, self.cfg.train
