@@ -81,6 +81,9 @@ def test_distillation_training_is_the_same_with_the_fused_loss(tmp_path):
     tc = cfg.train
     tc.seq_len, tc.batch_size, tc.tokens, tc.lr, tc.log_every, tc.save_every = 16, 4, str(6 * 4 * 16), 3e-3, 1, 1000
     tc.distill, tc.distill_weight, tc.distill_temp, tc.eval_batches = True, 0.5, 2.0, 1
+    # the same arithmetic to 1e-5 holds in fp32; on a GPU, "auto" trains under bf16 autocast, where the chunked
+    # loss and the full logits round differently (the H100 runs differed in 5 of 6 losses, twenty-ninth session)
+    tc.device = "cpu"
     cfg.binary.init_steps, cfg.binary.phases = 2, 4
     blocks = pattern_blocks(40, 16)
     runs = []
