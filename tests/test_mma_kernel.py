@@ -447,14 +447,12 @@ def test_class_conversion_compiles_to_one_lop3_a_register(monkeypatch):
     assert const["CLS"] == 2 and late.count("ld.shared") > on.count("ld.shared") and "ld.local" not in late
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel itself needs a CUDA GPU")
-@pytest.mark.parametrize("late", [False, True])
-@pytest.mark.parametrize("N,K,mean", [(8192, 8192, 0.0), (22016, 4096, 2.0), (1000, 300, -5.0), (4096, 4096, 0.0)])
-def test_class_conversion_on_the_gpu(monkeypatch, N, K, mean, late):
-    """The class conversion against the sign conversion and the dense product, on the default tile and explicit
-    one-chain XS tiles, with an activation mean that makes T large; T summed from x as loaded or (CLASS_T_LATE)
-    from shared memory after the loop."""
-    monkeypatch.setattr(mw, "CLASS_T_LATE", late)
+CLASS_SHAPES = [(8192, 8192, 0.0), (22016, 4096, 2.0), (1000, 300, -5.0), (4096, 4096, 0.0)]
+
+
+def class_case(N, K, mean):
+    """One row of bf16 x with mean ``mean`` (T large) and random packed weights on the GPU: (x, tiles, scale, bias,
+    the dense product, its atol).  Also used by bench/class_conv_err.py."""
     g = torch.Generator(device="cuda").manual_seed(N + K)
     bits = pack_signs(torch.randn(N, K, device="cuda", generator=g))
     tiles = mw.prepare_tiles(bits, K)
@@ -462,8 +460,22 @@ def test_class_conversion_on_the_gpu(monkeypatch, N, K, mean, late):
     scale = (torch.rand(N, device="cuda", generator=g) + 0.5).half()
     bias = torch.randn(N, device="cuda", generator=g).to(torch.bfloat16)
     ref = _dense(x, bits, scale, K, None, bias)
-    tol = 1e-4 * K ** 0.5 * ref.abs().max().item()
-    for cfg in (None, (2, 4, 8, 0, 1, 1, 1), (1, 4, 4, 0, 1, 1, 1), (1, 2, 8, 0, 1, 1, 1)):
+    return x, tiles, scale, bias, ref, 1e-4 * K ** 0.5 * ref.abs().max().item()
+
+
+CLASS_TILES = (None, (2, 4, 8, 0, 1, 1, 1), (1, 4, 4, 0, 1, 1, 1), (1, 2, 8, 0, 1, 1, 1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel itself needs a CUDA GPU")
+@pytest.mark.parametrize("late", [False, True])
+@pytest.mark.parametrize("N,K,mean", CLASS_SHAPES)
+def test_class_conversion_on_the_gpu(monkeypatch, N, K, mean, late):
+    """The class conversion against the sign conversion and the dense product, on the default tile and explicit
+    one-chain XS tiles, with an activation mean that makes T large; T summed from x as loaded or (CLASS_T_LATE)
+    from shared memory after the loop."""
+    monkeypatch.setattr(mw, "CLASS_T_LATE", late)
+    x, tiles, scale, bias, ref, tol = class_case(N, K, mean)
+    for cfg in CLASS_TILES:
         ys = {}
         for on in (True, False):
             monkeypatch.setattr(mw, "CLASS_CONV", int(on))
