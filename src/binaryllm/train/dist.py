@@ -81,7 +81,7 @@ def setup(device: str = "auto") -> DistInfo | None:
     return DistInfo(rank, world, local, dev, backend)
 
 
-def shard(model, bf16: bool, reshard: bool = True, device: torch.device | str = "cpu") -> None:
+def shard(model, bf16: bool, reshard: bool = True, *, device: torch.device | str) -> None:
     """FSDP2 over all ranks on ``device``'s type.  The mesh is named: without one, fully_shard puts the shards on
     the machine's accelerator whenever it has one, so a ``--device cpu`` run on a GPU host sent every rank to the
     GPUs (rank 1 of two failed on a one-GPU H100 machine, twenty-ninth session)."""
