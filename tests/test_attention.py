@@ -39,7 +39,6 @@ for c in cases:
     else:
         os.environ.pop("BINARYLLM_ATTN_CONFIG", None)
     if "kn" in c:         # decode_attention_rope: the output and the caches it wrote into
-        A.ROPE_FIXUP = c.get("fixup", False)
         kc, vc = c["kc"].clone(), c["vc"].clone()
         y = A.decode_attention_rope(c["q"], c["kn"], c["vn"], c["cos"], c["sin"], kc, vc, c["pos"], c["mask"],
                                     c["scale"])
@@ -132,10 +131,9 @@ def _rope_expected(c):
     return rope_reference(c["q"], c["cos"], c["sin"]), kc, vc
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["token-row", "fixup"])
-def interpreted_rope(request, tmp_path_factory):
-    """Both ways of taking the token's row (``attention.ROPE_FIXUP``): put into the loaded block, or beside it."""
-    cases = [dict(_rope_case(*c), fixup=request.param) for c in ROPE_CASES]
+@pytest.fixture(scope="module")
+def interpreted_rope(tmp_path_factory):
+    cases = [_rope_case(*c) for c in ROPE_CASES]
     return _interpret(tmp_path_factory.mktemp("rope"), cases)
 
 
@@ -148,13 +146,13 @@ def test_rope_kernel_takes_a_short_rest_of_the_cache_as_one_tail_block():
     assert tail_block(40, 32, 1) == 16 and tail_block(300, 16, 10) == 0
 
 
-def _rope_ptx(tail: int, fixup: bool = False) -> str:
+def _rope_ptx(tail: int) -> str:
     """sm_90 PTX of the rope kernel for Llama-7B's heads (144 keys, blocks of 128, boolean mask), compiled on this
     CPU box as it would be launched on a Hopper GPU; ``tail``: TAIL_N."""
     from binaryllm.kernels import attention as A
     ptr = {"po_ptr": "*fp32", "pml_ptr": "*fp32", "pos_ptr": "*i64", "m_ptr": "*i1"}
     const = dict(G=1, GP=16, D=128, DP=128, BLOCK_N=128, CHUNK_N=256, MASK=1, SPLIT=False, PDL=True, SKIP=False,
-                 ROPE=True, TAIL_N=tail, FIXUP=fixup)
+                 ROPE=True, TAIL_N=tail)
     sig = {n: "constexpr" if n in const else ptr.get(n, "*bf16") if n.endswith("_ptr") else
            "fp32" if n == "qk_scale" else "i32" for n in A._attn_kernel.arg_names}
     return sm90_ptx(A._attn_kernel, sig, const, {"num_warps": A.ROPE_WARPS})
@@ -170,19 +168,6 @@ def test_rope_kernel_compiles_for_hopper_with_the_tail_loaded_before_the_wait():
     (p_before, p_after), (t_before, t_after) = (ptx.split("griddepcontrol.wait", 1) for ptx in (plain, tail))
     assert t_before.count("ld.global") > p_before.count("ld.global")
     assert t_after.count("ld.global") < p_after.count("ld.global")
-
-
-def test_rope_fixup_stages_the_blocks_for_the_tensor_cores_before_the_wait():
-    """What ROPE_FIXUP is for (sm_90 PTX, Llama-7B's heads with the tail block): the loaded blocks are written to
-    shared memory for the tensor cores before griddepcontrol.wait, so fewer shared-memory stores and ldmatrix loads
-    are left after it; nothing spills either way."""
-    plain, fixup = _rope_ptx(16), _rope_ptx(16, fixup=True)
-    assert "ld.local" not in fixup and "st.local" not in fixup
-    (p_before, p_after), (f_before, f_after) = (ptx.split("griddepcontrol.wait", 1) for ptx in (plain, fixup))
-    assert p_before.count("st.shared") == 0 < f_before.count("st.shared")
-    assert f_after.count("st.shared") < p_after.count("st.shared") / 2
-    assert f_after.count("ldmatrix") < p_after.count("ldmatrix")
-    assert f_after.count("mma.sync") == p_after.count("mma.sync")
 
 
 @pytest.mark.parametrize("i", range(len(ROPE_CASES)))
@@ -374,14 +359,10 @@ def test_gpu_bf16_kernel_and_compiled_decoder(compiled):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the CPU runs the kernel interpreted)")
-@pytest.mark.parametrize("fixup", [False, True])
-def test_gpu_bf16_rope_kernel_is_the_plain_kernel_on_roped_inputs(fixup, monkeypatch):
+def test_gpu_bf16_rope_kernel_is_the_plain_kernel_on_roped_inputs():
     """bf16 on the GPU: the caches bit for bit as the unfused step writes them, and the output the plain kernel's on
-    the roped query and the written caches, up to bf16 rounding (its blocks and warps differ); both ways of taking
-    the token's row (``ROPE_FIXUP``)."""
-    from binaryllm.kernels import attention
+    the roped query and the written caches, up to bf16 rounding (its blocks and warps differ)."""
     from binaryllm.kernels.attention import decode_attention, decode_attention_rope
-    monkeypatch.setattr(attention, "ROPE_FIXUP", fixup)
     for case in ROPE_CASES:
         c = _rope_case(*case[:-1], case[-1], dtype=torch.bfloat16, device="cuda")
         if c["cfg"]:

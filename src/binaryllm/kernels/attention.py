@@ -52,20 +52,16 @@ CHUNK = 512
 # with the rotary embedding and the cache write in the kernel (``decode_attention_rope``) the first block of keys
 # and values is loaded before the PDL wait: at most PREFETCH elements each, over ROPE_WARPS warps (H100 decode steps,
 # same process: SmolLM2 411.9 us against 427.1 with 4 warps; Llama-7B 1266.8 (128 keys a block) against 1374.1 with
-# 4 warps and against 1340.9 without the pass; docs/RESULTS.md, sixteenth session)
+# 4 warps and against 1340.9 without the pass; docs/RESULTS.md, sixteenth session; thirtieth session: 16 warps 0.970x
+# and 0.947x of 8, 32 warps 0.814x on Llama-7B).  (A form that sent the loaded blocks to the tensor cores as loaded
+# and added the token's row beside them, ROPE_FIXUP, was slower in both steps: 0.982x and 0.952x, twenty-ninth
+# session; removed in the thirtieth)
 PREFETCH = 16384
 ROPE_WARPS = 8
 # ... and when the cache is one chunk a little longer than that block (Llama-7B's 144 keys: 128 + 16), the rest of it
 # too, as a tail block of the next power of 2 (TAIL_N), loaded before the wait with the first: not as a block of
 # BLOCK_N keys, mostly masked, loaded after the first block's softmax.  PREFETCH_TAIL: the largest such tail (0: off)
 PREFETCH_TAIL = 64
-# ROPE_FIXUP: with the rotary embedding in the kernel, the blocks loaded before the PDL wait go to the tensor cores as
-# loaded, and the token's row enters the scores and the output beside them (``_prefetched_fixup``), instead of being
-# put into the blocks first (``_token_row``).  sm_90 PTX of Llama-7B's heads (built on the CPU box): the blocks'
-# shared-memory staging moves before the wait (st.shared after it 168 -> 41, ldmatrix 29 -> 17), at the cost of two
-# small reductions after it (bar.sync 21 -> 28).  Off until timed on a GPU (``decode_step.py consts ...
-# attention.ROPE_FIXUP=1``; docs/RESULTS.md, twenty-sixth session)
-ROPE_FIXUP = False
 _LOG2E = tl.constexpr(1.4426950408889634)    # scores in log2 units: the kernels use exp2
 
 
@@ -107,43 +103,12 @@ def _token_row(n, pos, kr, vr, k, v):
 
 
 @triton.jit
-def _prefetched(q, k, v, n, pos, kr, vr, s_pos, m_ptr, b, L, s_mb, s_ml, d_ok, m_i, l_i, acc, qk_scale,
-                MASK: tl.constexpr, FIXUP: tl.constexpr):
-    """A block of keys and values (rows n) loaded before the PDL wait into the online softmax, the token's row from
-    registers: put into the block, or with FIXUP beside it (``_prefetched_fixup``; s_pos = q.kr)."""
-    if FIXUP:
-        return _prefetched_fixup(q, k, v, n, pos, s_pos, vr, m_ptr, b, L, s_mb, s_ml, d_ok, m_i, l_i, acc,
-                                 qk_scale, MASK)
+def _prefetched(q, k, v, n, pos, kr, vr, m_ptr, b, L, s_mb, s_ml, d_ok, m_i, l_i, acc, qk_scale, MASK: tl.constexpr):
+    """A block of keys and values (rows n) loaded before the PDL wait into the online softmax, the token's row
+    taken from registers."""
     ok, _ = _block_ok(m_ptr, b, n, L, s_mb, s_ml, d_ok, MASK, False)
     k, v = _token_row(n, pos, kr, vr, k, v)
     return _online(q, k, v, ok, n, m_ptr, b, s_mb, s_ml, m_i, l_i, acc, qk_scale, MASK)
-
-
-@triton.jit
-def _prefetched_fixup(q, k, v, n, pos, s_pos, vr, m_ptr, b, L, s_mb, s_ml, d_ok, m_i, l_i, acc, qk_scale,
-                      MASK: tl.constexpr):
-    """``_prefetched`` without putting the token's row into the loaded block: the tensor-core products take the
-    block as it was loaded before the PDL wait (its row at pos, written by this kernel, is stale there), the token's
-    score s_pos (q.kr, fp32 sums) replaces column pos of the scores, and its value enters as p[pos] vr beside the
-    product of the other rows.  The blocks then reach the tensor cores without waiting for q, kr or vr (FIXUP)."""
-    ok, _ = _block_ok(m_ptr, b, n, L, s_mb, s_ml, d_ok, MASK, False)
-    at = n == pos
-    s = tl.dot(q, tl.trans(k))
-    s = tl.where(at[None, :], s_pos[:, None], s) * qk_scale
-    if MASK == 2:
-        add = tl.load(m_ptr + b * s_mb + n * s_ml, mask=ok, other=0.0).to(tl.float32)
-        s += add[None, :] * _LOG2E
-    s = tl.where(ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_ref)
-    p = tl.exp2(s - m_ref[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    pv = p.to(v.dtype)
-    p_pos = tl.sum(tl.where(at[None, :], pv.to(tl.float32), 0.0), 1)          # p[pos], rounded as the product's
-    acc = acc * alpha[:, None] + tl.dot(tl.where(at[None, :], 0.0, pv).to(v.dtype), v) \
-        + p_pos[:, None] * vr.to(tl.float32)[None, :]
-    return m_new, l_i, acc
 
 
 @triton.jit
@@ -163,7 +128,7 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, po_ptr, pml_ptr, L, KVH, qk_
                  CHUNK_N: tl.constexpr, MASK: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
                  SKIP: tl.constexpr = True, ROPE: tl.constexpr = False, kn_ptr=None, vn_ptr=None, cos_ptr=None,
                  sin_ptr=None, pos_ptr=None, s_knb=0, s_knh=0, s_vnb=0, s_vnh=0, s_cb=0, s_sb=0,
-                 TAIL_N: tl.constexpr = 0, FIXUP: tl.constexpr = False):
+                 TAIL_N: tl.constexpr = 0):
     """Program (b * KVH + h, c): query heads h G .. h G + G - 1 of sequence b over keys [c CHUNK_N, (c + 1)
     CHUNK_N) of KV head h.  MASK: 0 none, 1 boolean (True = attend), 2 additive.  SKIP (boolean mask): keys it
     masks are not read (else keys and values load at once with the mask, which is shorter latency).  SPLIT: write
@@ -214,14 +179,11 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, po_ptr, pml_ptr, L, KVH, qk_
         mine = (pos >= start) & (pos < start + CHUNK_N) & (pos < L)
         tl.store(kbase + pos * s_kl + d, kr, mask=d_ok & mine)
         tl.store(vbase + pos * s_vl + d, vr, mask=d_ok & mine)
-        s_pos = 0.0
-        if FIXUP:                                     # the token's own score, fp32 sums, once for both blocks
-            s_pos = tl.sum(q.to(tl.float32) * kr.to(tl.float32)[None, :], 1)
-        m_i, l_i, acc = _prefetched(q, k0, v0, n, pos, kr, vr, s_pos, m_ptr, b, L, s_mb, s_ml, d_ok, m_i, l_i, acc,
-                                    qk_scale, MASK, FIXUP)
+        m_i, l_i, acc = _prefetched(q, k0, v0, n, pos, kr, vr, m_ptr, b, L, s_mb, s_ml, d_ok, m_i, l_i, acc,
+                                    qk_scale, MASK)
         if TAIL_N > 0:
-            m_i, l_i, acc = _prefetched(q, kt, vt, nt, pos, kr, vr, s_pos, m_ptr, b, L, s_mb, s_ml, d_ok, m_i, l_i,
-                                        acc, qk_scale, MASK, FIXUP)
+            m_i, l_i, acc = _prefetched(q, kt, vt, nt, pos, kr, vr, m_ptr, b, L, s_mb, s_ml, d_ok, m_i, l_i, acc,
+                                        qk_scale, MASK)
     else:
         q = tl.load(q_ptr + b * s_qb + (h * G + g)[:, None] * s_qh + d[None, :], mask=q_ok, other=0.0)
     FIRST: tl.constexpr = BLOCK_N if ROPE else 0         # ROPE: the first block is done above
@@ -369,7 +331,7 @@ def _launch(q, k, v, mask, scale, rope):
         q, k_new, v_new, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_new, v_new, cos, sin))
         if k.stride(-1) != 1 or v.stride(-1) != 1:
             raise ValueError("decode_attention_rope writes into the caches: their last dimension must be contiguous")
-        rope_args = dict(ROPE=True, FIXUP=bool(ROPE_FIXUP), kn_ptr=k_new, vn_ptr=v_new, cos_ptr=cos, sin_ptr=sin,
+        rope_args = dict(ROPE=True, kn_ptr=k_new, vn_ptr=v_new, cos_ptr=cos, sin_ptr=sin,
                          pos_ptr=pos, s_knb=k_new.stride(0), s_knh=k_new.stride(1), s_vnb=v_new.stride(0),
                          s_vnh=v_new.stride(1),
                          s_cb=cos.stride(0) if cos.shape[0] > 1 else 0, s_sb=sin.stride(0) if sin.shape[0] > 1 else 0)
