@@ -15,9 +15,9 @@ import sys
 import torch
 
 from binaryllm.bench import _copies, _gpu_time, _rel_err
-from binaryllm.export.bits import pack_signs, unpack_signs
 from binaryllm.kernels import mma_w1a16 as mw
 from binaryllm.kernels import wgmma_w1a16 as wg
+from mma_xs import case                       # bench/ (this script's folder)
 
 SHAPES = [(8192, 8192), (22016, 4096), (16384, 16384), (4096, 4096), (12288, 4096), (4096, 11008)]
 CONFIGS = [(2, 4, 1, 1, 1), (2, 4, 1, 2, 1), (1, 4, 1, 1, 1), (4, 4, 1, 1, 1)]
@@ -29,13 +29,8 @@ def main() -> None:
     dev = "cuda"
     res = {"device": torch.cuda.get_device_name(), "configs": configs, "rows": {}}
     for N, K in shapes:
-        n = _copies(N * K // 8, 64)
-        g = torch.Generator(device=dev).manual_seed(N + K)
-        bits = [pack_signs(torch.randn(N, K, device=dev, generator=g)) for _ in range(n)]
-        ts = [mw.prepare_tiles(b, K) for b in bits]
-        sc = (torch.rand(N, device=dev, generator=g) + 0.5).half()
-        x = torch.randn(1, K, device=dev, generator=g).to(torch.bfloat16)
-        ref = (x.float() @ unpack_signs(bits[0], K, torch.float32).t()) * sc.float()
+        ts, sc, x, ref, g = case(N, K, dev)
+        n = len(ts)
         dense = [torch.randn(N, K, device=dev, dtype=torch.bfloat16, generator=g)
                  for _ in range(_copies(N * K * 2, 8))]
         row = {"mma_err": _rel_err(mw.mma_matmul(x, ts[0], sc, N, K), ref)}
@@ -63,7 +58,7 @@ def main() -> None:
                 row.setdefault(key, []).append(round(t, 2))
         print(f"{N}x{K}", row, flush=True)
         res["rows"][f"{N}x{K}"] = row
-        del fns, ts, bits, dense
+        del fns, ts, dense
         torch.cuda.empty_cache()
     json.dump(res, open(os.path.join(os.environ.get("OUT", "."), "wgmma_probe.json"), "w"), indent=1)
 
