@@ -331,9 +331,8 @@ def _launch(q, k, v, mask, scale, rope):
         q, k_new, v_new, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_new, v_new, cos, sin))
         if k.stride(-1) != 1 or v.stride(-1) != 1:
             raise ValueError("decode_attention_rope writes into the caches: their last dimension must be contiguous")
-        rope_args = dict(ROPE=True, kn_ptr=k_new, vn_ptr=v_new, cos_ptr=cos, sin_ptr=sin,
-                         pos_ptr=pos, s_knb=k_new.stride(0), s_knh=k_new.stride(1), s_vnb=v_new.stride(0),
-                         s_vnh=v_new.stride(1),
+        rope_args = dict(ROPE=True, kn_ptr=k_new, vn_ptr=v_new, cos_ptr=cos, sin_ptr=sin, pos_ptr=pos,
+                         s_knb=k_new.stride(0), s_knh=k_new.stride(1), s_vnb=v_new.stride(0), s_vnh=v_new.stride(1),
                          s_cb=cos.stride(0) if cos.shape[0] > 1 else 0, s_sb=sin.stride(0) if sin.shape[0] > 1 else 0)
     if nc > 1:
         po = torch.empty(B * KVH * nc * GP, DP, device=q.device, dtype=torch.float32)
