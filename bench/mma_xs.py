@@ -78,21 +78,21 @@ def main(which: str) -> None:
 
 
 def case(N: int, K: int, dev: str = "cuda"):
-    """(tiles, row scales, x, dense reference of the first tiles, generator) of an (N, K) matrix at batch 1: enough
-    random copies of the weights to cycle past the L2 cache, seeded by the shape."""
+    """(tiles, row scales, x, dense reference of the first tiles, generator, packed sign bits of every copy) of an
+    (N, K) matrix at batch 1: enough random copies of the weights to cycle past the L2 cache, seeded by the shape."""
     n = _copies(N * K // 8, 64)
     g = torch.Generator(device=dev).manual_seed(N + K)
     bits = [pack_signs(torch.randn(N, K, device=dev, generator=g)) for _ in range(n)]
     ts = [mw.prepare_tiles(b, K) for b in bits]
     sc = (torch.rand(N, device=dev, generator=g) + 0.5).half()
     x = torch.randn(1, K, device=dev, generator=g).to(torch.bfloat16)
-    return ts, sc, x, (x.float() @ unpack_signs(bits[0], K, torch.float32).t()) * sc.float(), g
+    return ts, sc, x, (x.float() @ unpack_signs(bits[0], K, torch.float32).t()) * sc.float(), g, bits
 
 
 def run(shapes, configs) -> dict:
     out = {}
     for N, K in shapes:
-        ts, sc, x, ref, _ = case(N, K)
+        ts, sc, x, ref, *_ = case(N, K)
         n = len(ts)
         row = {}
         for rep in range(2):

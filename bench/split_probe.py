@@ -23,11 +23,7 @@ from mma_xs import case                       # bench/ (this script's folder)
 def main() -> None:
     N, K = map(int, (sys.argv[1] if len(sys.argv) > 1 else "8192x8192").split("x"))
     shares = [float(s) for s in sys.argv[2].split(",")] if len(sys.argv) > 2 else [0.0625, 0.125, 0.1875, 0.25]
-    ts, sc, x, ref, g = case(N, K)
-    tiles = [mw.unpack_tiles(t, N, K) for t in ts]                 # 0/1 bits back, to cut into row ranges
-    from binaryllm.export.bits import pack_signs
-    bits = [pack_signs(b.float() * 2 - 1) for b in tiles]
-    del tiles
+    ts, sc, x, ref, g, bits = case(N, K)                           # bits: cut into row ranges below
     dense = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(_copies(N * K * 2, 8))]
     side = torch.cuda.Stream()
     res = {"device": torch.cuda.get_device_name(), "shape": [N, K], "copies": len(ts)}

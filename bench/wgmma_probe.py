@@ -29,7 +29,7 @@ def main() -> None:
     dev = "cuda"
     res = {"device": torch.cuda.get_device_name(), "configs": configs, "rows": {}}
     for N, K in shapes:
-        ts, sc, x, ref, g = case(N, K, dev)
+        ts, sc, x, ref, g, _ = case(N, K, dev)
         n = len(ts)
         dense = [torch.randn(N, K, device=dev, dtype=torch.bfloat16, generator=g)
                  for _ in range(_copies(N * K * 2, 8))]
