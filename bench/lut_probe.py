@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from binaryllm.bench import _copies, _gpu_time, _rel_err
+from binaryllm.bench import _gpu_time, _rel_err
 from binaryllm.kernels import mma_w1a16 as mw
 
 SOURCE = r"""
@@ -175,7 +175,7 @@ def compiled(N: int, K: int, rows: int, threads: int, **flags):
 
 
 def main() -> None:
-    from mma_xs import case                       # bench/ (this script's folder)
+    from mma_xs import bf16_us, case                       # bench/ (this script's folder)
     specs = sys.argv[1:] or ["8192x8192:64:256", "8192x8192:64:512", "4096x4096:32:256", "11008x4096:64:256",
                              "22016x4096:128:256", "12288x4096:64:256"]
     res = {"device": torch.cuda.get_device_name()}
@@ -189,11 +189,7 @@ def main() -> None:
         ts, sc, x, ref, g, bits = case(N, K)
         n = len(ts)
         if "bf16" not in row:
-            dense = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=g)
-                     for _ in range(_copies(N * K * 2, 8))]
-            row["bf16"] = round(_gpu_time([lambda: [torch.nn.functional.linear(x, w) for w in dense]], 5, 7) * 1e6
-                                / len(dense), 2)
-            del dense
+            row["bf16"] = bf16_us(x, N, K, g)
             row["mma"] = round(_gpu_time([lambda: [mw.mma_matmul(x, t, sc, N, K) for t in ts]], 5, 7) * 1e6 / n, 2)
         try:
             f = compiled(N, K, rows, threads, **flags)

@@ -89,6 +89,14 @@ def case(N: int, K: int, dev: str = "cuda"):
     return ts, sc, x, (x.float() @ unpack_signs(bits[0], K, torch.float32).t()) * sc.float(), g, bits
 
 
+def bf16_us(x: torch.Tensor, N: int, K: int, g: torch.Generator) -> float:
+    """cuBLAS bf16 ``linear`` of x with random (N, K) weights, µs a call: back to back in one CUDA graph, enough
+    copies of the weights to cycle past L2 (the probes' baseline in the same process)."""
+    dense = [torch.randn(N, K, device=x.device, dtype=torch.bfloat16, generator=g)
+             for _ in range(_copies(N * K * 2, 8))]
+    return round(_gpu_time([lambda: [torch.nn.functional.linear(x, w) for w in dense]], 5, 7) * 1e6 / len(dense), 2)
+
+
 def run(shapes, configs) -> dict:
     out = {}
     for N, K in shapes:

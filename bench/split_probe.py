@@ -14,21 +14,19 @@ import sys
 
 import torch
 
-from binaryllm.bench import _copies, _gpu_time, _rel_err
+from binaryllm.bench import _gpu_time, _rel_err
 from binaryllm.kernels import mma_w1a16 as mw
 from binaryllm.kernels.triton_w1a16 import prepare_weight, w1a16_matmul
-from mma_xs import case                       # bench/ (this script's folder)
+from mma_xs import bf16_us, case                       # bench/ (this script's folder)
 
 
 def main() -> None:
     N, K = map(int, (sys.argv[1] if len(sys.argv) > 1 else "8192x8192").split("x"))
     shares = [float(s) for s in sys.argv[2].split(",")] if len(sys.argv) > 2 else [0.0625, 0.125, 0.1875, 0.25]
     ts, sc, x, ref, g, bits = case(N, K)                           # bits: cut into row ranges below
-    dense = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(_copies(N * K * 2, 8))]
     side = torch.cuda.Stream()
     res = {"device": torch.cuda.get_device_name(), "shape": [N, K], "copies": len(ts)}
-    res["bf16"] = round(_gpu_time([lambda: [torch.nn.functional.linear(x, w) for w in dense]], 5, 7) * 1e6
-                        / len(dense), 2)
+    res["bf16"] = bf16_us(x, N, K, g)
     res["mma_all"] = round(_gpu_time([lambda: [mw.mma_matmul(x, t, sc, N, K) for t in ts]], 5, 7) * 1e6 / len(ts), 2)
     print(res, flush=True)
     for share in shares:
