@@ -16,6 +16,7 @@ contiguous for a warp).  Times back to back in one CUDA graph with the weights c
     PYTHONPATH=src OUT=. python bench/lut_probe.py [NxK:ROWS:THREADS[:MODE,PDL,ORDER] ...]   # ./lut_probe.json
 """
 import ctypes
+import functools
 import json
 import os
 import sys
@@ -152,24 +153,35 @@ class _Config(ctypes.Structure):
                 ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_Attr)), ("nattrs", ctypes.c_uint)]
 
 
+@functools.cache
+def _driver():
+    return torch.cuda._utils._get_gpu_runtime_library()
+
+
+def launch(func, grid: int, block: int, smem: int, args, pdl: bool = True) -> None:
+    """Launch an NVRTC-compiled kernel on the current stream through ``cuLaunchKernelEx``, with programmatic
+    dependent launch allowed (attribute 6) when ``pdl``.  ``args``: tensors (passed as device pointers) and ctypes
+    scalars, in the kernel's order."""
+    ptrs = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args]
+    argv = (ctypes.c_void_p * len(ptrs))(*[ctypes.cast(ctypes.byref(p), ctypes.c_void_p) for p in ptrs])
+    attr = _Attr(6, 0)
+    attr.value[0] = 1
+    cfg = _Config((grid, 1, 1), (block, 1, 1), smem, torch.cuda.current_stream().cuda_stream,
+                  ctypes.pointer(attr), 1 if pdl else 0)
+    rc = _driver().cuLaunchKernelEx(ctypes.byref(cfg), func, argv, None)
+    if rc:
+        raise RuntimeError(f"cuLaunchKernelEx: {rc}")
+
+
 def compiled(N: int, K: int, rows: int, threads: int, **flags):
     """A launcher for one compiled size: (x, wt, sc, y) -> y, launched with programmatic dependent launch allowed
-    (cuLaunchKernelEx, attribute 6) when flags["pdl"] (the default)."""
+    when flags["pdl"] (the default)."""
     kern = torch.cuda._compile_kernel(source(N, K, rows, threads, **flags), "lut_gemv")
     smem = smem_bytes(K, rows, threads)
     kern.set_shared_memory_config(smem)
-    cuda = torch.cuda._utils._get_gpu_runtime_library()
-    attr = _Attr(6, 0)
-    attr.value[0] = 1
 
     def call(x, wt, sc, y):
-        ptrs = [ctypes.c_void_p(t.data_ptr()) for t in (x, wt, sc, y)] + [ctypes.c_uint(0)]
-        args = (ctypes.c_void_p * 5)(*[ctypes.cast(ctypes.byref(p), ctypes.c_void_p) for p in ptrs])
-        cfg = _Config((N // rows, 1, 1), (threads, 1, 1), smem, torch.cuda.current_stream().cuda_stream,
-                      ctypes.pointer(attr), 1 if flags.get("pdl", 1) else 0)
-        rc = cuda.cuLaunchKernelEx(ctypes.byref(cfg), kern.func, args, None)
-        if rc:
-            raise RuntimeError(f"cuLaunchKernelEx: {rc}")
+        launch(kern.func, N // rows, threads, smem, [x, wt, sc, y, ctypes.c_uint(0)], bool(flags.get("pdl", 1)))
         return y
     return call
 
