@@ -35,9 +35,11 @@ SOURCE = r"""
 
 __device__ __forceinline__ float bf(unsigned h) { return __uint_as_float(h << 16); }
 
+// not ld.global.nc: ptxas moves griddepcontrol.wait (SASS ACQBULK) above .nc loads, so the weights would not
+// stream in while the previous kernel finishes (it keeps the wait below plain loads, as Triton emits them)
 __device__ __forceinline__ uint4 ldw(const uint4* p) {
   uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+  asm volatile("ld.global.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
   return v;
 }
