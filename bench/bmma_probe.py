@@ -17,14 +17,15 @@ rounding of x to the 2^-sh grid.
 Three kernels (CUDA C through NVRTC, launched with PDL through ``lut_probe.launch``):
 - ``bmma_prep``: max|x| (every program, redundantly), then the planes of its 256-input chunks by warp ballots, in
   the B-fragment order of ``m16n8k256`` (lane ``4g + t`` holds plane ``8h + g``, inputs ``32t..`` and
-  ``128 + 32t..`` of a chunk); program 0 also writes ``sum q`` and ``sh``.  In a decode step the kernel that
-  makes x could write the planes instead.
+  ``128 + 32t..`` of a chunk); the group-0 warps also write their chunk's ``sum q``, program 0 writes ``sh``.  In
+  a decode step the kernel that makes x could write the planes instead.
 - ``bmma_gemv``: a program of WK x WR warps; warp (wk, wr) owns RT row tiles of 16 and the wk-th slice of the
   chunks.  It loads all its weight fragments (16 bytes a lane, 512 contiguous bytes a warp) before
   ``griddepcontrol.wait``, then the planes, then RT x chunks x P/8 ``BMMA``s; the int64 row sums are reduced
   over the quad by shuffles and over the K slices in shared memory.
 - ``bmma_fused``: both in one launch, from bf16 x: its first programs make the planes after the wait while every
-  program's weights stream in; the others spin on a counter (``gemv_body``'s comment).
+  program's weights stream in; the others spin on a counter (``gemv_body``'s comment).  Measured slower than the
+  two kernels (docs/RESULTS.md, thirty-second session).
 
 Weights are re-laid once from binaryllm's (N, K/8) sign bytes (``layout``).  N and K need not be multiples of
 16 and 256 (padded with zero planes and zero rows).  Times back to back in one CUDA graph with the weights cycled
