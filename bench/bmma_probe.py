@@ -14,7 +14,7 @@ bits ``b`` (1 = +1): ``sum_k w_k q_k = 2 * sum_j c_j popc(b & plane_j) - sum_k q
 output is bit-identical to ``exact_reference`` below; against the dense fp32 product it differs only by the
 rounding of x to the 2^-sh grid.
 
-Three kernels (CUDA C through NVRTC, launched with PDL through ``lut_probe.launch``):
+Three kernels (CUDA C through NVRTC, launched with PDL through ``nvrtc_util.launch``):
 - ``bmma_prep``: max|x| (every program, redundantly), then the planes of its 256-input chunks by warp ballots, in
   the B-fragment order of ``m16n8k256`` (lane ``4g + t`` holds plane ``8h + g``, inputs ``32t..`` and
   ``128 + 32t..`` of a chunk); the group-0 warps also write their chunk's ``sum q``, program 0 writes ``sh``.  In
@@ -44,6 +44,8 @@ import sys
 
 import torch
 
+from nvrtc_util import HELPERS, launch                  # bench/ (this script's folder)
+
 SOURCE = r"""
 #define G_ (P_ / 8)
 #define NCH ((K_ + 255) / 256)
@@ -51,21 +53,6 @@ SOURCE = r"""
 #define CPW ((NCH + WK - 1) / WK)
 #define ROWS (16 * RT * WR)
 #define NT (32 * WK * WR)
-
-__device__ __forceinline__ float bf(unsigned h) { return __uint_as_float(h << 16); }
-
-// not ld.global.nc: ptxas moves griddepcontrol.wait (SASS ACQBULK) above .nc loads, so the weights would not
-// stream in while the previous kernel finishes (it keeps the wait below plain loads, as Triton emits them)
-__device__ __forceinline__ uint4 ldw(const uint4* p) {
-  uint4 v;
-#if NC                                                              // the hoisted wait, for an A/B
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-#else
-  asm volatile("ld.global.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-#endif
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
 
 __device__ __forceinline__ void bmma(int* c, const uint4 a, const uint2 b) {
   asm("mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -311,7 +298,7 @@ def source(N: int, K: int, rt: int, wk: int, wr: int, planes: int = 24, mode: in
            rep: int = 1, nc: int = 0) -> str:
     assert planes % 8 == 0 and 8 < planes <= 32 and K % 8 == 0, (planes, K)
     head = f"#define N_ {N}\n#define K_ {K}\n#define RT {rt}\n#define WK {wk}\n#define WR {wr}\n#define P_ {planes}\n"
-    return head + f"#define MODE {mode}\n#define PDL {pdl}\n#define PW {pw}\n#define REP {rep}\n#define NC {nc}\n" + SOURCE
+    return head + f"#define MODE {mode}\n#define PDL {pdl}\n#define PW {pw}\n#define REP {rep}\n#define NC {nc}\n" + HELPERS + SOURCE
 
 
 def layout(bits: torch.Tensor, K: int) -> torch.Tensor:
@@ -390,7 +377,6 @@ def compiled(N: int, K: int, rt: int, wk: int, wr: int, planes: int = 24, mode: 
              rep: int = 1, nc: int = 0):
     """(prep(x, pl, hdr), gemv(wt, pl, hdr, sc, y), fused(wt, x, pl, hdr, sync, sc, y)) launchers for one compiled
     size; ``sync``: two int32 zeros, kept between calls (the fused kernel leaves them zero)."""
-    from lut_probe import launch                          # bench/ (this script's folder)
     src = source(N, K, rt, wk, wr, planes, mode, pdl, pw, rep, nc)
     kp, kg, kf = (torch.cuda._compile_kernel(src, name) for name in ("bmma_prep", "bmma_gemv", "bmma_fused"))
     chunks, rows = (K + 255) // 256, 16 * rt * wr

@@ -16,7 +16,6 @@ contiguous for a warp).  Times back to back in one CUDA graph with the weights c
     PYTHONPATH=src OUT=. python bench/lut_probe.py [NxK:ROWS:THREADS[:MODE,PDL,ORDER] ...]   # ./lut_probe.json
 """
 import ctypes
-import functools
 import json
 import os
 import sys
@@ -25,6 +24,7 @@ import torch
 
 from binaryllm.bench import _gpu_time, _rel_err
 from binaryllm.kernels import mma_w1a16 as mw
+from nvrtc_util import HELPERS, launch                  # bench/ (this script's folder)
 
 SOURCE = r"""
 #define KP (NT / ROWS)
@@ -32,17 +32,6 @@ SOURCE = r"""
 #define PER (KW4 / KP)
 #define GROUPS (K_ / 4)
 #define GPER (GROUPS / KP)
-
-__device__ __forceinline__ float bf(unsigned h) { return __uint_as_float(h << 16); }
-
-// not ld.global.nc: ptxas moves griddepcontrol.wait (SASS ACQBULK) above .nc loads, so the weights would not
-// stream in while the previous kernel finishes (it keeps the wait below plain loads, as Triton emits them)
-__device__ __forceinline__ uint4 ldw(const uint4* p) {
-  uint4 v;
-  asm volatile("ld.global.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
 
 __device__ __forceinline__ float lds(unsigned a) {
   float v;
@@ -133,7 +122,7 @@ def source(N: int, K: int, rows: int, threads: int, mode: int = 0, pdl: int = 1,
     """mode 0: the kernel; 1: weights made in registers, no loads (the lookups alone); 2: the loads and no lookups."""
     assert N % rows == 0 and threads % rows == 0 and K % (128 * (threads // rows)) == 0, (N, K, rows, threads)
     head = f"#define N_ {N}\n#define K_ {K}\n#define ROWS {rows}\n#define NT {threads}\n"
-    return head + f"#define MODE {mode}\n#define PDL {pdl}\n#define ORDER {order}\n" + SOURCE
+    return head + f"#define MODE {mode}\n#define PDL {pdl}\n#define ORDER {order}\n" + HELPERS + SOURCE
 
 
 def smem_bytes(K: int, rows: int, threads: int) -> int:
@@ -144,35 +133,6 @@ def layout(bits: torch.Tensor) -> torch.Tensor:
     """(N, K/8) uint8 sign bits (binaryllm's layout) -> (K/128, N, 4) int32: 16 bytes of one row per load."""
     N = bits.shape[0]
     return bits.contiguous().view(torch.int32).view(N, -1, 4).permute(1, 0, 2).contiguous()
-
-
-class _Attr(ctypes.Structure):
-    _fields_ = [("id", ctypes.c_uint), ("pad", ctypes.c_uint), ("value", ctypes.c_uint * 16)]
-
-
-class _Config(ctypes.Structure):
-    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("smem", ctypes.c_uint),
-                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_Attr)), ("nattrs", ctypes.c_uint)]
-
-
-@functools.cache
-def _driver():
-    return torch.cuda._utils._get_gpu_runtime_library()
-
-
-def launch(func, grid: int, block: int, smem: int, args, pdl: bool = True) -> None:
-    """Launch an NVRTC-compiled kernel on the current stream through ``cuLaunchKernelEx``, with programmatic
-    dependent launch allowed (attribute 6) when ``pdl``.  ``args``: tensors (passed as device pointers) and ctypes
-    scalars, in the kernel's order."""
-    ptrs = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args]
-    argv = (ctypes.c_void_p * len(ptrs))(*[ctypes.cast(ctypes.byref(p), ctypes.c_void_p) for p in ptrs])
-    attr = _Attr(6, 0)
-    attr.value[0] = 1
-    cfg = _Config((grid, 1, 1), (block, 1, 1), smem, torch.cuda.current_stream().cuda_stream,
-                  ctypes.pointer(attr), 1 if pdl else 0)
-    rc = _driver().cuLaunchKernelEx(ctypes.byref(cfg), func, argv, None)
-    if rc:
-        raise RuntimeError(f"cuLaunchKernelEx: {rc}")
 
 
 def compiled(N: int, K: int, rows: int, threads: int, **flags):

@@ -3,14 +3,16 @@ CPU by rebuilding every m16n8k256 from its fragments (``emulate``) and comparing
 the GPU run compares the kernels' output with ``exact_reference`` bit for bit (docs/RESULTS.md)."""
 import importlib.util
 import os
+import sys
 
 import pytest
 import torch
 
 from binaryllm.export.bits import pack_signs, unpack_signs
 
-_spec = importlib.util.spec_from_file_location(
-    "bmma_probe", os.path.join(os.path.dirname(__file__), "..", "bench", "bmma_probe.py"))
+_BENCH = os.path.join(os.path.dirname(__file__), "..", "bench")
+sys.path.insert(0, _BENCH)                                    # its sibling nvrtc_util, as when run from bench/
+_spec = importlib.util.spec_from_file_location("bmma_probe", os.path.join(_BENCH, "bmma_probe.py"))
 bp = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bp)                                  # imports only; main() is not run
 
