@@ -38,8 +38,6 @@ replaces each BMMA by four popc (wrong values: the loads without the tensor core
 program (4); REP: every BMMA issued REP times (wrong values unless 1: the tensor-core rate); NC 1: the weights
 through ld.global.nc, which lets ptxas hoist griddepcontrol.wait above them (as in the first runs; 0).
 """
-import json
-import os
 import sys
 
 import torch
@@ -397,77 +395,61 @@ def compiled(N: int, K: int, rt: int, wk: int, wr: int, planes: int = 24, mode: 
     return prep, gemv, fused
 
 
-def main() -> None:
+def measure(N: int, K: int, tile, flags: dict, case, row: dict):
     from binaryllm.bench import _gpu_time, _rel_err
-    from binaryllm.kernels import mma_w1a16 as mw
-    from mma_xs import bf16_us, case                       # bench/ (this script's folder)
-    specs = sys.argv[1:] or ["8192x8192:4:8:1", "8192x8192:2:8:1", "8192x8192:4:4:2", "4096x4096:2:8:1",
-                             "12288x4096:2:8:1", "22016x4096:4:8:1", "4096x11008:2:8:1", "16384x16384:4:8:1"]
-    res = {"device": torch.cuda.get_device_name()}
-    for spec in specs:
-        shape, rt, wk, wr, *fl = spec.split(":")
-        N, K = map(int, shape.split("x"))
-        rt, wk, wr = int(rt), int(wk), int(wr)
-        flags = dict(zip(("planes", "mode", "pdl", "pw", "rep", "nc"), map(int, fl[0].split(",")))) if fl else {}
-        P = flags.get("planes", 24)
-        key = f"bmma {rt}:{wk}:{wr}" + (f" {fl[0]}" if fl else "")
-        row = res.setdefault(shape, {})
-        ts, sc, x, ref, g, bits = case(N, K)
-        n = len(ts)
-        if "bf16" not in row:
-            row["bf16"] = bf16_us(x, N, K, g)
-            row["mma"] = round(_gpu_time([lambda: [mw.mma_matmul(x, t, sc, N, K) for t in ts]], 5, 7) * 1e6 / n, 2)
-        try:
-            prep, gemv, fused = compiled(N, K, rt, wk, wr, **flags)
-            wts = [layout(b, K) for b in bits]
-            xr = x.view(-1)
-            pl = torch.zeros(((K + 255) // 256) * (P // 8) * 32, 2, dtype=torch.int32, device="cuda")
-            hdr = torch.zeros(1 + (K + 255) // 256, dtype=torch.int64, device="cuda")    # sh, sum q a chunk
-            sync = torch.zeros(2, dtype=torch.int32, device="cuda")
-            ys = [torch.empty(N, device="cuda", dtype=torch.bfloat16) for _ in range(n)]
-            prep(xr, pl, hdr)
-            gemv(wts[0], pl, hdr, sc, ys[0])
-            torch.cuda.synchronize()
-            q, sh = quantize(xr, P)
-            out = {"planes_ok": bool(torch.equal(pl, planes_ref(xr, P))),
-                   "hdr_ok": [int(hdr[0]), int(hdr[1:].sum())] == [sh, int(q.sum())]}
-            checked = flags.get("mode", 0) == 0 and flags.get("rep", 1) == 1
-            if checked:
-                exact = exact_reference(xr, bits[0], sc, K, P)
-                out["mismatch"] = int((ys[0] != exact).sum())
-                out["err"] = _rel_err(ys[0][None].float(), ref)
-                pl.zero_()
-                hdr.zero_()
-                yf = fused(wts[0], xr, pl, hdr, sync, sc, torch.empty_like(ys[0]))
-                torch.cuda.synchronize()
-                out["fused_mismatch"] = int((yf != exact).sum())
-                out["sync_reset"] = bool((sync == 0).all())          # the fused kernel leaves its counters at 0
-            if checked and (out["mismatch"] or out["fused_mismatch"] or not out["sync_reset"] or not out["planes_ok"]
-                            or not out["hdr_ok"]):
-                row[key] = {"WRONG": out}
-            else:
-                one = lambda: [gemv(w, pl, hdr, sc, yy) for w, yy in zip(wts, ys)]          # noqa: E731
-                both = lambda: [(prep(xr, pl, hdr), gemv(w, pl, hdr, sc, yy)) for w, yy in zip(wts, ys)]  # noqa: E731
-                fu = lambda: [fused(w, xr, pl, hdr, sync, sc, yy) for w, yy in zip(wts, ys)]  # noqa: E731
-                out["gemv_us"] = [round(_gpu_time([one], 5, 7) * 1e6 / n, 2) for _ in range(2)]
-                out["prep_gemv_us"] = [round(_gpu_time([both], 5, 7) * 1e6 / n, 2) for _ in range(2)]
-                out["fused_us"] = [round(_gpu_time([fu], 5, 7) * 1e6 / n, 2) for _ in range(2)]
-                out["prep_us"] = round(_gpu_time([lambda: [prep(xr, pl, hdr) for _ in range(n)]], 5, 7) * 1e6 / n, 2)
-                if checked:                                   # the timed replays left the fused kernel's output
-                    out["fused_after_mismatch"] = int((ys[0] != exact).sum())
-                    out["sync_reset_after"] = bool((sync == 0).all())
-                best = min(out["gemv_us"])
-                out["x_bf16"] = [round(row["bf16"] / best, 2), round(row["bf16"] / min(out["prep_gemv_us"]), 2),
-                                 round(row["bf16"] / min(out["fused_us"]), 2)]
-                out["hbm"] = [round(N * K / 8 / t / 1e6 / 3.35, 3) for t in (best, min(out["fused_us"]))]
-                row[key] = out
-        except Exception as e:
-            row[key] = f"FAIL {type(e).__name__}: {str(e)[:300]}"
-        print(shape, row, flush=True)
-        ts.clear()
-        bits.clear()
-        torch.cuda.empty_cache()
-    json.dump(res, open(os.path.join(os.environ.get("OUT", "."), "bmma_probe.json"), "w"), indent=1)
+    ts, sc, x, ref, g, bits = case
+    rt, wk, wr = tile
+    n, P = len(ts), flags.get("planes", 24)
+    prep, gemv, fused = compiled(N, K, rt, wk, wr, **flags)
+    wts = [layout(b, K) for b in bits]
+    xr = x.view(-1)
+    pl = torch.zeros(((K + 255) // 256) * (P // 8) * 32, 2, dtype=torch.int32, device="cuda")
+    hdr = torch.zeros(1 + (K + 255) // 256, dtype=torch.int64, device="cuda")    # sh, sum q a chunk
+    sync = torch.zeros(2, dtype=torch.int32, device="cuda")
+    ys = [torch.empty(N, device="cuda", dtype=torch.bfloat16) for _ in range(n)]
+    prep(xr, pl, hdr)
+    gemv(wts[0], pl, hdr, sc, ys[0])
+    torch.cuda.synchronize()
+    q, sh = quantize(xr, P)
+    out = {"planes_ok": bool(torch.equal(pl, planes_ref(xr, P))),
+           "hdr_ok": [int(hdr[0]), int(hdr[1:].sum())] == [sh, int(q.sum())]}
+    checked = flags.get("mode", 0) == 0 and flags.get("rep", 1) == 1
+    if checked:
+        exact = exact_reference(xr, bits[0], sc, K, P)
+        out["mismatch"] = int((ys[0] != exact).sum())
+        out["err"] = _rel_err(ys[0][None].float(), ref)
+        pl.zero_()
+        hdr.zero_()
+        yf = fused(wts[0], xr, pl, hdr, sync, sc, torch.empty_like(ys[0]))
+        torch.cuda.synchronize()
+        out["fused_mismatch"] = int((yf != exact).sum())
+        out["sync_reset"] = bool((sync == 0).all())          # the fused kernel leaves its counters at 0
+    if checked and (out["mismatch"] or out["fused_mismatch"] or not out["sync_reset"] or not out["planes_ok"]
+                    or not out["hdr_ok"]):
+        return {"WRONG": out}
+    one = lambda: [gemv(w, pl, hdr, sc, yy) for w, yy in zip(wts, ys)]          # noqa: E731
+    both = lambda: [(prep(xr, pl, hdr), gemv(w, pl, hdr, sc, yy)) for w, yy in zip(wts, ys)]  # noqa: E731
+    fu = lambda: [fused(w, xr, pl, hdr, sync, sc, yy) for w, yy in zip(wts, ys)]  # noqa: E731
+    out["gemv_us"] = [round(_gpu_time([one], 5, 7) * 1e6 / n, 2) for _ in range(2)]
+    out["prep_gemv_us"] = [round(_gpu_time([both], 5, 7) * 1e6 / n, 2) for _ in range(2)]
+    out["fused_us"] = [round(_gpu_time([fu], 5, 7) * 1e6 / n, 2) for _ in range(2)]
+    out["prep_us"] = round(_gpu_time([lambda: [prep(xr, pl, hdr) for _ in range(n)]], 5, 7) * 1e6 / n, 2)
+    if checked:                                   # the timed replays left the fused kernel's output
+        out["fused_after_mismatch"] = int((ys[0] != exact).sum())
+        out["sync_reset_after"] = bool((sync == 0).all())
+    best = min(out["gemv_us"])
+    out["x_bf16"] = [round(row["bf16"] / best, 2), round(row["bf16"] / min(out["prep_gemv_us"]), 2),
+                     round(row["bf16"] / min(out["fused_us"]), 2)]
+    out["hbm"] = [round(N * K / 8 / t / 1e6 / 3.35, 3) for t in (best, min(out["fused_us"]))]
+    return out
+
+
+def main() -> None:
+    from mma_xs import probe_specs                         # bench/ (this script's folder)
+    probe_specs("bmma", sys.argv[1:] or ["8192x8192:1:8:1", "8192x8192:1:8:1:16", "8192x8192:1:4:1",
+                                         "16384x16384:1:16:1", "4096x4096:1:8:1", "12288x4096:1:8:1",
+                                         "22016x4096:2:8:1", "4096x11008:1:8:1"],
+                3, ("planes", "mode", "pdl", "pw", "rep", "nc"), measure)
 
 
 if __name__ == "__main__":

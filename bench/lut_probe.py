@@ -16,14 +16,11 @@ contiguous for a warp).  Times back to back in one CUDA graph with the weights c
     PYTHONPATH=src OUT=. python bench/lut_probe.py [NxK:ROWS:THREADS[:MODE,PDL,ORDER] ...]   # ./lut_probe.json
 """
 import ctypes
-import json
-import os
 import sys
 
 import torch
 
 from binaryllm.bench import _gpu_time, _rel_err
-from binaryllm.kernels import mma_w1a16 as mw
 from nvrtc_util import HELPERS, launch                  # bench/ (this script's folder)
 
 SOURCE = r"""
@@ -148,44 +145,28 @@ def compiled(N: int, K: int, rows: int, threads: int, **flags):
     return call
 
 
+def measure(N: int, K: int, tile, flags: dict, case, row: dict):
+    ts, sc, x, ref, g, bits = case
+    rows, threads = tile
+    f = compiled(N, K, rows, threads, **flags)
+    wts = [layout(b) for b in bits]
+    ys = [torch.empty(N, device="cuda", dtype=torch.bfloat16) for _ in ts]
+    f(x, wts[0], sc, ys[0])
+    torch.cuda.synchronize()
+    err = _rel_err(ys[0][None].float(), ref)
+    if flags.get("mode", 0) == 0 and err > 1e-2:               # modes 1 and 2 compute no product: not checked
+        return f"WRONG {err:.3g}"
+    t = [round(_gpu_time([lambda: [f(x, w, sc, yy) for w, yy in zip(wts, ys)]], 5, 7) * 1e6 / len(ts), 2)
+         for _ in range(2)]
+    return {"err": err, "us": t, "x_bf16": round(row["bf16"] / min(t), 2),
+            "hbm": round(N * K / 8 / min(t) / 1e6 / 3.35, 3)}
+
+
 def main() -> None:
-    from mma_xs import bf16_us, case                       # bench/ (this script's folder)
-    specs = sys.argv[1:] or ["8192x8192:64:256", "8192x8192:64:512", "4096x4096:32:256", "11008x4096:64:256",
-                             "22016x4096:128:256", "12288x4096:64:256"]
-    res = {"device": torch.cuda.get_device_name()}
-    for spec in specs:
-        shape, rows, threads, *fl = spec.split(":")
-        N, K = map(int, shape.split("x"))
-        rows, threads = int(rows), int(threads)
-        flags = dict(zip(("mode", "pdl", "order"), map(int, fl[0].split(",")))) if fl else {}
-        key = f"lut {rows}:{threads}" + (f" {fl[0]}" if fl else "")
-        row = res.setdefault(shape, {})
-        ts, sc, x, ref, g, bits = case(N, K)
-        n = len(ts)
-        if "bf16" not in row:
-            row["bf16"] = bf16_us(x, N, K, g)
-            row["mma"] = round(_gpu_time([lambda: [mw.mma_matmul(x, t, sc, N, K) for t in ts]], 5, 7) * 1e6 / n, 2)
-        try:
-            f = compiled(N, K, rows, threads, **flags)
-            wts = [layout(b) for b in bits]
-            ys = [torch.empty(N, device="cuda", dtype=torch.bfloat16) for _ in range(n)]
-            f(x, wts[0], sc, ys[0])
-            torch.cuda.synchronize()
-            err = _rel_err(ys[0][None].float(), ref)
-            if flags.get("mode", 0) == 0 and err > 1e-2:       # modes 1 and 2 compute no product: not checked
-                row[key] = f"WRONG {err:.3g}"
-            else:
-                t = [round(_gpu_time([lambda: [f(x, w, sc, yy) for w, yy in zip(wts, ys)]], 5, 7) * 1e6 / n, 2)
-                     for _ in range(2)]
-                row[key] = {"err": err, "us": t, "x_bf16": round(row["bf16"] / min(t), 2),
-                            "hbm": round(N * K / 8 / min(t) / 1e6 / 3.35, 3)}
-        except Exception as e:
-            row[key] = f"FAIL {type(e).__name__}: {str(e)[:300]}"
-        print(shape, row, flush=True)
-        ts.clear()
-        bits.clear()
-        torch.cuda.empty_cache()
-    json.dump(res, open(os.path.join(os.environ.get("OUT", "."), "lut_probe.json"), "w"), indent=1)
+    from mma_xs import probe_specs                         # bench/ (this script's folder)
+    probe_specs("lut", sys.argv[1:] or ["8192x8192:64:256", "8192x8192:64:512", "4096x4096:32:256",
+                                        "11008x4096:64:256", "22016x4096:128:256", "12288x4096:64:256"],
+                2, ("mode", "pdl", "order"), measure)
 
 
 if __name__ == "__main__":

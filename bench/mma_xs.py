@@ -97,6 +97,38 @@ def bf16_us(x: torch.Tensor, N: int, K: int, g: torch.Generator) -> float:
     return round(_gpu_time([lambda: [torch.nn.functional.linear(x, w) for w in dense]], 5, 7) * 1e6 / len(dense), 2)
 
 
+def probe_specs(name: str, specs, ints: int, flag_names, measure) -> dict:
+    """The batch-1 probes' driver (lut_probe, bmma_probe).  A spec is "NxK" then ``ints`` integer tile fields, then
+    optionally comma-separated integer flags named by ``flag_names``, all joined by ":".  Per shape: ``case`` and
+    its cuBLAS bf16 and ``mma`` baselines, once; per spec: ``measure(N, K, tile, flags, case, row)``, stored under
+    "<name> <tile>[ <flags>]" (FAIL and the error where it raises).  Every row is printed; ./<name>_probe.json
+    (in $OUT)."""
+    res = {"device": torch.cuda.get_device_name()}
+    for spec in specs:
+        shape, *f = spec.split(":")
+        N, K = map(int, shape.split("x"))
+        tile = [int(v) for v in f[:ints]]
+        flags = dict(zip(flag_names, map(int, f[ints].split(",")))) if len(f) > ints else {}
+        key = f"{name} " + ":".join(f[:ints]) + (f" {f[ints]}" if len(f) > ints else "")
+        row = res.setdefault(shape, {})
+        c = case(N, K)
+        ts, sc, x, ref, g, bits = c
+        if "bf16" not in row:
+            row["bf16"] = bf16_us(x, N, K, g)
+            row["mma"] = round(_gpu_time([lambda: [mw.mma_matmul(x, t, sc, N, K) for t in ts]], 5, 7) * 1e6 / len(ts),
+                               2)
+        try:
+            row[key] = measure(N, K, tile, flags, c, row)
+        except Exception as e:
+            row[key] = f"FAIL {type(e).__name__}: {str(e)[:300]}"
+        print(shape, row, flush=True)
+        ts.clear()
+        bits.clear()
+        torch.cuda.empty_cache()
+    json.dump(res, open(os.path.join(os.environ.get("OUT", "."), f"{name}_probe.json"), "w"), indent=1)
+    return res
+
+
 def run(shapes, configs) -> dict:
     out = {}
     for N, K in shapes:
