@@ -113,6 +113,18 @@ __device__ __forceinline__ void prep_item(const unsigned short* __restrict__ x, 
   }
 }
 
+// a program of NTH threads: the row's scale (program 0 writes sh), then its warps' items
+template <int NTH>
+__device__ __forceinline__ void make_planes(const unsigned short* __restrict__ x, uint2* pl, long long* hdr,
+                                            float* red) {
+  int e;
+  frexpf(row_max<NTH>((const uint4*)x, red), &e);
+  const int sh = min(P_ - 1 - e, 127);
+  if (blockIdx.x == 0 && threadIdx.x == 0) hdr[0] = sh;
+  const int item = blockIdx.x * (NTH / 32) + (threadIdx.x >> 5);
+  if (item < NCH * G_) prep_item(x, pl, hdr, item, sh);
+}
+
 extern "C" __global__ void __launch_bounds__(32 * PW, 1)
 bmma_prep(const unsigned short* __restrict__ x, uint2* __restrict__ pl, long long* __restrict__ hdr) {
 #if PDL
@@ -120,12 +132,7 @@ bmma_prep(const unsigned short* __restrict__ x, uint2* __restrict__ pl, long lon
   asm volatile("griddepcontrol.launch_dependents;");
 #endif
   __shared__ float red[PW];
-  const int item = blockIdx.x * PW + (threadIdx.x >> 5);
-  int e;
-  frexpf(row_max<32 * PW>((const uint4*)x, red), &e);
-  const int sh = min(P_ - 1 - e, 127);
-  if (blockIdx.x == 0 && threadIdx.x == 0) hdr[0] = sh;
-  if (item < NCH * G_) prep_item(x, pl, hdr, item, sh);
+  make_planes<32 * PW>(x, pl, hdr, red);
 }
 
 // FUSED: the first programs make the planes (as bmma_prep) after griddepcontrol.wait, publish them with a fence and
@@ -178,12 +185,7 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ wt, const un
     constexpr int NPREP = (NCH * G_ + NT / 32 - 1) / (NT / 32);
     if (blockIdx.x < NPREP) {
       __shared__ float fred[NT / 32];
-      int e;
-      frexpf(row_max<NT>((const uint4*)x, fred), &e);
-      const int sh = min(P_ - 1 - e, 127);
-      if (blockIdx.x == 0 && threadIdx.x == 0) hdr[0] = sh;
-      const int item = blockIdx.x * (NT / 32) + warp;
-      if (item < NCH * G_) prep_item(x, pl, hdr, item, sh);
+      make_planes<NT>(x, pl, hdr, fred);
       __threadfence();
       __syncthreads();
       if (threadIdx.x == 0) atomicAdd(sync, 1u);
