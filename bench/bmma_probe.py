@@ -139,6 +139,10 @@ bmma_prep(const unsigned short* __restrict__ x, uint2* __restrict__ pl, long lon
 // a counter, and every program spins on the counter before it reads them (through L2: they were written during
 // this kernel); the last program through resets the counters for the next launch.  Programs start in index order,
 // so the makers are resident before any program waits on them.
+// the planes and sums: through L2 when this kernel wrote them (FUSED), else through the read-only path
+template <bool FUSED, class T>
+__device__ __forceinline__ T ldp(const T* p) { return FUSED ? __ldcg(p) : __ldg(p); }
+
 template <bool FUSED>
 __device__ __forceinline__ void gemv_body(const uint4* __restrict__ wt, const unsigned short* __restrict__ x,
                                           uint2* pl, long long* hdr, unsigned* sync,
@@ -208,8 +212,8 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ wt, const un
   if (warp == 0) {
 #pragma unroll
     for (int m = 0; m < (NCH + 31) / 32; m++)
-      if (lane + 32 * m < NCH) Q += FUSED ? __ldcg(hdr + 1 + lane + 32 * m) : __ldg(hdr + 1 + lane + 32 * m);
-    sh = (int)(FUSED ? __ldcg(hdr) : __ldg(hdr));
+      if (lane + 32 * m < NCH) Q += ldp<FUSED>(hdr + 1 + lane + 32 * m);
+    sh = (int)ldp<FUSED>(hdr);
   }
   int acc[RT][G_][4];
 #pragma unroll
@@ -222,8 +226,7 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ wt, const un
     uint2 b[G_];
 #pragma unroll
     for (int h = 0; h < G_; h++)
-      b[h] = c < NCH ? (FUSED ? __ldcg(pl + (c * G_ + h) * 32 + lane) : __ldg(pl + (c * G_ + h) * 32 + lane))
-                     : make_uint2(0u, 0u);
+      b[h] = c < NCH ? ldp<FUSED>(pl + (c * G_ + h) * 32 + lane) : make_uint2(0u, 0u);
 #pragma unroll
     for (int rep = 0; rep < REP; rep++)
 #pragma unroll
@@ -298,7 +301,8 @@ def source(N: int, K: int, rt: int, wk: int, wr: int, planes: int = 24, mode: in
            rep: int = 1, nc: int = 0) -> str:
     assert planes % 8 == 0 and 8 < planes <= 32 and K % 8 == 0, (planes, K)
     head = f"#define N_ {N}\n#define K_ {K}\n#define RT {rt}\n#define WK {wk}\n#define WR {wr}\n#define P_ {planes}\n"
-    return head + f"#define MODE {mode}\n#define PDL {pdl}\n#define PW {pw}\n#define REP {rep}\n#define NC {nc}\n" + HELPERS + SOURCE
+    head += f"#define MODE {mode}\n#define PDL {pdl}\n#define PW {pw}\n#define REP {rep}\n#define NC {nc}\n"
+    return head + HELPERS + SOURCE
 
 
 def layout(bits: torch.Tensor, K: int) -> torch.Tensor:
