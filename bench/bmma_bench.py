@@ -1,0 +1,100 @@
+"""The package's binary-tensor-core batch-1 kernels (``kernels/bmma_w1a16.py``: prep + product) against the ``mma``
+kernel and cuBLAS bf16, in one process on one GPU.  Every output is checked first: bit for bit against
+``bmma_w1a16.reference`` (the exact rounding), the planes against ``planes_ref``; shapes that are not multiples of
+the tiles, paired tiles and a bias are checked too.  Times: back to back in one CUDA graph, weights cycled past L2
+(as ``bench kernels``), µs a call; "pair" = prep + product from a bf16 x, "product" = on planes already made.
+
+    PYTHONPATH=src OUT=. python bench/bmma_bench.py [NxK[:RT,W[,P]] ...]       # ./bmma_bench.json
+"""
+import json
+import os
+import sys
+
+import torch
+
+from binaryllm.bench import _gpu_time, _rel_err
+from binaryllm.export.bits import pack_signs
+from binaryllm.kernels import bmma_w1a16 as bw
+from binaryllm.kernels import mma_w1a16 as mw
+from mma_xs import bf16_us, case                       # bench/ (this script's folder)
+
+DEFAULT = ["8192x8192", "8192x8192:1,8,16", "8192x8192:1,4", "8192x8192:2,8", "16384x16384:1,16",
+           "4096x4096", "12288x4096", "22016x4096:2,8", "4096x11008"]
+CHECKS = [(1000, 1000, 0, False), (4000, 3000, 0, True), (2048, 1536, 1024, True), (960, 576, 0, False)]
+
+
+def check_small(dev: str = "cuda") -> dict:
+    """Odd shapes, paired tiles, bias: the kernels' output against ``reference``, bit for bit."""
+    out = {}
+    for N, K, pairs, with_bias in CHECKS:
+        g = torch.Generator(device=dev).manual_seed(N * 7 + K)
+        bits = pack_signs(torch.randn(N, K, device=dev, generator=g))
+        tiles = mw.prepare_tiles(bits, K, pairs)
+        sc = (torch.rand(N, device=dev, generator=g) + 0.5).half()
+        bias = torch.randn(N, device=dev, generator=g).bfloat16() if with_bias else None
+        for P in (16, 24, 32):
+            x = (torch.randn(K, device=dev, generator=g) * 3).bfloat16()
+            y = bw.bmma_matmul(x[None], tiles, sc, N, K, bias=bias, pairs=pairs, planes=P)[0]
+            exact = bw.reference(x, tiles, sc, N, K, bias, pairs, P)
+            pl, hdr = bw.make_planes(x, K, P)
+            rp, rh = bw.planes_ref(x, P)
+            out[f"{N}x{K} pairs {pairs} bias {with_bias} P {P}"] = {
+                "mismatch": int((y != exact).sum()), "planes_ok": bool(torch.equal(pl, rp)),
+                "hdr_ok": bool(torch.equal(hdr, rh))}
+    return out
+
+
+def measure(spec: str) -> dict:
+    shape, *f = spec.split(":")
+    N, K = map(int, shape.split("x"))
+    fields = [int(v) for v in f[0].split(",")] if f else []
+    cfg = tuple(fields[:2]) or None
+    P = fields[2] if len(fields) > 2 else bw.PLANES
+    ts, sc, x, ref, g, bits = case(N, K)
+    n = len(ts)
+    xr = x.view(-1)
+    row = {"config": list(cfg or bw.CONFIG), "planes": P}
+    y = bw.bmma_matmul(x, ts[0], sc, N, K, planes=P, config=cfg)
+    exact = bw.reference(xr, ts[0], sc, N, K, planes=P)
+    pl, hdr = bw.make_planes(xr, K, P)
+    rp, rh = bw.planes_ref(xr, P)
+    row["mismatch"] = int((y[0] != exact).sum())
+    row["planes_ok"] = bool(torch.equal(pl, rp)) and bool(torch.equal(hdr, rh))
+    row["err"] = _rel_err(y.float(), ref)
+    if row["mismatch"] or not row["planes_ok"]:
+        return row
+    ys = [torch.empty(N, device="cuda", dtype=torch.bfloat16) for _ in range(n)]
+    pair = lambda: [bw.bmma_matmul(x, t, sc, N, K, planes=P, config=cfg) for t in ts]          # noqa: E731
+    prod = lambda: [bw.bmma_product(pl, hdr, t, sc, N, K, torch.bfloat16, planes=P, config=cfg, out=o)  # noqa: E731
+                    for t, o in zip(ts, ys)]
+    prep = lambda: [bw.make_planes(xr, K, P) for _ in ts]                                     # noqa: E731
+    mma = lambda: [mw.mma_matmul(x, t, sc, N, K) for t in ts]                                 # noqa: E731
+    row["bf16"] = bf16_us(x, N, K, g)
+    for name, fn in (("mma", mma), ("pair", pair), ("product", prod), ("prep", prep), ("mma_again", mma),
+                     ("pair_again", pair)):
+        row[name] = round(_gpu_time([fn], 5, 7) * 1e6 / n, 2)
+    best = min(row["pair"], row["pair_again"])
+    row["pair_x_bf16"] = round(row["bf16"] / best, 2)
+    row["pair_hbm"] = round(N * K / 8 / best / 1e6 / 3.35, 3)
+    row["product_x_bf16"] = round(row["bf16"] / row["product"], 2)
+    row["mma_x_bf16"] = round(row["bf16"] / min(row["mma"], row["mma_again"]), 2)
+    ts.clear()
+    bits.clear()
+    torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    res = {"device": torch.cuda.get_device_name(), "checks": check_small()}
+    print(res["checks"], flush=True)
+    for spec in sys.argv[1:] or DEFAULT:
+        try:
+            res[spec] = measure(spec)
+        except Exception as e:
+            res[spec] = f"FAIL {type(e).__name__}: {str(e)[:300]}"
+        print(spec, res[spec], flush=True)
+    json.dump(res, open(os.path.join(os.environ.get("OUT", "."), "bmma_bench.json"), "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()

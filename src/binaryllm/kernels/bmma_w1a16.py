@@ -1,0 +1,420 @@
+"""One-row W1A16 on the binary tensor cores (``bmma``, Gluon): ``y = (x @ sign(W)^T) * row_scale + bias`` with x
+turned into bit planes, so that the packed sign bits are the tensor-core operand with no conversion to bf16.
+
+Why: the ``mma`` kernel turns every sign bit into a bf16 operand and spends 16 ``m16n8k16`` ops on 16 rows x 256
+inputs; at 8192^2 its chain of tensor-core ops alone takes most of its time (docs/RESULTS.md, seventeenth session).
+Ampere's and Hopper's tensor cores also multiply bits: ``mma.sync.m16n8k256 ... .b1.b1.s32.and.popc`` (SASS
+``BMMA.168256.AND.POPC``) adds up ``popc(a & b)`` over 256 inputs for 16 rows x 8 columns.  With x as P bit planes
+(the 8 columns of one op are 8 planes), P = 24 takes 3 such ops per 16 rows x 256 inputs, and the weights need two
+integer instructions a 32-bit word to become the A fragment (below).  The CUDA C probe ``bench/bmma_probe.py``
+measured the product at 4.5 us against ``mma``'s 6.0 at 8192^2 (H100, docs/RESULTS.md, thirty-second session).
+
+The arithmetic, exact in integers.  ``q = rint(x * 2^sh)`` with one power-of-two scale for the row, ``sh = min(P -
+1 - e, 127)`` where ``max|x| = m 2^e`` (m in [0.5, 1); e = -126 when max|x| is 0 or an fp32 subnormal), so that
+``|q| < 2^(P-1)``: a bf16 x within 2^-(P-9) of the row's largest is exact, smaller ones round to the 2^-sh grid
+(ties to even).  With sign bits b (1 = +1) ``sum_k w_k q_k = 2 sum_j c_j popc(b & plane_j) - sum_k q_k``, ``c_j =
+2^j`` and ``c_(P-1) = -2^(P-1)`` (two's complement), summed in int64; then ``y = dtype(fp32(fp64(that) * 2^-sh *
+row_scale) + bias)``.  ``reference`` computes exactly that in float64 from the same integers, so the GPU output is
+compared bit for bit; against the dense product it differs by the rounding of x to the 2^-sh grid.
+
+Two kernels, launched back to back with programmatic dependent launch on sm_90+:
+
+* ``prep`` (after ``griddepcontrol.wait``): every program takes max|x| over the whole row, then turns its chunks
+  of 256 inputs into plane words: thread (chunk, g, t, z) holds the 32 values of x its words need (two runs of 16
+  contiguous inputs), rounds them to q, and ORs bit 8h + g of each into place for every plane group h; it also
+  writes the chunk's sum of q (``hdr[1 + c]``), program 0 the row's ``sh`` (``hdr[0]``).
+* ``bmma``: a program of W warps owns RT tiles of 16 rows; warp s takes k-groups s CPW .. s CPW + CPW - 1.  It
+  loads its weight words and the epilogue's row scales (and bias) *before* ``griddepcontrol.wait``, so they stream
+  in while ``prep`` runs; then the planes, RT x CPW x P/8 BMMAs, and int64 row sums (quad shuffles, then the warps
+  through shared memory).
+
+Weights: the ``mma`` kernel's tiles as they are (``mma_w1a16.prepare_tiles``; paired tiles too), so a layer needs
+no second copy.  Lane (g, t)'s words kg = 0..3 of a (tile, k-group) hold rows g and g + 8 (the nibbles of each
+byte, bit 2 of the position = h) for 64 columns each; two shifts and two ``lop3`` a pair of words make the four A
+registers (row g / g + 8, fragment inputs 32t.. / 128 + 32t..).  The fragment's input order is therefore a
+permutation of the k-group's 256 columns (``plane_columns``), and ``prep`` writes the planes in that same order:
+the sum over k does not care.
+
+Tested on the CPU through ``planes_ref`` (the prep's output in PyTorch) and ``emulate`` (every m16n8k256 rebuilt
+from the tile words and planes as the PTX ISA lays out the fragments) against the exact integer product; the
+kernels themselves run on a CUDA GPU only (Gluon has no interpreter), where the tests and ``bench/bmma_bench.py``
+compare every output with ``reference`` bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+
+from .mma_w1a16 import GROUP_K, check_pairs, tile_shape, unpack_tiles
+
+PLANES = 24          # bit planes of x: 16, 24 or 32
+# (RT row tiles of 16 a program, W warps = ways K is split) for the product; the probe's best at 8192^2 (1, 8)
+CONFIG = (1, 8)
+PREP_CHUNKS = 2      # k-groups a prep program turns into planes (2 warps each)
+_LO = 0x0F0F0F0F     # the low nibble of every byte: bit 2 of the position is 0 (row g of the tile)
+_HI = 0xF0F0F0F0 - (1 << 32)     # the high nibbles as an int32 constant (row g + 8)
+
+
+def plane_columns() -> torch.Tensor:
+    """col[kappa]: the column of a k-group (0..255) that fragment input kappa (= 128 z + 32 t + pi, the m16n8k256
+    A/B fragment order) stands for when the A fragment is made from ``mma`` tile words: bit pi of register z of
+    lane t comes from word 2 z + (pi >> 2 & 1), whose bit holds column 64 kg + 16 t + 4 c + 2 hk + e with
+    c = pi & 3, hk = pi >> 3 & 1, e = pi >> 4 & 1 (``mma_w1a16._bit_positions``)."""
+    k = torch.arange(256)
+    z, t, pi = k // 128, (k // 32) % 4, k % 32
+    return 64 * (2 * z + (pi >> 2 & 1)) + 16 * t + 4 * (pi & 3) + 2 * (pi >> 3 & 1) + (pi >> 4 & 1)
+
+
+def row_shift(x: torch.Tensor, planes: int) -> int:
+    """sh for one row of x (see the module docstring): frexp's exponent of max|x| in fp32, -126 for 0."""
+    m = x.float().abs().max()
+    e = int(torch.frexp(m).exponent) if m >= 2.0 ** -126 else -126
+    return min(planes - 1 - e, 127)
+
+
+def quantize(x: torch.Tensor, planes: int) -> tuple[torch.Tensor, int]:
+    """One row x (K,) -> (q int64 (K,), sh): q = rint(x * 2^sh), ties to even, |q| < 2^(planes - 1)."""
+    sh = row_shift(x, planes)
+    q = torch.round(torch.ldexp(x.double(), torch.tensor(float(sh), dtype=torch.float64, device=x.device)))
+    return q.long(), sh
+
+
+def planes_ref(x: torch.Tensor, planes: int = PLANES) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``prep`` writes for one row x (K,): (planes int32 (KB * P/8 * 32 * 2,), hdr int64 (1 + KB,)).  Word
+    ((c * G + h) * 32 + 4 g + t) * 2 + z holds at bit pi plane 8 h + g (two's complement bit) of q at column
+    ``plane_columns()[128 z + 32 t + pi]`` of k-group c; hdr = [sh, sum of q over each k-group]."""
+    q, sh = quantize(x, planes)
+    K = q.numel()
+    KB = (K + GROUP_K - 1) // GROUP_K
+    qp = torch.zeros(KB * GROUP_K, dtype=torch.int64, device=x.device)
+    qp[:K] = q
+    qk = qp.view(KB, GROUP_K)[:, plane_columns().to(x.device)]                # [c, kappa]
+    bit = (qk[:, None, :] >> torch.arange(planes, device=x.device)[None, :, None]) & 1   # [c, j, kappa]
+    words = (bit.view(KB, planes, 2, 4, 32) << torch.arange(32, device=x.device)).sum(-1)   # [c, j, z, t]
+    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words)
+    w = words.view(KB, planes // 8, 8, 2, 4).permute(0, 1, 2, 4, 3)          # [c, h, g, t, z]
+    hdr = torch.cat([torch.tensor([sh], dtype=torch.int64, device=x.device), qp.view(KB, GROUP_K).sum(-1)])
+    return w.reshape(-1).to(torch.int32).contiguous(), hdr
+
+
+def emulate(tiles: torch.Tensor, pl: torch.Tensor, out_features: int, in_features: int,
+            planes: int = PLANES) -> torch.Tensor:
+    """The product kernel's integer sums from its two operand buffers, in PyTorch: the A fragments made from the
+    tile words as the kernel makes them (``_LO``/``_HI`` masks and 4-bit shifts), B from the plane words, every
+    m16n8k256 rebuilt as the PTX ISA lays out its fragments (A: a0/a2 row g, a1/a3 row g + 8, a0/a1 inputs 32 t..,
+    a2/a3 128 + 32 t..; B: b0/b1 column g, the same inputs; C: columns 2 t, 2 t + 1), and the planes weighted by
+    c_j.  Returns (tile rows,) int64 ``sum_k b_k q_k`` (b in {0, 1}) in tile-row order."""
+    NT, KB = tile_shape(out_features, in_features)
+    G = planes // 8
+    w = tiles.long().view(NT, KB, 32, 2, 2) & 0xFFFFFFFF                      # [rt, kb, lane, zz, kgl]
+    w0, w1 = w[..., 0], w[..., 1]
+    lo = (w0 & _LO) | ((w1 << 4) & 0xF0F0F0F0)                                # row g, registers z = 0, 1
+    hi = ((w0 >> 4) & _LO) | (w1 & 0xF0F0F0F0)                                # row g + 8
+    bit = torch.arange(32, device=tiles.device)
+    A = torch.stack([lo, hi], -1)[..., None] >> bit & 1                       # [rt, kb, lane, z, half, pi]
+    A = A.view(NT, KB, 8, 4, 2, 2, 32).permute(0, 5, 2, 1, 4, 3, 6)          # [rt, half, g, kb, z, t, pi]
+    A = A.reshape(NT * 16, KB * 256)                                          # rows 16 rt + 8 half + g, k = kappa
+    B = pl.long().view(KB, G, 8, 4, 2)[..., None] >> bit & 1                 # [c, h, g, t, z, pi]
+    B = B.permute(0, 4, 3, 5, 1, 2).reshape(KB * 256, planes)                 # [k = (c, z, t, pi), j = 8 h + g]
+    cnt = A @ B                                                               # popc(row & plane j), summed
+    c = 2 ** torch.arange(planes, device=tiles.device)
+    c[-1] = -c[-1]
+    return cnt @ c
+
+
+def reference(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor, out_features: int, in_features: int,
+              bias: torch.Tensor | None = None, pairs: int = 0, planes: int = PLANES) -> torch.Tensor:
+    """What the kernels compute for one row x (K,) (any device), in float64 from the same integers: (N,) in x's
+    dtype, the exact rounding of the module docstring."""
+    q, sh = quantize(x, planes)
+    bits = unpack_tiles(tiles, out_features, in_features, pairs).double()   # weight rows, 0/1
+    s = 2 * (bits @ q.double()) - q.sum().double()                           # exact: |s| < 2^53
+    y = (torch.ldexp(s, torch.tensor(float(-sh), dtype=torch.float64, device=x.device)) * row_scale.double()).float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def _build():
+    """(prep, bmma) Gluon kernels, built on first use."""
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+
+    # $0-$3 d; $4-$7 a0-a3; $8-$11 b as [b0, b0, b1, b1]; $12-$15 c
+    bmma_asm = gl.constexpr("mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc {$0,$1,$2,$3}, "
+                            "{$4,$5,$6,$7}, {$8,$10}, {$12,$13,$14,$15};")
+    LO = gl.constexpr(_LO)
+    HI = gl.constexpr(_HI)
+
+    @gluon.constexpr_function
+    def _dim_layout(layout, dim, rank):
+        for d in reversed(range(rank)):
+            if d != dim:
+                layout = gl.SliceLayout(d, layout)
+        return layout
+
+    @gluon.jit
+    def _ar(n: gl.constexpr, DIM: gl.constexpr, RANK: gl.constexpr, layout: gl.constexpr):
+        v = gl.arange(0, n, layout=_dim_layout(layout, DIM, RANK))
+        for d in gl.static_range(RANK):
+            if d != DIM:
+                v = gl.expand_dims(v, d)
+        return v
+
+    @gluon.constexpr_function
+    def _p2(n):
+        return 1 << (n - 1).bit_length()
+
+    @gluon.jit
+    def _or(a, b):
+        return a | b
+
+    @gluon.jit
+    def _pdl_wait():
+        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _launch_dependents():
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+
+    @gluon.jit
+    def _rint(v):                     # fp32 -> int32, round to nearest even (cvt.rni)
+        return gl.inline_asm_elementwise("cvt.rni.s32.f32 $0, $1;", "=r,r", [v], dtype=gl.int32, is_pure=True,
+                                         pack=1)
+
+    @gluon.jit
+    def prep(x_ptr, pl_ptr, hdr_ptr, K, KB: gl.constexpr, P: gl.constexpr, CP: gl.constexpr, MB: gl.constexpr,
+             NMB: gl.constexpr, PDL: gl.constexpr):
+        G: gl.constexpr = P // 8
+        if PDL:
+            _pdl_wait()
+            _launch_dependents()
+        pid = gl.program_id(0)
+        # max|x| over the row, MB values a pass (8 a thread), NMB passes, every program on its own
+        ml: gl.constexpr = gl.BlockedLayout([8], [32], [2 * CP], [0])
+        mo = gl.arange(0, MB, layout=ml)
+        m = gl.zeros([MB], gl.float32, ml)
+        for i in gl.static_range(NMB):
+            v = gl.load(x_ptr + i * MB + mo, mask=i * MB + mo < K, other=0.0)
+            m = gl.maximum(m, gl.abs(v.to(gl.float32)))
+        bits = gl.max(m, axis=0).to(gl.int32, bitcast=True)
+        e = ((bits >> 23) & 0xFF) - 126
+        e = gl.where(e < -126, -126, e)
+        sh = gl.minimum(P - 1 - e, 127)
+        two_sh = ((127 + sh) << 23).to(gl.float32, bitcast=True)
+        # [c, g, t, z, kgl, q]: thread (c, g, t, z) holds columns 64 (2 z + kgl) + 16 t + q of k-group c
+        L: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 2, 16], [1, 8, 4, 1, 1, 1], [CP, 1, 1, 2, 1, 1],
+                                           [5, 4, 3, 2, 1, 0])
+        c = pid * CP + _ar(CP, 0, 6, L)
+        g = _ar(8, 1, 6, L)
+        t = _ar(4, 2, 6, L)
+        z = _ar(2, 3, 6, L)
+        kgl = _ar(2, 4, 6, L)
+        qq = _ar(16, 5, 6, L)
+        col = c * 256 + (2 * z + kgl) * 64 + t * 16 + qq
+        xv = gl.load(x_ptr + col, mask=(col < K) & (c < KB), other=0.0)
+        qv = _rint(xv.to(gl.float32) * two_sh)
+        pi = (qq & 3) + 4 * kgl + 8 * ((qq >> 1) & 1) + 16 * (qq & 1)      # fragment bit of column q
+        WL: gl.constexpr = gl.SliceLayout(4, gl.SliceLayout(5, L))          # [c, g, t, z]: a word a thread
+        wc = pid * CP + _ar(CP, 0, 4, WL)
+        woff = (wc * G * 32 + 4 * _ar(8, 1, 4, WL) + _ar(4, 2, 4, WL)) * 2 + _ar(2, 3, 4, WL)
+        h = gl.program_id(1)
+        word = gl.reduce(gl.reduce(((qv >> (8 * h + g)) & 1) << pi, 5, _or), 4, _or)
+        gl.store(pl_ptr + woff + h * 64, word, mask=wc < KB)
+        if h == 0:
+            q0 = gl.where(g == 0, qv, 0).to(gl.int64)                          # every g holds the same q
+            qs = gl.sum(gl.sum(gl.sum(gl.sum(gl.sum(q0, axis=5), axis=4), axis=3), axis=2), axis=1)
+            cs = pid * CP + _ar(CP, 0, 1, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, WL))))
+            gl.store(hdr_ptr + 1 + cs, qs, mask=cs < KB)
+        if (pid == 0) & (h == 0):
+            gl.store(hdr_ptr, sh.to(gl.int64))
+
+    @gluon.jit
+    def _bmma(a, b, c):
+        return gl.inline_asm_elementwise(bmma_asm, "=r,=r,=r,=r" + ",r" * 12, [a, b, c], dtype=gl.int32,
+                                         is_pure=True, pack=4)
+
+    @gluon.jit
+    def _planes(pl_ptr, boff, cb, KB: gl.constexpr, EVEN: gl.constexpr):
+        if EVEN:
+            return gl.load(pl_ptr + boff)
+        else:
+            return gl.load(pl_ptr + boff, mask=cb < KB, other=0)
+
+    @gluon.jit
+    def _group(a, b2, h: gl.constexpr, lane_c, e_c, P: gl.constexpr, W: gl.constexpr, RT: gl.constexpr,
+               CPW: gl.constexpr, L: gl.constexpr):
+        """Plane group h's BMMAs (b2: its [.., 2] plane words), summed over the warp's k-groups and weighted by
+        c_j: [s, rt, lane, e] int64."""
+        b = gl.convert_layout(gl.reshape(gl.join(b2, b2), [W, 1, CPW, 32, 4]).broadcast_to([W, RT, CPW, 32, 4]), L)
+        cnt = gl.sum(_bmma(a, b, gl.zeros([W, RT, CPW, 32, 4], gl.int32, L)), axis=2)
+        j = 8 * h + 2 * (lane_c % 4) + e_c % 2                                   # plane of C column 2 t + e % 2
+        coef = gl.where(j == P - 1, -1, 1).to(gl.int64) << j.to(gl.int64)
+        return cnt.to(gl.int64) * coef
+
+    @gluon.jit
+    def bmma(w_ptr, pl_ptr, hdr_ptr, s_ptr, b_ptr, y_ptr, N, KB: gl.constexpr, P: gl.constexpr, RT: gl.constexpr,
+             W: gl.constexpr, HAS_BIAS: gl.constexpr, PAIRS: gl.constexpr, EVEN: gl.constexpr, PDL: gl.constexpr):
+        G: gl.constexpr = P // 8
+        CPW: gl.constexpr = (KB + W - 1) // W              # k-groups a warp
+        CPWP: gl.constexpr = _p2(CPW)                        # as a tensor dimension (past CPW: masked, zeros)
+        BN: gl.constexpr = 16 * RT
+        NT = (N + 15) // 16
+        pid = gl.program_id(0)
+        # [s, rt, cpw, lane, kg]: a 16-byte load of lane l's four words of each (tile, k-group)
+        L: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 4], [1, 1, 1, 32, 1], [W, 1, 1, 1, 1], [4, 3, 2, 1, 0])
+        rt = pid * RT + _ar(RT, 1, 5, L)
+        j = _ar(CPWP, 2, 5, L)
+        c = gl.where(j < CPW, _ar(W, 0, 5, L) * CPW + j, KB)            # KB: no k-group (masked)
+        lane = _ar(32, 3, 5, L)
+        kg = _ar(4, 4, 5, L)
+        woff = ((rt * KB + c) * 32 + lane) * 4 + kg
+        if EVEN:
+            words = gl.load(w_ptr + woff)
+        else:
+            words = gl.load(w_ptr + woff, mask=(c < KB) & (rt < NT), other=0)
+        # the epilogue's rows (tile row 16 r + 8 half + g) and their scales: weights, loaded before the wait
+        ol: gl.constexpr = gl.BlockedLayout([1], [32], [W], [0])
+        offs = pid * BN + gl.arange(0, BN, layout=ol)
+        n_ok = offs < N
+        if PAIRS:
+            wrow = (offs // 16) * 8 + offs % 8 + ((offs // 8) % 2) * (N // 2)
+        else:
+            wrow = offs
+        rscale = gl.load(s_ptr + wrow, mask=n_ok, other=0.0)
+        if HAS_BIAS:
+            bias = gl.load(b_ptr + wrow, mask=n_ok, other=0.0)
+        if PDL:
+            _pdl_wait()
+            _launch_dependents()
+        # sh and sum q (hdr) as scalars
+        hl: gl.constexpr = gl.BlockedLayout([1], [32], [W], [0])
+        ho = gl.arange(0, 32 * W, layout=hl)
+        qsum = gl.zeros([32 * W], gl.int64, hl)
+        for i in gl.static_range((KB + 32 * W - 1) // (32 * W)):
+            qsum += gl.load(hdr_ptr + 1 + i * 32 * W + ho, mask=i * 32 * W + ho < KB, other=0)
+        Q = gl.sum(qsum, axis=0)
+        sh = gl.load(hdr_ptr)
+        # the A fragments: kg = 2 zz + kgl; rows g / g + 8 are the low / high nibbles of each byte
+        w_e, w_o = gl.split(gl.reshape(words, [W, RT, CPWP, 32, 2, 2]))
+        a_lo = (w_e & LO) | ((w_o << 4) & HI)
+        a_hi = ((w_e >> 4) & LO) | (w_o & HI)
+        a = gl.convert_layout(gl.reshape(gl.join(a_lo, a_hi), [W, RT, CPWP, 32, 4]), L)   # [a0, a1, a2, a3]
+        # the planes: all P/8 groups loaded before the first BMMA (8 bytes a lane: b0, b1)
+        bl: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 2], [1, 1, 1, 32, 1], [W, 1, 1, 1, 1], [4, 3, 2, 1, 0])
+        jb = _ar(CPWP, 2, 5, bl)
+        cb = gl.where(jb < CPW, _ar(W, 0, 5, bl) * CPW + jb, KB)
+        boff = (cb * G * 32 + _ar(32, 3, 5, bl)) * 2 + _ar(2, 4, 5, bl)
+        b0 = _planes(pl_ptr, boff, cb, KB, EVEN)
+        if G > 1:
+            b1 = _planes(pl_ptr, boff + 64, cb, KB, EVEN)
+        if G > 2:
+            b2 = _planes(pl_ptr, boff + 128, cb, KB, EVEN)
+        if G > 3:
+            b3 = _planes(pl_ptr, boff + 192, cb, KB, EVEN)
+        cl: gl.constexpr = gl.SliceLayout(2, L)                                   # [s, rt, lane, e]
+        lane_c = _ar(32, 2, 4, cl)
+        e_c = _ar(4, 3, 4, cl)
+        tot = _group(a, b0, 0, lane_c, e_c, P, W, RT, CPWP, L)
+        if G > 1:
+            tot += _group(a, b1, 1, lane_c, e_c, P, W, RT, CPWP, L)
+        if G > 2:
+            tot += _group(a, b2, 2, lane_c, e_c, P, W, RT, CPWP, L)
+        if G > 3:
+            tot += _group(a, b3, 3, lane_c, e_c, P, W, RT, CPWP, L)
+        # [s, rt, g, t, half, col] -> sum over col, t (the quad) and s (the warps) -> [rt, half, g]
+        r = gl.sum(gl.sum(gl.reshape(tot, [W, RT, 8, 4, 2, 2]), axis=5), axis=3)
+        r = gl.sum(r, axis=0)                                                     # [rt, g, half]
+        r = gl.convert_layout(gl.reshape(gl.permute(r, (0, 2, 1)), [BN]), ol)
+        d = ((1023 - sh) << 52).to(gl.float64, bitcast=True)                     # 2^-sh, exact
+        out = ((2 * r - Q).to(gl.float64) * d * rscale.to(gl.float64)).to(gl.float32)
+        if HAS_BIAS:
+            out += bias.to(gl.float32)
+        gl.store(y_ptr + wrow, out.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+    return prep, bmma
+
+
+_KERNELS = None
+
+
+def usable(device_index: int) -> bool:
+    """A GPU with the binary tensor-core op (compute capability 8.0+) and a Triton with Gluon."""
+    from . import compute_major, triton_usable
+    if not triton_usable(device_index) or compute_major(device_index) < 8:
+        return False
+    try:
+        from triton.experimental import gluon  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def launch_meta(N: int, K: int, planes: int = PLANES, config: tuple | None = None, has_bias: bool = False,
+                pairs: int = 0, pdl: bool = False) -> tuple[tuple, dict, tuple, dict]:
+    """(prep grid, prep constexprs, product grid, product constexprs) for an (N, K) matrix."""
+    if planes not in (16, 24, 32):
+        raise ValueError(f"bmma takes 16, 24 or 32 planes, not {planes}")
+    rt, w = config or CONFIG
+    NT, KB = tile_shape(N, K)
+    cp = PREP_CHUNKS
+    mb = 8 * 32 * 2 * cp
+    prep = dict(KB=KB, P=planes, CP=cp, MB=mb, NMB=-(-K // mb), PDL=pdl)
+    cpw = -(-KB // w)
+    even = cpw * w == KB and cpw & (cpw - 1) == 0 and NT % rt == 0
+    prod = dict(KB=KB, P=planes, RT=rt, W=w, HAS_BIAS=has_bias, PAIRS=bool(pairs), EVEN=even, PDL=pdl)
+    return (-(-KB // cp), planes // 8), prep, (-(-NT // rt),), prod
+
+
+def _kernels():
+    global _KERNELS
+    if _KERNELS is None:
+        _KERNELS = _build()
+    return _KERNELS
+
+
+def make_planes(x: torch.Tensor, in_features: int, planes: int = PLANES, out_features: int = 0) -> tuple:
+    """The ``prep`` kernel: one row x (K values, bf16/fp16, CUDA) -> (planes int32, hdr int64) as ``planes_ref``
+    lays them out."""
+    K = in_features
+    if x.numel() != K:
+        raise ValueError(f"bmma takes one row of activations ({K} values), got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError("bmma takes bf16 or fp16 activations")
+    from . import pdl_launch
+    pdl = pdl_launch(x)
+    pgrid, pmeta, _, _ = launch_meta(max(out_features, 16), K, planes, pdl=pdl)
+    KB = pmeta["KB"]
+    pl = torch.empty(KB * planes * 8, dtype=torch.int32, device=x.device)
+    hdr = torch.empty(1 + KB, dtype=torch.int64, device=x.device)
+    _kernels()[0][pgrid](x.reshape(K).contiguous(), pl, hdr, K, num_warps=2 * pmeta["CP"], launch_pdl=pdl, **pmeta)
+    return pl, hdr
+
+
+def bmma_product(pl: torch.Tensor, hdr: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor,
+                 out_features: int, in_features: int, dtype: torch.dtype, bias: torch.Tensor | None = None,
+                 pairs: int = 0, planes: int = PLANES, config: tuple | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """The product kernel on planes from ``make_planes``: (N,) in ``dtype`` (into ``out`` if given)."""
+    N, K = out_features, in_features
+    check_pairs(N, pairs)
+    from . import pdl_launch
+    pdl = pdl_launch(tiles)
+    _, _, grid, meta = launch_meta(N, K, planes, config, bias is not None, pairs, pdl)
+    y = torch.empty(N, dtype=dtype, device=tiles.device) if out is None else out
+    _kernels()[1][grid](tiles, pl, hdr, row_scale, bias if bias is not None else row_scale, y, N,
+                        num_warps=meta["W"], launch_pdl=pdl, **meta)
+    return y
+
+
+def bmma_matmul(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor, out_features: int,
+                in_features: int, input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                pairs: int = 0, planes: int = PLANES, config: tuple | None = None) -> torch.Tensor:
+    """x (..., K) bf16/fp16 on CUDA, one row; tiles from ``mma_w1a16.prepare_tiles`` (``pairs`` as made);
+    returns (..., N) in x's dtype (module docstring: the rounding).  ``config`` = (RT, W) (default CONFIG)."""
+    xr = x.reshape(-1)
+    if input_scale is not None:
+        xr = xr * input_scale.to(xr.dtype)          # rounded to x's dtype, as the PyTorch path does
+    pl, hdr = make_planes(xr, in_features, planes, out_features)
+    y = bmma_product(pl, hdr, tiles, row_scale, out_features, in_features, x.dtype, bias, pairs, planes, config)
+    return y.reshape(*x.shape[:-1], out_features)

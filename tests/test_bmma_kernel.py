@@ -1,0 +1,123 @@
+"""kernels/bmma_w1a16.py: the planes and the A fragments it makes from the ``mma`` tiles, checked on the CPU by
+rebuilding every m16n8k256 from its fragments (``emulate``) against the exact integer product; the kernels compiled
+for sm_90 on this box (their tensor-core and load instructions); and, on a CUDA GPU, their output against
+``reference`` bit for bit."""
+import pytest
+import torch
+
+from binaryllm.export.bits import pack_signs, unpack_signs
+from binaryllm.kernels import bmma_w1a16 as bw
+from binaryllm.kernels import mma_w1a16 as mw
+
+
+def _x(K: int, g: torch.Generator, device: str = "cpu") -> torch.Tensor:
+    # spread over 2^-12 .. 2^4 with one outlier: small, rounded and large values of both signs
+    x = torch.randn(K, generator=g) * torch.logspace(-12, 4, K, base=2)[torch.randperm(K, generator=g)]
+    x[K // 3] = -37.0
+    return x.bfloat16().to(device)
+
+
+def test_plane_columns_is_a_permutation_of_a_k_group():
+    col = bw.plane_columns()
+    assert torch.equal(col.sort().values, torch.arange(256))
+    # fragment inputs 0..3 of lane 0 are tile bits 0..3 of word 0: columns 0, 4, 8, 12 (c = 0..3)
+    assert col[:4].tolist() == [0, 4, 8, 12]
+    assert col[4] == 64                                        # bit 2 of pi picks word 1 (kg 1)
+
+
+@pytest.mark.parametrize("N,K,P,pairs", [(16, 256, 24, 0), (40, 600, 24, 0), (33, 257, 32, 0), (64, 512, 16, 0),
+                                         (48, 1000, 24, 24), (7, 8, 24, 0)])
+def test_fragments_from_the_mma_tiles_give_the_exact_integer_product(N, K, P, pairs):
+    g = torch.Generator().manual_seed(N * K + P)
+    bits = pack_signs(torch.randn(N, K, generator=g))
+    tiles = mw.prepare_tiles(bits, K, pairs)
+    x = _x(K, g)
+    q, sh = bw.quantize(x, P)
+    assert q.abs().max() < 2 ** (P - 1) and q.abs().max() >= 2 ** (P - 2)      # the scale uses the top plane
+    pl, hdr = bw.planes_ref(x, P)
+    assert hdr[0] == sh and hdr[1:].sum() == q.sum()
+    sb = bw.emulate(tiles, pl, N, K, P)[:N]                                    # tile-row order
+    b01 = (unpack_signs(bits, K, torch.float64) + 1) / 2
+    exact = (b01 @ q.double()).long()
+    if pairs:
+        exact = exact[mw.pair_order(pairs)]
+    assert torch.equal(sb, exact)
+
+
+def test_quantize_rounds_to_the_row_grid_and_keeps_values_near_the_top_exact():
+    x = torch.tensor([3.0, -1.5, 2 ** -10, 0.3, -2 ** -23, 0.0, 2 ** -22 * 1.5, 0.0]).bfloat16()
+    q, sh = bw.quantize(x, 24)
+    assert sh == 24 - 1 - 2                                    # max |x| = 3 < 2^2
+    back = q.double() * 2.0 ** -sh
+    assert torch.equal(back[:4], x[:4].double())               # within 2^-(P-9) of the largest: exact
+    assert back[4] == 0 and back[5] == 0                       # 2^-23 is half a step: ties to even, 0
+    assert back[6] == 2 ** -21                                 # 1.5 steps: ties to even, 2 steps
+    assert bw.row_shift(torch.zeros(8).bfloat16(), 24) == 127  # an all-zero row
+
+
+def test_reference_is_the_dense_product_to_one_rounding():
+    N, K = 48, 768
+    g = torch.Generator().manual_seed(5)
+    bits = pack_signs(torch.randn(N, K, generator=g))
+    tiles = mw.prepare_tiles(bits, K)
+    sc = (torch.rand(N, generator=g) + 0.5).half()
+    bias = torch.randn(N, generator=g).bfloat16()
+    x = torch.randn(K, generator=g).bfloat16()
+    y = bw.reference(x, tiles, sc, N, K, bias)
+    dense = (x.double() @ unpack_signs(bits, K, torch.float64).t()) * sc.double() + bias.double()
+    assert y.dtype == torch.bfloat16
+    assert torch.allclose(y.double(), dense, rtol=2 ** -8, atol=2 ** -12)
+
+
+@pytest.mark.parametrize("N,K,P", [(8192, 8192, 24), (1000, 600, 16), (4096, 11008, 32)])
+def test_kernels_compile_for_hopper_with_the_expected_instructions(N, K, P):
+    """Triton's compiler builds both kernels for sm_90 on this CPU box: the product issues one m16n8k256 per
+    (row tile, k-group, plane group) of a warp, loads each lane's tile words with one 16-byte load before the PDL
+    wait, and spills nothing; the prep rounds with cvt.rni."""
+    from conftest import sm90_ptx
+    prep, bmma = bw._build()
+    pg, pm, grid, m = bw.launch_meta(N, K, P, pdl=True)
+    al = {(i,): [["tt.divisibility", 16]] for i in range(6)}
+    ptx = sm90_ptx(bmma, {"w_ptr": "*i32", "pl_ptr": "*i32", "hdr_ptr": "*i64", "s_ptr": "*fp16", "b_ptr": "*fp16",
+                          "y_ptr": "*bf16", "N": "i32", **{k: "constexpr" for k in m}}, m,
+                   {"num_warps": m["W"], "launch_pdl": True}, al)
+    rt, w = bw.CONFIG
+    cpw = -(-m["KB"] // w)
+    cpw = 1 << (cpw - 1).bit_length()                           # a tensor dimension: padded to a power of 2
+    assert ptx.count("mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc") == rt * cpw * (P // 8)
+    body = ptx[ptx.index(".entry"):]
+    wait = body.index("griddepcontrol.wait")
+    assert body[:wait].count("ld.global.v4.b32") == rt * cpw                  # the weights, before the wait
+    assert "ld.global.nc" not in body[:wait]                    # ptxas would move the wait above .nc loads
+    assert "st.local" not in ptx and "ld.local" not in ptx
+    ptx = sm90_ptx(prep, {"x_ptr": "*bf16", "pl_ptr": "*i32", "hdr_ptr": "*i64", "K": "i32",
+                          **{k: "constexpr" for k in pm}}, pm, {"num_warps": 2 * pm["CP"], "launch_pdl": True}, al)
+    assert ptx.count("cvt.rni.s32.f32") >= 32 and "griddepcontrol.wait" in ptx
+    assert pg == (-(-m["KB"] // bw.PREP_CHUNKS), P // 8)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="planes"):
+        bw.launch_meta(64, 256, 20)
+    with pytest.raises(ValueError, match="one row"):
+        bw.make_planes(torch.zeros(2, 256, dtype=torch.bfloat16), 256)
+    with pytest.raises(ValueError, match="bf16 or fp16"):
+        bw.make_planes(torch.zeros(256), 256)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernels themselves need a CUDA GPU (bench checks too)")
+@pytest.mark.parametrize("N,K,P,pairs,bias", [(1000, 1000, 24, 0, False), (4000, 3000, 16, 0, True),
+                                              (2048, 1536, 32, 1024, True), (8192, 8192, 24, 0, False)])
+def test_gpu_output_is_the_reference_bit_for_bit(N, K, P, pairs, bias):
+    g = torch.Generator(device="cuda").manual_seed(N + K)
+    bits = pack_signs(torch.randn(N, K, device="cuda", generator=g))
+    tiles = mw.prepare_tiles(bits, K, pairs)
+    sc = (torch.rand(N, device="cuda", generator=g) + 0.5).half()
+    b = torch.randn(N, device="cuda", generator=g).bfloat16() if bias else None
+    x = _x(K, torch.Generator().manual_seed(K)).cuda()
+    pl, hdr = bw.make_planes(x, K, P)
+    rp, rh = bw.planes_ref(x, P)
+    assert torch.equal(pl, rp) and torch.equal(hdr, rh)
+    y = bw.bmma_matmul(x[None], tiles, sc, N, K, bias=b, pairs=pairs, planes=P)
+    assert y.shape == (1, N)
+    assert torch.equal(y[0], bw.reference(x, tiles, sc, N, K, b, pairs, P))
