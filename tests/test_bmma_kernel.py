@@ -121,3 +121,32 @@ def test_gpu_output_is_the_reference_bit_for_bit(N, K, P, pairs, bias):
     y = bw.bmma_matmul(x[None], tiles, sc, N, K, bias=b, pairs=pairs, planes=P)
     assert y.shape == (1, N)
     assert torch.equal(y[0], bw.reference(x, tiles, sc, N, K, b, pairs, P))
+
+
+def test_auto_dispatch_takes_only_large_one_row_cuda_layers(monkeypatch):
+    x = torch.zeros(1, 8192, dtype=torch.bfloat16)
+    assert not bw.takes(x, 8192, 8192)                          # a CPU tensor
+    monkeypatch.setattr(bw, "usable", lambda i: True)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert bw.takes(x, 8192, 8192)
+    assert not bw.takes(x, 4096, 4096)                          # below AUTO_MIN weights: the mma kernel
+    assert not bw.takes(torch.zeros(2, 8192, dtype=torch.bfloat16), 8192, 8192)    # two rows
+    assert not bw.takes(x.float(), 8192, 8192)
+    monkeypatch.setattr(bw, "AUTO", False)
+    assert not bw.takes(x, 8192, 8192)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernels themselves need a CUDA GPU")
+def test_packed_layer_auto_path_runs_bmma_on_a_large_row_and_mma_below():
+    from binaryllm.kernels.triton_w1a16 import prepare_weight, w1a16_matmul
+    for N, K in ((8192, 8192), (1024, 1024)):
+        g = torch.Generator(device="cuda").manual_seed(N)
+        bits = pack_signs(torch.randn(N, K, device="cuda", generator=g))
+        tiles = mw.prepare_tiles(bits, K)
+        sc = (torch.rand(N, device="cuda", generator=g) + 0.5).half()
+        x = torch.randn(1, K, device="cuda", generator=g).bfloat16()
+        y = w1a16_matmul(x, prepare_weight(bits, K), sc, K, tiles=tiles)
+        if N * K >= bw.AUTO_MIN:
+            assert torch.equal(y[0], bw.reference(x[0], tiles, sc, N, K))
+        else:
+            assert torch.equal(y, mw.mma_matmul(x, tiles, sc, N, K))

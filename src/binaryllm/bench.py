@@ -124,10 +124,11 @@ def bench_kernels_gpu(shapes=SHAPES, batches=(1, 4, 16, 2048), log=print, sweep:
     """One row per (shape, batch); shapes of >= 4096^2 weights also get tile sweeps: sweep "mma" of the mma
     decode kernel, "all" of gemv and tc too, "none" of neither (prefill rows always sweep the fused kernel)."""
     from .export.bits import pack_signs, unpack_signs
-    from .kernels import mma_w1a16
+    from .kernels import bmma_w1a16, mma_w1a16
     from .kernels.triton_w1a16 import prepare_weight, w1a16_matmul
     dev = torch.device("cuda")
     has_mma = mma_w1a16.usable(dev.index or 0)
+    has_bmma = bmma_w1a16.usable(dev.index or 0)
     rows = []
     for N, K in shapes:
         g = torch.Generator(device=dev).manual_seed(N + K)
@@ -142,7 +143,8 @@ def bench_kernels_gpu(shapes=SHAPES, batches=(1, 4, 16, 2048), log=print, sweep:
             bf16_calls = [lambda w=w: F.linear(x, w) for w in dense]
             t_bf = _gpu_time(bf16_calls)
             row = {"N": N, "K": K, "M": M, "bf16_us": round(t_bf * 1e6, 2)}
-            modes = (("mma",) if has_mma else ()) + ("gemv", "tc") if M <= 16 else ("fused", "unpack")
+            modes = ((("mma",) if has_mma else ()) + (("bmma",) if has_bmma and M == 1 else ()) + ("gemv", "tc")
+                     if M <= 16 else ("fused", "unpack"))
             for mode in modes:
                 err = _rel_err(w1a16_matmul(x, words[0], scale, K, mode=mode, tiles=tiles[0]), ref)
                 t = _gpu_time([lambda w=w, t=t: w1a16_matmul(x, w, scale, K, mode=mode, tiles=t)

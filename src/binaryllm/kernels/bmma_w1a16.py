@@ -42,6 +42,8 @@ compare every output with ``reference`` bit for bit.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .mma_w1a16 import GROUP_K, check_pairs, tile_shape, unpack_tiles
@@ -50,6 +52,10 @@ PLANES = 24          # bit planes of x: 16, 24 or 32
 # (RT row tiles of 16 a program, W warps = ways K is split) for the product; the probe's best at 8192^2 (1, 8)
 CONFIG = (1, 8)
 PREP_CHUNKS = 2      # k-groups a prep program turns into planes (2 warps each)
+# ``auto`` dispatch (triton_w1a16) takes this kernel for one row of a plain layer (no gated, residual or norm
+# epilogue) of at least AUTO_MIN weights; BINARYLLM_BMMA=0 turns that off
+AUTO_MIN = 2 ** 26
+AUTO = os.environ.get("BINARYLLM_BMMA", "1") != "0"
 _LO = 0x0F0F0F0F     # the low nibble of every byte: bit 2 of the position is 0 (row g of the tile)
 _HI = 0xF0F0F0F0 - (1 << 32)     # the high nibbles as an int32 constant (row g + 8)
 
@@ -214,7 +220,7 @@ def _build():
         col = c * 256 + (2 * z + kgl) * 64 + t * 16 + qq
         xv = gl.load(x_ptr + col, mask=(col < K) & (c < KB), other=0.0)
         qv = _rint(xv.to(gl.float32) * two_sh)
-        pi = (qq & 3) + 4 * kgl + 8 * ((qq >> 1) & 1) + 16 * (qq & 1)      # fragment bit of column q
+        pi = (qq >> 2) + 4 * kgl + 8 * ((qq >> 1) & 1) + 16 * (qq & 1)     # fragment bit of column q (plane_columns)
         WL: gl.constexpr = gl.SliceLayout(4, gl.SliceLayout(5, L))          # [c, g, t, z]: a word a thread
         wc = pid * CP + _ar(CP, 0, 4, WL)
         woff = (wc * G * 32 + 4 * _ar(8, 1, 4, WL) + _ar(4, 2, 4, WL)) * 2 + _ar(2, 3, 4, WL)
@@ -338,16 +344,36 @@ def _build():
 _KERNELS = None
 
 
+_USABLE: dict[int, bool] = {}
+
+
 def usable(device_index: int) -> bool:
-    """A GPU with the binary tensor-core op (compute capability 8.0+) and a Triton with Gluon."""
-    from . import compute_major, triton_usable
-    if not triton_usable(device_index) or compute_major(device_index) < 8:
-        return False
-    try:
-        from triton.experimental import gluon  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """A GPU with the binary tensor-core op (compute capability 8.0+) and a Triton with Gluon; once per device."""
+    if device_index not in _USABLE:
+        from . import compute_major, triton_usable
+        ok = triton_usable(device_index) and compute_major(device_index) >= 8
+        if ok:
+            try:
+                from triton.experimental import gluon  # noqa: F401
+            except ImportError:
+                ok = False
+        _USABLE[device_index] = ok
+    return _USABLE[device_index]
+
+
+def disable(device_index: int, err: Exception) -> None:
+    """The kernels failed to build or run here: ``auto`` stops taking them on this device, said once."""
+    from . import warn_once
+    _USABLE[device_index] = False
+    warn_once("bmma-failed", f"the bmma kernels failed ({type(err).__name__}: {str(err)[:200]}); one-row packed "
+                             "layers use the mma kernel")
+
+
+def takes(x: torch.Tensor, out_features: int, in_features: int) -> bool:
+    """Whether ``auto`` dispatch runs a plain layer on these kernels: AUTO on, one row of bf16/fp16 on a usable
+    CUDA GPU, at least AUTO_MIN weights."""
+    return (AUTO and out_features * in_features >= AUTO_MIN and x.numel() == in_features and x.is_cuda
+            and x.dtype in (torch.bfloat16, torch.float16) and usable(x.device.index or 0))
 
 
 def launch_meta(N: int, K: int, planes: int = PLANES, config: tuple | None = None, has_bias: bool = False,

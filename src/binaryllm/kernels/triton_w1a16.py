@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from ..errors import BinaryLLMError
-from . import DECODE_KERNELS, INTERPRETED, env_ints, mma_w1a16, silu_mul
+from . import DECODE_KERNELS, INTERPRETED, bmma_w1a16, env_ints, mma_w1a16, silu_mul
 
 
 def prepare_weight(packed_u8: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -285,7 +285,8 @@ def w1a16_matmul(x: torch.Tensor, words: torch.Tensor, row_scale: torch.Tensor, 
                  mode: str = "auto", config: tuple | None = None, tiles: torch.Tensor | None = None,
                  pairs: int = 0) -> torch.Tensor:
     """x (..., K) bf16/fp16 on CUDA; words from ``prepare_weight``; returns (..., N) in x's dtype.
-    mode: ``mma`` (needs ``tiles`` from ``mma_w1a16.prepare_tiles``), ``gemv``, ``tc``, ``fused``, ``unpack`` or
+    mode: ``mma`` (needs ``tiles`` from ``mma_w1a16.prepare_tiles``), ``bmma`` (one row, the same tiles:
+    ``bmma_w1a16``), ``gemv``, ``tc``, ``fused``, ``unpack`` or
     ``auto``: below PREFILL_M rows ``mma`` when tiles are given (the fastest decode kernel, docs/RESULTS.md), else
     DECODE_MODE; from PREFILL_M rows on unpack + cuBLAS (on the H100 the tensor-core kernel ran at 0.2-0.5x
     cuBLAS, unpack + cuBLAS at 0.82-0.95x).  ``pairs``: ``tiles`` were made with ``prepare_tiles(pairs=...)``
@@ -302,6 +303,10 @@ def w1a16_matmul(x: torch.Tensor, words: torch.Tensor, row_scale: torch.Tensor, 
             if y is not None:
                 return y
             mode = decode_mode(M, N, K)
+    if mode == "bmma":
+        if tiles is None:
+            raise ValueError("mode bmma needs the tile layout (mma_w1a16.prepare_tiles)")
+        return bmma_w1a16.bmma_matmul(x, tiles, row_scale, N, K, input_scale, bias, pairs=pairs, config=config)
     if mode == "mma":
         if tiles is None:
             raise ValueError("mode mma needs the tile layout (mma_w1a16.prepare_tiles)")
@@ -362,10 +367,19 @@ def w1a16_matmul(x: torch.Tensor, words: torch.Tensor, row_scale: torch.Tensor, 
 
 def _auto_mma(x, tiles, row_scale, N: int, K: int, input_scale, bias, pairs: int, gated: bool = False, **kw):
     """The ``mma`` kernel's output where ``auto`` dispatch takes it (tiles given, DECODE_MODE allows it, the
-    kernel usable here), else None; a kernel that fails (a Triton whose Gluon differs from the one this was
+    kernel usable here), else None; for one row of a plain layer of ``bmma_w1a16.AUTO_MIN`` weights or more the
+    binary tensor-core kernels' instead (``bmma_w1a16.takes``); a kernel that fails (a Triton whose Gluon differs
+    from the one this was
     written for) is disabled with one warning and None returned."""
     if tiles is None or DECODE_MODE not in ("auto", "mma") or not mma_w1a16.usable(x.device.index or 0):
         return None
+    if not gated and not kw and bmma_w1a16.takes(x, N, K):
+        try:
+            return bmma_w1a16.bmma_matmul(x, tiles, row_scale, N, K, input_scale, bias, pairs=pairs)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:
+            bmma_w1a16.disable(x.device.index or 0, e)
     try:
         return mma_w1a16.mma_matmul(x, tiles, row_scale, N, K, input_scale, bias, pairs=pairs, gated=gated, **kw)
     except torch.OutOfMemoryError:
