@@ -25,8 +25,8 @@ def to_grid(x: torch.Tensor, planes: int) -> torch.Tensor:
     m = xb.abs().amax(-1, keepdim=True)
     e = torch.where(m >= 2.0 ** -126, torch.frexp(m).exponent, torch.full_like(m, -126, dtype=torch.int32))
     sh = torch.clamp(planes - 1 - e, max=127).double()
-    q = torch.round(torch.ldexp(xb.double(), sh))
-    return torch.ldexp(q, -sh).to(x.dtype)
+    p2 = torch.exp2(sh)                                       # exact: integer powers of two
+    return (torch.round(xb.double() * p2) / p2).to(x.dtype)
 
 
 def main(windows: int = 16, seq_len: int = 512) -> None:

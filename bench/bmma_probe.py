@@ -322,8 +322,7 @@ def quantize(x: torch.Tensor, planes: int):
     most 127, so that 2^sh is an fp32 number)."""
     e = int(torch.frexp(x.float().abs().max()).exponent)
     sh = min(planes - 1 - e, 127)
-    return torch.round(torch.ldexp(x.double(), torch.tensor(float(sh), dtype=torch.float64, device=x.device))
-                       ).long(), sh
+    return torch.round(x.double() * 2.0 ** sh).long(), sh     # 2.0 ** sh exact (torch.ldexp's pow is not on CUDA)
 
 
 def planes_ref(x: torch.Tensor, planes: int) -> torch.Tensor:
@@ -345,8 +344,7 @@ def exact_reference(x: torch.Tensor, bits: torch.Tensor, sc: torch.Tensor, K: in
     from binaryllm.export.bits import unpack_signs
     q, sh = quantize(x, planes)
     S = unpack_signs(bits, K, torch.float64) @ q.double()                           # exact: integers < 2^53
-    return (torch.ldexp(S, torch.tensor(float(-sh), dtype=torch.float64, device=x.device)) * sc.double()
-            ).float().bfloat16()
+    return (S * 2.0 ** -sh * sc.double()).float().bfloat16()
 
 
 def emulate(wt: torch.Tensor, pl: torch.Tensor, N: int, K: int, planes: int) -> torch.Tensor:

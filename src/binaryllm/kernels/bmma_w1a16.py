@@ -80,7 +80,9 @@ def row_shift(x: torch.Tensor, planes: int) -> int:
 def quantize(x: torch.Tensor, planes: int) -> tuple[torch.Tensor, int]:
     """One row x (K,) -> (q int64 (K,), sh): q = rint(x * 2^sh), ties to even, |q| < 2^(planes - 1)."""
     sh = row_shift(x, planes)
-    q = torch.round(torch.ldexp(x.double(), torch.tensor(float(sh), dtype=torch.float64, device=x.device)))
+    # times the Python float 2.0 ** sh (exact), not torch.ldexp: on the H100 its pow(2, 11) is not exact in float64,
+    # and x 2^11 landed next to, not on, the halfway points that a 16-plane grid has (docs/RESULTS.md)
+    q = torch.round(x.double() * 2.0 ** sh)
     return q.long(), sh
 
 
@@ -134,7 +136,7 @@ def reference(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor, out
     q, sh = quantize(x, planes)
     bits = unpack_tiles(tiles, out_features, in_features, pairs).double()   # weight rows, 0/1
     s = 2 * (bits @ q.double()) - q.sum().double()                           # exact: |s| < 2^53
-    y = (torch.ldexp(s, torch.tensor(float(-sh), dtype=torch.float64, device=x.device)) * row_scale.double()).float()
+    y = (s * 2.0 ** -sh * row_scale.double()).float()                       # 2^-sh exact, as in quantize
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
@@ -264,7 +266,6 @@ def _build():
         G: gl.constexpr = P // 8
         CPW: gl.constexpr = (KB + W - 1) // W              # k-groups a warp
         CPWP: gl.constexpr = _p2(CPW)                        # as a tensor dimension (past CPW: masked, zeros)
-        BN: gl.constexpr = 16 * RT
         NT = (N + 15) // 16
         pid = gl.program_id(0)
         # [s, rt, cpw, lane, kg]: a 16-byte load of lane l's four words of each (tile, k-group)
@@ -279,9 +280,14 @@ def _build():
             words = gl.load(w_ptr + woff)
         else:
             words = gl.load(w_ptr + woff, mask=(c < KB) & (rt < NT), other=0)
-        # the epilogue's rows (tile row 16 r + 8 half + g) and their scales: weights, loaded before the wait
-        ol: gl.constexpr = gl.BlockedLayout([1], [32], [W], [0])
-        offs = pid * BN + gl.arange(0, BN, layout=ol)
+        cl: gl.constexpr = gl.SliceLayout(2, L)                                   # [s, rt, lane, e]
+        lane_c = _ar(32, 2, 4, cl)
+        e_c = _ar(4, 3, 4, cl)
+        # the epilogue's rows, in the layout the row sums will have (the same reshape and reductions applied to
+        # the tile-row index of every accumulator element: 16 r + 8 half + g for C element e of lane 4 g + t), and
+        # their scales (and bias): weights, loaded before the wait; no layout conversion after the loop
+        rows = (pid * RT + _ar(RT, 1, 4, cl)) * 16 + (e_c // 2) * 8 + lane_c // 4 + 0 * _ar(W, 0, 4, cl)
+        offs = gl.max(gl.max(gl.max(gl.reshape(rows, [W, RT, 8, 4, 2, 2]), axis=5), axis=3), axis=0)
         n_ok = offs < N
         if PAIRS:
             wrow = (offs // 16) * 8 + offs % 8 + ((offs // 8) % 2) * (N // 2)
@@ -293,20 +299,7 @@ def _build():
         if PDL:
             _pdl_wait()
             _launch_dependents()
-        # sh and sum q (hdr) as scalars
-        hl: gl.constexpr = gl.BlockedLayout([1], [32], [W], [0])
-        ho = gl.arange(0, 32 * W, layout=hl)
-        qsum = gl.zeros([32 * W], gl.int64, hl)
-        for i in gl.static_range((KB + 32 * W - 1) // (32 * W)):
-            qsum += gl.load(hdr_ptr + 1 + i * 32 * W + ho, mask=i * 32 * W + ho < KB, other=0)
-        Q = gl.sum(qsum, axis=0)
-        sh = gl.load(hdr_ptr)
-        # the A fragments: kg = 2 zz + kgl; rows g / g + 8 are the low / high nibbles of each byte
-        w_e, w_o = gl.split(gl.reshape(words, [W, RT, CPWP, 32, 2, 2]))
-        a_lo = (w_e & LO) | ((w_o << 4) & HI)
-        a_hi = ((w_e >> 4) & LO) | (w_o & HI)
-        a = gl.convert_layout(gl.reshape(gl.join(a_lo, a_hi), [W, RT, CPWP, 32, 4]), L)   # [a0, a1, a2, a3]
-        # the planes: all P/8 groups loaded before the first BMMA (8 bytes a lane: b0, b1)
+        # the planes: all P/8 groups loaded first (8 bytes a lane: b0, b1), then sh and the k-groups' sums of q
         bl: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 2], [1, 1, 1, 32, 1], [W, 1, 1, 1, 1], [4, 3, 2, 1, 0])
         jb = _ar(CPWP, 2, 5, bl)
         cb = gl.where(jb < CPW, _ar(W, 0, 5, bl) * CPW + jb, KB)
@@ -318,9 +311,17 @@ def _build():
             b2 = _planes(pl_ptr, boff + 128, cb, KB, EVEN)
         if G > 3:
             b3 = _planes(pl_ptr, boff + 192, cb, KB, EVEN)
-        cl: gl.constexpr = gl.SliceLayout(2, L)                                   # [s, rt, lane, e]
-        lane_c = _ar(32, 2, 4, cl)
-        e_c = _ar(4, 3, 4, cl)
+        # hdr = [sh, the KB sums of q] in one load; every warp holds all of it (the layout is replicated over the
+        # warps), so its sums are warp-local: no barrier
+        KBP: gl.constexpr = _p2(max(KB + 1, 32))
+        hl: gl.constexpr = gl.BlockedLayout([KBP // 32], [32], [W], [0])
+        ho = gl.arange(0, KBP, layout=hl)
+        hv = gl.load(hdr_ptr + ho, mask=ho <= KB, other=0)
+        # the A fragments: kg = 2 zz + kgl; rows g / g + 8 are the low / high nibbles of each byte
+        w_e, w_o = gl.split(gl.reshape(words, [W, RT, CPWP, 32, 2, 2]))
+        a_lo = (w_e & LO) | ((w_o << 4) & HI)
+        a_hi = ((w_e >> 4) & LO) | (w_o & HI)
+        a = gl.convert_layout(gl.reshape(gl.join(a_lo, a_hi), [W, RT, CPWP, 32, 4]), L)   # [a0, a1, a2, a3]
         tot = _group(a, b0, 0, lane_c, e_c, P, W, RT, CPWP, L)
         if G > 1:
             tot += _group(a, b1, 1, lane_c, e_c, P, W, RT, CPWP, L)
@@ -328,10 +329,10 @@ def _build():
             tot += _group(a, b2, 2, lane_c, e_c, P, W, RT, CPWP, L)
         if G > 3:
             tot += _group(a, b3, 3, lane_c, e_c, P, W, RT, CPWP, L)
-        # [s, rt, g, t, half, col] -> sum over col, t (the quad) and s (the warps) -> [rt, half, g]
-        r = gl.sum(gl.sum(gl.reshape(tot, [W, RT, 8, 4, 2, 2]), axis=5), axis=3)
-        r = gl.sum(r, axis=0)                                                     # [rt, g, half]
-        r = gl.convert_layout(gl.reshape(gl.permute(r, (0, 2, 1)), [BN]), ol)
+        # [s, rt, g, t, half, col] -> sum over col, t (the quad) and s (the warps) -> [rt, g, half]
+        r = gl.sum(gl.sum(gl.sum(gl.reshape(tot, [W, RT, 8, 4, 2, 2]), axis=5), axis=3), axis=0)
+        Q = gl.sum(gl.where(ho > 0, hv, 0), axis=0)
+        sh = gl.sum(gl.where(ho == 0, hv, 0), axis=0)
         d = ((1023 - sh) << 52).to(gl.float64, bitcast=True)                     # 2^-sh, exact
         out = ((2 * r - Q).to(gl.float64) * d * rscale.to(gl.float64)).to(gl.float32)
         if HAS_BIAS:
