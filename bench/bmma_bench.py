@@ -18,8 +18,8 @@ from binaryllm.kernels import bmma_w1a16 as bw
 from binaryllm.kernels import mma_w1a16 as mw
 from mma_xs import bf16_us, case                       # bench/ (this script's folder)
 
-DEFAULT = ["8192x8192", "8192x8192:1,8,16", "8192x8192:1,4", "8192x8192:2,8", "16384x16384:1,16",
-           "4096x4096", "12288x4096", "22016x4096:2,8", "4096x11008"]
+DEFAULT = ["8192x8192", "8192x8192:1,4,16", "8192x8192:1,8", "16384x16384", "16384x16384:1,16,16",
+           "4096x11008", "4096x11008:1,8,16", "4096x4096", "12288x4096", "22016x4096"]
 CHECKS = [(1000, 1000, 0, False), (4000, 3000, 0, True), (2048, 1536, 1024, True), (960, 576, 0, False)]
 
 
@@ -53,7 +53,7 @@ def measure(spec: str) -> dict:
     ts, sc, x, ref, g, bits = case(N, K)
     n = len(ts)
     xr = x.view(-1)
-    row = {"config": list(cfg or bw.CONFIG), "planes": P}
+    row = {"config": list(cfg or bw.CONFIG or bw.default_config(N, K)), "planes": P}
     y = bw.bmma_matmul(x, ts[0], sc, N, K, planes=P, config=cfg)
     exact = bw.reference(xr, ts[0], sc, N, K, planes=P)
     pl, hdr = bw.make_planes(xr, K, P)

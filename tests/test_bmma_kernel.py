@@ -79,9 +79,9 @@ def test_kernels_compile_for_hopper_with_the_expected_instructions(N, K, P):
     pg, pm, grid, m = bw.launch_meta(N, K, P, pdl=True)
     al = {(i,): [["tt.divisibility", 16]] for i in range(6)}
     ptx = sm90_ptx(bmma, {"w_ptr": "*i32", "pl_ptr": "*i32", "hdr_ptr": "*i64", "s_ptr": "*fp16", "b_ptr": "*fp16",
-                          "y_ptr": "*bf16", "N": "i32", **{k: "constexpr" for k in m}}, m,
+                          "y_ptr": "*bf16", "N": "i32", "zero": "i32", **{k: "constexpr" for k in m}}, m,
                    {"num_warps": m["W"], "launch_pdl": True}, al)
-    rt, w = bw.CONFIG
+    rt, w = bw.default_config(N, K)
     cpw = -(-m["KB"] // w)
     cpw = 1 << (cpw - 1).bit_length()                           # a tensor dimension: padded to a power of 2
     assert ptx.count("mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc") == rt * cpw * (P // 8)
@@ -146,7 +146,7 @@ def test_packed_layer_auto_path_runs_bmma_on_a_large_row_and_mma_below():
         sc = (torch.rand(N, device="cuda", generator=g) + 0.5).half()
         x = torch.randn(1, K, device="cuda", generator=g).bfloat16()
         y = w1a16_matmul(x, prepare_weight(bits, K), sc, K, tiles=tiles)
-        if N * K >= bw.AUTO_MIN:
+        if bw.takes(x, N, K):
             assert torch.equal(y[0], bw.reference(x[0], tiles, sc, N, K))
         else:
             assert torch.equal(y, mw.mma_matmul(x, tiles, sc, N, K))

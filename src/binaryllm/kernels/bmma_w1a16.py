@@ -49,8 +49,9 @@ import torch
 from .mma_w1a16 import GROUP_K, check_pairs, tile_shape, unpack_tiles
 
 PLANES = 24          # bit planes of x: 16, 24 or 32
-# (RT row tiles of 16 a program, W warps = ways K is split) for the product; the probe's best at 8192^2 (1, 8)
-CONFIG = (1, 8)
+# (RT row tiles of 16 a program, W warps = ways K is split) for the product: None picks one row tile and W by the
+# k-groups (``default_config``: the best or only tile measured on the H100 at 8192^2, 4096x11008 and 16384^2)
+CONFIG = None
 PREP_CHUNKS = 2      # k-groups a prep program turns into planes (2 warps each)
 # ``auto`` dispatch (triton_w1a16) takes this kernel for one row of a plain layer (no gated, residual or norm
 # epilogue) of at least AUTO_MIN weights; BINARYLLM_BMMA=0 turns that off
@@ -250,6 +251,14 @@ def _build():
             return gl.load(pl_ptr + boff, mask=cb < KB, other=0)
 
     @gluon.jit
+    def _xor(a, b):
+        return a ^ b
+
+    @gluon.jit
+    def _xall(b):                     # [W, 1, CPWP, 32, 2] -> xor over a thread's own words (no data moves)
+        return gl.reduce(gl.reduce(b, 4, _xor, keep_dims=True), 2, _xor, keep_dims=True)
+
+    @gluon.jit
     def _group(a, b2, h: gl.constexpr, lane_c, e_c, P: gl.constexpr, W: gl.constexpr, RT: gl.constexpr,
                CPW: gl.constexpr, L: gl.constexpr):
         """Plane group h's BMMAs (b2: its [.., 2] plane words), summed over the warp's k-groups and weighted by
@@ -261,7 +270,7 @@ def _build():
         return cnt.to(gl.int64) * coef
 
     @gluon.jit
-    def bmma(w_ptr, pl_ptr, hdr_ptr, s_ptr, b_ptr, y_ptr, N, KB: gl.constexpr, P: gl.constexpr, RT: gl.constexpr,
+    def bmma(w_ptr, pl_ptr, hdr_ptr, s_ptr, b_ptr, y_ptr, N, zero, KB: gl.constexpr, P: gl.constexpr, RT: gl.constexpr,
              W: gl.constexpr, HAS_BIAS: gl.constexpr, PAIRS: gl.constexpr, EVEN: gl.constexpr, PDL: gl.constexpr):
         G: gl.constexpr = P // 8
         CPW: gl.constexpr = (KB + W - 1) // W              # k-groups a warp
@@ -317,6 +326,24 @@ def _build():
         hl: gl.constexpr = gl.BlockedLayout([KBP // 32], [32], [W], [0])
         ho = gl.arange(0, KBP, layout=hl)
         hv = gl.load(hdr_ptr + ho, mask=ho <= KB, other=0)
+        # all plane and hdr loads in flight before the first BMMA: each group's words then depend on every load (zero is
+        # a runtime 0 ptxas cannot see through; without it ptxas spreads the loads between the BMMAs, and each
+        # round trip to L2 is paid on its own)
+        dep = _xall(b0)
+        if G > 1:
+            dep = dep ^ _xall(b1)
+        if G > 2:
+            dep = dep ^ _xall(b2)
+        if G > 3:
+            dep = dep ^ _xall(b3)
+        dep = (dep ^ gl.reduce(hv, 0, _xor).to(gl.int32)) & zero           # hdr too
+        b0 = b0 ^ dep
+        if G > 1:
+            b1 = b1 ^ dep
+        if G > 2:
+            b2 = b2 ^ dep
+        if G > 3:
+            b3 = b3 ^ dep
         # the A fragments: kg = 2 zz + kgl; rows g / g + 8 are the low / high nibbles of each byte
         w_e, w_o = gl.split(gl.reshape(words, [W, RT, CPWP, 32, 2, 2]))
         a_lo = (w_e & LO) | ((w_o << 4) & HI)
@@ -377,12 +404,19 @@ def takes(x: torch.Tensor, out_features: int, in_features: int) -> bool:
             and x.dtype in (torch.bfloat16, torch.float16) and usable(x.device.index or 0))
 
 
+def default_config(N: int, K: int) -> tuple[int, int]:
+    """(1, W): W = 4 warps up to 32 k-groups (8192^2: 4.27 against 4.64 us with 8, the pair 6.6 against 7.1), 8 below
+    64 (4096x11008), 16 from 64 (16384^2); docs/RESULTS.md, thirty-third session."""
+    KB = tile_shape(N, K)[1]
+    return (1, 4 if KB <= 32 else 8 if KB < 64 else 16)
+
+
 def launch_meta(N: int, K: int, planes: int = PLANES, config: tuple | None = None, has_bias: bool = False,
                 pairs: int = 0, pdl: bool = False) -> tuple[tuple, dict, tuple, dict]:
     """(prep grid, prep constexprs, product grid, product constexprs) for an (N, K) matrix."""
     if planes not in (16, 24, 32):
         raise ValueError(f"bmma takes 16, 24 or 32 planes, not {planes}")
-    rt, w = config or CONFIG
+    rt, w = config or CONFIG or default_config(N, K)
     NT, KB = tile_shape(N, K)
     cp = PREP_CHUNKS
     mb = 8 * 32 * 2 * cp
@@ -429,7 +463,7 @@ def bmma_product(pl: torch.Tensor, hdr: torch.Tensor, tiles: torch.Tensor, row_s
     pdl = pdl_launch(tiles)
     _, _, grid, meta = launch_meta(N, K, planes, config, bias is not None, pairs, pdl)
     y = torch.empty(N, dtype=dtype, device=tiles.device) if out is None else out
-    _kernels()[1][grid](tiles, pl, hdr, row_scale, bias if bias is not None else row_scale, y, N,
+    _kernels()[1][grid](tiles, pl, hdr, row_scale, bias if bias is not None else row_scale, y, N, 0,
                         num_warps=meta["W"], launch_pdl=pdl, **meta)
     return y
 
