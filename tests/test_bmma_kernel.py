@@ -123,23 +123,25 @@ def test_gpu_output_is_the_reference_bit_for_bit(N, K, P, pairs, bias):
     assert torch.equal(y[0], bw.reference(x, tiles, sc, N, K, b, pairs, P))
 
 
-def test_auto_dispatch_takes_only_large_one_row_cuda_layers(monkeypatch):
-    x = torch.zeros(1, 8192, dtype=torch.bfloat16)
-    assert not bw.takes(x, 8192, 8192)                          # a CPU tensor
+def test_auto_dispatch_takes_only_the_shapes_measured_faster(monkeypatch):
+    x = torch.zeros(1, 16384, dtype=torch.bfloat16)
+    assert not bw.takes(x, 16384, 16384)                        # a CPU tensor
     monkeypatch.setattr(bw, "usable", lambda i: True)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    assert bw.takes(x, 8192, 8192)
-    assert not bw.takes(x, 4096, 4096)                          # below AUTO_MIN weights: the mma kernel
-    assert not bw.takes(torch.zeros(2, 8192, dtype=torch.bfloat16), 8192, 8192)    # two rows
-    assert not bw.takes(x.float(), 8192, 8192)
+    assert bw.takes(x, 16384, 16384)
+    assert bw.takes(torch.zeros(11008, dtype=torch.bfloat16), 4096, 11008)     # Llama-7B's down projection
+    for N, K in ((8192, 8192), (12288, 4096), (22016, 4096), (4096, 4096), (1024, 10240)):  # mma is faster
+        assert not bw.takes(torch.zeros(1, K, dtype=torch.bfloat16), N, K)
+    assert not bw.takes(torch.zeros(2, 16384, dtype=torch.bfloat16), 16384, 16384)    # two rows
+    assert not bw.takes(x.float(), 16384, 16384)
     monkeypatch.setattr(bw, "AUTO", False)
-    assert not bw.takes(x, 8192, 8192)
+    assert not bw.takes(x, 16384, 16384)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernels themselves need a CUDA GPU")
 def test_packed_layer_auto_path_runs_bmma_on_a_large_row_and_mma_below():
     from binaryllm.kernels.triton_w1a16 import prepare_weight, w1a16_matmul
-    for N, K in ((8192, 8192), (1024, 1024)):
+    for N, K in ((4096, 11008), (1024, 1024)):
         g = torch.Generator(device="cuda").manual_seed(N)
         bits = pack_signs(torch.randn(N, K, device="cuda", generator=g))
         tiles = mw.prepare_tiles(bits, K)

@@ -53,9 +53,12 @@ PLANES = 24          # bit planes of x: 16, 24 or 32
 # k-groups (``default_config``: the best or only tile measured on the H100 at 8192^2, 4096x11008 and 16384^2)
 CONFIG = None
 PREP_CHUNKS = 2      # k-groups a prep program turns into planes (2 warps each)
-# ``auto`` dispatch (triton_w1a16) takes this kernel for one row of a plain layer (no gated, residual or norm
-# epilogue) of at least AUTO_MIN weights; BINARYLLM_BMMA=0 turns that off
-AUTO_MIN = 2 ** 26
+# ``auto`` dispatch (triton_w1a16) takes these kernels for one row of a plain layer (no gated, residual or norm
+# epilogue) of at least AUTO_MIN weights and more than AUTO_K inputs: where the H100 measured prep + product faster
+# than ``mma`` (thirty-third session: 16384^2 18.9-20.3 against 21.6-21.8 us, 4096x11008 5.7 against 6.7; slower at
+# 8192^2 6.6 against 5.9, 12288x4096, 22016x4096 and 4096^2); BINARYLLM_BMMA=0 turns it off
+AUTO_MIN = 2 ** 25
+AUTO_K = 8192
 AUTO = os.environ.get("BINARYLLM_BMMA", "1") != "0"
 _LO = 0x0F0F0F0F     # the low nibble of every byte: bit 2 of the position is 0 (row g of the tile)
 _HI = 0xF0F0F0F0 - (1 << 32)     # the high nibbles as an int32 constant (row g + 8)
@@ -399,8 +402,9 @@ def disable(device_index: int, err: Exception) -> None:
 
 def takes(x: torch.Tensor, out_features: int, in_features: int) -> bool:
     """Whether ``auto`` dispatch runs a plain layer on these kernels: AUTO on, one row of bf16/fp16 on a usable
-    CUDA GPU, at least AUTO_MIN weights."""
-    return (AUTO and out_features * in_features >= AUTO_MIN and x.numel() == in_features and x.is_cuda
+    CUDA GPU, at least AUTO_MIN weights and more than AUTO_K inputs."""
+    return (AUTO and out_features * in_features >= AUTO_MIN and in_features > AUTO_K and x.numel() == in_features
+            and x.is_cuda
             and x.dtype in (torch.bfloat16, torch.float16) and usable(x.device.index or 0))
 
 
