@@ -69,12 +69,14 @@ def test_reference_is_the_dense_product_to_one_rounding():
     assert torch.allclose(y.double(), dense, rtol=2 ** -8, atol=2 ** -12)
 
 
+@pytest.mark.parametrize("fence", [False, True])
 @pytest.mark.parametrize("N,K,P", [(8192, 8192, 24), (1000, 600, 16), (4096, 11008, 32)])
-def test_kernels_compile_for_hopper_with_the_expected_instructions(N, K, P):
+def test_kernels_compile_for_hopper_with_the_expected_instructions(N, K, P, fence, monkeypatch):
     """Triton's compiler builds both kernels for sm_90 on this CPU box: the product issues one m16n8k256 per
     (row tile, k-group, plane group) of a warp, loads each lane's tile words with one 16-byte load before the PDL
     wait, and spills nothing; the prep rounds with cvt.rni."""
     from conftest import sm90_ptx
+    monkeypatch.setattr(bw, "FENCE", fence)
     prep, bmma = bw._build()
     pg, pm, grid, m = bw.launch_meta(N, K, P, pdl=True)
     al = {(i,): [["tt.divisibility", 16]] for i in range(6)}
