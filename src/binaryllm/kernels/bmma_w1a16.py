@@ -163,38 +163,13 @@ def _build():
                             "{$4,$5,$6,$7}, {$8,$10}, {$12,$13,$14,$15};")
     LO = gl.constexpr(_LO)
     HI = gl.constexpr(_HI)
-
-    @gluon.constexpr_function
-    def _dim_layout(layout, dim, rank):
-        for d in reversed(range(rank)):
-            if d != dim:
-                layout = gl.SliceLayout(d, layout)
-        return layout
-
-    @gluon.jit
-    def _ar(n: gl.constexpr, DIM: gl.constexpr, RANK: gl.constexpr, layout: gl.constexpr):
-        v = gl.arange(0, n, layout=_dim_layout(layout, DIM, RANK))
-        for d in gl.static_range(RANK):
-            if d != DIM:
-                v = gl.expand_dims(v, d)
-        return v
-
-    @gluon.constexpr_function
-    def _p2(n):
-        return 1 << (n - 1).bit_length()
+    from .gluon_helpers import helpers
+    H = helpers()
+    _p2, _ar, _xor, _pdl_wait, _launch_dependents = H.p2, H.ar, H.xor, H.pdl_wait, H.launch_dependents
 
     @gluon.jit
     def _or(a, b):
         return a | b
-
-    @gluon.jit
-    def _pdl_wait():
-        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
-
-    @gluon.jit
-    def _launch_dependents():
-        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
-                                  is_pure=False, pack=1)
 
     @gluon.jit
     def _rint(v):                     # fp32 -> int32, round to nearest even (cvt.rni)
@@ -259,10 +234,6 @@ def _build():
             return gl.load(pl_ptr + boff)
         else:
             return gl.load(pl_ptr + boff, mask=cb < KB, other=0)
-
-    @gluon.jit
-    def _xor(a, b):
-        return a ^ b
 
     @gluon.jit
     def _xall(b):                     # [W, 1, CPWP, 32, 2] -> xor over a thread's own words (no data moves)
@@ -391,13 +362,9 @@ def usable(device_index: int) -> bool:
     """A GPU with the binary tensor-core op (compute capability 8.0+) and a Triton with Gluon; once per device."""
     if device_index not in _USABLE:
         from . import compute_major, triton_usable
-        ok = triton_usable(device_index) and compute_major(device_index) >= 8
-        if ok:
-            try:
-                from triton.experimental import gluon  # noqa: F401
-            except ImportError:
-                ok = False
-        _USABLE[device_index] = ok
+        from .gluon_helpers import gluon_importable
+        _USABLE[device_index] = (triton_usable(device_index) and compute_major(device_index) >= 8
+                                 and gluon_importable())
     return _USABLE[device_index]
 
 

@@ -367,6 +367,10 @@ def _build():
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
+    from .gluon_helpers import helpers
+    H = helpers()
+    _xor, _dim_layout, _p2, _ar, _launch_dependents = H.xor, H.dim_layout, H.p2, H.ar, H.launch_dependents
+
     def asm(i: int, minus_one: int) -> str:
         pair = minus_one * 0x10001
         return (f"{{ .reg .b32 t; shl.b32 t, $1, {15 - i}; lop3.b32 $0, t, 0x80008000, {pair:#x}, 0x6a; }}")
@@ -418,40 +422,10 @@ def _build():
                                          is_pure=True, pack=2)
 
     @gluon.jit
-    def _xor(a, b):
-        return a ^ b
-
-    @gluon.constexpr_function
-    def _dim_layout(layout, dim, rank):
-        for d in reversed(range(rank)):
-            if d != dim:
-                layout = gl.SliceLayout(d, layout)
-        return layout
-
-    @gluon.constexpr_function
-    def _p2(n):
-        return 1 << (n - 1).bit_length()
-
-    @gluon.jit
-    def _ar(n: gl.constexpr, DIM: gl.constexpr, RANK: gl.constexpr, layout: gl.constexpr):
-        """arange(n) along dimension DIM of a rank-RANK tensor in ``layout`` (size 1 along the others)."""
-        v = gl.arange(0, n, layout=_dim_layout(layout, DIM, RANK))
-        for d in gl.static_range(RANK):
-            if d != DIM:
-                v = gl.expand_dims(v, d)
-        return v
-
-    @gluon.jit
     def _halves(t, RT: gl.constexpr, NB: gl.constexpr):
         """[16 RT, NB] rows of paired tiles -> (rows 16 r + g, rows 16 r + 8 + g) as [RT, 8, NB] each: in the mma
         layout a thread holds both, so this moves no data."""
         return gl.split(gl.permute(gl.reshape(t, [RT, 2, 8, NB]), (0, 2, 3, 1)))
-
-    @gluon.jit
-    def _launch_dependents():
-        # PDL: the next kernel may launch now (it still waits for this one to end before it reads what it wrote)
-        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
-                                  pack=1)
 
     @gluon.jit
     def _load_words(w_ptr, woff, rnd: gl.constexpr, s, rt, ch, KB: gl.constexpr, KBL: gl.constexpr,

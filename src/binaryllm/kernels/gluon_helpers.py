@@ -1,0 +1,61 @@
+"""Small Gluon functions that the Gluon kernels (``mma_w1a16``, ``bmma_w1a16``) share, built on first use:
+importing Gluon needs a Triton that has it (>= 3.4), so nothing here runs at import."""
+from __future__ import annotations
+
+import functools
+import types
+
+
+@functools.cache
+def gluon_importable() -> bool:
+    try:
+        from triton.experimental import gluon  # noqa: F401
+    except Exception:  # no Triton, or one without Gluon
+        return False
+    return True
+
+
+@functools.cache
+def helpers() -> types.SimpleNamespace:
+    """dim_layout, p2 (constexpr functions); ar, xor, launch_dependents, pdl_wait (jit functions)."""
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+
+    @gluon.constexpr_function
+    def dim_layout(layout, dim, rank):
+        """The 1-D layout of dimension ``dim`` of a rank-``rank`` tensor in ``layout``."""
+        for d in reversed(range(rank)):
+            if d != dim:
+                layout = gl.SliceLayout(d, layout)
+        return layout
+
+    @gluon.constexpr_function
+    def p2(n):
+        return 1 << (n - 1).bit_length()
+
+    @gluon.jit
+    def ar(n: gl.constexpr, DIM: gl.constexpr, RANK: gl.constexpr, layout: gl.constexpr):
+        """arange(n) along dimension DIM of a rank-RANK tensor in ``layout`` (size 1 along the others)."""
+        v = gl.arange(0, n, layout=dim_layout(layout, DIM, RANK))
+        for d in gl.static_range(RANK):
+            if d != DIM:
+                v = gl.expand_dims(v, d)
+        return v
+
+    @gluon.jit
+    def xor(a, b):
+        return a ^ b
+
+    @gluon.jit
+    def launch_dependents():
+        # PDL: the next kernel may launch now (it still waits for this one to end before it reads what it wrote)
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
+                                  pack=1)
+
+    @gluon.jit
+    def pdl_wait():
+        # PDL: wait for the kernel before this one to finish (and its writes to be visible)
+        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+    return types.SimpleNamespace(dim_layout=dim_layout, p2=p2, ar=ar, xor=xor, launch_dependents=launch_dependents,
+                                 pdl_wait=pdl_wait)
