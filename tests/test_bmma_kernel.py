@@ -108,9 +108,11 @@ def test_bad_arguments_are_named():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernels themselves need a CUDA GPU (bench checks too)")
+@pytest.mark.parametrize("fence", [False, True])
 @pytest.mark.parametrize("N,K,P,pairs,bias", [(1000, 1000, 24, 0, False), (4000, 3000, 16, 0, True),
                                               (2048, 1536, 32, 1024, True), (8192, 8192, 24, 0, False)])
-def test_gpu_output_is_the_reference_bit_for_bit(N, K, P, pairs, bias):
+def test_gpu_output_is_the_reference_bit_for_bit(N, K, P, pairs, bias, fence, monkeypatch):
+    monkeypatch.setattr(bw, "FENCE", fence)
     g = torch.Generator(device="cuda").manual_seed(N + K)
     bits = pack_signs(torch.randn(N, K, device="cuda", generator=g))
     tiles = mw.prepare_tiles(bits, K, pairs)
