@@ -21,10 +21,10 @@ compared bit for bit; against the dense product it differs by the rounding of x 
 
 Two kernels, launched back to back with programmatic dependent launch on sm_90+:
 
-* ``prep`` (after ``griddepcontrol.wait``): every program takes max|x| over the whole row, then turns its chunks
-  of 256 inputs into plane words: thread (chunk, g, t, z) holds the 32 values of x its words need (two runs of 16
-  contiguous inputs), rounds them to q, and ORs bit 8h + g of each into place for every plane group h; it also
-  writes the chunk's sum of q (``hdr[1 + c]``), program 0 the row's ``sh`` (``hdr[0]``).
+* ``prep`` (after ``griddepcontrol.wait``): program (p, h) takes max|x| over the whole row, then turns its chunks
+  of 256 inputs into the words of plane group h: thread (chunk, g, t, z) holds the 32 values of x its word needs
+  (two runs of 16 contiguous inputs), rounds them to q, and ORs bit 8h + g of each into place; the h = 0 programs
+  also write their chunks' sums of q (``hdr[1 + c]``), program (0, 0) the row's ``sh`` (``hdr[0]``).
 * ``bmma``: a program of W warps owns RT tiles of 16 rows; warp s takes k-groups s CPW .. s CPW + CPW - 1.  It
   loads its weight words and the epilogue's row scales (and bias) *before* ``griddepcontrol.wait``, so they stream
   in while ``prep`` runs (plain ``ld.global``: ptxas hoists the wait above ``.nc`` loads); then the planes and the
@@ -241,19 +241,19 @@ def _build():
 
     @gluon.jit
     def _group(a, b2, h: gl.constexpr, lane_c, e_c, P: gl.constexpr, W: gl.constexpr, RT: gl.constexpr,
-               CPW: gl.constexpr, L: gl.constexpr):
+               CPWP: gl.constexpr, L: gl.constexpr):
         """Plane group h's BMMAs (b2: its [.., 2] plane words), summed over the warp's k-groups and weighted by
         c_j: [s, rt, lane, e] int64."""
-        b = gl.convert_layout(gl.reshape(gl.join(b2, b2), [W, 1, CPW, 32, 4]).broadcast_to([W, RT, CPW, 32, 4]), L)
-        cnt = gl.sum(_bmma(a, b, gl.zeros([W, RT, CPW, 32, 4], gl.int32, L)), axis=2)
+        b = gl.reshape(gl.join(b2, b2), [W, 1, CPWP, 32, 4]).broadcast_to([W, RT, CPWP, 32, 4])
+        cnt = gl.sum(_bmma(a, gl.convert_layout(b, L), gl.zeros([W, RT, CPWP, 32, 4], gl.int32, L)), axis=2)
         j = 8 * h + 2 * (lane_c % 4) + e_c % 2                                   # plane of C column 2 t + e % 2
         coef = gl.where(j == P - 1, -1, 1).to(gl.int64) << j.to(gl.int64)
         return cnt.to(gl.int64) * coef
 
     @gluon.jit
-    def bmma(w_ptr, pl_ptr, hdr_ptr, s_ptr, b_ptr, y_ptr, N, zero, KB: gl.constexpr, P: gl.constexpr, RT: gl.constexpr,
-             W: gl.constexpr, HAS_BIAS: gl.constexpr, PAIRS: gl.constexpr, EVEN: gl.constexpr, PDL: gl.constexpr,
-             FENCE: gl.constexpr):
+    def bmma(w_ptr, pl_ptr, hdr_ptr, s_ptr, b_ptr, y_ptr, N, zero, KB: gl.constexpr, P: gl.constexpr,
+             RT: gl.constexpr, W: gl.constexpr, HAS_BIAS: gl.constexpr, PAIRS: gl.constexpr, EVEN: gl.constexpr,
+             PDL: gl.constexpr, FENCE: gl.constexpr):
         G: gl.constexpr = P // 8
         CPW: gl.constexpr = (KB + W - 1) // W              # k-groups a warp
         CPWP: gl.constexpr = _p2(CPW)                        # as a tensor dimension (past CPW: masked, zeros)
@@ -308,9 +308,9 @@ def _build():
         hl: gl.constexpr = gl.BlockedLayout([KBP // 32], [32], [W], [0])
         ho = gl.arange(0, KBP, layout=hl)
         hv = gl.load(hdr_ptr + ho, mask=ho <= KB, other=0)
-        # FENCE: all plane and hdr loads in flight before the first BMMA: each group's words then depend on every load (zero is
-        # a runtime 0 ptxas cannot see through; without it ptxas spreads the loads between the BMMAs, and each
-        # round trip to L2 is paid on its own)
+        # FENCE: all plane and hdr loads in flight before the first BMMA: each group's words then depend on every
+        # load (zero is a runtime 0 ptxas cannot see through; without it ptxas spreads the loads between the BMMAs,
+        # and each round trip to L2 is paid on its own)
         if FENCE:
             dep = _xall(b0)
             if G > 1:
@@ -415,7 +415,7 @@ def _kernels():
     return _KERNELS
 
 
-def make_planes(x: torch.Tensor, in_features: int, planes: int = PLANES, out_features: int = 0) -> tuple:
+def make_planes(x: torch.Tensor, in_features: int, planes: int = PLANES) -> tuple:
     """The ``prep`` kernel: one row x (K values, bf16/fp16, CUDA) -> (planes int32, hdr int64) as ``planes_ref``
     lays them out."""
     K = in_features
@@ -425,7 +425,7 @@ def make_planes(x: torch.Tensor, in_features: int, planes: int = PLANES, out_fea
         raise ValueError("bmma takes bf16 or fp16 activations")
     from . import pdl_launch
     pdl = pdl_launch(x)
-    pgrid, pmeta, _, _ = launch_meta(max(out_features, 16), K, planes, pdl=pdl)
+    pgrid, pmeta, _, _ = launch_meta(16, K, planes, pdl=pdl)            # the prep's launch needs no N
     KB = pmeta["KB"]
     pl = torch.empty(KB * planes * 8, dtype=torch.int32, device=x.device)
     hdr = torch.empty(1 + KB, dtype=torch.int64, device=x.device)
@@ -457,6 +457,6 @@ def bmma_matmul(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor, o
     xr = x.reshape(-1)
     if input_scale is not None:
         xr = xr * input_scale.to(xr.dtype)          # rounded to x's dtype, as the PyTorch path does
-    pl, hdr = make_planes(xr, in_features, planes, out_features)
+    pl, hdr = make_planes(xr, in_features, planes)
     y = bmma_product(pl, hdr, tiles, row_scale, out_features, in_features, x.dtype, bias, pairs, planes, config)
     return y.reshape(*x.shape[:-1], out_features)
