@@ -55,6 +55,19 @@ def test_quantize_rounds_to_the_row_grid_and_keeps_values_near_the_top_exact():
     assert bw.row_shift(torch.zeros(8).bfloat16(), 24) == 127  # an all-zero row
 
 
+def test_non_finite_rows_are_flagged_not_rounded():
+    x = torch.randn(300).bfloat16()
+    tiles = mw.prepare_tiles(pack_signs(torch.randn(20, 300)), 300)
+    sc = torch.ones(20).half()
+    for bad in (float("inf"), float("nan")):
+        xb = x.clone()
+        xb[7] = bad
+        assert bw.row_shift(xb, 24) == -1024
+        with pytest.raises(ValueError, match="finite"):
+            bw.quantize(xb, 24)
+        assert torch.isnan(bw.reference(xb, tiles, sc, 20, 300)).all()
+
+
 def test_reference_is_the_dense_product_to_one_rounding():
     N, K = 48, 768
     g = torch.Generator().manual_seed(5)
@@ -125,6 +138,10 @@ def test_gpu_output_is_the_reference_bit_for_bit(N, K, P, pairs, bias, fence, mo
     y = bw.bmma_matmul(x[None], tiles, sc, N, K, bias=b, pairs=pairs, planes=P)
     assert y.shape == (1, N)
     assert torch.equal(y[0], bw.reference(x, tiles, sc, N, K, b, pairs, P))
+    for bad in (float("inf"), float("nan")):             # a non-finite x: no finite (wrong) output
+        xb = x.clone()
+        xb[K // 2] = bad
+        assert not torch.isfinite(bw.bmma_matmul(xb[None], tiles, sc, N, K, bias=b, pairs=pairs, planes=P)).any()
 
 
 def test_auto_dispatch_takes_only_the_shapes_measured_faster(monkeypatch):

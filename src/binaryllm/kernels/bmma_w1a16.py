@@ -82,15 +82,20 @@ def plane_columns() -> torch.Tensor:
 
 
 def row_shift(x: torch.Tensor, planes: int) -> int:
-    """sh for one row of x (see the module docstring): frexp's exponent of max|x| in fp32, -126 for 0."""
+    """sh for one row of x (see the module docstring): frexp's exponent of max|x| in fp32, -126 for 0; -1024 where
+    x holds an inf or a NaN (then every output is inf or NaN: ``reference``)."""
+    if not bool(torch.isfinite(x).all()):
+        return -1024
     m = x.float().abs().max()
     e = int(torch.frexp(m).exponent) if m >= 2.0 ** -126 else -126
     return min(planes - 1 - e, 127)
 
 
 def quantize(x: torch.Tensor, planes: int) -> tuple[torch.Tensor, int]:
-    """One row x (K,) -> (q int64 (K,), sh): q = rint(x * 2^sh), ties to even, |q| < 2^(planes - 1)."""
+    """One row x (K,) -> (q int64 (K,), sh): q = rint(x * 2^sh), ties to even, |q| < 2^(planes - 1); finite x."""
     sh = row_shift(x, planes)
+    if sh == -1024:
+        raise ValueError("quantize takes finite activations (this row holds an inf or a NaN)")
     # times the Python float 2.0 ** sh (exact), not torch.ldexp: on the H100 its pow(2, 11) is not exact in float64,
     # and x 2^11 landed next to, not on, the halfway points that a 16-plane grid has (docs/RESULTS.md)
     q = torch.round(x.double() * 2.0 ** sh)
@@ -143,7 +148,10 @@ def emulate(tiles: torch.Tensor, pl: torch.Tensor, out_features: int, in_feature
 def reference(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor, out_features: int, in_features: int,
               bias: torch.Tensor | None = None, pairs: int = 0, planes: int = PLANES) -> torch.Tensor:
     """What the kernels compute for one row x (K,) (any device), in float64 from the same integers: (N,) in x's
-    dtype, the exact rounding of the module docstring."""
+    dtype, the exact rounding of the module docstring.  A row holding an inf or a NaN gives NaN here; the kernels
+    give inf or NaN (2^-sh is infinite), so compare such rows by ``isfinite``."""
+    if row_shift(x, planes) == -1024:
+        return torch.full((out_features,), float("nan"), dtype=x.dtype, device=x.device)
     q, sh = quantize(x, planes)
     bits = unpack_tiles(tiles, out_features, in_features, pairs).double()   # weight rows, 0/1
     s = 2 * (bits @ q.double()) - q.sum().double()                           # exact: |s| < 2^53
@@ -187,15 +195,17 @@ def _build():
         # max|x| over the row, MB values a pass (8 a thread), NMB passes, every program on its own
         ml: gl.constexpr = gl.BlockedLayout([8], [32], [2 * CP], [0])
         mo = gl.arange(0, MB, layout=ml)
-        m = gl.zeros([MB], gl.float32, ml)
+        # as the integer maximum of |x|'s fp32 bit patterns: the same order for finite values, and an inf or a NaN
+        # anywhere comes out on top (exponent field 255), where a float maximum would drop a NaN
+        m = gl.zeros([MB], gl.int32, ml)
         for i in gl.static_range(NMB):
             v = gl.load(x_ptr + i * MB + mo, mask=i * MB + mo < K, other=0.0)
-            m = gl.maximum(m, gl.abs(v.to(gl.float32)))
-        bits = gl.max(m, axis=0).to(gl.int32, bitcast=True)
-        e = ((bits >> 23) & 0xFF) - 126
-        e = gl.where(e < -126, -126, e)
-        sh = gl.minimum(P - 1 - e, 127)
-        two_sh = ((127 + sh) << 23).to(gl.float32, bitcast=True)
+            m = gl.maximum(m, v.to(gl.float32).to(gl.int32, bitcast=True) & 0x7FFFFFFF)
+        field = gl.max(m, axis=0) >> 23
+        e = gl.maximum(field - 126, -126)
+        # a non-finite x: sh = -1024, which makes the product's 2^-sh infinite, so every y is inf or NaN
+        sh = gl.where(field == 255, -1024, gl.minimum(P - 1 - e, 127))
+        two_sh = ((127 + gl.maximum(sh, -126)) << 23).to(gl.float32, bitcast=True)
         # [c, g, t, z, kgl, q]: thread (c, g, t, z) holds columns 64 (2 z + kgl) + 16 t + q of k-group c
         L: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 2, 16], [1, 8, 4, 1, 1, 1], [CP, 1, 1, 2, 1, 1],
                                            [5, 4, 3, 2, 1, 0])
