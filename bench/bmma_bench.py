@@ -4,7 +4,9 @@ kernel and cuBLAS bf16, in one process on one GPU.  Every output is checked firs
 the tiles, paired tiles and a bias are checked too.  Times: back to back in one CUDA graph, weights cycled past L2
 (as ``bench kernels``), µs a call; "pair" = prep + product from a bf16 x, "product" = on planes already made.
 
-    PYTHONPATH=src OUT=. python bench/bmma_bench.py [NxK[:RT,W[,P[,FENCE]]] ...]       # ./bmma_bench.json
+    PYTHONPATH=src OUT=. python bench/bmma_bench.py [NxK[:RT,W[,P[,V]]] ...]       # ./bmma_bench.json
+
+V: bits 1 FENCE, 2 CHAIN, 4 ASM_CONV (``bmma_w1a16.set_variant``).
 """
 import json
 import os
@@ -50,20 +52,20 @@ def measure(spec: str) -> dict:
     fields = [int(v) for v in f[0].split(",")] if f else []
     cfg = tuple(fields[:2]) or None
     P = fields[2] if len(fields) > 2 else bw.PLANES
-    fence = bw.FENCE
-    if len(fields) > 3:
-        bw.FENCE = bool(fields[3])
+    old = bw.set_variant(fields[3]) if len(fields) > 3 else None
     try:
         return _measure(N, K, cfg, P)
     finally:
-        bw.FENCE = fence
+        if old is not None:
+            bw.set_variant(old)
 
 
 def _measure(N: int, K: int, cfg, P: int) -> dict:
     ts, sc, x, ref, g, bits = case(N, K)
     n = len(ts)
     xr = x.view(-1)
-    row = {"config": list(cfg or bw.CONFIG or bw.default_config(N, K)), "planes": P, "fence": bw.FENCE}
+    row = {"config": list(cfg or bw.CONFIG or bw.default_config(N, K)), "planes": P,
+           "variant": int(bw.FENCE) | 2 * int(bw.CHAIN) | 4 * int(bw.ASM_CONV)}
     y = bw.bmma_matmul(x, ts[0], sc, N, K, planes=P, config=cfg)
     exact = bw.reference(xr, ts[0], sc, N, K, planes=P)
     pl, hdr = bw.make_planes(xr, K, P)

@@ -82,14 +82,15 @@ def test_reference_is_the_dense_product_to_one_rounding():
     assert torch.allclose(y.double(), dense, rtol=2 ** -8, atol=2 ** -12)
 
 
-@pytest.mark.parametrize("fence", [False, True])
+@pytest.mark.parametrize("variant", [0, 1, 2, 4, 7])
 @pytest.mark.parametrize("N,K,P", [(8192, 8192, 24), (1000, 600, 16), (4096, 11008, 32)])
-def test_kernels_compile_for_hopper_with_the_expected_instructions(N, K, P, fence, monkeypatch):
+def test_kernels_compile_for_hopper_with_the_expected_instructions(N, K, P, variant, monkeypatch):
     """Triton's compiler builds both kernels for sm_90 on this CPU box: the product issues one m16n8k256 per
     (row tile, k-group, plane group) of a warp, loads each lane's tile words with one 16-byte load before the PDL
     wait, and spills nothing; the prep rounds with cvt.rni."""
     from conftest import sm90_ptx
-    monkeypatch.setattr(bw, "FENCE", fence)
+    for name, bit in (("FENCE", 1), ("CHAIN", 2), ("ASM_CONV", 4)):
+        monkeypatch.setattr(bw, name, bool(variant & bit))
     prep, bmma = bw._build()
     pg, pm, grid, m = bw.launch_meta(N, K, P, pdl=True)
     al = {(i,): [["tt.divisibility", 16]] for i in range(6)}
@@ -121,11 +122,12 @@ def test_bad_arguments_are_named():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernels themselves need a CUDA GPU (bench checks too)")
-@pytest.mark.parametrize("fence", [False, True])
+@pytest.mark.parametrize("variant", [0, 1, 2, 4, 7])
 @pytest.mark.parametrize("N,K,P,pairs,bias", [(1000, 1000, 24, 0, False), (4000, 3000, 16, 0, True),
                                               (2048, 1536, 32, 1024, True), (8192, 8192, 24, 0, False)])
-def test_gpu_output_is_the_reference_bit_for_bit(N, K, P, pairs, bias, fence, monkeypatch):
-    monkeypatch.setattr(bw, "FENCE", fence)
+def test_gpu_output_is_the_reference_bit_for_bit(N, K, P, pairs, bias, variant, monkeypatch):
+    for name, bit in (("FENCE", 1), ("CHAIN", 2), ("ASM_CONV", 4)):
+        monkeypatch.setattr(bw, name, bool(variant & bit))
     g = torch.Generator(device="cuda").manual_seed(N + K)
     bits = pack_signs(torch.randn(N, K, device="cuda", generator=g))
     tiles = mw.prepare_tiles(bits, K, pairs)

@@ -65,8 +65,13 @@ AUTO_K = 8192
 AUTO = os.environ.get("BINARYLLM_BMMA", "1") != "0"
 # FENCE: the product issues every plane and hdr load before its first BMMA (a runtime-zero dependence, as mma's
 # FENCE); without it ptxas spreads the plane loads between the BMMAs (SASS on the CPU box) and each L2 round trip is
-# paid on its own.  Compiled for sm_90 but not yet run on a GPU (thirty-third session: no device time left), so off
+# paid on its own.  CHAIN: each plane group's BMMAs over a warp's k-groups chained through the accumulator in one
+# asm block (as the probe does), not one BMMA a k-group from zero and a sum after; ASM_CONV: the A fragment made with
+# one shift and one lop3 a register (ptxas makes three of the masks and shift as written).  The three were compiled
+# for sm_90 but not yet run on a GPU (thirty-third session: no device time left), so off
 FENCE = False
+CHAIN = False
+ASM_CONV = False
 _LO = 0x0F0F0F0F     # the low nibble of every byte: bit 2 of the position is 0 (row g of the tile)
 _HI = 0xF0F0F0F0 - (1 << 32)     # the high nibbles as an int32 constant (row g + 8)
 
@@ -171,6 +176,9 @@ def _build():
                             "{$4,$5,$6,$7}, {$8,$10}, {$12,$13,$14,$15};")
     LO = gl.constexpr(_LO)
     HI = gl.constexpr(_HI)
+    # lop3 0xE4: (a & c) | (b & ~c); a_lo = (w_e & LO) | ((w_o << 4) & ~LO), a_hi = ((w_e >> 4) & LO) | (w_o & ~LO)
+    conv_lo = gl.constexpr("{ .reg .b32 s; shl.b32 s, $2, 4; lop3.b32 $0, $1, s, 0x0F0F0F0F, 0xE4; }")
+    conv_hi = gl.constexpr("{ .reg .b32 s; shr.u32 s, $1, 4; lop3.b32 $0, s, $2, 0x0F0F0F0F, 0xE4; }")
     from .gluon_helpers import helpers
     H = helpers()
     _p2, _ar, _xor, _pdl_wait, _launch_dependents = H.p2, H.ar, H.xor, H.pdl_wait, H.launch_dependents
@@ -260,10 +268,46 @@ def _build():
         coef = gl.where(j == P - 1, -1, 1).to(gl.int64) << j.to(gl.int64)
         return cnt.to(gl.int64) * coef
 
+    @gluon.constexpr_function
+    def chain_asm(n):
+        """One plane group's BMMAs over n k-groups chained through the accumulator: outputs $0-$3 (the sum),
+        $4.. (0, unused); inputs a (4 a k-group) from $4n, b ([b0, b0, b1, b1] a k-group) from $8n."""
+        code = "".join(f"mov.b32 ${i}, 0; " for i in range(4 * n))
+        for j in range(n):
+            a = 4 * n + 4 * j
+            b = 8 * n + 4 * j
+            code += ("mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc {$0,$1,$2,$3}, "
+                     f"{{${a},${a + 1},${a + 2},${a + 3}}}, {{${b},${b + 2}}}, {{$0,$1,$2,$3}}; ")
+        return "{ " + code + "}"
+
+    @gluon.constexpr_function
+    def _log2(n):
+        return (n - 1).bit_length()
+
+    @gluon.constexpr_function
+    def chain_constraints(n):
+        return ",".join(["=r"] * (4 * n) + ["r"] * (8 * n))
+
+    @gluon.jit
+    def _group_chain(a, b2, h: gl.constexpr, lane_c, e_c, P: gl.constexpr, W: gl.constexpr, RT: gl.constexpr,
+                     CPWP: gl.constexpr, L: gl.constexpr, cl: gl.constexpr):
+        """_group with the k-groups chained in one asm block; the sum is k-group 0's slot of its output."""
+        b = gl.reshape(gl.join(b2, b2), [W, 1, CPWP, 32, 4]).broadcast_to([W, RT, CPWP, 32, 4])
+        d = gl.inline_asm_elementwise(chain_asm(CPWP), chain_constraints(CPWP), [a, gl.convert_layout(b, L)],
+                                      dtype=gl.int32, is_pure=True, pack=4 * CPWP)
+        d = gl.permute(d, (0, 1, 3, 4, 2))                                      # [s, rt, lane, e, k-group]
+        for i in gl.static_range(_log2(CPWP)):
+            d, _ = gl.split(gl.reshape(d, [W, RT, 32, 4, CPWP >> (i + 1), 2]))    # k-group index 0
+        cnt = gl.convert_layout(gl.reshape(d, [W, RT, 32, 4]), cl)
+        j = 8 * h + 2 * (lane_c % 4) + e_c % 2
+        coef = gl.where(j == P - 1, -1, 1).to(gl.int64) << j.to(gl.int64)
+        return cnt.to(gl.int64) * coef
+
     @gluon.jit
     def bmma(w_ptr, pl_ptr, hdr_ptr, s_ptr, b_ptr, y_ptr, N, zero, KB: gl.constexpr, P: gl.constexpr,
              RT: gl.constexpr, W: gl.constexpr, HAS_BIAS: gl.constexpr, PAIRS: gl.constexpr, EVEN: gl.constexpr,
-             PDL: gl.constexpr, FENCE: gl.constexpr):
+             PDL: gl.constexpr, FENCE: gl.constexpr, CHAIN: gl.constexpr = False,
+             ASM_CONV: gl.constexpr = False):
         G: gl.constexpr = P // 8
         CPW: gl.constexpr = (KB + W - 1) // W              # k-groups a warp
         CPWP: gl.constexpr = _p2(CPW)                        # as a tensor dimension (past CPW: masked, zeros)
@@ -339,16 +383,29 @@ def _build():
                 b3 = b3 ^ dep
         # the A fragments: kg = 2 zz + kgl; rows g / g + 8 are the low / high nibbles of each byte
         w_e, w_o = gl.split(gl.reshape(words, [W, RT, CPWP, 32, 2, 2]))
-        a_lo = (w_e & LO) | ((w_o << 4) & HI)
-        a_hi = ((w_e >> 4) & LO) | (w_o & HI)
+        if ASM_CONV:
+            a_lo = gl.inline_asm_elementwise(conv_lo, "=r,r,r", [w_e, w_o], dtype=gl.int32, is_pure=True, pack=1)
+            a_hi = gl.inline_asm_elementwise(conv_hi, "=r,r,r", [w_e, w_o], dtype=gl.int32, is_pure=True, pack=1)
+        else:
+            a_lo = (w_e & LO) | ((w_o << 4) & HI)
+            a_hi = ((w_e >> 4) & LO) | (w_o & HI)
         a = gl.convert_layout(gl.reshape(gl.join(a_lo, a_hi), [W, RT, CPWP, 32, 4]), L)   # [a0, a1, a2, a3]
-        tot = _group(a, b0, 0, lane_c, e_c, P, W, RT, CPWP, L)
-        if G > 1:
-            tot += _group(a, b1, 1, lane_c, e_c, P, W, RT, CPWP, L)
-        if G > 2:
-            tot += _group(a, b2, 2, lane_c, e_c, P, W, RT, CPWP, L)
-        if G > 3:
-            tot += _group(a, b3, 3, lane_c, e_c, P, W, RT, CPWP, L)
+        if CHAIN:
+            tot = _group_chain(a, b0, 0, lane_c, e_c, P, W, RT, CPWP, L, cl)
+            if G > 1:
+                tot += _group_chain(a, b1, 1, lane_c, e_c, P, W, RT, CPWP, L, cl)
+            if G > 2:
+                tot += _group_chain(a, b2, 2, lane_c, e_c, P, W, RT, CPWP, L, cl)
+            if G > 3:
+                tot += _group_chain(a, b3, 3, lane_c, e_c, P, W, RT, CPWP, L, cl)
+        else:
+            tot = _group(a, b0, 0, lane_c, e_c, P, W, RT, CPWP, L)
+            if G > 1:
+                tot += _group(a, b1, 1, lane_c, e_c, P, W, RT, CPWP, L)
+            if G > 2:
+                tot += _group(a, b2, 2, lane_c, e_c, P, W, RT, CPWP, L)
+            if G > 3:
+                tot += _group(a, b3, 3, lane_c, e_c, P, W, RT, CPWP, L)
         # [s, rt, g, t, half, col] -> sum over col, t (the quad) and s (the warps) -> [rt, g, half]
         r = gl.sum(gl.sum(gl.sum(gl.reshape(tot, [W, RT, 8, 4, 2, 2]), axis=5), axis=3), axis=0)
         Q = gl.sum(gl.where(ho > 0, hv, 0), axis=0)
@@ -394,6 +451,14 @@ def takes(x: torch.Tensor, out_features: int, in_features: int) -> bool:
             and x.dtype in (torch.bfloat16, torch.float16) and usable(x.device.index or 0))
 
 
+def set_variant(bits: int) -> int:
+    """FENCE, CHAIN, ASM_CONV from bits 1, 2, 4 (the benchmark's A/B); returns the bits set before."""
+    global FENCE, CHAIN, ASM_CONV
+    old = int(FENCE) | 2 * int(CHAIN) | 4 * int(ASM_CONV)
+    FENCE, CHAIN, ASM_CONV = bool(bits & 1), bool(bits & 2), bool(bits & 4)
+    return old
+
+
 def default_config(N: int, K: int) -> tuple[int, int]:
     """(1, W): W = 4 warps up to 32 k-groups (8192^2: 4.27 against 4.64 us with 8, the pair 6.6 against 7.1), 8 below
     64 (4096x11008), 16 from 64 (16384^2); docs/RESULTS.md, thirty-third session."""
@@ -414,7 +479,7 @@ def launch_meta(N: int, K: int, planes: int = PLANES, config: tuple | None = Non
     cpw = -(-KB // w)
     even = cpw * w == KB and cpw & (cpw - 1) == 0 and NT % rt == 0
     prod = dict(KB=KB, P=planes, RT=rt, W=w, HAS_BIAS=has_bias, PAIRS=bool(pairs), EVEN=even, PDL=pdl,
-                FENCE=FENCE)
+                FENCE=FENCE, CHAIN=CHAIN, ASM_CONV=ASM_CONV)
     return (-(-KB // cp), planes // 8), prep, (-(-NT // rt),), prod
 
 
