@@ -17,6 +17,12 @@ def _x(K: int, g: torch.Generator, device: str = "cpu") -> torch.Tensor:
     return x.bfloat16().to(device)
 
 
+def _variant(monkeypatch, variant: int) -> None:
+    """bmma_w1a16.set_variant(variant) for one test (monkeypatch puts the switches back)."""
+    for name, bit in (("FENCE", 1), ("CHAIN", 2), ("ASM_CONV", 4)):
+        monkeypatch.setattr(bw, name, bool(variant & bit))
+
+
 def test_plane_columns_is_a_permutation_of_a_k_group():
     col = bw.plane_columns()
     assert torch.equal(col.sort().values, torch.arange(256))
@@ -89,8 +95,7 @@ def test_kernels_compile_for_hopper_with_the_expected_instructions(N, K, P, vari
     (row tile, k-group, plane group) of a warp, loads each lane's tile words with one 16-byte load before the PDL
     wait, and spills nothing; the prep rounds with cvt.rni."""
     from conftest import sm90_ptx
-    for name, bit in (("FENCE", 1), ("CHAIN", 2), ("ASM_CONV", 4)):
-        monkeypatch.setattr(bw, name, bool(variant & bit))
+    _variant(monkeypatch, variant)
     prep, bmma = bw._build()
     pg, pm, grid, m = bw.launch_meta(N, K, P, pdl=True)
     al = {(i,): [["tt.divisibility", 16]] for i in range(6)}
@@ -126,8 +131,7 @@ def test_bad_arguments_are_named():
 @pytest.mark.parametrize("N,K,P,pairs,bias", [(1000, 1000, 24, 0, False), (4000, 3000, 16, 0, True),
                                               (2048, 1536, 32, 1024, True), (8192, 8192, 24, 0, False)])
 def test_gpu_output_is_the_reference_bit_for_bit(N, K, P, pairs, bias, variant, monkeypatch):
-    for name, bit in (("FENCE", 1), ("CHAIN", 2), ("ASM_CONV", 4)):
-        monkeypatch.setattr(bw, name, bool(variant & bit))
+    _variant(monkeypatch, variant)
     g = torch.Generator(device="cuda").manual_seed(N + K)
     bits = pack_signs(torch.randn(N, K, device="cuda", generator=g))
     tiles = mw.prepare_tiles(bits, K, pairs)
