@@ -6,7 +6,7 @@ the tiles, paired tiles and a bias are checked too.  Times: back to back in one 
 
     PYTHONPATH=src OUT=. python bench/bmma_bench.py [NxK[:RT,W[,P[,V]]] ...]       # ./bmma_bench.json
 
-V: bits 1 FENCE, 2 CHAIN, 4 ASM_CONV (``bmma_w1a16.set_variant``).
+V: bits 1 FENCE, 2 CHAIN, 4 ASM_CONV, 8 EARLY, 16 XFIRST (``bmma_w1a16.set_variant``).
 """
 import json
 import os
@@ -65,7 +65,7 @@ def _measure(N: int, K: int, cfg, P: int) -> dict:
     n = len(ts)
     xr = x.view(-1)
     row = {"config": list(cfg or bw.CONFIG or bw.default_config(N, K)), "planes": P,
-           "variant": int(bw.FENCE) | 2 * int(bw.CHAIN) | 4 * int(bw.ASM_CONV)}
+           "variant": bw.variant()}
     y = bw.bmma_matmul(x, ts[0], sc, N, K, planes=P, config=cfg)
     exact = bw.reference(xr, ts[0], sc, N, K, planes=P)
     pl, hdr = bw.make_planes(xr, K, P)

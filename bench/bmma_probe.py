@@ -31,12 +31,13 @@ Weights are re-laid once from binaryllm's (N, K/8) sign bytes (``layout``).  N a
 16 and 256 (padded with zero planes and zero rows).  Times back to back in one CUDA graph with the weights cycled
 past L2, against the ``mma`` kernel and cuBLAS bf16 in the same process; outputs checked first.
 
-    PYTHONPATH=src OUT=. python bench/bmma_probe.py [NxK:RT:WK:WR[:P,MODE,PDL,PW,REP,NC] ...]   # ./bmma_probe.json
+    PYTHONPATH=src OUT=. python bench/bmma_probe.py [NxK:RT:WK:WR[:P,MODE,PDL,PW,REP,NC,PE] ...]   # ./bmma_probe.json
 
 P planes (24); MODE 1 makes the weight fragments in registers (no weight loads: the tensor-core work alone), MODE 2
 replaces each BMMA by four popc (wrong values: the loads without the tensor cores); PDL (1); PW warps a prep
 program (4); REP: every BMMA issued REP times (wrong values unless 1: the tensor-core rate); NC 1: the weights
-through ld.global.nc, which lets ptxas hoist griddepcontrol.wait above them (as in the first runs; 0).
+through ld.global.nc, which lets ptxas hoist griddepcontrol.wait above them (as in the first runs; 0); PE 1: the
+prep lets the gemv launch before its own wait (0).
 """
 import sys
 
@@ -127,6 +128,9 @@ __device__ __forceinline__ void make_planes(const unsigned short* __restrict__ x
 
 extern "C" __global__ void __launch_bounds__(32 * PW, 1)
 bmma_prep(const unsigned short* __restrict__ x, uint2* __restrict__ pl, long long* __restrict__ hdr) {
+#if PDL && PE
+  asm volatile("griddepcontrol.launch_dependents;");         // the product may launch before this one waits
+#endif
 #if PDL
   asm volatile("griddepcontrol.wait;" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;");
@@ -298,10 +302,10 @@ bmma_fused(const uint4* __restrict__ wt, const unsigned short* __restrict__ x, u
 
 
 def source(N: int, K: int, rt: int, wk: int, wr: int, planes: int = 24, mode: int = 0, pdl: int = 1, pw: int = 4,
-           rep: int = 1, nc: int = 0) -> str:
+           rep: int = 1, nc: int = 0, pe: int = 0) -> str:
     assert planes % 8 == 0 and 8 < planes <= 32 and K % 8 == 0, (planes, K)
     head = f"#define N_ {N}\n#define K_ {K}\n#define RT {rt}\n#define WK {wk}\n#define WR {wr}\n#define P_ {planes}\n"
-    head += f"#define MODE {mode}\n#define PDL {pdl}\n#define PW {pw}\n#define REP {rep}\n#define NC {nc}\n"
+    head += f"#define MODE {mode}\n#define PDL {pdl}\n#define PW {pw}\n#define REP {rep}\n#define NC {nc}\n#define PE {pe}\n"
     return head + HELPERS + SOURCE
 
 
@@ -376,10 +380,10 @@ def emulate(wt: torch.Tensor, pl: torch.Tensor, N: int, K: int, planes: int) -> 
 
 
 def compiled(N: int, K: int, rt: int, wk: int, wr: int, planes: int = 24, mode: int = 0, pdl: int = 1, pw: int = 4,
-             rep: int = 1, nc: int = 0):
+             rep: int = 1, nc: int = 0, pe: int = 0):
     """(prep(x, pl, hdr), gemv(wt, pl, hdr, sc, y), fused(wt, x, pl, hdr, sync, sc, y)) launchers for one compiled
     size; ``sync``: two int32 zeros, kept between calls (the fused kernel leaves them zero)."""
-    src = source(N, K, rt, wk, wr, planes, mode, pdl, pw, rep, nc)
+    src = source(N, K, rt, wk, wr, planes, mode, pdl, pw, rep, nc, pe)
     kp, kg, kf = (torch.cuda._compile_kernel(src, name) for name in ("bmma_prep", "bmma_gemv", "bmma_fused"))
     chunks, rows = (K + 255) // 256, 16 * rt * wr
     grid_p = (chunks * planes // 8 + pw - 1) // pw        # pw warps a program, one (chunk, group) each
@@ -453,7 +457,7 @@ def main() -> None:
     probe_specs("bmma", sys.argv[1:] or ["8192x8192:1:8:1", "8192x8192:1:8:1:16", "8192x8192:1:4:1",
                                          "16384x16384:1:16:1", "4096x4096:1:8:1", "12288x4096:1:8:1",
                                          "22016x4096:2:8:1", "4096x11008:1:8:1"],
-                3, ("planes", "mode", "pdl", "pw", "rep", "nc"), measure)
+                3, ("planes", "mode", "pdl", "pw", "rep", "nc", "pe"), measure)
 
 
 if __name__ == "__main__":

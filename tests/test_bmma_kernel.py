@@ -19,7 +19,7 @@ def _x(K: int, g: torch.Generator, device: str = "cpu") -> torch.Tensor:
 
 def _variant(monkeypatch, variant: int) -> None:
     """bmma_w1a16.set_variant(variant) for one test (monkeypatch puts the switches back)."""
-    for name, bit in (("FENCE", 1), ("CHAIN", 2), ("ASM_CONV", 4)):
+    for name, bit in (("FENCE", 1), ("CHAIN", 2), ("ASM_CONV", 4), ("EARLY", 8), ("XFIRST", 16)):
         monkeypatch.setattr(bw, name, bool(variant & bit))
 
 
@@ -88,7 +88,7 @@ def test_reference_is_the_dense_product_to_one_rounding():
     assert torch.allclose(y.double(), dense, rtol=2 ** -8, atol=2 ** -12)
 
 
-@pytest.mark.parametrize("variant", [0, 1, 2, 4, 7])
+@pytest.mark.parametrize("variant", [0, 1, 2, 4, 7, 24])
 @pytest.mark.parametrize("N,K,P", [(8192, 8192, 24), (1000, 600, 16), (4096, 11008, 32)])
 def test_kernels_compile_for_hopper_with_the_expected_instructions(N, K, P, variant, monkeypatch):
     """Triton's compiler builds both kernels for sm_90 on this CPU box: the product issues one m16n8k256 per
@@ -114,6 +114,9 @@ def test_kernels_compile_for_hopper_with_the_expected_instructions(N, K, P, vari
     ptx = sm90_ptx(prep, {"x_ptr": "*bf16", "pl_ptr": "*i32", "hdr_ptr": "*i64", "K": "i32",
                           **{k: "constexpr" for k in pm}}, pm, {"num_warps": 2 * pm["CP"], "launch_pdl": True}, al)
     assert ptx.count("cvt.rni.s32.f32") >= 32 and "griddepcontrol.wait" in ptx
+    # EARLY: the product may launch before the prep waits; otherwise only after
+    early = ptx.index("griddepcontrol.launch_dependents") < ptx.index("griddepcontrol.wait")
+    assert early == bool(variant & 8)
     assert pg == (-(-m["KB"] // bw.PREP_CHUNKS), P // 8)
 
 
@@ -127,7 +130,7 @@ def test_bad_arguments_are_named():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernels themselves need a CUDA GPU (bench checks too)")
-@pytest.mark.parametrize("variant", [0, 1, 2, 4, 7])
+@pytest.mark.parametrize("variant", [0, 1, 2, 4, 7, 24])
 @pytest.mark.parametrize("N,K,P,pairs,bias", [(1000, 1000, 24, 0, False), (4000, 3000, 16, 0, True),
                                               (2048, 1536, 32, 1024, True), (8192, 8192, 24, 0, False)])
 def test_gpu_output_is_the_reference_bit_for_bit(N, K, P, pairs, bias, variant, monkeypatch):

@@ -72,6 +72,12 @@ AUTO = os.environ.get("BINARYLLM_BMMA", "1") != "0"
 FENCE = False
 CHAIN = False
 ASM_CONV = False
+# EARLY (bit 8): the prep lets the product launch before its own griddepcontrol.wait, so the product's weights
+# stream in while the kernel before the prep still runs (the prep still waits before it reads x or writes planes;
+# the product waits for the prep to end).  XFIRST (bit 16): the prep loads its own chunks of x before the max pass,
+# so the two reads of x are one round trip to L2, not two in a row.  Measured on the H100 (docs/RESULTS.md)
+EARLY = False
+XFIRST = False
 _LO = 0x0F0F0F0F     # the low nibble of every byte: bit 2 of the position is 0 (row g of the tile)
 _HI = 0xF0F0F0F0 - (1 << 32)     # the high nibbles as an int32 constant (row g + 8)
 
@@ -194,12 +200,27 @@ def _build():
 
     @gluon.jit
     def prep(x_ptr, pl_ptr, hdr_ptr, K, KB: gl.constexpr, P: gl.constexpr, CP: gl.constexpr, MB: gl.constexpr,
-             NMB: gl.constexpr, PDL: gl.constexpr):
+             NMB: gl.constexpr, PDL: gl.constexpr, EARLY: gl.constexpr = False, XFIRST: gl.constexpr = False):
         G: gl.constexpr = P // 8
         if PDL:
+            if EARLY:
+                _launch_dependents()
             _pdl_wait()
-            _launch_dependents()
+            if not EARLY:
+                _launch_dependents()
         pid = gl.program_id(0)
+        # [c, g, t, z, kgl, q]: thread (c, g, t, z) holds columns 64 (2 z + kgl) + 16 t + q of k-group c
+        L: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 2, 16], [1, 8, 4, 1, 1, 1], [CP, 1, 1, 2, 1, 1],
+                                           [5, 4, 3, 2, 1, 0])
+        c = pid * CP + _ar(CP, 0, 6, L)
+        g = _ar(8, 1, 6, L)
+        t = _ar(4, 2, 6, L)
+        z = _ar(2, 3, 6, L)
+        kgl = _ar(2, 4, 6, L)
+        qq = _ar(16, 5, 6, L)
+        col = c * 256 + (2 * z + kgl) * 64 + t * 16 + qq
+        if XFIRST:
+            xv = gl.load(x_ptr + col, mask=(col < K) & (c < KB), other=0.0)
         # max|x| over the row, MB values a pass (8 a thread), NMB passes, every program on its own
         ml: gl.constexpr = gl.BlockedLayout([8], [32], [2 * CP], [0])
         mo = gl.arange(0, MB, layout=ml)
@@ -214,17 +235,8 @@ def _build():
         # a non-finite x: sh = -1024, which makes the product's 2^-sh infinite, so every y is inf or NaN
         sh = gl.where(field == 255, -1024, gl.minimum(P - 1 - e, 127))
         two_sh = ((127 + gl.maximum(sh, -126)) << 23).to(gl.float32, bitcast=True)
-        # [c, g, t, z, kgl, q]: thread (c, g, t, z) holds columns 64 (2 z + kgl) + 16 t + q of k-group c
-        L: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 2, 16], [1, 8, 4, 1, 1, 1], [CP, 1, 1, 2, 1, 1],
-                                           [5, 4, 3, 2, 1, 0])
-        c = pid * CP + _ar(CP, 0, 6, L)
-        g = _ar(8, 1, 6, L)
-        t = _ar(4, 2, 6, L)
-        z = _ar(2, 3, 6, L)
-        kgl = _ar(2, 4, 6, L)
-        qq = _ar(16, 5, 6, L)
-        col = c * 256 + (2 * z + kgl) * 64 + t * 16 + qq
-        xv = gl.load(x_ptr + col, mask=(col < K) & (c < KB), other=0.0)
+        if not XFIRST:
+            xv = gl.load(x_ptr + col, mask=(col < K) & (c < KB), other=0.0)
         qv = _rint(xv.to(gl.float32) * two_sh)
         pi = (qq >> 2) + 4 * kgl + 8 * ((qq >> 1) & 1) + 16 * (qq & 1)     # fragment bit of column q (plane_columns)
         WL: gl.constexpr = gl.SliceLayout(4, gl.SliceLayout(5, L))          # [c, g, t, z]: a word a thread
@@ -436,11 +448,17 @@ def takes(x: torch.Tensor, out_features: int, in_features: int) -> bool:
             and x.dtype in (torch.bfloat16, torch.float16) and usable(x.device.index or 0))
 
 
+def variant() -> int:
+    """The switches as bits: 1 FENCE, 2 CHAIN, 4 ASM_CONV, 8 EARLY, 16 XFIRST."""
+    return int(FENCE) | 2 * int(CHAIN) | 4 * int(ASM_CONV) | 8 * int(EARLY) | 16 * int(XFIRST)
+
+
 def set_variant(bits: int) -> int:
-    """FENCE, CHAIN, ASM_CONV from bits 1, 2, 4 (the benchmark's A/B); returns the bits set before."""
-    global FENCE, CHAIN, ASM_CONV
-    old = int(FENCE) | 2 * int(CHAIN) | 4 * int(ASM_CONV)
-    FENCE, CHAIN, ASM_CONV = bool(bits & 1), bool(bits & 2), bool(bits & 4)
+    """FENCE, CHAIN, ASM_CONV, EARLY, XFIRST from bits 1, 2, 4, 8, 16 (the benchmark's A/B); returns the bits set
+    before."""
+    global FENCE, CHAIN, ASM_CONV, EARLY, XFIRST
+    old = variant()
+    FENCE, CHAIN, ASM_CONV, EARLY, XFIRST = (bool(bits & b) for b in (1, 2, 4, 8, 16))
     return old
 
 
@@ -460,7 +478,7 @@ def launch_meta(N: int, K: int, planes: int = PLANES, config: tuple | None = Non
     NT, KB = tile_shape(N, K)
     cp = PREP_CHUNKS
     mb = 8 * 32 * 2 * cp
-    prep = dict(KB=KB, P=planes, CP=cp, MB=mb, NMB=-(-K // mb), PDL=pdl)
+    prep = dict(KB=KB, P=planes, CP=cp, MB=mb, NMB=-(-K // mb), PDL=pdl, EARLY=EARLY, XFIRST=XFIRST)
     cpw = -(-KB // w)
     even = cpw * w == KB and cpw & (cpw - 1) == 0 and NT % rt == 0
     prod = dict(KB=KB, P=planes, RT=rt, W=w, HAS_BIAS=has_bias, PAIRS=bool(pairs), EVEN=even, PDL=pdl,
