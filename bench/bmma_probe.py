@@ -305,7 +305,8 @@ def source(N: int, K: int, rt: int, wk: int, wr: int, planes: int = 24, mode: in
            rep: int = 1, nc: int = 0, pe: int = 0) -> str:
     assert planes % 8 == 0 and 8 < planes <= 32 and K % 8 == 0, (planes, K)
     head = f"#define N_ {N}\n#define K_ {K}\n#define RT {rt}\n#define WK {wk}\n#define WR {wr}\n#define P_ {planes}\n"
-    head += f"#define MODE {mode}\n#define PDL {pdl}\n#define PW {pw}\n#define REP {rep}\n#define NC {nc}\n#define PE {pe}\n"
+    head += f"#define MODE {mode}\n#define PDL {pdl}\n#define PW {pw}\n#define REP {rep}\n#define NC {nc}\n"
+    head += f"#define PE {pe}\n"
     return head + HELPERS + SOURCE
 
 
