@@ -99,9 +99,13 @@ def test_kernels_compile_for_hopper_with_the_expected_instructions(N, K, P, vari
     prep, bmma = bw._build()
     pg, pm, grid, m = bw.launch_meta(N, K, P, pdl=True)
     al = {(i,): [["tt.divisibility", 16]] for i in range(6)}
-    ptx = sm90_ptx(bmma, {"w_ptr": "*i32", "pl_ptr": "*i32", "hdr_ptr": "*i64", "s_ptr": "*fp16", "b_ptr": "*fp16",
-                          "y_ptr": "*bf16", "N": "i32", "zero": "i32", **{k: "constexpr" for k in m}}, m,
-                   {"num_warps": m["W"], "launch_pdl": True}, al)
+    sig = {"w_ptr": "*i32", "pl_ptr": "*i32", "hdr_ptr": "*i64", "s_ptr": "*fp16", "b_ptr": "*fp16", "y_ptr": "*bf16",
+           "r_ptr": "*bf16", "p_ptr": "*fp32", "N": "i32", "zero": "i32", **{k: "constexpr" for k in m}}
+    ptx = sm90_ptx(bmma, sig, m, {"num_warps": m["W"], "launch_pdl": True}, al)
+    if variant == 0:           # the residual epilogue: a bf16 load a row scale loaded (the same rows), a partial sum stored
+        rptx = sm90_ptx(bmma, sig, {**m, "RES": True}, {"num_warps": m["W"], "launch_pdl": True}, al)
+        assert "st.global.b32" in rptx and "st.global.b32" not in ptx
+        assert rptx.count("ld.global.b16") == 2 * ptx.count("ld.global.b16")
     rt, w = bw.default_config(N, K)
     cpw = -(-m["KB"] // w)
     cpw = 1 << (cpw - 1).bit_length()                           # a tensor dimension: padded to a power of 2
@@ -182,3 +186,43 @@ def test_packed_layer_auto_path_runs_bmma_on_a_large_row_and_mma_below():
             assert torch.equal(y[0], bw.reference(x[0], tiles, sc, N, K))
         else:
             assert torch.equal(y, mw.mma_matmul(x, tiles, sc, N, K))
+
+
+def test_residual_dispatch_needs_the_same_partial_sums_as_mma(monkeypatch):
+    """The compiled decode step traces w1a16_res with mma's (programs, rows) of partial sums: bmma takes a residual
+    layer only where its own programs cover the same rows."""
+    monkeypatch.setattr(bw, "usable", lambda i: True)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    x = torch.zeros(11008, dtype=torch.bfloat16)
+    assert bw.res_parts(4096, 11008) == mw.res_parts(1, 4096, 11008) == (256, 16)
+    assert bw.takes(x, 4096, 11008, residual=True)
+    monkeypatch.setattr(bw, "CONFIG", (2, 8))                    # 32 rows a program: not mma's partial sums
+    assert bw.res_parts(4096, 11008) == (128, 32)
+    assert bw.takes(x, 4096, 11008) and not bw.takes(x, 4096, 11008, residual=True)
+    with pytest.raises(ValueError, match="unpaired"):
+        bw.bmma_product(None, None, torch.zeros(1), torch.zeros(1), 64, 256, torch.bfloat16, pairs=32,
+                        residual=torch.zeros(64))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernels themselves need a CUDA GPU")
+@pytest.mark.parametrize("N,K,bias", [(4096, 11008, False), (1000, 3000, True)])
+def test_gpu_residual_epilogue_is_eager_add_and_partial_sums(N, K, bias):
+    """residual + y rounded as eager PyTorch rounds it, bit for bit, and the partial sums of its squares as
+    ``res_partials`` makes them (fp32 sums in another order: close, not equal); through ``w1a16_res_matmul``
+    on the Llama-7B down projection, which ``auto`` takes to bmma."""
+    from binaryllm.kernels.triton_w1a16 import prepare_weight, w1a16_res_matmul
+    g = torch.Generator(device="cuda").manual_seed(N + 3)
+    bits = pack_signs(torch.randn(N, K, device="cuda", generator=g))
+    tiles = mw.prepare_tiles(bits, K)
+    sc = (torch.rand(N, device="cuda", generator=g) + 0.5).half()
+    b = torch.randn(N, device="cuda", generator=g).bfloat16() if bias else None
+    x = _x(K, torch.Generator().manual_seed(K)).cuda()
+    r = (torch.randn(N, device="cuda", generator=g) * 4).bfloat16()
+    h, part = bw.bmma_matmul(x[None], tiles, sc, N, K, bias=b, residual=r[None])
+    want = r + bw.reference(x, tiles, sc, N, K, b)
+    assert h.shape == (1, N) and torch.equal(h[0], want)
+    ref = mw.res_partials(want[None], *bw.res_parts(N, K))
+    assert part.shape == ref.shape and torch.allclose(part, ref, rtol=1e-5)
+    if bw.takes(x, N, K, residual=True):
+        h2, part2 = w1a16_res_matmul(x[None], prepare_weight(bits, K), sc, K, None, b, tiles, r[None])
+        assert torch.equal(h2, h) and torch.equal(part2, part)

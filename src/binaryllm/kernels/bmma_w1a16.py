@@ -50,6 +50,7 @@ import os
 import torch
 
 from .mma_w1a16 import GROUP_K, check_pairs, tile_shape, unpack_tiles
+from .mma_w1a16 import res_parts as res_parts_mma
 
 PLANES = 24          # bit planes of x: 16, 24 or 32
 # (RT row tiles of 16 a program, W warps = ways K is split) for the product: None picks one row tile and W by the
@@ -310,10 +311,10 @@ def _build():
         return cnt.to(gl.int64) * coef
 
     @gluon.jit
-    def bmma(w_ptr, pl_ptr, hdr_ptr, s_ptr, b_ptr, y_ptr, N, zero, KB: gl.constexpr, P: gl.constexpr,
-             RT: gl.constexpr, W: gl.constexpr, HAS_BIAS: gl.constexpr, PAIRS: gl.constexpr, EVEN: gl.constexpr,
-             PDL: gl.constexpr, FENCE: gl.constexpr, CHAIN: gl.constexpr = False,
-             ASM_CONV: gl.constexpr = False):
+    def bmma(w_ptr, pl_ptr, hdr_ptr, s_ptr, b_ptr, y_ptr, r_ptr, p_ptr, N, zero, KB: gl.constexpr,
+             P: gl.constexpr, RT: gl.constexpr, W: gl.constexpr, HAS_BIAS: gl.constexpr, PAIRS: gl.constexpr,
+             EVEN: gl.constexpr, PDL: gl.constexpr, FENCE: gl.constexpr, CHAIN: gl.constexpr = False,
+             ASM_CONV: gl.constexpr = False, RES: gl.constexpr = False):
         G: gl.constexpr = P // 8
         CPW: gl.constexpr = (KB + W - 1) // W              # k-groups a warp
         CPWP: gl.constexpr = _p2(CPW)                        # as a tensor dimension (past CPW: masked, zeros)
@@ -368,6 +369,8 @@ def _build():
         hl: gl.constexpr = gl.BlockedLayout([KBP // 32], [32], [W], [0])
         ho = gl.arange(0, KBP, layout=hl)
         hv = gl.load(hdr_ptr + ho, mask=ho <= KB, other=0)
+        if RES:
+            res = gl.load(r_ptr + wrow, mask=n_ok, other=0.0)
         # FENCE: all plane and hdr loads in flight before the first BMMA: each group's words then depend on every
         # load (zero is a runtime 0 ptxas cannot see through; without it ptxas spreads the loads between the BMMAs,
         # and each round trip to L2 is paid on its own)
@@ -411,7 +414,14 @@ def _build():
         out = ((2 * r - Q).to(gl.float64) * d * rscale.to(gl.float64)).to(gl.float32)
         if HAS_BIAS:
             out += bias.to(gl.float32)
-        gl.store(y_ptr + wrow, out.to(y_ptr.dtype.element_ty), mask=n_ok)
+        yv = out.to(y_ptr.dtype.element_ty)
+        if RES:
+            # the residual add after the layer, rounded as eager (the product to y's dtype, then the sum), and this
+            # program's sum of y^2 over its rows for the RMSNorm that reads y next (as mma's RES epilogue)
+            yv = (yv.to(gl.float32) + res.to(gl.float32)).to(y_ptr.dtype.element_ty)
+            hf = gl.where(n_ok, yv.to(gl.float32), 0.0)
+            gl.store(p_ptr + pid, gl.sum(gl.sum(gl.sum(hf * hf, axis=2), axis=1), axis=0))
+        gl.store(y_ptr + wrow, yv, mask=n_ok)
 
     return prep, bmma
 
@@ -440,12 +450,20 @@ def disable(device_index: int, err: Exception) -> None:
                              "layers use the mma kernel")
 
 
-def takes(x: torch.Tensor, out_features: int, in_features: int) -> bool:
-    """Whether ``auto`` dispatch runs a plain layer on these kernels: AUTO on, one row of bf16/fp16 on a usable
-    CUDA GPU, at least AUTO_MIN weights and more than AUTO_K inputs."""
-    return (AUTO and out_features * in_features >= AUTO_MIN and in_features > AUTO_K and x.numel() == in_features
-            and x.is_cuda
-            and x.dtype in (torch.bfloat16, torch.float16) and usable(x.device.index or 0))
+def takes(x: torch.Tensor, out_features: int, in_features: int, residual: bool = False) -> bool:
+    """Whether ``auto`` dispatch runs a plain layer (or, with ``residual``, one with the residual epilogue) on these
+    kernels: AUTO on, one row of bf16/fp16 on a usable CUDA GPU, at least AUTO_MIN weights and more than AUTO_K
+    inputs; with ``residual`` also partial sums of y^2 over the same rows as ``mma``'s (``res_parts``, which the
+    compiled decode step's shapes are traced with)."""
+    ok = (AUTO and out_features * in_features >= AUTO_MIN and in_features > AUTO_K and x.numel() == in_features
+          and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and usable(x.device.index or 0))
+    return ok and (not residual or res_parts(out_features, in_features) == res_parts_mma(1, out_features, in_features))
+
+
+def res_parts(N: int, K: int, config: tuple | None = None) -> tuple[int, int]:
+    """(programs, rows a program) of the product: its residual epilogue writes one partial sum of y^2 a program."""
+    rt = (config or CONFIG or default_config(N, K))[0]
+    return -(-tile_shape(N, K)[0] // rt), 16 * rt
 
 
 def variant() -> int:
@@ -470,7 +488,7 @@ def default_config(N: int, K: int) -> tuple[int, int]:
 
 
 def launch_meta(N: int, K: int, planes: int = PLANES, config: tuple | None = None, has_bias: bool = False,
-                pairs: int = 0, pdl: bool = False) -> tuple[tuple, dict, tuple, dict]:
+                pairs: int = 0, pdl: bool = False, res: bool = False) -> tuple[tuple, dict, tuple, dict]:
     """(prep grid, prep constexprs, product grid, product constexprs) for an (N, K) matrix."""
     if planes not in (16, 24, 32):
         raise ValueError(f"bmma takes 16, 24 or 32 planes, not {planes}")
@@ -482,7 +500,7 @@ def launch_meta(N: int, K: int, planes: int = PLANES, config: tuple | None = Non
     cpw = -(-KB // w)
     even = cpw * w == KB and cpw & (cpw - 1) == 0 and NT % rt == 0
     prod = dict(KB=KB, P=planes, RT=rt, W=w, HAS_BIAS=has_bias, PAIRS=bool(pairs), EVEN=even, PDL=pdl,
-                FENCE=FENCE, CHAIN=CHAIN, ASM_CONV=ASM_CONV)
+                FENCE=FENCE, CHAIN=CHAIN, ASM_CONV=ASM_CONV, RES=res)
     return (-(-KB // cp), planes // 8), prep, (-(-NT // rt),), prod
 
 
@@ -514,27 +532,42 @@ def make_planes(x: torch.Tensor, in_features: int, planes: int = PLANES) -> tupl
 def bmma_product(pl: torch.Tensor, hdr: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor,
                  out_features: int, in_features: int, dtype: torch.dtype, bias: torch.Tensor | None = None,
                  pairs: int = 0, planes: int = PLANES, config: tuple | None = None,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """The product kernel on planes from ``make_planes``: (N,) in ``dtype`` (into ``out`` if given)."""
+                 out: torch.Tensor | None = None, residual: torch.Tensor | None = None):
+    """The product kernel on planes from ``make_planes``: (N,) in ``dtype`` (into ``out`` if given).  With
+    ``residual`` (N values): (residual + y, partials), partials (1, programs) fp32 sums of the result's squares over
+    each program's rows (``res_parts``), as ``mma_matmul(residual=...)`` returns them."""
     N, K = out_features, in_features
     check_pairs(N, pairs)
+    if residual is not None and pairs:
+        raise ValueError("bmma's residual epilogue takes unpaired tiles")
     from . import pdl_launch
     pdl = pdl_launch(tiles)
-    _, _, grid, meta = launch_meta(N, K, planes, config, bias is not None, pairs, pdl)
+    _, _, grid, meta = launch_meta(N, K, planes, config, bias is not None, pairs, pdl, residual is not None)
     y = torch.empty(N, dtype=dtype, device=tiles.device) if out is None else out
-    _kernels()[1][grid](tiles, pl, hdr, row_scale, bias if bias is not None else row_scale, y, N, 0,
+    r, part = row_scale, row_scale                              # unused pointers: any tensor
+    if residual is not None:
+        if residual.numel() != N:
+            raise ValueError(f"bmma's residual has {N} values a row, got shape {tuple(residual.shape)}")
+        r = residual.reshape(N).contiguous()
+        part = torch.empty(1, grid[0], dtype=torch.float32, device=tiles.device)
+    _kernels()[1][grid](tiles, pl, hdr, row_scale, bias if bias is not None else row_scale, y, r, part, N, 0,
                         num_warps=meta["W"], launch_pdl=pdl, **meta)
-    return y
+    return (y, part) if residual is not None else y
 
 
 def bmma_matmul(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor, out_features: int,
                 in_features: int, input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                pairs: int = 0, planes: int = PLANES, config: tuple | None = None) -> torch.Tensor:
+                pairs: int = 0, planes: int = PLANES, config: tuple | None = None,
+                residual: torch.Tensor | None = None):
     """x (..., K) bf16/fp16 on CUDA, one row; tiles from ``mma_w1a16.prepare_tiles`` (``pairs`` as made);
-    returns (..., N) in x's dtype (module docstring: the rounding).  ``config`` = (RT, W) (default CONFIG)."""
+    returns (..., N) in x's dtype (module docstring: the rounding).  ``config`` = (RT, W) (default CONFIG).
+    ``residual`` (..., N): returns (residual + y, partials) as ``bmma_product`` does."""
     xr = x.reshape(-1)
     if input_scale is not None:
         xr = xr * input_scale.to(xr.dtype)          # rounded to x's dtype, as the PyTorch path does
     pl, hdr = make_planes(xr, in_features, planes)
-    y = bmma_product(pl, hdr, tiles, row_scale, out_features, in_features, x.dtype, bias, pairs, planes, config)
+    y = bmma_product(pl, hdr, tiles, row_scale, out_features, in_features, x.dtype, bias, pairs, planes, config,
+                     residual=residual)
+    if residual is not None:
+        return y[0].reshape(*x.shape[:-1], out_features), y[1]
     return y.reshape(*x.shape[:-1], out_features)

@@ -367,15 +367,15 @@ def w1a16_matmul(x: torch.Tensor, words: torch.Tensor, row_scale: torch.Tensor, 
 
 def _auto_mma(x, tiles, row_scale, N: int, K: int, input_scale, bias, pairs: int, gated: bool = False, **kw):
     """The ``mma`` kernel's output where ``auto`` dispatch takes it (tiles given, DECODE_MODE allows it, the
-    kernel usable here), else None; for one row of a plain layer of ``bmma_w1a16.AUTO_MIN`` weights or more the
-    binary tensor-core kernels' instead (``bmma_w1a16.takes``); a kernel that fails (a Triton whose Gluon differs
-    from the one this was
-    written for) is disabled with one warning and None returned."""
+    kernel usable here), else None; for one row of a plain layer (or one with only a residual epilogue) of
+    ``bmma_w1a16.AUTO_MIN`` weights or more the binary tensor-core kernels' instead (``bmma_w1a16.takes``); a kernel
+    that fails (a Triton whose Gluon differs from the one this was written for) is disabled with one warning and
+    None returned."""
     if tiles is None or DECODE_MODE not in ("auto", "mma") or not mma_w1a16.usable(x.device.index or 0):
         return None
-    if not gated and not kw and bmma_w1a16.takes(x, N, K):
+    if not gated and set(kw) <= {"residual"} and bmma_w1a16.takes(x, N, K, "residual" in kw):
         try:
-            return bmma_w1a16.bmma_matmul(x, tiles, row_scale, N, K, input_scale, bias, pairs=pairs)
+            return bmma_w1a16.bmma_matmul(x, tiles, row_scale, N, K, input_scale, bias, pairs=pairs, **kw)
         except torch.OutOfMemoryError:
             raise
         except Exception as e:
