@@ -102,7 +102,7 @@ def test_kernels_compile_for_hopper_with_the_expected_instructions(N, K, P, vari
     sig = {"w_ptr": "*i32", "pl_ptr": "*i32", "hdr_ptr": "*i64", "s_ptr": "*fp16", "b_ptr": "*fp16", "y_ptr": "*bf16",
            "r_ptr": "*bf16", "p_ptr": "*fp32", "N": "i32", "zero": "i32", **{k: "constexpr" for k in m}}
     ptx = sm90_ptx(bmma, sig, m, {"num_warps": m["W"], "launch_pdl": True}, al)
-    if variant == 0:           # the residual epilogue: a bf16 load a row scale loaded (the same rows), a partial sum stored
+    if variant == 0:           # the residual epilogue: a bf16 load a row scale loaded (same rows), a partial sum stored
         rptx = sm90_ptx(bmma, sig, {**m, "RES": True}, {"num_warps": m["W"], "launch_pdl": True}, al)
         assert "st.global.b32" in rptx and "st.global.b32" not in ptx
         assert rptx.count("ld.global.b16") == 2 * ptx.count("ld.global.b16")
