@@ -22,7 +22,7 @@ in docs/RESULTS.md (thirteenth session).
     # where the large gated kernel lets the next kernel launch (kernels/mma_w1a16.py TRIG), with or without PDL on
     # its own launch, and optionally the bf16 step (seventeenth session)
     PYTHONPATH=src OUT=. python bench/decode_step.py trigger llama-7b 8 [max_len [bf16]]
-    # the step with module constants of kernels/mma_w1a16.py (or attention.NAME, fusion.NAME) changed, one
+    # the step with module constants of kernels/mma_w1a16.py (or attention.NAME, fusion.NAME, bmma.NAME) changed, one
     # variant per argument (NAME=VALUE[,...], a tuple as 1:2:8; gemv=0: the lm_head through cuBLAS; "bf16" adds the
     # bf16 step), against the committed values ("default")
     PYTHONPATH=src OUT=. python bench/decode_step.py consts llama-7b 8 144 EARLY_EPILOGUE=0 [bf16]
@@ -72,14 +72,14 @@ def time_blocks(decs: dict, blocks: int) -> dict:
 
 def consts(name: str, blocks: int, max_len: int, variants: dict, bf16: bool) -> dict:
     """The packed step captured once per variant ({label: {NAME: value}}, module constants of kernels/mma_w1a16.py
-    or, as attention.NAME or fusion.NAME, kernels/attention.py or kernels/fusion.py, set before the capture and
-    restored after; "gemv" 0: the lm_head through cuBLAS, not kernels/dense.py), timed in one process with the
+    or, as attention.NAME, fusion.NAME or bmma.NAME, kernels/attention.py, fusion.py or bmma_w1a16.py, set before
+    the capture and restored after; "gemv" 0: the lm_head through cuBLAS, not kernels/dense.py), timed in one process with the
     bf16 step if ``bf16``."""
-    from binaryllm.kernels import attention, fusion
+    from binaryllm.kernels import attention, bmma_w1a16, fusion
 
     def where(k):
         mod, _, attr = k.rpartition(".")
-        return ({"attention": attention, "fusion": fusion}[mod] if mod else mw), attr
+        return ({"attention": attention, "fusion": fusion, "bmma": bmma_w1a16}[mod] if mod else mw), attr
     model = bench.random_model(name, torch.bfloat16, "cuda").eval()
     bench.random_packed_(model)
     keep = {k: getattr(*where(k)) for v in variants.values() for k in v if k != "gemv"}
