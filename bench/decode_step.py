@@ -73,8 +73,8 @@ def time_blocks(decs: dict, blocks: int) -> dict:
 def consts(name: str, blocks: int, max_len: int, variants: dict, bf16: bool) -> dict:
     """The packed step captured once per variant ({label: {NAME: value}}, module constants of kernels/mma_w1a16.py
     or, as attention.NAME, fusion.NAME or bmma.NAME, kernels/attention.py, fusion.py or bmma_w1a16.py, set before
-    the capture and restored after; "gemv" 0: the lm_head through cuBLAS, not kernels/dense.py), timed in one process with the
-    bf16 step if ``bf16``."""
+    the capture and restored after; "gemv" 0: the lm_head through cuBLAS, not kernels/dense.py), timed in one
+    process with the bf16 step if ``bf16``."""
     from binaryllm.kernels import attention, bmma_w1a16, fusion
 
     def where(k):
