@@ -226,3 +226,15 @@ def test_gpu_residual_epilogue_is_eager_add_and_partial_sums(N, K, bias):
     if bw.takes(x, N, K, residual=True):
         h2, part2 = w1a16_res_matmul(x[None], prepare_weight(bits, K), sc, K, None, b, tiles, r[None])
         assert torch.equal(h2, h) and torch.equal(part2, part)
+
+
+def test_prep_lets_a_residual_product_launch_early(monkeypatch):
+    """EARLY_RES: the prep before a residual-epilogue product (the decode step's down projection) triggers the
+    product's launch before it waits; a plain product's prep waits first (EARLY off)."""
+    monkeypatch.setattr(bw, "EARLY", False)
+    monkeypatch.setattr(bw, "EARLY_RES", True)
+    assert bw.launch_meta(4096, 11008, pdl=True, res=True)[1]["EARLY"]
+    assert not bw.launch_meta(4096, 11008, pdl=True)[1]["EARLY"]
+    assert bw.launch_meta(4096, 11008, pdl=True, res=True)[3]["RES"]
+    monkeypatch.setattr(bw, "EARLY_RES", False)
+    assert not bw.launch_meta(4096, 11008, pdl=True, res=True)[1]["EARLY"]

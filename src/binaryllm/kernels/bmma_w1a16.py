@@ -68,17 +68,21 @@ AUTO = os.environ.get("BINARYLLM_BMMA", "1") != "0"
 # FENCE); without it ptxas spreads the plane loads between the BMMAs (SASS on the CPU box) and each L2 round trip is
 # paid on its own.  CHAIN: each plane group's BMMAs over a warp's k-groups chained through the accumulator in one
 # asm block (as the probe does), not one BMMA a k-group from zero and a sum after; ASM_CONV: the A fragment made with
-# one shift and one lop3 a register (ptxas makes three of the masks and shift as written).  The three were compiled
-# for sm_90 but not yet run on a GPU (thirty-third session: no device time left), so off
+# one shift and one lop3 a register (ptxas makes three of the masks and shift as written).  On the H100 none helped
+# (thirty-fourth session: 8192^2 pair 6.2-6.6 us with none, 8.0 FENCE, 6.8-7.0 CHAIN, 6.6 ASM_CONV), so off
 FENCE = False
 CHAIN = False
 ASM_CONV = False
 # EARLY (bit 8): the prep lets the product launch before its own griddepcontrol.wait, so the product's weights
 # stream in while the kernel before the prep still runs (the prep still waits before it reads x or writes planes;
-# the product waits for the prep to end).  XFIRST (bit 16): the prep loads its own chunks of x before the max pass,
-# so the two reads of x are one round trip to L2, not two in a row.  Measured on the H100 (docs/RESULTS.md)
+# the product waits for the prep to end); EARLY_RES: the same for a product with the residual epilogue (the decode
+# step's down projection, after the gated gate/up kernel).  XFIRST (bit 16): the prep loads its own chunks of x
+# before the max pass, so the two reads of x are one round trip to L2, not two in a row.  H100, thirty-fourth
+# session: alone the pair at 8192^2 takes 6.2-6.6 us as it was, 7.0-7.2 with EARLY, 6.2-6.6 with XFIRST (the prep
+# 1.54 against 1.67); the Llama-7B decode step 1022 us with both against 1051 without (mma's down projection 1039)
 EARLY = False
-XFIRST = False
+EARLY_RES = True
+XFIRST = True
 _LO = 0x0F0F0F0F     # the low nibble of every byte: bit 2 of the position is 0 (row g of the tile)
 _HI = 0xF0F0F0F0 - (1 << 32)     # the high nibbles as an int32 constant (row g + 8)
 
@@ -496,7 +500,8 @@ def launch_meta(N: int, K: int, planes: int = PLANES, config: tuple | None = Non
     NT, KB = tile_shape(N, K)
     cp = PREP_CHUNKS
     mb = 8 * 32 * 2 * cp
-    prep = dict(KB=KB, P=planes, CP=cp, MB=mb, NMB=-(-K // mb), PDL=pdl, EARLY=EARLY, XFIRST=XFIRST)
+    prep = dict(KB=KB, P=planes, CP=cp, MB=mb, NMB=-(-K // mb), PDL=pdl, EARLY=EARLY or (res and EARLY_RES),
+                XFIRST=XFIRST)
     cpw = -(-KB // w)
     even = cpw * w == KB and cpw & (cpw - 1) == 0 and NT % rt == 0
     prod = dict(KB=KB, P=planes, RT=rt, W=w, HAS_BIAS=has_bias, PAIRS=bool(pairs), EVEN=even, PDL=pdl,
@@ -511,9 +516,9 @@ def _kernels():
     return _KERNELS
 
 
-def make_planes(x: torch.Tensor, in_features: int, planes: int = PLANES) -> tuple:
+def make_planes(x: torch.Tensor, in_features: int, planes: int = PLANES, res: bool = False) -> tuple:
     """The ``prep`` kernel: one row x (K values, bf16/fp16, CUDA) -> (planes int32, hdr int64) as ``planes_ref``
-    lays them out."""
+    lays them out; ``res``: for a product with the residual epilogue (EARLY_RES)."""
     K = in_features
     if x.numel() != K:
         raise ValueError(f"bmma takes one row of activations ({K} values), got shape {tuple(x.shape)}")
@@ -521,7 +526,7 @@ def make_planes(x: torch.Tensor, in_features: int, planes: int = PLANES) -> tupl
         raise ValueError("bmma takes bf16 or fp16 activations")
     from . import pdl_launch
     pdl = pdl_launch(x)
-    pgrid, pmeta, _, _ = launch_meta(16, K, planes, pdl=pdl)            # the prep's launch needs no N
+    pgrid, pmeta, _, _ = launch_meta(16, K, planes, pdl=pdl, res=res)   # the prep's launch needs no N
     KB = pmeta["KB"]
     pl = torch.empty(KB * planes * 8, dtype=torch.int32, device=x.device)
     hdr = torch.empty(1 + KB, dtype=torch.int64, device=x.device)
@@ -565,7 +570,7 @@ def bmma_matmul(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor, o
     xr = x.reshape(-1)
     if input_scale is not None:
         xr = xr * input_scale.to(xr.dtype)          # rounded to x's dtype, as the PyTorch path does
-    pl, hdr = make_planes(xr, in_features, planes)
+    pl, hdr = make_planes(xr, in_features, planes, residual is not None)
     y = bmma_product(pl, hdr, tiles, row_scale, out_features, in_features, x.dtype, bias, pairs, planes, config,
                      residual=residual)
     if residual is not None:
