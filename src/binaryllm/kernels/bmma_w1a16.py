@@ -8,8 +8,9 @@ Ampere's and Hopper's tensor cores also multiply bits: ``mma.sync.m16n8k256 ... 
 (the 8 columns of one op are 8 planes), P = 24 takes 3 such ops per 16 rows x 256 inputs, and the weights need two
 integer instructions a 32-bit word to become the A fragment (below).  On the H100 (docs/RESULTS.md, thirty-third
 session) the CUDA C probe ``bench/bmma_probe.py`` takes 4.07 us (24 planes) and 3.02 (16) on planes already made at
-8192^2, against ``mma``'s 5.9; these Gluon kernels take 4.2-4.3 for the product and 6.6 with the prep, so ``auto``
-takes them only where that still beats ``mma`` (AUTO_MIN, AUTO_K).
+8192^2, against ``mma``'s 5.9; these Gluon kernels take 4.0 for the product and 6.2-6.6 with the prep (thirty-fourth
+session), so ``auto`` takes them only where that still beats ``mma`` (AUTO_MIN, AUTO_K): 16384^2, and Llama-7B's
+down projection, also with the decode step's residual epilogue (1022 against 1039 us a step).
 
 The arithmetic, exact in integers.  ``q = rint(x * 2^sh)`` with one power-of-two scale for the row, ``sh = min(P -
 1 - e, 127)`` where ``max|x| = m 2^e`` (m in [0.5, 1); e = -126 when max|x| is 0 or an fp32 subnormal), so that
@@ -21,15 +22,18 @@ compared bit for bit; against the dense product it differs by the rounding of x 
 
 Two kernels, launched back to back with programmatic dependent launch on sm_90+:
 
-* ``prep`` (after ``griddepcontrol.wait``): program (p, h) takes max|x| over the whole row, then turns its chunks
-  of 256 inputs into the words of plane group h: thread (chunk, g, t, z) holds the 32 values of x its word needs
-  (two runs of 16 contiguous inputs), rounds them to q, and ORs bit 8h + g of each into place; the h = 0 programs
-  also write their chunks' sums of q (``hdr[1 + c]``), program (0, 0) the row's ``sh`` (``hdr[0]``).
+* ``prep`` (after ``griddepcontrol.wait``; EARLY / EARLY_RES: it lets the product launch before that wait):
+  program (p, h) loads its chunks of x (XFIRST: before the max pass), takes max|x| over the whole row, then turns
+  its chunks of 256 inputs into the words of plane group h: thread (chunk, g, t, z) holds the 32 values of x its word
+  needs (two runs of 16 contiguous inputs), rounds them to q, and ORs bit 8h + g of each into place; the h = 0
+  programs also write their chunks' sums of q (``hdr[1 + c]``), program (0, 0) the row's ``sh`` (``hdr[0]``).
 * ``bmma``: a program of W warps owns RT tiles of 16 rows; warp s takes k-groups s CPW .. s CPW + CPW - 1.  It
   loads its weight words and the epilogue's row scales (and bias) *before* ``griddepcontrol.wait``, so they stream
   in while ``prep`` runs (plain ``ld.global``: ptxas hoists the wait above ``.nc`` loads); then the planes and the
   header (sh and the sums of q, one load every warp sums on its own), RT x CPW x P/8 BMMAs, and int64 row sums
   (quad shuffles, then the warps through shared memory), kept in one layout from the accumulators to the store.
+  RES: residual + y (rounded as eager) and the program's sum of its square over its rows, as ``mma``'s RES, for the
+  RMSNorm prologue of the kernel after it.
 
 Weights: the ``mma`` kernel's tiles as they are (``mma_w1a16.prepare_tiles``; paired tiles too), so a layer needs
 no second copy.  Lane (g, t)'s words kg = 0..3 of a (tile, k-group) hold rows g and g + 8 (the nibbles of each
