@@ -205,12 +205,14 @@ def test_residual_dispatch_needs_the_same_partial_sums_as_mma(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernels themselves need a CUDA GPU")
+@pytest.mark.parametrize("pearly", [False, True])
 @pytest.mark.parametrize("N,K,bias", [(4096, 11008, False), (1000, 3000, True)])
-def test_gpu_residual_epilogue_is_eager_add_and_partial_sums(N, K, bias):
+def test_gpu_residual_epilogue_is_eager_add_and_partial_sums(N, K, bias, pearly, monkeypatch):
     """residual + y rounded as eager PyTorch rounds it, bit for bit, and the partial sums of its squares as
     ``res_partials`` makes them (fp32 sums in another order: close, not equal); through ``w1a16_res_matmul``
     on the Llama-7B down projection, which ``auto`` takes to bmma."""
     from binaryllm.kernels.triton_w1a16 import prepare_weight, w1a16_res_matmul
+    monkeypatch.setattr(bw, "PEARLY_RES", pearly)
     g = torch.Generator(device="cuda").manual_seed(N + 3)
     bits = pack_signs(torch.randn(N, K, device="cuda", generator=g))
     tiles = mw.prepare_tiles(bits, K)
@@ -238,3 +240,6 @@ def test_prep_lets_a_residual_product_launch_early(monkeypatch):
     assert bw.launch_meta(4096, 11008, pdl=True, res=True)[3]["RES"]
     monkeypatch.setattr(bw, "EARLY_RES", False)
     assert not bw.launch_meta(4096, 11008, pdl=True, res=True)[1]["EARLY"]
+    monkeypatch.setattr(bw, "PEARLY_RES", True)                  # the product's own trigger, residual only
+    assert bw.launch_meta(4096, 11008, pdl=True, res=True)[3]["TRIG_EARLY"]
+    assert not bw.launch_meta(4096, 11008, pdl=True)[3]["TRIG_EARLY"]

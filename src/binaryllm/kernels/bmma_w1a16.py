@@ -87,6 +87,9 @@ ASM_CONV = False
 EARLY = False
 EARLY_RES = True
 XFIRST = True
+# PEARLY_RES: a residual-epilogue product lets the kernel after it launch before its own wait (the decode step's
+# next layer, whose weights then stream in during the prep and the product); off until measured
+PEARLY_RES = False
 _LO = 0x0F0F0F0F     # the low nibble of every byte: bit 2 of the position is 0 (row g of the tile)
 _HI = 0xF0F0F0F0 - (1 << 32)     # the high nibbles as an int32 constant (row g + 8)
 
@@ -322,7 +325,7 @@ def _build():
     def bmma(w_ptr, pl_ptr, hdr_ptr, s_ptr, b_ptr, y_ptr, r_ptr, p_ptr, N, zero, KB: gl.constexpr,
              P: gl.constexpr, RT: gl.constexpr, W: gl.constexpr, HAS_BIAS: gl.constexpr, PAIRS: gl.constexpr,
              EVEN: gl.constexpr, PDL: gl.constexpr, FENCE: gl.constexpr, CHAIN: gl.constexpr = False,
-             ASM_CONV: gl.constexpr = False, RES: gl.constexpr = False):
+             ASM_CONV: gl.constexpr = False, RES: gl.constexpr = False, TRIG_EARLY: gl.constexpr = False):
         G: gl.constexpr = P // 8
         CPW: gl.constexpr = (KB + W - 1) // W              # k-groups a warp
         CPWP: gl.constexpr = _p2(CPW)                        # as a tensor dimension (past CPW: masked, zeros)
@@ -357,8 +360,11 @@ def _build():
         if HAS_BIAS:
             bias = gl.load(b_ptr + wrow, mask=n_ok, other=0.0)
         if PDL:
+            if TRIG_EARLY:
+                _launch_dependents()
             _pdl_wait()
-            _launch_dependents()
+            if not TRIG_EARLY:
+                _launch_dependents()
         # the planes: all P/8 groups loaded first (8 bytes a lane: b0, b1), then sh and the k-groups' sums of q
         bl: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 2], [1, 1, 1, 32, 1], [W, 1, 1, 1, 1], [4, 3, 2, 1, 0])
         jb = _ar(CPWP, 2, 5, bl)
@@ -509,7 +515,7 @@ def launch_meta(N: int, K: int, planes: int = PLANES, config: tuple | None = Non
     cpw = -(-KB // w)
     even = cpw * w == KB and cpw & (cpw - 1) == 0 and NT % rt == 0
     prod = dict(KB=KB, P=planes, RT=rt, W=w, HAS_BIAS=has_bias, PAIRS=bool(pairs), EVEN=even, PDL=pdl,
-                FENCE=FENCE, CHAIN=CHAIN, ASM_CONV=ASM_CONV, RES=res)
+                FENCE=FENCE, CHAIN=CHAIN, ASM_CONV=ASM_CONV, RES=res, TRIG_EARLY=res and PEARLY_RES)
     return (-(-KB // cp), planes // 8), prep, (-(-NT // rt),), prod
 
 
