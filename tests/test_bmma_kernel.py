@@ -233,8 +233,9 @@ def test_gpu_residual_epilogue_is_eager_add_and_partial_sums(N, K, bias, pearly,
 def test_prep_lets_a_residual_product_launch_early(monkeypatch):
     """EARLY_RES: the prep before a residual-epilogue product (the decode step's down projection) triggers the
     product's launch before it waits; a plain product's prep waits first (EARLY off)."""
-    monkeypatch.setattr(bw, "EARLY", False)
-    monkeypatch.setattr(bw, "EARLY_RES", True)
+    assert bw.EARLY_RES and bw.PEARLY_RES and not bw.EARLY           # the defaults
+    monkeypatch.setattr(bw, "PEARLY_RES", False)
+    assert not bw.launch_meta(4096, 11008, pdl=True, res=True)[3]["TRIG_EARLY"]
     assert bw.launch_meta(4096, 11008, pdl=True, res=True)[1]["EARLY"]
     assert not bw.launch_meta(4096, 11008, pdl=True)[1]["EARLY"]
     assert bw.launch_meta(4096, 11008, pdl=True, res=True)[3]["RES"]

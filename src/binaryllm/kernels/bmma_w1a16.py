@@ -88,8 +88,9 @@ EARLY = False
 EARLY_RES = True
 XFIRST = True
 # PEARLY_RES: a residual-epilogue product lets the kernel after it launch before its own wait (the decode step's
-# next layer, whose weights then stream in during the prep and the product); off until measured
-PEARLY_RES = False
+# next layer, whose weights then stream in during the prep and the product).  H100, thirty-fourth session: the
+# Llama-7B step 1015.1 against 1022.9 us
+PEARLY_RES = True
 _LO = 0x0F0F0F0F     # the low nibble of every byte: bit 2 of the position is 0 (row g of the tile)
 _HI = 0xF0F0F0F0 - (1 << 32)     # the high nibbles as an int32 constant (row g + 8)
 
