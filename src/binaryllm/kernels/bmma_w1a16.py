@@ -200,7 +200,7 @@ def _build():
     conv_hi = gl.constexpr("{ .reg .b32 s; shr.u32 s, $1, 4; lop3.b32 $0, s, $2, 0x0F0F0F0F, 0xE4; }")
     from .gluon_helpers import helpers
     H = helpers()
-    _p2, _ar, _xor, _pdl_wait, _launch_dependents = H.p2, H.ar, H.xor, H.pdl_wait, H.launch_dependents
+    _p2, _ar, _xor, _pdl_enter = H.p2, H.ar, H.xor, H.pdl_enter
 
     @gluon.jit
     def _or(a, b):
@@ -216,11 +216,7 @@ def _build():
              NMB: gl.constexpr, PDL: gl.constexpr, EARLY: gl.constexpr = False, XFIRST: gl.constexpr = False):
         G: gl.constexpr = P // 8
         if PDL:
-            if EARLY:
-                _launch_dependents()
-            _pdl_wait()
-            if not EARLY:
-                _launch_dependents()
+            _pdl_enter(EARLY)
         pid = gl.program_id(0)
         # [c, g, t, z, kgl, q]: thread (c, g, t, z) holds columns 64 (2 z + kgl) + 16 t + q of k-group c
         L: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 2, 16], [1, 8, 4, 1, 1, 1], [CP, 1, 1, 2, 1, 1],
@@ -361,11 +357,7 @@ def _build():
         if HAS_BIAS:
             bias = gl.load(b_ptr + wrow, mask=n_ok, other=0.0)
         if PDL:
-            if TRIG_EARLY:
-                _launch_dependents()
-            _pdl_wait()
-            if not TRIG_EARLY:
-                _launch_dependents()
+            _pdl_enter(TRIG_EARLY)
         # the planes: all P/8 groups loaded first (8 bytes a lane: b0, b1), then sh and the k-groups' sums of q
         bl: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 2], [1, 1, 1, 32, 1], [W, 1, 1, 1, 1], [4, 3, 2, 1, 0])
         jb = _ar(CPWP, 2, 5, bl)

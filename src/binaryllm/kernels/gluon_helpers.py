@@ -17,7 +17,7 @@ def gluon_importable() -> bool:
 
 @functools.cache
 def helpers() -> types.SimpleNamespace:
-    """dim_layout, p2 (constexpr functions); ar, xor, launch_dependents, pdl_wait (jit functions)."""
+    """dim_layout, p2 (constexpr functions); ar, xor, launch_dependents, pdl_wait, pdl_enter (jit functions)."""
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
 
@@ -57,5 +57,15 @@ def helpers() -> types.SimpleNamespace:
         # PDL: wait for the kernel before this one to finish (and its writes to be visible)
         gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
+    @gluon.jit
+    def pdl_enter(EARLY):                # EARLY: a constexpr (a static if)
+        # PDL at a kernel's start: wait for the kernel before, and let the next one launch after that wait, or with
+        # EARLY before it (the next kernel's loads of weights then overlap this one's wait too)
+        if EARLY:
+            launch_dependents()
+        pdl_wait()
+        if not EARLY:
+            launch_dependents()
+
     return types.SimpleNamespace(dim_layout=dim_layout, p2=p2, ar=ar, xor=xor, launch_dependents=launch_dependents,
-                                 pdl_wait=pdl_wait)
+                                 pdl_wait=pdl_wait, pdl_enter=pdl_enter)
