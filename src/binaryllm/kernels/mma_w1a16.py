@@ -369,7 +369,8 @@ def _build():
 
     from .gluon_helpers import helpers
     H = helpers()
-    _xor, _dim_layout, _p2, _ar, _launch_dependents = H.xor, H.dim_layout, H.p2, H.ar, H.launch_dependents
+    _xor, _dim_layout, _p2, _ar = H.xor, H.dim_layout, H.p2, H.ar
+    _launch_dependents, _pdl_wait = H.launch_dependents, H.pdl_wait
 
     def asm(i: int, minus_one: int) -> str:
         pair = minus_one * 0x10001
@@ -528,8 +529,7 @@ def _build():
         if TRIG == 3:
             _launch_dependents()
         if PDL:
-            gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False,
-                                      pack=1)
+            _pdl_wait()
         if TRIG == 1:
             _launch_dependents()
         if RES and (EARLY & 2):
