@@ -17,6 +17,12 @@ def _x(K: int, g: torch.Generator, device: str = "cpu") -> torch.Tensor:
     return x.bfloat16().to(device)
 
 
+PREP_SIG = {"x_ptr": "*bf16", "pl_ptr": "*i32", "hdr_ptr": "*i64", "K": "i32", "nw_ptr": "*bf16", "p_ptr": "*fp32",
+            "NP": "i32", "eps": "fp32"}
+PROD_SIG = {"w_ptr": "*i32", "pl_ptr": "*i32", "hdr_ptr": "*i64", "s_ptr": "*fp16", "b_ptr": "*fp16", "y_ptr": "*bf16",
+            "r_ptr": "*bf16", "p_ptr": "*fp32", "N": "i32", "zero": "i32"}
+
+
 def _variant(monkeypatch, variant: int) -> None:
     """bmma_w1a16.set_variant(variant) for one test (monkeypatch puts the switches back)."""
     for name, bit in (("FENCE", 1), ("CHAIN", 2), ("ASM_CONV", 4), ("EARLY", 8), ("XFIRST", 16)):
@@ -99,8 +105,7 @@ def test_kernels_compile_for_hopper_with_the_expected_instructions(N, K, P, vari
     prep, bmma = bw._build()
     pg, pm, grid, m = bw.launch_meta(N, K, P, pdl=True)
     al = {(i,): [["tt.divisibility", 16]] for i in range(6)}
-    sig = {"w_ptr": "*i32", "pl_ptr": "*i32", "hdr_ptr": "*i64", "s_ptr": "*fp16", "b_ptr": "*fp16", "y_ptr": "*bf16",
-           "r_ptr": "*bf16", "p_ptr": "*fp32", "N": "i32", "zero": "i32", **{k: "constexpr" for k in m}}
+    sig = PROD_SIG | {k: "constexpr" for k in m}
     ptx = sm90_ptx(bmma, sig, m, {"num_warps": m["W"], "launch_pdl": True}, al)
     if variant == 0:           # the residual epilogue: a bf16 load a row scale loaded (same rows), a partial sum stored
         rptx = sm90_ptx(bmma, sig, {**m, "RES": True}, {"num_warps": m["W"], "launch_pdl": True}, al)
@@ -115,8 +120,8 @@ def test_kernels_compile_for_hopper_with_the_expected_instructions(N, K, P, vari
     assert body[:wait].count("ld.global.v4.b32") == rt * cpw                  # the weights, before the wait
     assert "ld.global.nc" not in body[:wait]                    # ptxas would move the wait above .nc loads
     assert "st.local" not in ptx and "ld.local" not in ptx
-    ptx = sm90_ptx(prep, {"x_ptr": "*bf16", "pl_ptr": "*i32", "hdr_ptr": "*i64", "K": "i32",
-                          **{k: "constexpr" for k in pm}}, pm, {"num_warps": 2 * pm["CP"], "launch_pdl": True}, al)
+    ptx = sm90_ptx(prep, PREP_SIG | {k: "constexpr" for k in pm}, pm, {"num_warps": 2 * pm["CP"], "launch_pdl": True},
+                   al)
     assert ptx.count("cvt.rni.s32.f32") >= 32 and "griddepcontrol.wait" in ptx
     # EARLY: the product may launch before the prep waits; otherwise only after
     early = ptx.index("griddepcontrol.launch_dependents") < ptx.index("griddepcontrol.wait")
@@ -244,3 +249,72 @@ def test_prep_lets_a_residual_product_launch_early(monkeypatch):
     monkeypatch.setattr(bw, "PEARLY_RES", True)                  # the product's own trigger, residual only
     assert bw.launch_meta(4096, 11008, pdl=True, res=True)[3]["TRIG_EARLY"]
     assert not bw.launch_meta(4096, 11008, pdl=True)[3]["TRIG_EARLY"]
+
+
+@pytest.mark.parametrize("N,K,NP", [(22016, 4096, 256), (3072, 576, 64), (12288, 4096, 3)])
+def test_norm_prep_and_gated_product_compile_for_hopper(N, K, NP):
+    """The decode step's fused layers: the prep with the RMSNorm (NORM) loads its norm weights before the PDL wait
+    (weights: they stream in while the kernel before it runs), the partial sums and x after it, and lets the
+    product launch before its wait (EARLY_NORM); the gated product (paired tiles) makes silu(gate) * up in
+    registers (ex2) with the same BMMAs and no more stores than the plain one; neither spills."""
+    from conftest import sm90_ptx
+    prep, bmma = bw._build()
+    al = {(i,): [["tt.divisibility", 16]] for i in range(6)}
+    pg, pm, grid, m = bw.launch_meta(N, K, pdl=True, pairs=N // 2, gated=True, norm_parts=NP)
+    assert pm["NORM"] and pm["EARLY"] and m["GATED"] and pm["NPP"] >= NP and (m["RT"], m["W"]) == bw.GATED_CONFIG
+    ptx = sm90_ptx(prep, PREP_SIG | {k: "constexpr" for k in pm}, pm, {"num_warps": 2 * pm["CP"], "launch_pdl": True},
+                   al)
+    body = ptx[ptx.index(".entry"):]
+    wait = body.index("griddepcontrol.wait")
+    assert body.index("griddepcontrol.launch_dependents") < wait
+    assert body[:wait].count("ld.global") >= 2 and "ld.global.nc" not in body[:wait]     # the norm weights
+    assert "rsqrt.approx" in body[wait:] and "st.local" not in ptx
+    plain = bw.launch_meta(N, K, pdl=True, pairs=N // 2, config=bw.GATED_CONFIG)[3]
+    gptx = sm90_ptx(bmma, PROD_SIG | {k: "constexpr" for k in m}, m, {"num_warps": m["W"], "launch_pdl": True}, al)
+    pptx = sm90_ptx(bmma, PROD_SIG | {k: "constexpr" for k in plain}, plain, {"num_warps": m["W"], "launch_pdl": True},
+                    al)
+    op = "mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc"
+    assert gptx.count(op) == pptx.count(op) > 0
+    assert "ex2.approx" in gptx and "ex2.approx" not in pptx
+    assert 0 < gptx.count("st.global") <= pptx.count("st.global")
+    assert "st.local" not in gptx and "ld.local" not in gptx
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernels themselves need a CUDA GPU")
+@pytest.mark.parametrize("N,K,NP,bias", [(22016, 4096, 256, False), (3072, 576, 64, True), (2000, 1000, 3, False)])
+def test_gpu_norm_prep_and_gated_product(N, K, NP, bias, monkeypatch):
+    """The prep with the RMSNorm writes the planes of ``rms_norm`` bit for bit where the mean square is exact
+    (partials summing to K (0.25 - eps): rstd = 2 whatever the order of the sums), and close to them for any
+    partials; the gated product is ``silu_mul`` of the paired product (itself ``reference`` bit for bit) up to
+    the last bit of silu (ex2.approx, as mma's); through ``w1a16_norm_matmul`` when ``auto`` takes it."""
+    from binaryllm.kernels import silu_mul
+    from binaryllm.kernels.triton_w1a16 import prepare_weight, w1a16_norm_matmul
+    g = torch.Generator(device="cuda").manual_seed(N + K)
+    bits = pack_signs(torch.randn(N, K, device="cuda", generator=g))
+    tiles = mw.prepare_tiles(bits, K, N // 2)
+    sc = (torch.rand(N, device="cuda", generator=g) + 0.5).half()
+    b = torch.randn(N, device="cuda", generator=g).bfloat16() if bias else None
+    h = (torch.randn(K, device="cuda", generator=g) * 3).bfloat16()
+    nw = (torch.rand(K, device="cuda", generator=g) + 0.5).bfloat16()
+    eps = 2.0 ** -4
+    part = torch.full((1, NP), K * (0.25 - eps) / NP, device="cuda")
+    assert part.sum() / K + eps == 0.25
+    x = mw.rms_norm(h, part, nw, eps)
+    pl, hdr = bw.make_planes(h, K, norm=(part, nw, eps))
+    rp, rh = bw.planes_ref(x)
+    assert torch.equal(pl, rp) and torch.equal(hdr, rh)
+    y = bw.bmma_matmul(h[None], tiles, sc, N, K, bias=b, pairs=N // 2, norm=(part, nw, eps))
+    ref = bw.reference(x, tiles, sc, N, K, b, N // 2)
+    assert torch.equal(y[0], ref)
+    hg = bw.bmma_matmul(h[None], tiles, sc, N, K, bias=b, pairs=N // 2, gated=True, norm=(part, nw, eps))
+    want = silu_mul(ref, N // 2)
+    assert hg.shape == (1, N // 2) and torch.allclose(hg[0].float(), want.float(), rtol=2 ** -7, atol=1e-6)
+    assert (hg[0] == want).float().mean() > 0.99
+    rnd = torch.rand(1, NP, device="cuda", generator=g) * (2 * K / NP)          # any partials: close
+    yr = bw.bmma_matmul(h[None], tiles, sc, N, K, bias=b, pairs=N // 2, norm=(rnd, nw, eps))
+    yx = bw.reference(mw.rms_norm(h, rnd, nw, eps), tiles, sc, N, K, b, N // 2)
+    assert torch.allclose(yr[0].float(), yx.float(), rtol=2 ** -6, atol=0.05 * yx.float().abs().max().item())
+    monkeypatch.setattr(bw, "AUTO_GATED", True)
+    monkeypatch.setattr(bw, "AUTO_MIN", 1)
+    out = w1a16_norm_matmul(h[None], part, nw, eps, prepare_weight(bits, K), sc, K, b, tiles, N // 2, True)
+    assert torch.equal(out, hg)

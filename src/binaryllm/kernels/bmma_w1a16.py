@@ -91,6 +91,17 @@ XFIRST = True
 # next layer, whose weights then stream in during the prep and the product).  H100, thirty-fourth session: the
 # Llama-7B step 1015.1 against 1022.9 us
 PEARLY_RES = True
+# The decode step's fused layers on these kernels (thirty-fifth session): AUTO_GATED takes a gated gate/up layer
+# (paired tiles, silu(gate) * up in the product's epilogue; with the RMSNorm before it made in the prep, NORM) of at
+# least AUTO_MIN weights, whatever its K; AUTO_NORM the same for a plain layer behind an RMSNorm (q/k/v).
+# EARLY_NORM: a prep with the norm lets its product launch before its own wait (as EARLY_RES); PEARLY_GATED: a gated
+# product lets the kernel after it (the down projection's prep) launch before its own wait; GATED_CONFIG: the
+# gated product's (RT, W)
+AUTO_GATED = False
+AUTO_NORM = False
+EARLY_NORM = True
+PEARLY_GATED = False
+GATED_CONFIG = (1, 4)
 _LO = 0x0F0F0F0F     # the low nibble of every byte: bit 2 of the position is 0 (row g of the tile)
 _HI = 0xF0F0F0F0 - (1 << 32)     # the high nibbles as an int32 constant (row g + 8)
 
@@ -212,11 +223,23 @@ def _build():
                                          pack=1)
 
     @gluon.jit
-    def prep(x_ptr, pl_ptr, hdr_ptr, K, KB: gl.constexpr, P: gl.constexpr, CP: gl.constexpr, MB: gl.constexpr,
-             NMB: gl.constexpr, PDL: gl.constexpr, EARLY: gl.constexpr = False, XFIRST: gl.constexpr = False):
+    def _normed(v, rstd, w, dt: gl.constexpr):
+        # RMSNorm as eager PyTorch rounds it (mma_w1a16.rms_norm): x * rstd in fp32 to x's dtype, times the weight,
+        # rounded again; returned in fp32
+        return ((v.to(gl.float32) * rstd).to(dt).to(gl.float32) * w.to(gl.float32)).to(dt).to(gl.float32)
+
+    @gluon.jit
+    def prep(x_ptr, pl_ptr, hdr_ptr, K, nw_ptr, p_ptr, NP, eps, KB: gl.constexpr, P: gl.constexpr,
+             CP: gl.constexpr, MB: gl.constexpr, NMB: gl.constexpr, PDL: gl.constexpr, EARLY: gl.constexpr = False,
+             XFIRST: gl.constexpr = False, NORM: gl.constexpr = False, NPP: gl.constexpr = 32):
         G: gl.constexpr = P // 8
-        if PDL:
-            _pdl_enter(EARLY)
+        dt: gl.constexpr = x_ptr.dtype.element_ty
+        # NORM: x is RMSNorm(x) * weight with the mean square from the producer's NP partial sums (p_ptr); the
+        # whole row of weights (the max pass's, one load) and the program's own chunks are loaded before the wait
+        NL: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [1, 2 * CP], [1, 0])
+        if NORM:
+            mo2 = _ar(_p2(NMB), 0, 2, NL) * MB + _ar(MB, 1, 2, NL)
+            nwm = gl.load(nw_ptr + mo2, mask=mo2 < K, other=0.0)
         pid = gl.program_id(0)
         # [c, g, t, z, kgl, q]: thread (c, g, t, z) holds columns 64 (2 z + kgl) + 16 t + q of k-group c
         L: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 2, 16], [1, 8, 4, 1, 1, 1], [CP, 1, 1, 2, 1, 1],
@@ -228,24 +251,41 @@ def _build():
         kgl = _ar(2, 4, 6, L)
         qq = _ar(16, 5, 6, L)
         col = c * 256 + (2 * z + kgl) * 64 + t * 16 + qq
+        if NORM:
+            nwv = gl.load(nw_ptr + col, mask=(col < K) & (c < KB), other=0.0)
+        if PDL:
+            _pdl_enter(EARLY)
+        if NORM:
+            pl1: gl.constexpr = gl.BlockedLayout([1], [32], [2 * CP], [0])
+            pi1 = gl.arange(0, NPP, layout=pl1)
+            rstd = gl.rsqrt(gl.sum(gl.load(p_ptr + pi1, mask=pi1 < NP, other=0.0), axis=0) / K + eps)
         if XFIRST:
             xv = gl.load(x_ptr + col, mask=(col < K) & (c < KB), other=0.0)
-        # max|x| over the row, MB values a pass (8 a thread), NMB passes, every program on its own
-        ml: gl.constexpr = gl.BlockedLayout([8], [32], [2 * CP], [0])
-        mo = gl.arange(0, MB, layout=ml)
-        # as the integer maximum of |x|'s fp32 bit patterns: the same order for finite values, and an inf or a NaN
-        # anywhere comes out on top (exponent field 255), where a float maximum would drop a NaN
-        m = gl.zeros([MB], gl.int32, ml)
-        for i in gl.static_range(NMB):
-            v = gl.load(x_ptr + i * MB + mo, mask=i * MB + mo < K, other=0.0)
-            m = gl.maximum(m, v.to(gl.float32).to(gl.int32, bitcast=True) & 0x7FFFFFFF)
-        field = gl.max(m, axis=0) >> 23
+            if NORM:
+                xv = _normed(xv, rstd, nwv, dt)
+        # max|x| over the row, every program on its own; as the integer maximum of |x|'s fp32 bit patterns: the
+        # same order for finite values, and an inf or a NaN anywhere comes out on top (exponent field 255), where a
+        # float maximum would drop a NaN
+        if NORM:
+            v2 = _normed(gl.load(x_ptr + mo2, mask=mo2 < K, other=0.0), rstd, nwm, dt)
+            field = gl.max(gl.max(v2.to(gl.int32, bitcast=True) & 0x7FFFFFFF, axis=1), axis=0) >> 23
+        else:
+            # MB values a pass (8 a thread), NMB passes
+            ml: gl.constexpr = gl.BlockedLayout([8], [32], [2 * CP], [0])
+            mo = gl.arange(0, MB, layout=ml)
+            m = gl.zeros([MB], gl.int32, ml)
+            for i in gl.static_range(NMB):
+                v = gl.load(x_ptr + i * MB + mo, mask=i * MB + mo < K, other=0.0)
+                m = gl.maximum(m, v.to(gl.float32).to(gl.int32, bitcast=True) & 0x7FFFFFFF)
+            field = gl.max(m, axis=0) >> 23
         e = gl.maximum(field - 126, -126)
         # a non-finite x: sh = -1024, which makes the product's 2^-sh infinite, so every y is inf or NaN
         sh = gl.where(field == 255, -1024, gl.minimum(P - 1 - e, 127))
         two_sh = ((127 + gl.maximum(sh, -126)) << 23).to(gl.float32, bitcast=True)
         if not XFIRST:
             xv = gl.load(x_ptr + col, mask=(col < K) & (c < KB), other=0.0)
+            if NORM:
+                xv = _normed(xv, rstd, nwv, dt)
         qv = _rint(xv.to(gl.float32) * two_sh)
         pi = (qq >> 2) + 4 * kgl + 8 * ((qq >> 1) & 1) + 16 * (qq & 1)     # fragment bit of column q (plane_columns)
         WL: gl.constexpr = gl.SliceLayout(4, gl.SliceLayout(5, L))          # [c, g, t, z]: a word a thread
@@ -322,7 +362,8 @@ def _build():
     def bmma(w_ptr, pl_ptr, hdr_ptr, s_ptr, b_ptr, y_ptr, r_ptr, p_ptr, N, zero, KB: gl.constexpr,
              P: gl.constexpr, RT: gl.constexpr, W: gl.constexpr, HAS_BIAS: gl.constexpr, PAIRS: gl.constexpr,
              EVEN: gl.constexpr, PDL: gl.constexpr, FENCE: gl.constexpr, CHAIN: gl.constexpr = False,
-             ASM_CONV: gl.constexpr = False, RES: gl.constexpr = False, TRIG_EARLY: gl.constexpr = False):
+             ASM_CONV: gl.constexpr = False, RES: gl.constexpr = False, TRIG_EARLY: gl.constexpr = False,
+             GATED: gl.constexpr = False):
         G: gl.constexpr = P // 8
         CPW: gl.constexpr = (KB + W - 1) // W              # k-groups a warp
         CPWP: gl.constexpr = _p2(CPW)                        # as a tensor dimension (past CPW: masked, zeros)
@@ -428,7 +469,19 @@ def _build():
             yv = (yv.to(gl.float32) + res.to(gl.float32)).to(y_ptr.dtype.element_ty)
             hf = gl.where(n_ok, yv.to(gl.float32), 0.0)
             gl.store(p_ptr + pid, gl.sum(gl.sum(gl.sum(hf * hf, axis=2), axis=1), axis=0))
-        gl.store(y_ptr + wrow, yv, mask=n_ok)
+        if GATED:
+            # paired tiles: tile rows g (gate row j) and 8 + g (up row j) are the two halves of the last
+            # dimension, so y_j = silu(gate) * up needs no data moved; rounded as eager PyTorch rounds gate_up ->
+            # silu -> product (as mma's GATED)
+            gate, up = gl.split(yv)
+            o2, _ = gl.split(offs)
+            ok2, _ = gl.split(n_ok)
+            gf = gate.to(gl.float32)
+            sg = (gf / (1.0 + gl.exp(-gf))).to(y_ptr.dtype.element_ty)
+            gl.store(y_ptr + (o2 // 16) * 8 + o2 % 8, (sg.to(gl.float32) * up.to(gl.float32)).to(
+                y_ptr.dtype.element_ty), mask=ok2)
+        else:
+            gl.store(y_ptr + wrow, yv, mask=n_ok)
 
     return prep, bmma
 
@@ -457,14 +510,19 @@ def disable(device_index: int, err: Exception) -> None:
                              "layers use the mma kernel")
 
 
-def takes(x: torch.Tensor, out_features: int, in_features: int, residual: bool = False) -> bool:
-    """Whether ``auto`` dispatch runs a plain layer (or, with ``residual``, one with the residual epilogue) on these
-    kernels: AUTO on, one row of bf16/fp16 on a usable CUDA GPU, at least AUTO_MIN weights and more than AUTO_K
-    inputs; with ``residual`` also partial sums of y^2 over the same rows as ``mma``'s (``res_parts``, which the
-    compiled decode step's shapes are traced with)."""
-    ok = (AUTO and out_features * in_features >= AUTO_MIN and in_features > AUTO_K and x.numel() == in_features
+def takes(x: torch.Tensor, out_features: int, in_features: int, residual: bool = False, gated: bool = False,
+          norm: bool = False) -> bool:
+    """Whether ``auto`` dispatch runs a layer on these kernels: AUTO on, one row of bf16/fp16 on a usable CUDA GPU,
+    at least AUTO_MIN weights; a plain layer (or, with ``residual``, one with the residual epilogue) with more than
+    AUTO_K inputs, and with ``residual`` partial sums of y^2 over the same rows as ``mma``'s (``res_parts``, which
+    the compiled decode step's shapes are traced with); a ``gated`` one (with or without ``norm``) under
+    AUTO_GATED, a plain one with ``norm`` under AUTO_NORM, whatever their K."""
+    ok = (AUTO and out_features * in_features >= AUTO_MIN and x.numel() == in_features
           and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and usable(x.device.index or 0))
-    return ok and (not residual or res_parts(out_features, in_features) == res_parts_mma(1, out_features, in_features))
+    if gated or norm:
+        return ok and not residual and (AUTO_GATED if gated else AUTO_NORM)
+    return ok and in_features > AUTO_K and (
+        not residual or res_parts(out_features, in_features) == res_parts_mma(1, out_features, in_features))
 
 
 def res_parts(N: int, K: int, config: tuple | None = None) -> tuple[int, int]:
@@ -495,20 +553,24 @@ def default_config(N: int, K: int) -> tuple[int, int]:
 
 
 def launch_meta(N: int, K: int, planes: int = PLANES, config: tuple | None = None, has_bias: bool = False,
-                pairs: int = 0, pdl: bool = False, res: bool = False) -> tuple[tuple, dict, tuple, dict]:
-    """(prep grid, prep constexprs, product grid, product constexprs) for an (N, K) matrix."""
+                pairs: int = 0, pdl: bool = False, res: bool = False, gated: bool = False,
+                norm_parts: int = 0) -> tuple[tuple, dict, tuple, dict]:
+    """(prep grid, prep constexprs, product grid, product constexprs) for an (N, K) matrix; ``norm_parts``: the
+    prep makes RMSNorm(x) from that many partial sums (NORM)."""
     if planes not in (16, 24, 32):
         raise ValueError(f"bmma takes 16, 24 or 32 planes, not {planes}")
-    rt, w = config or CONFIG or default_config(N, K)
+    rt, w = config or (GATED_CONFIG if gated else None) or CONFIG or default_config(N, K)
     NT, KB = tile_shape(N, K)
     cp = PREP_CHUNKS
     mb = 8 * 32 * 2 * cp
-    prep = dict(KB=KB, P=planes, CP=cp, MB=mb, NMB=-(-K // mb), PDL=pdl, EARLY=EARLY or (res and EARLY_RES),
-                XFIRST=XFIRST)
+    prep = dict(KB=KB, P=planes, CP=cp, MB=mb, NMB=-(-K // mb), PDL=pdl,
+                EARLY=EARLY or (res and EARLY_RES) or (norm_parts > 0 and EARLY_NORM), XFIRST=XFIRST,
+                NORM=norm_parts > 0, NPP=1 << max(norm_parts - 1, 0).bit_length())
     cpw = -(-KB // w)
     even = cpw * w == KB and cpw & (cpw - 1) == 0 and NT % rt == 0
     prod = dict(KB=KB, P=planes, RT=rt, W=w, HAS_BIAS=has_bias, PAIRS=bool(pairs), EVEN=even, PDL=pdl,
-                FENCE=FENCE, CHAIN=CHAIN, ASM_CONV=ASM_CONV, RES=res, TRIG_EARLY=res and PEARLY_RES)
+                FENCE=FENCE, CHAIN=CHAIN, ASM_CONV=ASM_CONV, RES=res,
+                TRIG_EARLY=(res and PEARLY_RES) or (gated and PEARLY_GATED), GATED=gated)
     return (-(-KB // cp), planes // 8), prep, (-(-NT // rt),), prod
 
 
@@ -519,9 +581,11 @@ def _kernels():
     return _KERNELS
 
 
-def make_planes(x: torch.Tensor, in_features: int, planes: int = PLANES, res: bool = False) -> tuple:
+def make_planes(x: torch.Tensor, in_features: int, planes: int = PLANES, res: bool = False,
+                norm: tuple | None = None) -> tuple:
     """The ``prep`` kernel: one row x (K values, bf16/fp16, CUDA) -> (planes int32, hdr int64) as ``planes_ref``
-    lays them out; ``res``: for a product with the residual epilogue (EARLY_RES)."""
+    lays them out; ``res``: for a product with the residual epilogue (EARLY_RES); ``norm`` = (partials, weight,
+    eps): the planes of ``mma_w1a16.rms_norm(x, partials, weight, eps)`` (the norm made as the prep reads x)."""
     K = in_features
     if x.numel() != K:
         raise ValueError(f"bmma takes one row of activations ({K} values), got shape {tuple(x.shape)}")
@@ -529,29 +593,40 @@ def make_planes(x: torch.Tensor, in_features: int, planes: int = PLANES, res: bo
         raise ValueError("bmma takes bf16 or fp16 activations")
     from . import pdl_launch
     pdl = pdl_launch(x)
-    pgrid, pmeta, _, _ = launch_meta(16, K, planes, pdl=pdl, res=res)   # the prep's launch needs no N
+    parts, nw, eps = x, x, 0.0                                   # unused pointers without the norm
+    if norm is not None:
+        parts, nw, eps = norm
+        if nw.numel() != K:
+            raise ValueError(f"bmma's norm weight has {K} values, got shape {tuple(nw.shape)}")
+        parts, nw = parts.reshape(-1).float().contiguous(), nw.reshape(K).to(x.dtype).contiguous()
+    pgrid, pmeta, _, _ = launch_meta(16, K, planes, pdl=pdl, res=res,     # the prep's launch needs no N
+                                     norm_parts=parts.numel() if norm is not None else 0)
     KB = pmeta["KB"]
     pl = torch.empty(KB * planes * 8, dtype=torch.int32, device=x.device)
     hdr = torch.empty(1 + KB, dtype=torch.int64, device=x.device)
-    _kernels()[0][pgrid](x.reshape(K).contiguous(), pl, hdr, K, num_warps=2 * pmeta["CP"], launch_pdl=pdl, **pmeta)
+    _kernels()[0][pgrid](x.reshape(K).contiguous(), pl, hdr, K, nw, parts, parts.numel(), float(eps),
+                         num_warps=2 * pmeta["CP"], launch_pdl=pdl, **pmeta)
     return pl, hdr
 
 
 def bmma_product(pl: torch.Tensor, hdr: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor,
                  out_features: int, in_features: int, dtype: torch.dtype, bias: torch.Tensor | None = None,
                  pairs: int = 0, planes: int = PLANES, config: tuple | None = None,
-                 out: torch.Tensor | None = None, residual: torch.Tensor | None = None):
+                 out: torch.Tensor | None = None, residual: torch.Tensor | None = None, gated: bool = False):
     """The product kernel on planes from ``make_planes``: (N,) in ``dtype`` (into ``out`` if given).  With
     ``residual`` (N values): (residual + y, partials), partials (1, programs) fp32 sums of the result's squares over
-    each program's rows (``res_parts``), as ``mma_matmul(residual=...)`` returns them."""
+    each program's rows (``res_parts``), as ``mma_matmul(residual=...)`` returns them.  ``gated`` (paired tiles):
+    (N / 2,) silu(y[:N/2]) * y[N/2:], rounded as ``kernels.silu_mul``."""
     N, K = out_features, in_features
     check_pairs(N, pairs)
     if residual is not None and pairs:
         raise ValueError("bmma's residual epilogue takes unpaired tiles")
+    if gated and not pairs:
+        raise ValueError("bmma's gated output needs paired tiles (prepare_tiles(pairs=N // 2))")
     from . import pdl_launch
     pdl = pdl_launch(tiles)
-    _, _, grid, meta = launch_meta(N, K, planes, config, bias is not None, pairs, pdl, residual is not None)
-    y = torch.empty(N, dtype=dtype, device=tiles.device) if out is None else out
+    _, _, grid, meta = launch_meta(N, K, planes, config, bias is not None, pairs, pdl, residual is not None, gated)
+    y = torch.empty(N // 2 if gated else N, dtype=dtype, device=tiles.device) if out is None else out
     r, part = row_scale, row_scale                              # unused pointers: any tensor
     if residual is not None:
         if residual.numel() != N:
@@ -566,16 +641,20 @@ def bmma_product(pl: torch.Tensor, hdr: torch.Tensor, tiles: torch.Tensor, row_s
 def bmma_matmul(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor, out_features: int,
                 in_features: int, input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                 pairs: int = 0, planes: int = PLANES, config: tuple | None = None,
-                residual: torch.Tensor | None = None):
+                residual: torch.Tensor | None = None, gated: bool = False, norm: tuple | None = None):
     """x (..., K) bf16/fp16 on CUDA, one row; tiles from ``mma_w1a16.prepare_tiles`` (``pairs`` as made);
     returns (..., N) in x's dtype (module docstring: the rounding).  ``config`` = (RT, W) (default CONFIG).
-    ``residual`` (..., N): returns (residual + y, partials) as ``bmma_product`` does."""
+    ``residual`` (..., N): returns (residual + y, partials) as ``bmma_product`` does; ``gated``: (..., N / 2)
+    silu(gate) * up; ``norm`` = (partials, weight, eps): x is ``mma_w1a16.rms_norm(x, ...)`` first (made in the
+    prep), as ``mma_matmul(norm=...)``."""
     xr = x.reshape(-1)
     if input_scale is not None:
+        if norm is not None:
+            raise ValueError("bmma's norm prologue takes no input scale")
         xr = xr * input_scale.to(xr.dtype)          # rounded to x's dtype, as the PyTorch path does
-    pl, hdr = make_planes(xr, in_features, planes, residual is not None)
+    pl, hdr = make_planes(xr, in_features, planes, residual is not None, norm)
     y = bmma_product(pl, hdr, tiles, row_scale, out_features, in_features, x.dtype, bias, pairs, planes, config,
-                     residual=residual)
+                     residual=residual, gated=gated)
     if residual is not None:
         return y[0].reshape(*x.shape[:-1], out_features), y[1]
-    return y.reshape(*x.shape[:-1], out_features)
+    return y.reshape(*x.shape[:-1], out_features // 2 if gated else out_features)

@@ -367,15 +367,17 @@ def w1a16_matmul(x: torch.Tensor, words: torch.Tensor, row_scale: torch.Tensor, 
 
 def _auto_mma(x, tiles, row_scale, N: int, K: int, input_scale, bias, pairs: int, gated: bool = False, **kw):
     """The ``mma`` kernel's output where ``auto`` dispatch takes it (tiles given, DECODE_MODE allows it, the
-    kernel usable here), else None; for one row of a plain layer (or one with only a residual epilogue) of
-    ``bmma_w1a16.AUTO_MIN`` weights or more the binary tensor-core kernels' instead (``bmma_w1a16.takes``); a kernel
+    kernel usable here), else None; for one row of a layer of ``bmma_w1a16.AUTO_MIN`` weights or more that
+    ``bmma_w1a16.takes`` (plain, residual, gated or norm epilogues) the binary tensor-core kernels' instead; a kernel
     that fails (a Triton whose Gluon differs from the one this was written for) is disabled with one warning and
     None returned."""
     if tiles is None or DECODE_MODE not in ("auto", "mma") or not mma_w1a16.usable(x.device.index or 0):
         return None
-    if not gated and set(kw) <= {"residual"} and bmma_w1a16.takes(x, N, K, "residual" in kw):
+    if (set(kw) <= {"residual", "norm"} and (input_scale is None or "norm" not in kw)
+            and bmma_w1a16.takes(x, N, K, "residual" in kw, gated, "norm" in kw)):
         try:
-            return bmma_w1a16.bmma_matmul(x, tiles, row_scale, N, K, input_scale, bias, pairs=pairs, **kw)
+            return bmma_w1a16.bmma_matmul(x, tiles, row_scale, N, K, input_scale, bias, pairs=pairs, gated=gated,
+                                          **kw)
         except torch.OutOfMemoryError:
             raise
         except Exception as e:
