@@ -318,3 +318,27 @@ def test_gpu_norm_prep_and_gated_product(N, K, NP, bias, monkeypatch):
     monkeypatch.setattr(bw, "AUTO_MIN", 1)
     out = w1a16_norm_matmul(h[None], part, nw, eps, prepare_weight(bits, K), sc, K, b, tiles, N // 2, True)
     assert torch.equal(out, hg)
+
+
+def test_fused_layers_dispatch_under_their_switches(monkeypatch):
+    """``auto`` hands a gated (gate/up) layer to bmma only under AUTO_GATED and a plain layer behind a norm (q/k/v)
+    only under AUTO_NORM, whatever their K, with the norm and gating passed on; never a norm with an input scale."""
+    from binaryllm.kernels import triton_w1a16 as tw
+    monkeypatch.setattr(bw, "usable", lambda i: True)
+    monkeypatch.setattr(mw, "usable", lambda i: True)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    x = torch.zeros(1, 4096, dtype=torch.bfloat16)
+    for flag, kw in (("AUTO_GATED", dict(gated=True)), ("AUTO_NORM", dict(norm=True))):
+        assert not bw.takes(x, 22016, 4096, **kw)
+        monkeypatch.setattr(bw, flag, True)
+        assert bw.takes(x, 22016, 4096, **kw) and not bw.takes(x, 1024, 1024, **kw)      # AUTO_MIN still holds
+        assert not bw.takes(x, 22016, 4096, residual=True, **kw)
+    seen = []
+    monkeypatch.setattr(bw, "bmma_matmul", lambda *a, **k: seen.append(("bmma", k)) or "b")
+    monkeypatch.setattr(mw, "mma_matmul", lambda *a, **k: seen.append(("mma", k)) or "m")
+    norm = (torch.zeros(1, 4), torch.ones(4096), 1e-5)
+    assert tw._auto_mma(x, x, x, 22016, 4096, None, None, 11008, gated=True, norm=norm) == "b"
+    assert seen[-1][1]["gated"] and seen[-1][1]["norm"] is norm and seen[-1][1]["pairs"] == 11008
+    assert tw._auto_mma(x, x, x, 12288, 4096, None, None, 0, norm=norm) == "b" and not seen[-1][1]["gated"]
+    assert tw._auto_mma(x, x, x, 12288, 4096, torch.ones(4096), None, 0, norm=norm) == "m"     # an input scale
+    assert tw._auto_mma(x, x, x, 12288, 4096, None, None, 0) == "m"                            # plain, K 4096
