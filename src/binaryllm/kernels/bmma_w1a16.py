@@ -27,13 +27,17 @@ Two kernels, launched back to back with programmatic dependent launch on sm_90+:
   its chunks of 256 inputs into the words of plane group h: thread (chunk, g, t, z) holds the 32 values of x its word
   needs (two runs of 16 contiguous inputs), rounds them to q, and ORs bit 8h + g of each into place; the h = 0
   programs also write their chunks' sums of q (``hdr[1 + c]``), program (0, 0) the row's ``sh`` (``hdr[0]``).
+  NORM: x is first RMSNorm(x) * weight as ``mma_w1a16.rms_norm`` rounds it, the mean square from the partial sums
+  that the kernel before it wrote (the decode step's q/k/v and gate/up after a residual epilogue); the norm weights
+  are loaded before the wait.
 * ``bmma``: a program of W warps owns RT tiles of 16 rows; warp s takes k-groups s CPW .. s CPW + CPW - 1.  It
   loads its weight words and the epilogue's row scales (and bias) *before* ``griddepcontrol.wait``, so they stream
   in while ``prep`` runs (plain ``ld.global``: ptxas hoists the wait above ``.nc`` loads); then the planes and the
   header (sh and the sums of q, one load every warp sums on its own), RT x CPW x P/8 BMMAs, and int64 row sums
   (quad shuffles, then the warps through shared memory), kept in one layout from the accumulators to the store.
   RES: residual + y (rounded as eager) and the program's sum of its square over its rows, as ``mma``'s RES, for the
-  RMSNorm prologue of the kernel after it.
+  RMSNorm prologue of the kernel after it.  GATED (paired tiles): silu(gate) * up, rounded as eager, where a
+  thread's two rows of a tile are gate row j and up row j (``mma``'s GATED).
 
 Weights: the ``mma`` kernel's tiles as they are (``mma_w1a16.prepare_tiles``; paired tiles too), so a layer needs
 no second copy.  Lane (g, t)'s words kg = 0..3 of a (tile, k-group) hold rows g and g + 8 (the nibbles of each
