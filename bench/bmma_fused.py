@@ -18,7 +18,7 @@ from binaryllm.kernels import bmma_w1a16 as bw
 from binaryllm.kernels import mma_w1a16 as mw
 from binaryllm.kernels import silu_mul
 
-DEFAULT = ["22016x4096:1:1,4", "22016x4096:1:1,2", "22016x4096:1:1,1", "12288x4096:0:1,4", "12288x4096:0:1,2"]
+DEFAULT = ["22016x4096:1:1,2", "22016x4096:1:1,4", "22016x4096:1:1,1", "12288x4096:0:1,4", "12288x4096:0:1,2"]
 
 
 def measure(spec: str) -> dict:

@@ -100,12 +100,14 @@ PEARLY_RES = True
 # least AUTO_MIN weights, whatever its K; AUTO_NORM the same for a plain layer behind an RMSNorm (q/k/v).
 # EARLY_NORM: a prep with the norm lets its product launch before its own wait (as EARLY_RES); PEARLY_GATED: a gated
 # product lets the kernel after it (the down projection's prep) launch before its own wait; GATED_CONFIG: the
-# gated product's (RT, W)
+# gated product's (RT, W): (1, 2) is the widest tile whose 1376 programs at 22016x4096 fit an H100 at once (80
+# registers, 12 a SM; (1, 4) takes 64 and fits 8 a SM: two waves; bench/bmma_regs.py, ptxas on the CPU box).
+# Not timed yet (thirty-fifth session: no device time), so AUTO_GATED and AUTO_NORM stay off
 AUTO_GATED = False
 AUTO_NORM = False
 EARLY_NORM = True
 PEARLY_GATED = False
-GATED_CONFIG = (1, 4)
+GATED_CONFIG = (1, 2)
 _LO = 0x0F0F0F0F     # the low nibble of every byte: bit 2 of the position is 0 (row g of the tile)
 _HI = 0xF0F0F0F0 - (1 << 32)     # the high nibbles as an int32 constant (row g + 8)
 
