@@ -8,8 +8,6 @@ the tiles, paired tiles and a bias are checked too.  Times: back to back in one 
 
 V: bits 1 FENCE, 2 CHAIN, 4 ASM_CONV, 8 EARLY, 16 XFIRST (``bmma_w1a16.set_variant``).
 """
-import json
-import os
 import sys
 
 import torch
@@ -18,7 +16,7 @@ from binaryllm.bench import _gpu_time, _rel_err
 from binaryllm.export.bits import pack_signs
 from binaryllm.kernels import bmma_w1a16 as bw
 from binaryllm.kernels import mma_w1a16 as mw
-from mma_xs import bf16_us, case                       # bench/ (this script's folder)
+from mma_xs import bf16_us, case, each_spec                       # bench/ (this script's folder)
 
 DEFAULT = ["8192x8192", "8192x8192:1,4,16", "8192x8192:1,8", "16384x16384", "16384x16384:1,16,16",
            "4096x11008", "4096x11008:1,8,16", "4096x4096", "12288x4096", "22016x4096"]
@@ -99,13 +97,7 @@ def _measure(N: int, K: int, cfg, P: int) -> dict:
 def main() -> None:
     res = {"device": torch.cuda.get_device_name(), "checks": check_small()}
     print(res["checks"], flush=True)
-    for spec in sys.argv[1:] or DEFAULT:
-        try:
-            res[spec] = measure(spec)
-        except Exception as e:
-            res[spec] = f"FAIL {type(e).__name__}: {str(e)[:300]}"
-        print(spec, res[spec], flush=True)
-    json.dump(res, open(os.path.join(os.environ.get("OUT", "."), "bmma_bench.json"), "w"), indent=1)
+    each_spec(res, sys.argv[1:] or DEFAULT, measure, "bmma_bench.json")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,6 @@ weights cycled past L2, µs a call; "pair" = the prep (with the norm) + the prod
 
     PYTHONPATH=src OUT=. python bench/bmma_fused.py [NxK:gated:RT,W ...]     # ./bmma_fused.json
 """
-import json
-import os
 import sys
 
 import torch
@@ -17,6 +15,7 @@ from binaryllm.export.bits import pack_signs
 from binaryllm.kernels import bmma_w1a16 as bw
 from binaryllm.kernels import mma_w1a16 as mw
 from binaryllm.kernels import silu_mul
+from mma_xs import each_spec                                # bench/ (this script's folder)
 
 DEFAULT = ["22016x4096:1:1,2", "22016x4096:1:1,4", "22016x4096:1:1,1", "12288x4096:0:1,4", "12288x4096:0:1,2"]
 
@@ -59,14 +58,7 @@ def measure(spec: str) -> dict:
 
 
 def main() -> None:
-    res = {"device": torch.cuda.get_device_name()}
-    for spec in sys.argv[1:] or DEFAULT:
-        try:
-            res[spec] = measure(spec)
-        except Exception as e:
-            res[spec] = f"FAIL {type(e).__name__}: {str(e)[:300]}"
-        print(spec, res[spec], flush=True)
-    json.dump(res, open(os.path.join(os.environ.get("OUT", "."), "bmma_fused.json"), "w"), indent=1)
+    each_spec({"device": torch.cuda.get_device_name()}, sys.argv[1:] or DEFAULT, measure, "bmma_fused.json")
 
 
 if __name__ == "__main__":

@@ -97,6 +97,19 @@ def bf16_us(x: torch.Tensor, N: int, K: int, g: torch.Generator) -> float:
     return round(_gpu_time([lambda: [torch.nn.functional.linear(x, w) for w in dense]], 5, 7) * 1e6 / len(dense), 2)
 
 
+def each_spec(res: dict, specs, measure, filename: str) -> dict:
+    """res[spec] = measure(spec) for every spec (FAIL and the error where it raises), each row printed; then res
+    to ./``filename`` (in $OUT)."""
+    for spec in specs:
+        try:
+            res[spec] = measure(spec)
+        except Exception as e:
+            res[spec] = f"FAIL {type(e).__name__}: {str(e)[:300]}"
+        print(spec, res[spec], flush=True)
+    json.dump(res, open(os.path.join(os.environ.get("OUT", "."), filename), "w"), indent=1)
+    return res
+
+
 def probe_specs(name: str, specs, ints: int, flag_names, measure) -> dict:
     """The batch-1 probes' driver (lut_probe, bmma_probe).  A spec is "NxK" then ``ints`` integer tile fields, then
     optionally comma-separated integer flags named by ``flag_names``, all joined by ":".  Per shape: ``case`` and
