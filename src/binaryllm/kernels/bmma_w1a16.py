@@ -246,6 +246,8 @@ def _build():
         if NORM:
             mo2 = _ar(_p2(NMB), 0, 2, NL) * MB + _ar(MB, 1, 2, NL)
             nwm = gl.load(nw_ptr + mo2, mask=mo2 < K, other=0.0)
+        elif PDL:
+            _pdl_enter(EARLY)
         pid = gl.program_id(0)
         # [c, g, t, z, kgl, q]: thread (c, g, t, z) holds columns 64 (2 z + kgl) + 16 t + q of k-group c
         L: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 2, 16], [1, 8, 4, 1, 1, 1], [CP, 1, 1, 2, 1, 1],
@@ -259,9 +261,8 @@ def _build():
         col = c * 256 + (2 * z + kgl) * 64 + t * 16 + qq
         if NORM:
             nwv = gl.load(nw_ptr + col, mask=(col < K) & (c < KB), other=0.0)
-        if PDL:
-            _pdl_enter(EARLY)
-        if NORM:
+            if PDL:
+                _pdl_enter(EARLY)
             pl1: gl.constexpr = gl.BlockedLayout([1], [32], [2 * CP], [0])
             pi1 = gl.arange(0, NPP, layout=pl1)
             rstd = gl.rsqrt(gl.sum(gl.load(p_ptr + pi1, mask=pi1 < NP, other=0.0), axis=0) / K + eps)
