@@ -218,6 +218,7 @@ def _build():
     from .gluon_helpers import helpers
     H = helpers()
     _p2, _ar, _xor, _pdl_enter = H.p2, H.ar, H.xor, H.pdl_enter
+    _rms_rstd, _rms_normed = H.rms_rstd, H.rms_normed
 
     @gluon.jit
     def _or(a, b):
@@ -227,12 +228,6 @@ def _build():
     def _rint(v):                     # fp32 -> int32, round to nearest even (cvt.rni)
         return gl.inline_asm_elementwise("cvt.rni.s32.f32 $0, $1;", "=r,r", [v], dtype=gl.int32, is_pure=True,
                                          pack=1)
-
-    @gluon.jit
-    def _normed(v, rstd, w, dt: gl.constexpr):
-        # RMSNorm as eager PyTorch rounds it (mma_w1a16.rms_norm): x * rstd in fp32 to x's dtype, times the weight,
-        # rounded again; returned in fp32
-        return ((v.to(gl.float32) * rstd).to(dt).to(gl.float32) * w.to(gl.float32)).to(dt).to(gl.float32)
 
     @gluon.jit
     def prep(x_ptr, pl_ptr, hdr_ptr, K, nw_ptr, p_ptr, NP, eps, KB: gl.constexpr, P: gl.constexpr,
@@ -263,19 +258,17 @@ def _build():
             nwv = gl.load(nw_ptr + col, mask=(col < K) & (c < KB), other=0.0)
             if PDL:
                 _pdl_enter(EARLY)
-            pl1: gl.constexpr = gl.BlockedLayout([1], [32], [2 * CP], [0])
-            pi1 = gl.arange(0, NPP, layout=pl1)
-            rstd = gl.rsqrt(gl.sum(gl.load(p_ptr + pi1, mask=pi1 < NP, other=0.0), axis=0) / K + eps)
+            rstd = _rms_rstd(p_ptr, NP, K, eps, NPP, 2 * CP)
         if XFIRST:
             xv = gl.load(x_ptr + col, mask=(col < K) & (c < KB), other=0.0)
             if NORM:
-                xv = _normed(xv, rstd, nwv, dt)
+                xv = _rms_normed(xv, rstd, nwv, dt)
         # max|x| over the row, every program on its own; as the integer maximum of |x|'s fp32 bit patterns: the
         # same order for finite values, and an inf or a NaN anywhere comes out on top (exponent field 255), where a
         # float maximum would drop a NaN
         if NORM:
-            v2 = _normed(gl.load(x_ptr + mo2, mask=mo2 < K, other=0.0), rstd, nwm, dt)
-            field = gl.max(gl.max(v2.to(gl.int32, bitcast=True) & 0x7FFFFFFF, axis=1), axis=0) >> 23
+            v2 = _rms_normed(gl.load(x_ptr + mo2, mask=mo2 < K, other=0.0), rstd, nwm, dt)
+            field = gl.max(gl.max(v2.to(gl.float32).to(gl.int32, bitcast=True) & 0x7FFFFFFF, axis=1), axis=0) >> 23
         else:
             # MB values a pass (8 a thread), NMB passes
             ml: gl.constexpr = gl.BlockedLayout([8], [32], [2 * CP], [0])
@@ -292,7 +285,7 @@ def _build():
         if not XFIRST:
             xv = gl.load(x_ptr + col, mask=(col < K) & (c < KB), other=0.0)
             if NORM:
-                xv = _normed(xv, rstd, nwv, dt)
+                xv = _rms_normed(xv, rstd, nwv, dt)
         qv = _rint(xv.to(gl.float32) * two_sh)
         pi = (qq >> 2) + 4 * kgl + 8 * ((qq >> 1) & 1) + 16 * (qq & 1)     # fragment bit of column q (plane_columns)
         WL: gl.constexpr = gl.SliceLayout(4, gl.SliceLayout(5, L))          # [c, g, t, z]: a word a thread

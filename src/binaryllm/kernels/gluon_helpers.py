@@ -17,7 +17,8 @@ def gluon_importable() -> bool:
 
 @functools.cache
 def helpers() -> types.SimpleNamespace:
-    """dim_layout, p2 (constexpr functions); ar, xor, launch_dependents, pdl_wait, pdl_enter (jit functions)."""
+    """dim_layout, p2 (constexpr functions); ar, xor, launch_dependents, pdl_wait, pdl_enter, rms_rstd, rms_normed
+    (jit functions)."""
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
 
@@ -67,5 +68,18 @@ def helpers() -> types.SimpleNamespace:
         if not EARLY:
             launch_dependents()
 
+    @gluon.jit
+    def rms_rstd(p_ptr, NP, K, eps, NPP: gl.constexpr, WARPS: gl.constexpr):
+        # RMSNorm's rstd = rsqrt(mean(x^2) + eps) in fp32, the mean from the NP partial sums that the kernel before
+        # wrote (a residual epilogue), added up by every program
+        pi = gl.arange(0, NPP, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
+        return gl.rsqrt(gl.sum(gl.load(p_ptr + pi, mask=pi < NP, other=0.0), axis=0) / K + eps)
+
+    @gluon.jit
+    def rms_normed(v, rstd, w, dt: gl.constexpr):
+        # RMSNorm as eager PyTorch rounds it (mma_w1a16.rms_norm): x * rstd in fp32 to x's dtype dt, times the
+        # weight, rounded again
+        return ((v.to(gl.float32) * rstd).to(dt).to(gl.float32) * w.to(gl.float32)).to(dt)
+
     return types.SimpleNamespace(dim_layout=dim_layout, p2=p2, ar=ar, xor=xor, launch_dependents=launch_dependents,
-                                 pdl_wait=pdl_wait, pdl_enter=pdl_enter)
+                                 pdl_wait=pdl_wait, pdl_enter=pdl_enter, rms_rstd=rms_rstd, rms_normed=rms_normed)

@@ -371,6 +371,7 @@ def _build():
     H = helpers()
     _xor, _dim_layout, _p2, _ar = H.xor, H.dim_layout, H.p2, H.ar
     _launch_dependents, _pdl_wait = H.launch_dependents, H.pdl_wait
+    _rms_rstd, _rms_normed = H.rms_rstd, H.rms_normed
 
     def asm(i: int, minus_one: int) -> str:
         pair = minus_one * 0x10001
@@ -537,14 +538,8 @@ def _build():
         if XS:
             xv0 = gl.load(x_ptr + fcol, mask=f_ok, other=0.0)
             if NORM:
-                # RMSNorm as eager PyTorch rounds it: rstd = rsqrt(mean(x^2) + eps) in fp32 (the mean from the
-                # producer's partial sums), x * rstd rounded to x's dtype, times the weight, rounded again
-                pl: gl.constexpr = gl.BlockedLayout([1], [32], [S], [0])
-                pi = gl.arange(0, NPP, layout=pl)
-                ss = gl.sum(gl.load(p_ptr + pi, mask=pi < NP, other=0.0), axis=0)
-                rstd = gl.rsqrt(ss / K + eps)
-                xv0 = ((xv0.to(gl.float32) * rstd).to(x_ptr.dtype.element_ty).to(gl.float32)
-                       * nwv.to(gl.float32)).to(x_ptr.dtype.element_ty)
+                # RMSNorm as eager PyTorch rounds it, the mean square from the producer's partial sums
+                xv0 = _rms_normed(xv0, _rms_rstd(p_ptr, NP, K, eps, NPP, S), nwv, x_ptr.dtype.element_ty)
             if CLS:
                 # column class (column % 16) // 4; T over the warp's K slice (x as loaded, fp32; CLS 2: after the
                 # loop, from shared memory), then x doubled in classes 0 and 1 (exact in bf16)
