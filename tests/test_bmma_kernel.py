@@ -329,6 +329,7 @@ def test_fused_layers_dispatch_under_their_switches(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     x = torch.zeros(1, 4096, dtype=torch.bfloat16)
     for flag, kw in (("AUTO_GATED", dict(gated=True)), ("AUTO_NORM", dict(norm=True))):
+        monkeypatch.setattr(bw, flag, False)
         assert not bw.takes(x, 22016, 4096, **kw)
         monkeypatch.setattr(bw, flag, True)
         assert bw.takes(x, 22016, 4096, **kw) and not bw.takes(x, 1024, 1024, **kw)      # AUTO_MIN still holds

@@ -102,9 +102,11 @@ PEARLY_RES = True
 # product lets the kernel after it (the down projection's prep) launch before its own wait; GATED_CONFIG: the
 # gated product's (RT, W): (1, 2) is the widest tile whose 1376 programs at 22016x4096 fit an H100 at once (80
 # registers, 12 a SM; (1, 4) takes 64 and fits 8 a SM: two waves; bench/bmma_regs.py, ptxas on the CPU box).
-# Not timed yet (thirty-fifth session: no device time), so AUTO_GATED and AUTO_NORM stay off
-AUTO_GATED = False
-AUTO_NORM = False
+# H100, thirty-seventh session (bench/decode_step.py consts): the Llama-7B step 908.6 us with both against 926.3
+# with AUTO_GATED alone and 1015.2 with neither, the same greedy tokens; EARLY_NORM off 944.9, PEARLY_GATED on 916.7
+# (default 910.7), GATED_CONFIG (1, 4) 950.3 against (1, 2) 926.3
+AUTO_GATED = True
+AUTO_NORM = True
 EARLY_NORM = True
 PEARLY_GATED = False
 GATED_CONFIG = (1, 2)
