@@ -9,8 +9,10 @@ Ampere's and Hopper's tensor cores also multiply bits: ``mma.sync.m16n8k256 ... 
 integer instructions a 32-bit word to become the A fragment (below).  On the H100 (docs/RESULTS.md, thirty-third
 session) the CUDA C probe ``bench/bmma_probe.py`` takes 4.07 us (24 planes) and 3.02 (16) on planes already made at
 8192^2, against ``mma``'s 5.9; these Gluon kernels take 4.0 for the product and 6.2-6.6 with the prep (thirty-fourth
-session), so ``auto`` takes them only where that still beats ``mma`` (AUTO_MIN, AUTO_K): 16384^2, and Llama-7B's
-down projection, also with the decode step's residual epilogue (1022 against 1039 us a step).
+session), so ``auto`` takes plain layers only where that still beats ``mma`` (AUTO_MIN, AUTO_K): 16384^2, and
+Llama-7B's down projection, also with the decode step's residual epilogue (1022 against 1039 us a step); and the
+decode step's fused gate/up (silu(gate) * up in the epilogue) and q/k/v (the RMSNorm in the prep) layers
+(AUTO_GATED, AUTO_NORM; 908.6 against 1015.2 us a step, thirty-seventh session).
 
 The arithmetic, exact in integers.  ``q = rint(x * 2^sh)`` with one power-of-two scale for the row, ``sh = min(P -
 1 - e, 127)`` where ``max|x| = m 2^e`` (m in [0.5, 1); e = -126 when max|x| is 0 or an fp32 subnormal), so that
