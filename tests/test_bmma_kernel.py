@@ -169,7 +169,10 @@ def test_auto_dispatch_takes_only_the_shapes_measured_faster(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     assert bw.takes(x, 16384, 16384)
     assert bw.takes(torch.zeros(11008, dtype=torch.bfloat16), 4096, 11008)     # Llama-7B's down projection
-    for N, K in ((8192, 8192), (12288, 4096), (22016, 4096), (4096, 4096), (1024, 10240)):  # mma is faster
+    for N, K in ((8192, 4096), (12288, 4096), (22016, 4096)):          # K = 4096 from 8192 rows up: bmma is faster
+        assert bw.takes(torch.zeros(1, K, dtype=torch.bfloat16), N, K)
+        assert not bw.takes(torch.zeros(1, K, dtype=torch.bfloat16), N, K, residual=True)     # not measured
+    for N, K in ((8192, 8192), (4096, 4096), (1024, 10240), (6144, 6144)):    # mma is faster, or not measured
         assert not bw.takes(torch.zeros(1, K, dtype=torch.bfloat16), N, K)
     assert not bw.takes(torch.zeros(2, 16384, dtype=torch.bfloat16), 16384, 16384)    # two rows
     assert not bw.takes(x.float(), 16384, 16384)
@@ -180,7 +183,7 @@ def test_auto_dispatch_takes_only_the_shapes_measured_faster(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernels themselves need a CUDA GPU")
 def test_packed_layer_auto_path_runs_bmma_on_a_large_row_and_mma_below():
     from binaryllm.kernels.triton_w1a16 import prepare_weight, w1a16_matmul
-    for N, K in ((4096, 11008), (1024, 1024)):
+    for N, K in ((4096, 11008), (8192, 4096), (1024, 1024)):
         g = torch.Generator(device="cuda").manual_seed(N)
         bits = pack_signs(torch.randn(N, K, device="cuda", generator=g))
         tiles = mw.prepare_tiles(bits, K)
@@ -342,4 +345,8 @@ def test_fused_layers_dispatch_under_their_switches(monkeypatch):
     assert seen[-1][1]["gated"] and seen[-1][1]["norm"] is norm and seen[-1][1]["pairs"] == 11008
     assert tw._auto_mma(x, x, x, 12288, 4096, None, None, 0, norm=norm) == "b" and not seen[-1][1]["gated"]
     assert tw._auto_mma(x, x, x, 12288, 4096, torch.ones(4096), None, 0, norm=norm) == "m"     # an input scale
-    assert tw._auto_mma(x, x, x, 12288, 4096, None, None, 0) == "m"                            # plain, K 4096
+    assert tw._auto_mma(x, x, x, 12288, 4096, None, None, 0) == "b"                            # plain, K 4096
+    x6 = torch.zeros(1, 6144, dtype=torch.bfloat16)
+    assert tw._auto_mma(x6, x6, x6, 6144, 6144, None, None, 0) == "m"                         # plain, K 6144
+    monkeypatch.setattr(bw, "AUTO_K_ALSO", ())
+    assert tw._auto_mma(x, x, x, 12288, 4096, None, None, 0) == "m"

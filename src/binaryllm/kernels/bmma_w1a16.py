@@ -9,8 +9,9 @@ Ampere's and Hopper's tensor cores also multiply bits: ``mma.sync.m16n8k256 ... 
 integer instructions a 32-bit word to become the A fragment (below).  On the H100 (docs/RESULTS.md, thirty-third
 session) the CUDA C probe ``bench/bmma_probe.py`` takes 4.07 us (24 planes) and 3.02 (16) on planes already made at
 8192^2, against ``mma``'s 5.9; these Gluon kernels take 4.0 for the product and 6.2-6.6 with the prep (thirty-fourth
-session), so ``auto`` takes plain layers only where that still beats ``mma`` (AUTO_MIN, AUTO_K): 16384^2, and
-Llama-7B's down projection, also with the decode step's residual epilogue (1022 against 1039 us a step); and the
+session), so ``auto`` takes plain layers only where that still beats ``mma`` (AUTO_MIN, AUTO_K, AUTO_K_ALSO):
+16384^2, Llama-7B's down projection, also with the decode step's residual epilogue (1022 against 1039 us a step), and
+K = 4096 layers from 8192 rows up (thirty-eighth session: 1.0-1.4x ``mma`` alone); and the
 decode step's fused gate/up (silu(gate) * up in the epilogue) and q/k/v (the RMSNorm in the prep) layers
 (AUTO_GATED, AUTO_NORM; 908.6 against 1015.2 us a step, thirty-seventh session).
 
@@ -68,11 +69,17 @@ PLANES = 24          # bit planes of x: 16, 24 or 32
 CONFIG = None
 PREP_CHUNKS = 2      # k-groups a prep program turns into planes (2 warps each)
 # ``auto`` dispatch (triton_w1a16) takes these kernels for one row of a plain layer (no gated, residual or norm
-# epilogue) of at least AUTO_MIN weights and more than AUTO_K inputs: where the H100 measured prep + product faster
-# than ``mma`` (thirty-third session: 16384^2 18.9-20.3 against 21.6-21.8 us, 4096x11008 5.7 against 6.7; slower at
-# 8192^2 6.6 against 5.9, 12288x4096, 22016x4096 and 4096^2); BINARYLLM_BMMA=0 turns it off
+# epilogue) of at least AUTO_MIN weights with more than AUTO_K inputs or with a number of inputs in AUTO_K_ALSO
+# (a residual layer: more than AUTO_K only): where the H100 measured prep + product faster than ``mma``.  Thirty-third
+# session: 16384^2 18.9-20.3 against 21.6-21.8 us, 4096x11008 5.7 against 6.7.  Thirty-eighth session (``bench
+# kernels``, the defaults of both): K = 4096 from 8192 rows on, 8192x4096 4.07-4.09 against 5.67-5.72 us, 11008x4096
+# 4.81-4.83 against 5.80-5.85, 12288x4096 5.02-5.71 against 5.80-5.83, 14336x4096 6.02-6.15 against 6.03-6.13 (a
+# tie), 16384x4096 6.63-6.79 against 8.88-8.92, 22016x4096 8.05-8.10 against 9.11-9.26; but 8192^2 (K = 8192) 6.16
+# against 6.04-6.12 and 4096^2 3.65-3.70 against 2.73-2.74.  K between 4096 and 8192 was not measured (mma keeps
+# it).  BINARYLLM_BMMA=0 turns it off
 AUTO_MIN = 2 ** 25
 AUTO_K = 8192
+AUTO_K_ALSO = (4096,)
 AUTO = os.environ.get("BINARYLLM_BMMA", "1") != "0"
 # FENCE: the product issues every plane and hdr load before its first BMMA (a runtime-zero dependence, as mma's
 # FENCE); without it ptxas spreads the plane loads between the BMMAs (SASS on the CPU box) and each L2 round trip is
@@ -517,16 +524,18 @@ def disable(device_index: int, err: Exception) -> None:
 def takes(x: torch.Tensor, out_features: int, in_features: int, residual: bool = False, gated: bool = False,
           norm: bool = False) -> bool:
     """Whether ``auto`` dispatch runs a layer on these kernels: AUTO on, one row of bf16/fp16 on a usable CUDA GPU,
-    at least AUTO_MIN weights; a plain layer (or, with ``residual``, one with the residual epilogue) with more than
-    AUTO_K inputs, and with ``residual`` partial sums of y^2 over the same rows as ``mma``'s (``res_parts``, which
-    the compiled decode step's shapes are traced with); a ``gated`` one (with or without ``norm``) under
+    at least AUTO_MIN weights; a plain layer with more than AUTO_K inputs or a number of inputs in AUTO_K_ALSO, one
+    with the residual epilogue (``residual``) with more than AUTO_K inputs and partial sums of y^2 over the same rows
+    as ``mma``'s (``res_parts``, which the compiled decode step's shapes are traced with); a ``gated`` one (with or without ``norm``) under
     AUTO_GATED, a plain one with ``norm`` under AUTO_NORM, whatever their K."""
     ok = (AUTO and out_features * in_features >= AUTO_MIN and x.numel() == in_features
           and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and usable(x.device.index or 0))
     if gated or norm:
         return ok and not residual and (AUTO_GATED if gated else AUTO_NORM)
-    return ok and in_features > AUTO_K and (
-        not residual or res_parts(out_features, in_features) == res_parts_mma(1, out_features, in_features))
+    if residual:
+        return ok and in_features > AUTO_K and (
+            res_parts(out_features, in_features) == res_parts_mma(1, out_features, in_features))
+    return ok and (in_features > AUTO_K or in_features in AUTO_K_ALSO)
 
 
 def res_parts(N: int, K: int, config: tuple | None = None) -> tuple[int, int]:
