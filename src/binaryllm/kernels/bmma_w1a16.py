@@ -526,8 +526,8 @@ def takes(x: torch.Tensor, out_features: int, in_features: int, residual: bool =
     """Whether ``auto`` dispatch runs a layer on these kernels: AUTO on, one row of bf16/fp16 on a usable CUDA GPU,
     at least AUTO_MIN weights; a plain layer with more than AUTO_K inputs or a number of inputs in AUTO_K_ALSO, one
     with the residual epilogue (``residual``) with more than AUTO_K inputs and partial sums of y^2 over the same rows
-    as ``mma``'s (``res_parts``, which the compiled decode step's shapes are traced with); a ``gated`` one (with or without ``norm``) under
-    AUTO_GATED, a plain one with ``norm`` under AUTO_NORM, whatever their K."""
+    as ``mma``'s (``res_parts``, which the compiled decode step's shapes are traced with); a ``gated`` one (with or
+    without ``norm``) under AUTO_GATED, a plain one with ``norm`` under AUTO_NORM, whatever their K."""
     ok = (AUTO and out_features * in_features >= AUTO_MIN and x.numel() == in_features
           and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and usable(x.device.index or 0))
     if gated or norm:
