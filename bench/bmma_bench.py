@@ -4,9 +4,11 @@ kernel and cuBLAS bf16, in one process on one GPU.  Every output is checked firs
 the tiles, paired tiles and a bias are checked too.  Times: back to back in one CUDA graph, weights cycled past L2
 (as ``bench kernels``), µs a call; "pair" = prep + product from a bf16 x, "product" = on planes already made.
 
-    PYTHONPATH=src OUT=. python bench/bmma_bench.py [NxK[:RT,W[,P[,V]]] ...]       # ./bmma_bench.json
+    PYTHONPATH=src OUT=. python bench/bmma_bench.py [NxK[:RT,W[,P[,V]]][:FRT,FW] ...]   # ./bmma_bench.json
 
-V: bits 1 FENCE, 2 CHAIN, 4 ASM_CONV, 8 EARLY, 16 XFIRST (``bmma_w1a16.set_variant``).
+V: bits 1 FENCE, 2 CHAIN, 4 ASM_CONV, 8 EARLY, 16 XFIRST (``bmma_w1a16.set_variant``).  "fused" = the one-kernel
+form (the product's programs make the planes themselves), tile FRT,FW (default ``fused_config``), checked bit for
+bit too.
 """
 import sys
 
@@ -47,18 +49,19 @@ def check_small(dev: str = "cuda") -> dict:
 def measure(spec: str) -> dict:
     shape, *f = spec.split(":")
     N, K = map(int, shape.split("x"))
-    fields = [int(v) for v in f[0].split(",")] if f else []
+    fields = [int(v) for v in f[0].split(",")] if f and f[0] else []
     cfg = tuple(fields[:2]) or None
     P = fields[2] if len(fields) > 2 else bw.PLANES
+    fcfg = tuple(int(v) for v in f[1].split(",")) if len(f) > 1 else None
     old = bw.set_variant(fields[3]) if len(fields) > 3 else None
     try:
-        return _measure(N, K, cfg, P)
+        return _measure(N, K, cfg, P, fcfg)
     finally:
         if old is not None:
             bw.set_variant(old)
 
 
-def _measure(N: int, K: int, cfg, P: int) -> dict:
+def _measure(N: int, K: int, cfg, P: int, fcfg=None) -> dict:
     ts, sc, x, ref, g, bits = case(N, K)
     n = len(ts)
     xr = x.view(-1)
@@ -68,7 +71,9 @@ def _measure(N: int, K: int, cfg, P: int) -> dict:
     exact = bw.reference(xr, ts[0], sc, N, K, planes=P)
     pl, hdr = bw.make_planes(xr, K, P)
     rp, rh = bw.planes_ref(xr, P)
-    row["mismatch"] = int((y[0] != exact).sum())
+    row["fused_config"] = list(fcfg or bw.fused_config(N, K))
+    yf = bw.bmma_matmul(x, ts[0], sc, N, K, planes=P, config=fcfg, fused=True)
+    row["mismatch"] = int((y[0] != exact).sum()) + int((yf[0] != exact).sum())
     row["planes_ok"] = bool(torch.equal(pl, rp)) and bool(torch.equal(hdr, rh))
     row["err"] = _rel_err(y.float(), ref)
     if row["mismatch"] or not row["planes_ok"]:
@@ -79,10 +84,14 @@ def _measure(N: int, K: int, cfg, P: int) -> dict:
                     for t, o in zip(ts, ys)]
     prep = lambda: [bw.make_planes(xr, K, P) for _ in ts]                                     # noqa: E731
     mma = lambda: [mw.mma_matmul(x, t, sc, N, K) for t in ts]                                 # noqa: E731
+    fused = lambda: [bw.bmma_matmul(x, t, sc, N, K, planes=P, config=fcfg, fused=True) for t in ts]  # noqa: E731
     row["bf16"] = bf16_us(x, N, K, g)
-    for name, fn in (("mma", mma), ("pair", pair), ("product", prod), ("prep", prep), ("mma_again", mma),
-                     ("pair_again", pair)):
+    for name, fn in (("mma", mma), ("fused", fused), ("pair", pair), ("product", prod), ("prep", prep),
+                     ("mma_again", mma), ("fused_again", fused), ("pair_again", pair)):
         row[name] = round(_gpu_time([fn], 5, 7) * 1e6 / n, 2)
+    fbest = min(row["fused"], row["fused_again"])
+    row["fused_x_bf16"] = round(row["bf16"] / fbest, 2)
+    row["fused_hbm"] = round(N * K / 8 / fbest / 1e6 / 3.35, 3)
     best = min(row["pair"], row["pair_again"])
     row["pair_x_bf16"] = round(row["bf16"] / best, 2)
     row["pair_hbm"] = round(N * K / 8 / best / 1e6 / 3.35, 3)

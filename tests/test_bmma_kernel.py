@@ -20,7 +20,7 @@ def _x(K: int, g: torch.Generator, device: str = "cpu") -> torch.Tensor:
 PREP_SIG = {"x_ptr": "*bf16", "pl_ptr": "*i32", "hdr_ptr": "*i64", "K": "i32", "nw_ptr": "*bf16", "p_ptr": "*fp32",
             "NP": "i32", "eps": "fp32"}
 PROD_SIG = {"w_ptr": "*i32", "pl_ptr": "*i32", "hdr_ptr": "*i64", "s_ptr": "*fp16", "b_ptr": "*fp16", "y_ptr": "*bf16",
-            "r_ptr": "*bf16", "p_ptr": "*fp32", "N": "i32", "zero": "i32"}
+            "r_ptr": "*bf16", "p_ptr": "*fp32", "N": "i32", "zero": "i32", "x_ptr": "*bf16", "K": "i32"}
 
 
 def _variant(monkeypatch, variant: int) -> None:
@@ -350,3 +350,112 @@ def test_fused_layers_dispatch_under_their_switches(monkeypatch):
     assert tw._auto_mma(x6, x6, x6, 6144, 6144, None, None, 0) == "m"                         # plain, K 6144
     monkeypatch.setattr(bw, "AUTO_K_ALSO", ())
     assert tw._auto_mma(x, x, x, 12288, 4096, None, None, 0) == "m"
+
+
+@pytest.mark.parametrize("K,P", [(256, 24), (1000, 16), (8192, 24), (3000, 32)])
+def test_the_one_kernel_forms_bit_transpose_makes_the_prep_planes(K, P):
+    """``transpose_words`` (the five stages the one-kernel form runs in registers) on each run of 32 inputs in
+    fragment order gives the plane words that ``planes_ref`` (the prep) lays out, word for word."""
+    x = _x(K, torch.Generator().manual_seed(K + P))
+    q, _ = bw.quantize(x, P)
+    KB = -(-K // 256)
+    qp = torch.zeros(KB * 256, dtype=torch.int64)
+    qp[:K] = q
+    runs = qp.view(KB, 256)[:, bw.plane_columns()].view(KB, 2, 4, 32)          # [c, z, t, pi]
+    words = bw.transpose_words(runs)[..., :P]                                  # [c, z, t, j]
+    assert torch.equal(bw.transpose_words(words.new_tensor([[1 << i for i in range(32)]])),
+                       words.new_tensor([[1 << i for i in range(32)]]))         # the identity is its own transpose
+    w = words.view(KB, 2, 4, P // 8, 8).permute(0, 3, 4, 2, 1).reshape(-1)    # [c, h, g, t, z], as the prep's
+    assert torch.equal(torch.where(w >= 2 ** 31, w - 2 ** 32, w).to(torch.int32), bw.planes_ref(x, P)[0])
+
+
+def test_fused_config_keeps_a_program_an_sm_in_registers():
+    assert bw.fused_config(8192, 8192) == (4, 8)             # 128 programs of 64 rows
+    assert bw.fused_config(4096, 4096) == (2, 8)
+    for N, K in ((11008, 4096), (4096, 11008), (22016, 4096), (16384, 16384), (960, 576)):
+        rt, w = bw.fused_config(N, K)
+        cpwp = 1 << (-(-tile_kb(N, K) // w) - 1).bit_length()
+        assert rt & (rt - 1) == 0 and 4 * rt * cpwp <= 64
+
+
+def tile_kb(N, K):
+    return mw.tile_shape(N, K)[1]
+
+
+@pytest.mark.parametrize("N,K,P", [(8192, 8192, 24), (1000, 600, 16), (4096, 11008, 32)])
+def test_one_kernel_form_compiles_for_hopper(N, K, P):
+    """The one-kernel form (FUSED) on this CPU box for sm_90: the tile words with one 16-byte load each before the
+    PDL wait, x read after it (16-byte loads), rounded with cvt.rni, one m16n8k256 per (row tile, k-group, plane
+    group) of a warp, and no local memory."""
+    from conftest import sm90_ptx
+    _, bmma = bw._build()
+    _, _, grid, m = bw.launch_meta(N, K, P, config=bw.fused_config(N, K), pdl=True, fused=True)
+    al = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 10)}
+    ptx = sm90_ptx(bmma, PROD_SIG | {k: "constexpr" for k in m}, m, {"num_warps": m["W"], "launch_pdl": True}, al)
+    rt, w = bw.fused_config(N, K)
+    cpwp = 1 << (-(-m["KB"] // w) - 1).bit_length()
+    assert ptx.count("mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc") == rt * cpwp * (P // 8)
+    body = ptx[ptx.index(".entry"):]
+    wait = body.index("griddepcontrol.wait")
+    assert body[:wait].count("ld.global.v4.b32") == rt * cpwp and "ld.global.nc" not in body[:wait]
+    assert "cvt.rni.s32.f32" in body[wait:] and "cvt.rni.s32.f32" not in body[:wait]
+    assert "st.local" not in ptx and "ld.local" not in ptx
+    assert grid == (-(-mw.tile_shape(N, K)[0] // rt),)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernels themselves need a CUDA GPU (bench checks too)")
+@pytest.mark.parametrize("N,K,P,pairs,bias,config", [
+    (1000, 1000, 24, 0, False, None), (4000, 3000, 16, 0, True, None), (2048, 1536, 32, 1024, True, None),
+    (8192, 8192, 24, 0, False, None), (8192, 8192, 24, 0, True, (2, 8)), (8192, 8192, 16, 0, False, (4, 16)),
+    (4096, 11008, 24, 0, False, None), (960, 576, 24, 0, False, (1, 4))])
+def test_gpu_one_kernel_form_is_the_reference_bit_for_bit(N, K, P, pairs, bias, config):
+    """The one-kernel form (the product's programs make x's planes themselves) gives ``reference`` bit for bit, as
+    the prep + product pair does; a non-finite x gives no finite output; with the residual epilogue residual + y
+    and partial sums over its own programs' rows."""
+    g = torch.Generator(device="cuda").manual_seed(N + K + 1)
+    bits = pack_signs(torch.randn(N, K, device="cuda", generator=g))
+    tiles = mw.prepare_tiles(bits, K, pairs)
+    sc = (torch.rand(N, device="cuda", generator=g) + 0.5).half()
+    b = torch.randn(N, device="cuda", generator=g).bfloat16() if bias else None
+    x = _x(K, torch.Generator().manual_seed(K)).cuda()
+    want = bw.reference(x, tiles, sc, N, K, b, pairs, P)
+    y = bw.bmma_matmul(x[None], tiles, sc, N, K, bias=b, pairs=pairs, planes=P, config=config, fused=True)
+    assert y.shape == (1, N) and torch.equal(y[0], want)
+    for bad in (float("inf"), float("nan")):
+        xb = x.clone()
+        xb[K // 2] = bad
+        yb = bw.bmma_matmul(xb[None], tiles, sc, N, K, bias=b, pairs=pairs, planes=P, config=config, fused=True)
+        assert not torch.isfinite(yb).any()
+    if not pairs:
+        r = (torch.randn(N, device="cuda", generator=g) * 4).bfloat16()
+        h, part = bw.bmma_matmul(x[None], tiles, sc, N, K, bias=b, planes=P, config=config, fused=True,
+                                 residual=r[None])
+        assert torch.equal(h[0], r + want)
+        progs, rows = bw.res_parts(N, K, config or bw.fused_config(N, K))
+        ref = mw.res_partials((r + want)[None], progs, rows)
+        assert part.shape == ref.shape and torch.allclose(part, ref, rtol=1e-5)
+    else:
+        hg = bw.bmma_matmul(x[None], tiles, sc, N, K, bias=b, pairs=pairs, planes=P, config=config, fused=True,
+                            gated=True)
+        assert torch.equal(hg, bw.bmma_matmul(x[None], tiles, sc, N, K, bias=b, pairs=pairs, planes=P,
+                                              gated=True, fused=False))
+
+
+def test_timeline_stamps_sit_around_the_pdl_wait_and_after_the_last_store():
+    """STAMP (``bench/bmma_timeline.py``): the prep and the product read clock64 and globaltimer before the PDL
+    wait, after it and after their last store, and write them (with the SM) by atomic max into p_ptr."""
+    from conftest import sm90_ptx
+    prep, bmma = bw._build()
+    pg, pm, grid, m = bw.launch_meta(8192, 8192, pdl=True)
+    al = {(i,): [["tt.divisibility", 16]] for i in range(6)}
+    for kern, sig, meta, warps in ((bmma, PROD_SIG, m, m["W"]), (prep, PREP_SIG, pm, 2 * pm["CP"])):
+        meta = dict(meta, STAMP=True)
+        ptx = sm90_ptx(kern, sig | {"p_ptr": "*i64"} | {k: "constexpr" for k in meta}, meta,
+                       {"num_warps": warps, "launch_pdl": True}, al)
+        body = ptx[ptx.index(".entry"):]
+        clocks = [i for i in range(len(body)) if body.startswith("%clock64", i)]
+        assert len(clocks) == 3 and "%smid" in body and body.count("atom.global") >= 7
+        assert clocks[0] < body.index("griddepcontrol.wait") < clocks[1]
+        last_store = max(body.rfind("st.global.b16"), body.rfind("st.global.v"), body.rfind("st.global.b32"),
+                         body.rfind("st.global.b64"))
+        assert clocks[1] < last_store < clocks[2]

@@ -81,6 +81,9 @@ AUTO_MIN = 2 ** 25
 AUTO_K = 8192
 AUTO_K_ALSO = (4096,)
 AUTO = os.environ.get("BINARYLLM_BMMA", "1") != "0"
+# FUSED: ``bmma_matmul`` runs the one-kernel form (the product's programs make x's planes themselves, no prep kernel)
+# by default; not measured yet, so off
+FUSED = False
 # FENCE: the product issues every plane and hdr load before its first BMMA (a runtime-zero dependence, as mma's
 # FENCE); without it ptxas spreads the plane loads between the BMMAs (SASS on the CPU box) and each L2 round trip is
 # paid on its own.  CHAIN: each plane group's BMMAs over a warp's k-groups chained through the accumulator in one
@@ -172,6 +175,19 @@ def planes_ref(x: torch.Tensor, planes: int = PLANES) -> tuple[torch.Tensor, tor
     return w.reshape(-1).to(torch.int32).contiguous(), hdr
 
 
+def transpose_words(q: torch.Tensor) -> torch.Tensor:
+    """The one-kernel form's bit transpose (``_xplanes``) in PyTorch: q (..., 32) integers (their low 32 bits, two's
+    complement) -> (..., 32) int64 words, word j holding bit j of q[i] at bit i, in the kernel's five stages: words
+    i and i + S (bit S of i clear) exchange ``t = ((a >> S) ^ b) & M``, ``b ^= t``, ``a ^= t << S``."""
+    A = q.long() & 0xFFFFFFFF
+    for S, M in ((16, 0x0000FFFF), (8, 0x00FF00FF), (4, 0x0F0F0F0F), (2, 0x33333333), (1, 0x55555555)):
+        B = A.view(*A.shape[:-1], 32 // (2 * S), 2, S)
+        a, b = B[..., 0, :], B[..., 1, :]
+        t = ((a >> S) ^ b) & M
+        A = torch.stack([(a ^ (t << S)) & 0xFFFFFFFF, b ^ t], -2).reshape(A.shape)
+    return A
+
+
 def emulate(tiles: torch.Tensor, pl: torch.Tensor, out_features: int, in_features: int,
             planes: int = PLANES) -> torch.Tensor:
     """The product kernel's integer sums from its two operand buffers, in PyTorch: the A fragments made from the
@@ -229,7 +245,7 @@ def _build():
     from .gluon_helpers import helpers
     H = helpers()
     _p2, _ar, _xor, _pdl_enter = H.p2, H.ar, H.xor, H.pdl_enter
-    _rms_rstd, _rms_normed = H.rms_rstd, H.rms_normed
+    _rms_rstd, _rms_normed, _stamp = H.rms_rstd, H.rms_normed, H.stamp
 
     @gluon.jit
     def _or(a, b):
@@ -243,7 +259,8 @@ def _build():
     @gluon.jit
     def prep(x_ptr, pl_ptr, hdr_ptr, K, nw_ptr, p_ptr, NP, eps, KB: gl.constexpr, P: gl.constexpr,
              CP: gl.constexpr, MB: gl.constexpr, NMB: gl.constexpr, PDL: gl.constexpr, EARLY: gl.constexpr = False,
-             XFIRST: gl.constexpr = False, NORM: gl.constexpr = False, NPP: gl.constexpr = 32):
+             XFIRST: gl.constexpr = False, NORM: gl.constexpr = False, NPP: gl.constexpr = 32,
+             STAMP: gl.constexpr = False):
         G: gl.constexpr = P // 8
         dt: gl.constexpr = x_ptr.dtype.element_ty
         # NORM: x is RMSNorm(x) * weight with the mean square from the producer's NP partial sums (p_ptr); the
@@ -253,7 +270,11 @@ def _build():
             mo2 = _ar(_p2(NMB), 0, 2, NL) * MB + _ar(MB, 1, 2, NL)
             nwm = gl.load(nw_ptr + mo2, mask=mo2 < K, other=0.0)
         elif PDL:
+            if STAMP:                     # diagnostics: p_ptr is the timeline buffer (no NORM)
+                _stamp(p_ptr, 0)
             _pdl_enter(EARLY)
+            if STAMP:
+                _stamp(p_ptr, 1)
         pid = gl.program_id(0)
         # [c, g, t, z, kgl, q]: thread (c, g, t, z) holds columns 64 (2 z + kgl) + 16 t + q of k-group c
         L: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 2, 16], [1, 8, 4, 1, 1, 1], [CP, 1, 1, 2, 1, 1],
@@ -312,6 +333,8 @@ def _build():
             gl.store(hdr_ptr + 1 + cs, qs, mask=cs < KB)
         if (pid == 0) & (h == 0):
             gl.store(hdr_ptr, sh.to(gl.int64))
+        if STAMP:
+            _stamp(p_ptr, 2)
 
     @gluon.jit
     def _bmma(a, b, c):
@@ -370,11 +393,127 @@ def _build():
         return cnt.to(gl.int64) * coef
 
     @gluon.jit
-    def bmma(w_ptr, pl_ptr, hdr_ptr, s_ptr, b_ptr, y_ptr, r_ptr, p_ptr, N, zero, KB: gl.constexpr,
+    def _loaded_planes(pl_ptr, hdr_ptr, zero, KB: gl.constexpr, P: gl.constexpr, W: gl.constexpr,
+                       CPW: gl.constexpr, CPWP: gl.constexpr, bl: gl.constexpr, EVEN: gl.constexpr,
+                       FENCE: gl.constexpr):
+        """The planes and the header that ``prep`` wrote: (b0, b1, b2, b3, hv, ho); groups past P/8 are b0 again
+        (unused)."""
+        G: gl.constexpr = P // 8
+        jb = _ar(CPWP, 2, 5, bl)
+        cb = gl.where(jb < CPW, _ar(W, 0, 5, bl) * CPW + jb, KB)
+        boff = (cb * G * 32 + _ar(32, 3, 5, bl)) * 2 + _ar(2, 4, 5, bl)
+        b0 = _planes(pl_ptr, boff, cb, KB, EVEN)
+        b1 = b0
+        b2 = b0
+        b3 = b0
+        if G > 1:
+            b1 = _planes(pl_ptr, boff + 64, cb, KB, EVEN)
+        if G > 2:
+            b2 = _planes(pl_ptr, boff + 128, cb, KB, EVEN)
+        if G > 3:
+            b3 = _planes(pl_ptr, boff + 192, cb, KB, EVEN)
+        # hdr = [sh, the KB sums of q] in one load; every warp holds all of it (the layout is replicated over the
+        # warps), so its sums are warp-local: no barrier
+        KBP: gl.constexpr = _p2(max(KB + 1, 32))
+        hl: gl.constexpr = gl.BlockedLayout([KBP // 32], [32], [W], [0])
+        ho = gl.arange(0, KBP, layout=hl)
+        hv = gl.load(hdr_ptr + ho, mask=ho <= KB, other=0)
+        # FENCE: all plane and hdr loads in flight before the first BMMA: each group's words then depend on every
+        # load (zero is a runtime 0 ptxas cannot see through; without it ptxas spreads the loads between the BMMAs,
+        # and each round trip to L2 is paid on its own)
+        if FENCE:
+            dep = _xall(b0)
+            if G > 1:
+                dep = dep ^ _xall(b1)
+            if G > 2:
+                dep = dep ^ _xall(b2)
+            if G > 3:
+                dep = dep ^ _xall(b3)
+            dep = (dep ^ gl.reduce(hv, 0, _xor).to(gl.int32)) & zero       # hdr too
+            b0 = b0 ^ dep
+            if G > 1:
+                b1 = b1 ^ dep
+            if G > 2:
+                b2 = b2 ^ dep
+            if G > 3:
+                b3 = b3 ^ dep
+        return b0, b1, b2, b3, hv, ho
+
+    @gluon.jit
+    def _tstage(A, S: gl.constexpr, M: gl.constexpr, W: gl.constexpr, CPWP: gl.constexpr):
+        """One stage of the 32 x 32 bit transpose a thread makes of its 32 words (the last dimension): words i and
+        i + S (bit S of i clear) swap the bits of i + S at positions with that bit of the position clear against
+        those of i set: ``t = ((a >> S) ^ b) & M; b ^= t; a ^= t << S`` (M: the positions with bit S clear; the
+        arithmetic shift's sign bits fall outside M)."""
+        B = gl.permute(gl.reshape(A, [W, CPWP, 2, 4, 32 // (2 * S), 2, S]), (0, 1, 2, 3, 4, 6, 5))
+        a, b = gl.split(B)
+        t = ((a >> S) ^ b) & M
+        return gl.reshape(gl.permute(gl.join(a ^ (t << S), b ^ t), (0, 1, 2, 3, 4, 6, 5)), [W, CPWP, 2, 4, 32])
+
+    @gluon.jit
+    def _bgroup(Ph, W: gl.constexpr, CPWP: gl.constexpr, bl: gl.constexpr):
+        """Plane group words [s, j, z, t, g] -> the product's B layout [s, 1, j, lane = 4 g + t, z]."""
+        return gl.convert_layout(gl.reshape(gl.permute(Ph, (0, 1, 4, 3, 2)), [W, 1, CPWP, 32, 2]), bl)
+
+    @gluon.jit
+    def _xplanes(x_ptr, K, KB: gl.constexpr, P: gl.constexpr, W: gl.constexpr, CPW: gl.constexpr,
+                 CPWP: gl.constexpr, bl: gl.constexpr):
+        """FUSED: the planes of x made by the product's own program, each warp those of its own k-groups: thread
+        (s, j, z, t) loads the 32 inputs of run (k-group s CPW + j, z, t) (two runs of 16 contiguous columns), the
+        program takes max|x| over the row (one barrier), rounds to q, puts the 32 values in fragment order pi
+        (``plane_columns``), and turns them into plane words with a 32 x 32 bit transpose in registers (five
+        stages of shifts and xors, ``transpose_words``), in place of ``prep``'s 3 instructions a bit.  Returns
+        (b0, b1, b2, b3, sum of q (int64), sh (int64)); groups past P/8 are b0 again (unused)."""
+        # [s, j, z, t, e, qq]: column 64 (2 z + e) + 16 t + qq of k-group s CPW + j
+        XL: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 2, 16], [1, 4, 2, 4, 1, 1], [W, 1, 1, 1, 1, 1],
+                                            [5, 4, 3, 2, 1, 0])
+        j = _ar(CPWP, 1, 6, XL)
+        col = ((_ar(W, 0, 6, XL) * CPW + j) * 256 + (2 * _ar(2, 2, 6, XL) + _ar(2, 4, 6, XL)) * 64
+               + _ar(4, 3, 6, XL) * 16 + _ar(16, 5, 6, XL))
+        xv = gl.load(x_ptr + col, mask=(j < CPW) & (col < K), other=0.0)
+        # max|x| over the row as the prep takes it (the integer maximum of |x|'s fp32 bit patterns)
+        m = xv.to(gl.float32).to(gl.int32, bitcast=True) & 0x7FFFFFFF
+        m = gl.max(gl.max(gl.max(gl.max(gl.max(gl.max(m, axis=5), axis=4), axis=3), axis=2), axis=1), axis=0)
+        field = m >> 23
+        e = gl.maximum(field - 126, -126)
+        sh = gl.where(field == 255, -1024, gl.minimum(P - 1 - e, 127))
+        two_sh = ((127 + gl.maximum(sh, -126)) << 23).to(gl.float32, bitcast=True)
+        qv = _rint(xv.to(gl.float32) * two_sh)
+        qs = gl.sum(gl.sum(qv, axis=5), axis=4).to(gl.int64)                 # a run's 32 values: |sum| < 2^28
+        Q = gl.sum(gl.sum(gl.sum(gl.sum(qs, axis=3), axis=2), axis=1), axis=0)
+        # fragment order: pi = 16 p4 + 8 p3 + 4 p2 + 2 p1 + p0 is column 16 e + qq with e = p2 and qq's bits
+        # (qq3, qq2, qq1, qq0) = (p1, p0, p3, p4)
+        A = gl.permute(gl.reshape(qv, [W, CPWP, 2, 4, 2, 2, 2, 2, 2]), (0, 1, 2, 3, 8, 7, 4, 5, 6))
+        A = gl.reshape(A, [W, CPWP, 2, 4, 32])
+        A = _tstage(A, 16, 0x0000FFFF, W, CPWP)
+        A = _tstage(A, 8, 0x00FF00FF, W, CPWP)
+        A = _tstage(A, 4, 0x0F0F0F0F, W, CPWP)
+        A = _tstage(A, 2, 0x33333333, W, CPWP)
+        A = _tstage(A, 1, 0x55555555, W, CPWP)
+        # word j = 8 h + g holds plane j: [.., h, g] -> the groups h = 0..3 as four tensors [s, j, z, t, g]
+        H = gl.reshape(gl.permute(gl.reshape(A, [W, CPWP, 2, 4, 4, 8]), (0, 1, 2, 3, 5, 4)),
+                       [W, CPWP, 2, 4, 8, 2, 2])
+        h02, h13 = gl.split(H)
+        h0, h2 = gl.split(h02)
+        h1, h3 = gl.split(h13)
+        b0 = _bgroup(h0, W, CPWP, bl)
+        b1 = b0
+        b2 = b0
+        b3 = b0
+        if P > 8:
+            b1 = _bgroup(h1, W, CPWP, bl)
+        if P > 16:
+            b2 = _bgroup(h2, W, CPWP, bl)
+        if P > 24:
+            b3 = _bgroup(h3, W, CPWP, bl)
+        return b0, b1, b2, b3, Q, sh.to(gl.int64)
+
+    @gluon.jit
+    def bmma(w_ptr, pl_ptr, hdr_ptr, s_ptr, b_ptr, y_ptr, r_ptr, p_ptr, N, zero, x_ptr, K, KB: gl.constexpr,
              P: gl.constexpr, RT: gl.constexpr, W: gl.constexpr, HAS_BIAS: gl.constexpr, PAIRS: gl.constexpr,
              EVEN: gl.constexpr, PDL: gl.constexpr, FENCE: gl.constexpr, CHAIN: gl.constexpr = False,
              ASM_CONV: gl.constexpr = False, RES: gl.constexpr = False, TRIG_EARLY: gl.constexpr = False,
-             GATED: gl.constexpr = False):
+             GATED: gl.constexpr = False, FUSED: gl.constexpr = False, STAMP: gl.constexpr = False):
         G: gl.constexpr = P // 8
         CPW: gl.constexpr = (KB + W - 1) // W              # k-groups a warp
         CPWP: gl.constexpr = _p2(CPW)                        # as a tensor dimension (past CPW: masked, zeros)
@@ -408,47 +547,25 @@ def _build():
         rscale = gl.load(s_ptr + wrow, mask=n_ok, other=0.0)
         if HAS_BIAS:
             bias = gl.load(b_ptr + wrow, mask=n_ok, other=0.0)
+        if STAMP:                         # diagnostics: p_ptr is the timeline buffer (no RES)
+            _stamp(p_ptr, 0)
         if PDL:
             _pdl_enter(TRIG_EARLY)
-        # the planes: all P/8 groups loaded first (8 bytes a lane: b0, b1), then sh and the k-groups' sums of q
+        if STAMP:
+            _stamp(p_ptr, 1)
+        # the planes: all P/8 groups loaded first (8 bytes a lane: b0, b1), then sh and the k-groups' sums of q;
+        # FUSED: made here from x (no prep kernel)
         bl: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 2], [1, 1, 1, 32, 1], [W, 1, 1, 1, 1], [4, 3, 2, 1, 0])
-        jb = _ar(CPWP, 2, 5, bl)
-        cb = gl.where(jb < CPW, _ar(W, 0, 5, bl) * CPW + jb, KB)
-        boff = (cb * G * 32 + _ar(32, 3, 5, bl)) * 2 + _ar(2, 4, 5, bl)
-        b0 = _planes(pl_ptr, boff, cb, KB, EVEN)
-        if G > 1:
-            b1 = _planes(pl_ptr, boff + 64, cb, KB, EVEN)
-        if G > 2:
-            b2 = _planes(pl_ptr, boff + 128, cb, KB, EVEN)
-        if G > 3:
-            b3 = _planes(pl_ptr, boff + 192, cb, KB, EVEN)
-        # hdr = [sh, the KB sums of q] in one load; every warp holds all of it (the layout is replicated over the
-        # warps), so its sums are warp-local: no barrier
-        KBP: gl.constexpr = _p2(max(KB + 1, 32))
-        hl: gl.constexpr = gl.BlockedLayout([KBP // 32], [32], [W], [0])
-        ho = gl.arange(0, KBP, layout=hl)
-        hv = gl.load(hdr_ptr + ho, mask=ho <= KB, other=0)
+        if FUSED:
+            b0, b1, b2, b3, Q, sh = _xplanes(x_ptr, K, KB, P, W, CPW, CPWP, bl)
+            # the tile words through a runtime zero that depends on the last plane group: without it ptxas makes
+            # the A fragments before the planes, and the warp stalls on its weights before it converts x
+            dep = _xall(b0) if G == 1 else _xall(b1) if G == 2 else _xall(b2) if G == 3 else _xall(b3)
+            words = words ^ gl.convert_layout(dep & zero, L)
+        else:
+            b0, b1, b2, b3, hv, ho = _loaded_planes(pl_ptr, hdr_ptr, zero, KB, P, W, CPW, CPWP, bl, EVEN, FENCE)
         if RES:
             res = gl.load(r_ptr + wrow, mask=n_ok, other=0.0)
-        # FENCE: all plane and hdr loads in flight before the first BMMA: each group's words then depend on every
-        # load (zero is a runtime 0 ptxas cannot see through; without it ptxas spreads the loads between the BMMAs,
-        # and each round trip to L2 is paid on its own)
-        if FENCE:
-            dep = _xall(b0)
-            if G > 1:
-                dep = dep ^ _xall(b1)
-            if G > 2:
-                dep = dep ^ _xall(b2)
-            if G > 3:
-                dep = dep ^ _xall(b3)
-            dep = (dep ^ gl.reduce(hv, 0, _xor).to(gl.int32)) & zero       # hdr too
-            b0 = b0 ^ dep
-            if G > 1:
-                b1 = b1 ^ dep
-            if G > 2:
-                b2 = b2 ^ dep
-            if G > 3:
-                b3 = b3 ^ dep
         # the A fragments: kg = 2 zz + kgl; rows g / g + 8 are the low / high nibbles of each byte
         w_e, w_o = gl.split(gl.reshape(words, [W, RT, CPWP, 32, 2, 2]))
         if ASM_CONV:
@@ -467,8 +584,9 @@ def _build():
             tot += _group(a, b3, 3, lane_c, e_c, P, W, RT, CPWP, L, cl, CHAIN)
         # [s, rt, g, t, half, col] -> sum over col, t (the quad) and s (the warps) -> [rt, g, half]
         r = gl.sum(gl.sum(gl.sum(gl.reshape(tot, [W, RT, 8, 4, 2, 2]), axis=5), axis=3), axis=0)
-        Q = gl.sum(gl.where(ho > 0, hv, 0), axis=0)
-        sh = gl.sum(gl.where(ho == 0, hv, 0), axis=0)
+        if not FUSED:
+            Q = gl.sum(gl.where(ho > 0, hv, 0), axis=0)
+            sh = gl.sum(gl.where(ho == 0, hv, 0), axis=0)
         d = ((1023 - sh) << 52).to(gl.float64, bitcast=True)                     # 2^-sh, exact
         out = ((2 * r - Q).to(gl.float64) * d * rscale.to(gl.float64)).to(gl.float32)
         if HAS_BIAS:
@@ -493,6 +611,8 @@ def _build():
                 y_ptr.dtype.element_ty), mask=ok2)
         else:
             gl.store(y_ptr + wrow, yv, mask=n_ok)
+        if STAMP:
+            _stamp(p_ptr, 2)
 
     return prep, bmma
 
@@ -565,9 +685,20 @@ def default_config(N: int, K: int) -> tuple[int, int]:
     return (1, 4 if KB <= 32 else 8 if KB < 64 else 16)
 
 
+def fused_config(N: int, K: int, sms: int = 132) -> tuple[int, int]:
+    """(RT, W) of the one-kernel form: every program turns all of x into planes, so few programs of many row tiles:
+    W = 8 warps (16 from 64 k-groups), RT row tiles for about one program an SM, at most 64 registers of tile words
+    a thread (RT x the k-groups a warp, padded to a power of 2, x 4)."""
+    NT, KB = tile_shape(N, K)
+    w = 8 if KB <= 64 else 16
+    cpwp = 1 << (-(-KB // w) - 1).bit_length()
+    rt = max(1, min(64 // (4 * cpwp), -(-NT // sms)))
+    return (1 << (rt.bit_length() - 1), w)                   # a tensor dimension: a power of 2
+
+
 def launch_meta(N: int, K: int, planes: int = PLANES, config: tuple | None = None, has_bias: bool = False,
                 pairs: int = 0, pdl: bool = False, res: bool = False, gated: bool = False,
-                norm_parts: int = 0) -> tuple[tuple, dict, tuple, dict]:
+                norm_parts: int = 0, fused: bool = False) -> tuple[tuple, dict, tuple, dict]:
     """(prep grid, prep constexprs, product grid, product constexprs) for an (N, K) matrix; ``norm_parts``: the
     prep makes RMSNorm(x) from that many partial sums (NORM)."""
     if planes not in (16, 24, 32):
@@ -583,7 +714,7 @@ def launch_meta(N: int, K: int, planes: int = PLANES, config: tuple | None = Non
     even = cpw * w == KB and cpw & (cpw - 1) == 0 and NT % rt == 0
     prod = dict(KB=KB, P=planes, RT=rt, W=w, HAS_BIAS=has_bias, PAIRS=bool(pairs), EVEN=even, PDL=pdl,
                 FENCE=FENCE, CHAIN=CHAIN, ASM_CONV=ASM_CONV, RES=res,
-                TRIG_EARLY=(res and PEARLY_RES) or (gated and PEARLY_GATED), GATED=gated)
+                TRIG_EARLY=(res and PEARLY_RES) or (gated and PEARLY_GATED), GATED=gated, FUSED=fused)
     return (-(-KB // cp), planes // 8), prep, (-(-NT // rt),), prod
 
 
@@ -595,7 +726,7 @@ def _kernels():
 
 
 def make_planes(x: torch.Tensor, in_features: int, planes: int = PLANES, res: bool = False,
-                norm: tuple | None = None) -> tuple:
+                norm: tuple | None = None, stamp: torch.Tensor | None = None) -> tuple:
     """The ``prep`` kernel: one row x (K values, bf16/fp16, CUDA) -> (planes int32, hdr int64) as ``planes_ref``
     lays them out; ``res``: for a product with the residual epilogue (EARLY_RES); ``norm`` = (partials, weight,
     eps): the planes of ``mma_w1a16.rms_norm(x, partials, weight, eps)`` (the norm made as the prep reads x)."""
@@ -617,6 +748,10 @@ def make_planes(x: torch.Tensor, in_features: int, planes: int = PLANES, res: bo
     KB = pmeta["KB"]
     pl = torch.empty(KB * planes * 8, dtype=torch.int32, device=x.device)
     hdr = torch.empty(1 + KB, dtype=torch.int64, device=x.device)
+    if stamp is not None:                                        # diagnostics: bench/bmma_timeline.py
+        if norm is not None or not pdl:
+            raise ValueError("bmma's timeline stamps take a prep without the norm, launched with PDL")
+        parts, pmeta["STAMP"] = stamp, True
     _kernels()[0][pgrid](x.reshape(K).contiguous(), pl, hdr, K, nw, parts, parts.numel(), float(eps),
                          num_warps=2 * pmeta["CP"], launch_pdl=pdl, **pmeta)
     return pl, hdr
@@ -625,8 +760,11 @@ def make_planes(x: torch.Tensor, in_features: int, planes: int = PLANES, res: bo
 def bmma_product(pl: torch.Tensor, hdr: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor,
                  out_features: int, in_features: int, dtype: torch.dtype, bias: torch.Tensor | None = None,
                  pairs: int = 0, planes: int = PLANES, config: tuple | None = None,
-                 out: torch.Tensor | None = None, residual: torch.Tensor | None = None, gated: bool = False):
-    """The product kernel on planes from ``make_planes``: (N,) in ``dtype`` (into ``out`` if given).  With
+                 out: torch.Tensor | None = None, residual: torch.Tensor | None = None, gated: bool = False,
+                 x: torch.Tensor | None = None, stamp: torch.Tensor | None = None):
+    """The product kernel on planes from ``make_planes``: (N,) in ``dtype`` (into ``out`` if given); with ``x`` (K
+    values, bf16/fp16) in place of ``pl`` and ``hdr`` (None) the one-kernel form: its programs make x's planes
+    themselves (FUSED; ``fused_config`` tiles by default).  With
     ``residual`` (N values): (residual + y, partials), partials (1, programs) fp32 sums of the result's squares over
     each program's rows (``res_parts``), as ``mma_matmul(residual=...)`` returns them.  ``gated`` (paired tiles):
     (N / 2,) silu(y[:N/2]) * y[N/2:], rounded as ``kernels.silu_mul``."""
@@ -638,7 +776,15 @@ def bmma_product(pl: torch.Tensor, hdr: torch.Tensor, tiles: torch.Tensor, row_s
         raise ValueError("bmma's gated output needs paired tiles (prepare_tiles(pairs=N // 2))")
     from . import pdl_launch
     pdl = pdl_launch(tiles)
-    _, _, grid, meta = launch_meta(N, K, planes, config, bias is not None, pairs, pdl, residual is not None, gated)
+    fused = x is not None
+    if fused:
+        if x.numel() != K or x.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"bmma takes one row of bf16 or fp16 activations ({K} values), got {x.dtype} "
+                             f"{tuple(x.shape)}")
+        config = config or fused_config(N, K)
+        x = x.reshape(K).contiguous()
+    _, _, grid, meta = launch_meta(N, K, planes, config, bias is not None, pairs, pdl, residual is not None, gated,
+                                   fused=fused)
     y = torch.empty(N // 2 if gated else N, dtype=dtype, device=tiles.device) if out is None else out
     r, part = row_scale, row_scale                              # unused pointers: any tensor
     if residual is not None:
@@ -646,7 +792,14 @@ def bmma_product(pl: torch.Tensor, hdr: torch.Tensor, tiles: torch.Tensor, row_s
             raise ValueError(f"bmma's residual has {N} values a row, got shape {tuple(residual.shape)}")
         r = residual.reshape(N).contiguous()
         part = torch.empty(1, grid[0], dtype=torch.float32, device=tiles.device)
+    if stamp is not None:                                       # diagnostics: bench/bmma_timeline.py
+        if residual is not None:
+            raise ValueError("bmma's timeline stamps take a product without the residual epilogue")
+        part, meta["STAMP"] = stamp, True
+    if fused:
+        pl = hdr = x                                            # unused pointers
     _kernels()[1][grid](tiles, pl, hdr, row_scale, bias if bias is not None else row_scale, y, r, part, N, 0,
+                        x if fused else pl, K,
                         num_warps=meta["W"], launch_pdl=pdl, **meta)
     return (y, part) if residual is not None else y
 
@@ -654,9 +807,11 @@ def bmma_product(pl: torch.Tensor, hdr: torch.Tensor, tiles: torch.Tensor, row_s
 def bmma_matmul(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor, out_features: int,
                 in_features: int, input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                 pairs: int = 0, planes: int = PLANES, config: tuple | None = None,
-                residual: torch.Tensor | None = None, gated: bool = False, norm: tuple | None = None):
+                residual: torch.Tensor | None = None, gated: bool = False, norm: tuple | None = None,
+                fused: bool | None = None):
     """x (..., K) bf16/fp16 on CUDA, one row; tiles from ``mma_w1a16.prepare_tiles`` (``pairs`` as made);
-    returns (..., N) in x's dtype (module docstring: the rounding).  ``config`` = (RT, W) (default CONFIG).
+    returns (..., N) in x's dtype (module docstring: the rounding).  ``config`` = (RT, W) (default CONFIG, or
+    ``fused_config``).  ``fused``: one kernel that makes the planes itself (default FUSED; not with ``norm``).
     ``residual`` (..., N): returns (residual + y, partials) as ``bmma_product`` does; ``gated``: (..., N / 2)
     silu(gate) * up; ``norm`` = (partials, weight, eps): x is ``mma_w1a16.rms_norm(x, ...)`` first (made in the
     prep), as ``mma_matmul(norm=...)``."""
@@ -665,9 +820,15 @@ def bmma_matmul(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor, o
         if norm is not None:
             raise ValueError("bmma's norm prologue takes no input scale")
         xr = xr * input_scale.to(xr.dtype)          # rounded to x's dtype, as the PyTorch path does
-    pl, hdr = make_planes(xr, in_features, planes, residual is not None, norm)
-    y = bmma_product(pl, hdr, tiles, row_scale, out_features, in_features, x.dtype, bias, pairs, planes, config,
-                     residual=residual, gated=gated)
+    if FUSED if fused is None else fused:
+        if norm is not None:
+            raise ValueError("bmma's one-kernel form takes no norm prologue (fused=False)")
+        y = bmma_product(None, None, tiles, row_scale, out_features, in_features, x.dtype, bias, pairs, planes,
+                         config, residual=residual, gated=gated, x=xr)
+    else:
+        pl, hdr = make_planes(xr, in_features, planes, residual is not None, norm)
+        y = bmma_product(pl, hdr, tiles, row_scale, out_features, in_features, x.dtype, bias, pairs, planes,
+                         config, residual=residual, gated=gated)
     if residual is not None:
         return y[0].reshape(*x.shape[:-1], out_features), y[1]
     return y.reshape(*x.shape[:-1], out_features // 2 if gated else out_features)

@@ -17,8 +17,8 @@ def gluon_importable() -> bool:
 
 @functools.cache
 def helpers() -> types.SimpleNamespace:
-    """dim_layout, p2 (constexpr functions); ar, xor, launch_dependents, pdl_wait, pdl_enter, rms_rstd, rms_normed
-    (jit functions)."""
+    """dim_layout, p2 (constexpr functions); ar, xor, launch_dependents, pdl_wait, pdl_enter, rms_rstd, rms_normed,
+    stamp (jit functions)."""
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
 
@@ -81,5 +81,21 @@ def helpers() -> types.SimpleNamespace:
         # weight, rounded again
         return ((v.to(gl.float32) * rstd).to(dt).to(gl.float32) * w.to(gl.float32)).to(dt)
 
+    @gluon.jit
+    def stamp(ptr, k: gl.constexpr):
+        """Diagnostics (``bench/bmma_timeline.py``): this program's SM at ptr[8 p], and its clock64 and globaltimer
+        at point k (0 start, 1 after the PDL wait, 2 after its last store) at ptr[8 p + 1 + k] and [8 p + 4 + k],
+        the largest over its threads (atomic max into a zeroed buffer)."""
+        clk = gl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l", [], dtype=gl.int64, is_pure=False, pack=1)
+        gt = gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64, is_pure=False,
+                                       pack=1)
+        base = ptr + (gl.program_id(0) + gl.program_id(1) * gl.num_programs(0)) * 8
+        if k == 0:
+            sm = gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+            gl.atomic_max(base, sm.to(gl.int64))
+        gl.atomic_max(base + 1 + k, clk)
+        gl.atomic_max(base + 4 + k, gt)
+
     return types.SimpleNamespace(dim_layout=dim_layout, p2=p2, ar=ar, xor=xor, launch_dependents=launch_dependents,
-                                 pdl_wait=pdl_wait, pdl_enter=pdl_enter, rms_rstd=rms_rstd, rms_normed=rms_normed)
+                                 pdl_wait=pdl_wait, pdl_enter=pdl_enter, rms_rstd=rms_rstd, rms_normed=rms_normed,
+                                 stamp=stamp)
