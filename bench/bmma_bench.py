@@ -4,11 +4,11 @@ kernel and cuBLAS bf16, in one process on one GPU.  Every output is checked firs
 the tiles, paired tiles and a bias are checked too.  Times: back to back in one CUDA graph, weights cycled past L2
 (as ``bench kernels``), µs a call; "pair" = prep + product from a bf16 x, "product" = on planes already made.
 
-    PYTHONPATH=src OUT=. python bench/bmma_bench.py [NxK[:RT,W[,P[,V]]][:FRT,FW] ...]   # ./bmma_bench.json
+    PYTHONPATH=src OUT=. python bench/bmma_bench.py [NxK[:RT,W[,P[,V[,R]]]][:FRT,FW[,FR]] ...]  # ./bmma_bench.json
 
-V: bits 1 FENCE, 2 CHAIN, 4 ASM_CONV, 8 EARLY, 16 XFIRST (``bmma_w1a16.set_variant``).  "fused" = the one-kernel
-form (the product's programs make the planes themselves), tile FRT,FW (default ``fused_config``), checked bit for
-bit too.
+V: bits 1 FENCE, 2 CHAIN, 4 ASM_CONV, 8 EARLY, 16 XFIRST, 32 NARROW (``bmma_w1a16.set_variant``); R, FR: the
+product compiled with at most that many registers a thread.  "fused" = the one-kernel form (the product's programs
+make the planes themselves), tile FRT,FW (default ``fused_config``), checked bit for bit too.
 """
 import sys
 
@@ -50,7 +50,7 @@ def measure(spec: str) -> dict:
     shape, *f = spec.split(":")
     N, K = map(int, shape.split("x"))
     fields = [int(v) for v in f[0].split(",")] if f and f[0] else []
-    cfg = tuple(fields[:2]) or None
+    cfg = (tuple(fields[:2]) + tuple(fields[4:5])) or None      # (RT, W[, registers])
     P = fields[2] if len(fields) > 2 else bw.PLANES
     fcfg = tuple(int(v) for v in f[1].split(",")) if len(f) > 1 else None
     old = bw.set_variant(fields[3]) if len(fields) > 3 else None

@@ -93,6 +93,10 @@ FUSED = False
 FENCE = False
 CHAIN = False
 ASM_CONV = False
+# NARROW (bit 32): each plane group's counts weighted and summed over the quad in int32 (c_j / 2^8h), and only then
+# widened to int64, where the sums were weighted in int64 (a 64-bit multiply and twice the shuffles); both exact.
+# 8192^2 product: 496 SASS instructions a thread against 544 (ptxas on the CPU box); not measured on a GPU yet, so off
+NARROW = False
 # EARLY (bit 8): the prep lets the product launch before its own griddepcontrol.wait, so the product's weights
 # stream in while the kernel before the prep still runs (the prep still waits before it reads x or writes planes;
 # the product waits for the prep to end); EARLY_RES: the same for a product with the residual epilogue (the decode
@@ -374,10 +378,11 @@ def _build():
 
     @gluon.jit
     def _group(a, b2, h: gl.constexpr, lane_c, e_c, P: gl.constexpr, W: gl.constexpr, RT: gl.constexpr,
-               CPWP: gl.constexpr, L: gl.constexpr, cl: gl.constexpr, CHAIN: gl.constexpr):
+               CPWP: gl.constexpr, L: gl.constexpr, cl: gl.constexpr, CHAIN: gl.constexpr, NARROW: gl.constexpr):
         """Plane group h's BMMAs (b2: its [.., 2] plane words), summed over the warp's k-groups and weighted by
-        c_j: [s, rt, lane, e] int64.  CHAIN: the k-groups chained in one asm block, the sum in k-group 0's slot of
-        its output; else one BMMA a k-group from zero, summed after."""
+        c_j, and over the quad's 8 columns of each row: [s, rt, g, half] int64 (rows 16 rt + 8 half + g).  CHAIN:
+        the k-groups chained in one asm block, the sum in k-group 0's slot of its output; else one BMMA a k-group
+        from zero, summed after.  NARROW: the weighting and the quad's sum in int32, as c_j / 2^8h."""
         b = gl.convert_layout(gl.reshape(gl.join(b2, b2), [W, 1, CPWP, 32, 4]).broadcast_to([W, RT, CPWP, 32, 4]), L)
         if CHAIN:
             d = gl.inline_asm_elementwise(chain_asm(CPWP), chain_constraints(CPWP), [a, b], dtype=gl.int32,
@@ -389,8 +394,16 @@ def _build():
         else:
             cnt = gl.sum(_bmma(a, b, gl.zeros([W, RT, CPWP, 32, 4], gl.int32, L)), axis=2)
         j = 8 * h + 2 * (lane_c % 4) + e_c % 2                                   # plane of C column 2 t + e % 2
-        coef = gl.where(j == P - 1, -1, 1).to(gl.int64) << j.to(gl.int64)
-        return cnt.to(gl.int64) * coef
+        if NARROW:
+            # c_j / 2^8h in int32 (|cnt| <= 256 CPW: the sum of a quad's 8 columns stays below 2^(18) CPW), the
+            # columns and the quad summed there, then to int64 and times 2^8h: [s, rt, g, half]
+            v = gl.where(j == P - 1, -cnt, cnt) << (j - 8 * h)
+            v = gl.sum(gl.sum(gl.reshape(v, [W, RT, 8, 4, 2, 2]), axis=5), axis=3)
+            return v.to(gl.int64) << (8 * h)
+        else:
+            coef = gl.where(j == P - 1, -1, 1).to(gl.int64) << j.to(gl.int64)
+            v = cnt.to(gl.int64) * coef
+            return gl.sum(gl.sum(gl.reshape(v, [W, RT, 8, 4, 2, 2]), axis=5), axis=3)
 
     @gluon.jit
     def _loaded_planes(pl_ptr, hdr_ptr, zero, KB: gl.constexpr, P: gl.constexpr, W: gl.constexpr,
@@ -513,7 +526,8 @@ def _build():
              P: gl.constexpr, RT: gl.constexpr, W: gl.constexpr, HAS_BIAS: gl.constexpr, PAIRS: gl.constexpr,
              EVEN: gl.constexpr, PDL: gl.constexpr, FENCE: gl.constexpr, CHAIN: gl.constexpr = False,
              ASM_CONV: gl.constexpr = False, RES: gl.constexpr = False, TRIG_EARLY: gl.constexpr = False,
-             GATED: gl.constexpr = False, FUSED: gl.constexpr = False, STAMP: gl.constexpr = False):
+             GATED: gl.constexpr = False, FUSED: gl.constexpr = False, STAMP: gl.constexpr = False,
+             NARROW: gl.constexpr = False):
         G: gl.constexpr = P // 8
         CPW: gl.constexpr = (KB + W - 1) // W              # k-groups a warp
         CPWP: gl.constexpr = _p2(CPW)                        # as a tensor dimension (past CPW: masked, zeros)
@@ -575,15 +589,15 @@ def _build():
             a_lo = (w_e & LO) | ((w_o << 4) & HI)
             a_hi = ((w_e >> 4) & LO) | (w_o & HI)
         a = gl.convert_layout(gl.reshape(gl.join(a_lo, a_hi), [W, RT, CPWP, 32, 4]), L)   # [a0, a1, a2, a3]
-        tot = _group(a, b0, 0, lane_c, e_c, P, W, RT, CPWP, L, cl, CHAIN)
+        tot = _group(a, b0, 0, lane_c, e_c, P, W, RT, CPWP, L, cl, CHAIN, NARROW)
         if G > 1:
-            tot += _group(a, b1, 1, lane_c, e_c, P, W, RT, CPWP, L, cl, CHAIN)
+            tot += _group(a, b1, 1, lane_c, e_c, P, W, RT, CPWP, L, cl, CHAIN, NARROW)
         if G > 2:
-            tot += _group(a, b2, 2, lane_c, e_c, P, W, RT, CPWP, L, cl, CHAIN)
+            tot += _group(a, b2, 2, lane_c, e_c, P, W, RT, CPWP, L, cl, CHAIN, NARROW)
         if G > 3:
-            tot += _group(a, b3, 3, lane_c, e_c, P, W, RT, CPWP, L, cl, CHAIN)
+            tot += _group(a, b3, 3, lane_c, e_c, P, W, RT, CPWP, L, cl, CHAIN, NARROW)
         # [s, rt, g, t, half, col] -> sum over col, t (the quad) and s (the warps) -> [rt, g, half]
-        r = gl.sum(gl.sum(gl.sum(gl.reshape(tot, [W, RT, 8, 4, 2, 2]), axis=5), axis=3), axis=0)
+        r = gl.sum(tot, axis=0)
         if not FUSED:
             Q = gl.sum(gl.where(ho > 0, hv, 0), axis=0)
             sh = gl.sum(gl.where(ho == 0, hv, 0), axis=0)
@@ -665,16 +679,17 @@ def res_parts(N: int, K: int, config: tuple | None = None) -> tuple[int, int]:
 
 
 def variant() -> int:
-    """The switches as bits: 1 FENCE, 2 CHAIN, 4 ASM_CONV, 8 EARLY, 16 XFIRST."""
-    return int(FENCE) | 2 * int(CHAIN) | 4 * int(ASM_CONV) | 8 * int(EARLY) | 16 * int(XFIRST)
+    """The switches as bits: 1 FENCE, 2 CHAIN, 4 ASM_CONV, 8 EARLY, 16 XFIRST, 32 NARROW."""
+    return (int(FENCE) | 2 * int(CHAIN) | 4 * int(ASM_CONV) | 8 * int(EARLY) | 16 * int(XFIRST)
+            | 32 * int(NARROW))
 
 
 def set_variant(bits: int) -> int:
-    """FENCE, CHAIN, ASM_CONV, EARLY, XFIRST from bits 1, 2, 4, 8, 16 (the benchmark's A/B); returns the bits set
-    before."""
-    global FENCE, CHAIN, ASM_CONV, EARLY, XFIRST
+    """FENCE, CHAIN, ASM_CONV, EARLY, XFIRST, NARROW from bits 1, 2, 4, 8, 16, 32 (the benchmark's A/B); returns
+    the bits set before."""
+    global FENCE, CHAIN, ASM_CONV, EARLY, XFIRST, NARROW
     old = variant()
-    FENCE, CHAIN, ASM_CONV, EARLY, XFIRST = (bool(bits & b) for b in (1, 2, 4, 8, 16))
+    FENCE, CHAIN, ASM_CONV, EARLY, XFIRST, NARROW = (bool(bits & b) for b in (1, 2, 4, 8, 16, 32))
     return old
 
 
@@ -703,7 +718,9 @@ def launch_meta(N: int, K: int, planes: int = PLANES, config: tuple | None = Non
     prep makes RMSNorm(x) from that many partial sums (NORM)."""
     if planes not in (16, 24, 32):
         raise ValueError(f"bmma takes 16, 24 or 32 planes, not {planes}")
-    rt, w = config or (GATED_CONFIG if gated else None) or CONFIG or default_config(N, K)
+    if K > 2 ** 20:
+        raise ValueError(f"bmma takes at most 2^20 inputs (its int32 sums), not {K}")
+    rt, w = (config or (GATED_CONFIG if gated else None) or CONFIG or default_config(N, K))[:2]
     NT, KB = tile_shape(N, K)
     cp = PREP_CHUNKS
     mb = 8 * 32 * 2 * cp
@@ -714,7 +731,8 @@ def launch_meta(N: int, K: int, planes: int = PLANES, config: tuple | None = Non
     even = cpw * w == KB and cpw & (cpw - 1) == 0 and NT % rt == 0
     prod = dict(KB=KB, P=planes, RT=rt, W=w, HAS_BIAS=has_bias, PAIRS=bool(pairs), EVEN=even, PDL=pdl,
                 FENCE=FENCE, CHAIN=CHAIN, ASM_CONV=ASM_CONV, RES=res,
-                TRIG_EARLY=(res and PEARLY_RES) or (gated and PEARLY_GATED), GATED=gated, FUSED=fused)
+                TRIG_EARLY=(res and PEARLY_RES) or (gated and PEARLY_GATED), GATED=gated, FUSED=fused,
+                NARROW=NARROW)
     return (-(-KB // cp), planes // 8), prep, (-(-NT // rt),), prod
 
 
@@ -798,9 +816,9 @@ def bmma_product(pl: torch.Tensor, hdr: torch.Tensor, tiles: torch.Tensor, row_s
         part, meta["STAMP"] = stamp, True
     if fused:
         pl = hdr = x                                            # unused pointers
+    extra = {"maxnreg": config[2]} if config is not None and len(config) > 2 else {}    # (RT, W, registers)
     _kernels()[1][grid](tiles, pl, hdr, row_scale, bias if bias is not None else row_scale, y, r, part, N, 0,
-                        x if fused else pl, K,
-                        num_warps=meta["W"], launch_pdl=pdl, **meta)
+                        x if fused else pl, K, num_warps=meta["W"], launch_pdl=pdl, **extra, **meta)
     return (y, part) if residual is not None else y
 
 
@@ -811,7 +829,7 @@ def bmma_matmul(x: torch.Tensor, tiles: torch.Tensor, row_scale: torch.Tensor, o
                 fused: bool | None = None):
     """x (..., K) bf16/fp16 on CUDA, one row; tiles from ``mma_w1a16.prepare_tiles`` (``pairs`` as made);
     returns (..., N) in x's dtype (module docstring: the rounding).  ``config`` = (RT, W) (default CONFIG, or
-    ``fused_config``).  ``fused``: one kernel that makes the planes itself (default FUSED; not with ``norm``).
+    ``fused_config``), or (RT, W, registers): the product compiled with at most that many registers a thread.  ``fused``: one kernel that makes the planes itself (default FUSED; not with ``norm``).
     ``residual`` (..., N): returns (residual + y, partials) as ``bmma_product`` does; ``gated``: (..., N / 2)
     silu(gate) * up; ``norm`` = (partials, weight, eps): x is ``mma_w1a16.rms_norm(x, ...)`` first (made in the
     prep), as ``mma_matmul(norm=...)``."""
