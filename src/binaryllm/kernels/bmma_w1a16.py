@@ -42,6 +42,13 @@ Two kernels, launched back to back with programmatic dependent launch on sm_90+:
   RMSNorm prologue of the kernel after it.  GATED (paired tiles): silu(gate) * up, rounded as eager, where a
   thread's two rows of a tile are gate row j and up row j (``mma``'s GATED).
 
+The one-kernel form (FUSED, ``bmma_matmul(..., fused=True)``; off: thirty-ninth session, 6.5 us at 8192^2 against
+the pair's 6.2-6.6 and ``mma``'s 5.9-6.0): the product's own programs load x after the wait, take the row's max
+(one barrier), round to q and make their warps' plane words with a 32 x 32 bit transpose in registers
+(``transpose_words``), so there is no prep and no grid boundary, but every program converts the whole row; so its
+programs are few and wide (``fused_config``).  STAMP (diagnostics, ``bench/bmma_timeline.py``): clock64 and
+globaltimer stamps around the PDL wait into p_ptr.
+
 Weights: the ``mma`` kernel's tiles as they are (``mma_w1a16.prepare_tiles``; paired tiles too), so a layer needs
 no second copy.  Lane (g, t)'s words kg = 0..3 of a (tile, k-group) hold rows g and g + 8 (the nibbles of each
 byte, bit 2 of the position = h) for 64 columns each; two shifts and two ``lop3`` a pair of words make the four A
