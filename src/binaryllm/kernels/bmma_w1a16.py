@@ -268,6 +268,14 @@ def _build():
                                          pack=1)
 
     @gluon.jit
+    def _shift(field, P: gl.constexpr):
+        """(sh, 2^sh in fp32) from the exponent field of max|x|'s fp32 bit pattern (``row_shift``); a non-finite x:
+        sh = -1024, which makes the product's 2^-sh infinite, so every y is inf or NaN."""
+        e = gl.maximum(field - 126, -126)
+        sh = gl.where(field == 255, -1024, gl.minimum(P - 1 - e, 127))
+        return sh, ((127 + gl.maximum(sh, -126)) << 23).to(gl.float32, bitcast=True)
+
+    @gluon.jit
     def prep(x_ptr, pl_ptr, hdr_ptr, K, nw_ptr, p_ptr, NP, eps, KB: gl.constexpr, P: gl.constexpr,
              CP: gl.constexpr, MB: gl.constexpr, NMB: gl.constexpr, PDL: gl.constexpr, EARLY: gl.constexpr = False,
              XFIRST: gl.constexpr = False, NORM: gl.constexpr = False, NPP: gl.constexpr = 32,
@@ -321,10 +329,7 @@ def _build():
                 v = gl.load(x_ptr + i * MB + mo, mask=i * MB + mo < K, other=0.0)
                 m = gl.maximum(m, v.to(gl.float32).to(gl.int32, bitcast=True) & 0x7FFFFFFF)
             field = gl.max(m, axis=0) >> 23
-        e = gl.maximum(field - 126, -126)
-        # a non-finite x: sh = -1024, which makes the product's 2^-sh infinite, so every y is inf or NaN
-        sh = gl.where(field == 255, -1024, gl.minimum(P - 1 - e, 127))
-        two_sh = ((127 + gl.maximum(sh, -126)) << 23).to(gl.float32, bitcast=True)
+        sh, two_sh = _shift(field, P)
         if not XFIRST:
             xv = gl.load(x_ptr + col, mask=(col < K) & (c < KB), other=0.0)
             if NORM:
@@ -495,9 +500,7 @@ def _build():
         m = xv.to(gl.float32).to(gl.int32, bitcast=True) & 0x7FFFFFFF
         m = gl.max(gl.max(gl.max(gl.max(gl.max(gl.max(m, axis=5), axis=4), axis=3), axis=2), axis=1), axis=0)
         field = m >> 23
-        e = gl.maximum(field - 126, -126)
-        sh = gl.where(field == 255, -1024, gl.minimum(P - 1 - e, 127))
-        two_sh = ((127 + gl.maximum(sh, -126)) << 23).to(gl.float32, bitcast=True)
+        sh, two_sh = _shift(field, P)
         qv = _rint(xv.to(gl.float32) * two_sh)
         qs = gl.sum(gl.sum(qv, axis=5), axis=4).to(gl.int64)                 # a run's 32 values: |sum| < 2^28
         Q = gl.sum(gl.sum(gl.sum(gl.sum(qs, axis=3), axis=2), axis=1), axis=0)
